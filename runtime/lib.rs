@@ -1,0 +1,25 @@
+//! # caseopt
+//!
+//! larq's `CaseOptimizer` and `Bop` for libtorch, through the `tch` crate.
+//!
+//! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RmsProp`],
+//! [`Adagrad`]) implement one small [`Optimizer`] trait; their hyperparameters are
+//! [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`] marks tch variables as
+//! 1-bit or n-bit.
+
+pub mod error;
+pub mod optim;
+pub mod schedule;
+pub mod var;
+
+pub use error::{Error, Result};
+pub use optim::{
+    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Bop, Bop2ndOrder,
+    Bop2ndOrderConfig, BopConfig, FromConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig,
+};
+pub use schedule::Schedule;
+pub use tch;
+pub use var::{
+    bits_from_group, group_for_bits, trainable_vars, var_infos, Param, PathExt, VarInfo,
+    FULL_PRECISION_BITS,
+};

@@ -1,0 +1,140 @@
+//! Adagrad, torch.optim 2.13 semantics (lr_decay, initial_accumulator_value, eps, weight decay).
+
+use tch::Tensor;
+
+use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
+use super::{FromConfig, Optimizer};
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Configuration of [`Adagrad`]; `Default` is torch.optim.Adagrad's.
+#[derive(Debug, Clone)]
+pub struct AdagradConfig {
+    /// Learning rate (>= 0). Default 1e-2.
+    pub lr: Schedule,
+    /// Learning-rate decay: the step size is `lr / (1 + (step - 1) * lr_decay)` (>= 0). Default 0.
+    pub lr_decay: Schedule,
+    /// L2 penalty added to the gradient (>= 0). Default 0.
+    pub weight_decay: Schedule,
+    /// Starting value of the sum of squared gradients (>= 0). Default 0.
+    pub initial_accumulator_value: f64,
+    /// Added to the denominator (> 0). Default 1e-10.
+    pub eps: Schedule,
+    /// Maximize the objective instead of minimizing it. Default false.
+    pub maximize: bool,
+}
+
+impl Default for AdagradConfig {
+    fn default() -> Self {
+        AdagradConfig {
+            lr: 1e-2.into(),
+            lr_decay: 0.0.into(),
+            weight_decay: 0.0.into(),
+            initial_accumulator_value: 0.0,
+            eps: 1e-10.into(),
+            maximize: false,
+        }
+    }
+}
+
+hyperparameters!(
+    "Adagrad",
+    AdagradConfig,
+    AdagradValues {
+        lr: NonNegative,
+        lr_decay: NonNegative,
+        weight_decay: NonNegative,
+        eps: Positive,
+    }
+);
+
+impl AdagradConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_schedules()?;
+        let v = self.initial_accumulator_value;
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::InvalidHyperparameter {
+                optimizer: "Adagrad",
+                name: "initial_accumulator_value",
+                value: v,
+                expected: ">= 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Per-variable state of Adagrad.
+#[derive(Debug)]
+pub(crate) struct AdagradState {
+    step: u64,
+    sum: Tensor,
+}
+
+impl AdagradState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("step", step_tensor(self.step)), ("sum", self.sum.shallow_clone())]
+    }
+}
+
+/// Adagrad ([Duchi et al. 2011](https://jmlr.org/papers/v12/duchi11a.html)), as
+/// torch.optim.Adagrad 2.13.
+#[derive(Debug)]
+pub struct Adagrad {
+    config: AdagradConfig,
+    params: Vec<Param>,
+    states: Vec<Option<AdagradState>>,
+    steps: u64,
+}
+
+impl Adagrad {
+    const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
+
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: AdagradConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Adagrad { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &AdagradConfig {
+        &self.config
+    }
+
+    fn import_state(
+        _: &AdagradConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<AdagradState> {
+        Ok(AdagradState { step: take_step(state, param)?, sum: take_state(state, "sum", param)? })
+    }
+
+    fn update(&mut self, i: usize, grad: &Tensor, hp: &AdagradValues) -> Result<()> {
+        let mut p = self.params[i].tensor.shallow_clone();
+        let init = self.config.initial_accumulator_value;
+        let st = match &mut self.states[i] {
+            Some(st) => st,
+            empty => empty.insert(AdagradState { step: 0, sum: p.f_full_like(init)? }),
+        };
+        st.step += 1;
+        let grad = adjusted_grad(&p, grad, self.config.maximize, hp.weight_decay)?;
+        let clr = hp.lr / (1.0 + (st.step as f64 - 1.0) * hp.lr_decay);
+        let _ = st.sum.f_addcmul_(&grad, &grad)?;
+        let mut std = st.sum.f_sqrt()?;
+        let _ = std.f_add_scalar_(hp.eps)?;
+        let _ = p.f_add_(&grad.f_mul_scalar(-clr)?.f_div(&std)?)?;
+        Ok(())
+    }
+}
+
+impl Optimizer for Adagrad {
+    common_methods!("Adagrad");
+}
+
+impl FromConfig for Adagrad {
+    type Config = AdagradConfig;
+    fn from_config(config: AdagradConfig) -> Result<Self> {
+        Self::new(config)
+    }
+}

@@ -1,0 +1,235 @@
+//! Bop and Bop2ndOrder: latent-free optimizers for binary weights.
+//!
+//! Sign conventions follow larq 0.14: the outer sign maps 0 to +1
+//! (`larq.math.sign(x) = sign(sign(x) + 0.1)`), the inner sign is the plain one. A weight flips
+//! when `w * m > threshold`, stays when `w * m < threshold`, and becomes +1 at exact equality;
+//! weights that are not +-1 are binarised by their first update.
+
+use tch::Tensor;
+
+use super::{common_methods, hyperparameters, take_state};
+use super::{FromConfig, Optimizer};
+use crate::error::Result;
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Denominator guard of Bop2ndOrder's normalised momentum, fixed by the paper.
+pub const BOP2_EPSILON: f64 = 1e-10;
+
+/// Configuration of [`Bop`]; `Default` is larq's (threshold 1e-8, gamma 1e-4).
+#[derive(Debug, Clone)]
+pub struct BopConfig {
+    /// A weight flips when `w * m` exceeds it (>= 0). Default 1e-8.
+    pub threshold: Schedule,
+    /// Adaptivity rate of the gradient's moving average, in (0, 1]. Default 1e-4.
+    pub gamma: Schedule,
+}
+
+impl Default for BopConfig {
+    fn default() -> Self {
+        BopConfig { threshold: 1e-8.into(), gamma: 1e-4.into() }
+    }
+}
+
+hyperparameters!("Bop", BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
+
+impl BopConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_schedules()
+    }
+}
+
+/// Configuration of [`Bop2ndOrder`]; `Default` is the paper's code's (threshold 1e-8,
+/// gamma 1e-4, sigma 1e-2).
+#[derive(Debug, Clone)]
+pub struct Bop2ndOrderConfig {
+    /// A weight flips when `w * m / (sqrt(v) + 1e-10)` exceeds it (>= 0). Default 1e-8.
+    pub threshold: Schedule,
+    /// Adaptivity rate of the gradient's moving average, in (0, 1]. Default 1e-4.
+    pub gamma: Schedule,
+    /// Adaptivity rate of the squared gradient's moving average, in (0, 1]. Default 1e-2.
+    pub sigma: Schedule,
+}
+
+impl Default for Bop2ndOrderConfig {
+    fn default() -> Self {
+        Bop2ndOrderConfig { threshold: 1e-8.into(), gamma: 1e-4.into(), sigma: 1e-2.into() }
+    }
+}
+
+hyperparameters!(
+    "Bop2ndOrder",
+    Bop2ndOrderConfig,
+    Bop2ndOrderValues { threshold: NonNegative, gamma: UnitOpenClosed, sigma: UnitOpenClosed }
+);
+
+impl Bop2ndOrderConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_schedules()
+    }
+}
+
+/// `m <- m + rate * (x - m)`, as written in the reference.
+fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<()> {
+    let _ = m.f_add_(&x.f_sub(m)?.f_mul_scalar(rate)?)?;
+    Ok(())
+}
+
+/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1.
+fn flip(w: &mut Tensor, signal: &Tensor, threshold: f64) -> Result<()> {
+    let inner = signal.f_sub_scalar(threshold)?.f_sign()?;
+    let mut outer = inner.f_neg()?.f_mul(w)?.f_sign()?;
+    let _ = outer.f_add_scalar_(0.1)?;
+    w.f_copy_(&outer.f_sign()?)?;
+    Ok(())
+}
+
+/// Per-variable state of Bop: the gradient's moving average.
+#[derive(Debug)]
+pub(crate) struct BopState {
+    pub(crate) m: Tensor,
+}
+
+impl BopState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("m", self.m.shallow_clone())]
+    }
+}
+
+/// Bop, the binary optimizer ([Helwegen et al. 2019](https://arxiv.org/abs/1906.02107)), as
+/// larq 0.14's `larq.optimizers.Bop`.
+///
+/// ```
+/// use caseopt::{Bop, BopConfig, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// // design.md's first worked check.
+/// let w = Tensor::from_slice(&[1.0f64, -1.0, 1.0, -1.0]);
+/// let mut bop = Bop::new(BopConfig { threshold: 1e-8.into(), gamma: 1e-4.into() })?;
+/// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
+/// bop.step_with_grads(&[Some(Tensor::from_slice(&[2e-4f64, 2e-4, -2e-4, 5e-5]))])?;
+/// assert_eq!(Vec::<f64>::try_from(&w)?, vec![-1.0, -1.0, 1.0, -1.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Bop {
+    config: BopConfig,
+    params: Vec<Param>,
+    states: Vec<Option<BopState>>,
+    steps: u64,
+}
+
+impl Bop {
+    const STATE_NAMES: &'static [&'static str] = &["m"];
+
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: BopConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Bop { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &BopConfig {
+        &self.config
+    }
+
+    fn import_state(_: &BopConfig, state: &[(String, Tensor)], param: &Param) -> Result<BopState> {
+        Ok(BopState { m: take_state(state, "m", param)? })
+    }
+
+    fn update(&mut self, i: usize, grad: &Tensor, hp: &BopValues) -> Result<()> {
+        let mut w = self.params[i].tensor.shallow_clone();
+        let st = match &mut self.states[i] {
+            Some(st) => st,
+            empty => empty.insert(BopState { m: w.f_zeros_like()? }),
+        };
+        moving_average(&mut st.m, grad, hp.gamma)?;
+        let signal = w.f_mul(&st.m)?;
+        flip(&mut w, &signal, hp.threshold)
+    }
+}
+
+impl Optimizer for Bop {
+    common_methods!("Bop");
+}
+
+impl FromConfig for Bop {
+    type Config = BopConfig;
+    fn from_config(config: BopConfig) -> Result<Self> {
+        Self::new(config)
+    }
+}
+
+/// Per-variable state of Bop2ndOrder: moving averages of the gradient and its square.
+#[derive(Debug)]
+pub(crate) struct Bop2ndOrderState {
+    pub(crate) m: Tensor,
+    pub(crate) v: Tensor,
+}
+
+impl Bop2ndOrderState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("m", self.m.shallow_clone()), ("v", self.v.shallow_clone())]
+    }
+}
+
+/// Bop with a second-order moving average (Suarez-Ramirez et al. 2021, "A Bop and beyond"):
+/// the momentum is normalised by `sqrt(v) + 1e-10` before it meets the threshold.
+#[derive(Debug)]
+pub struct Bop2ndOrder {
+    config: Bop2ndOrderConfig,
+    params: Vec<Param>,
+    states: Vec<Option<Bop2ndOrderState>>,
+    steps: u64,
+}
+
+impl Bop2ndOrder {
+    const STATE_NAMES: &'static [&'static str] = &["m", "v"];
+
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: Bop2ndOrderConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Bop2ndOrder { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &Bop2ndOrderConfig {
+        &self.config
+    }
+
+    fn import_state(
+        _: &Bop2ndOrderConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<Bop2ndOrderState> {
+        Ok(Bop2ndOrderState {
+            m: take_state(state, "m", param)?,
+            v: take_state(state, "v", param)?,
+        })
+    }
+
+    fn update(&mut self, i: usize, grad: &Tensor, hp: &Bop2ndOrderValues) -> Result<()> {
+        let mut w = self.params[i].tensor.shallow_clone();
+        let st = match &mut self.states[i] {
+            Some(st) => st,
+            empty => empty.insert(Bop2ndOrderState { m: w.f_zeros_like()?, v: w.f_zeros_like()? }),
+        };
+        moving_average(&mut st.m, grad, hp.gamma)?;
+        moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
+        let mut denom = st.v.f_sqrt()?;
+        let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
+        let signal = w.f_mul(&st.m)?.f_div(&denom)?;
+        flip(&mut w, &signal, hp.threshold)
+    }
+}
+
+impl Optimizer for Bop2ndOrder {
+    common_methods!("Bop2ndOrder");
+}
+
+impl FromConfig for Bop2ndOrder {
+    type Config = Bop2ndOrderConfig;
+    fn from_config(config: Bop2ndOrderConfig) -> Result<Self> {
+        Self::new(config)
+    }
+}

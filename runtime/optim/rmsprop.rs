@@ -1,0 +1,172 @@
+//! RMSprop, torch.optim 2.13 semantics (alpha, eps, centered, momentum, weight decay).
+
+use tch::Tensor;
+
+use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
+use super::{FromConfig, Optimizer};
+use crate::error::Result;
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Configuration of [`RmsProp`]; `Default` is torch.optim.RMSprop's.
+#[derive(Debug, Clone)]
+pub struct RmsPropConfig {
+    /// Learning rate (>= 0). Default 1e-2.
+    pub lr: Schedule,
+    /// Smoothing constant of the squared-gradient average (>= 0). Default 0.99.
+    pub alpha: Schedule,
+    /// Added to the denominator (> 0). Default 1e-8.
+    pub eps: Schedule,
+    /// L2 penalty added to the gradient (>= 0). Default 0.
+    pub weight_decay: Schedule,
+    /// Momentum factor (>= 0). Default 0.
+    pub momentum: Schedule,
+    /// Normalize by the estimated variance of the gradient instead of its second moment.
+    /// Default false.
+    pub centered: bool,
+    /// Maximize the objective instead of minimizing it. Default false.
+    pub maximize: bool,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig {
+            lr: 1e-2.into(),
+            alpha: 0.99.into(),
+            eps: 1e-8.into(),
+            weight_decay: 0.0.into(),
+            momentum: 0.0.into(),
+            centered: false,
+            maximize: false,
+        }
+    }
+}
+
+hyperparameters!(
+    "RMSprop",
+    RmsPropConfig,
+    RmsPropValues {
+        lr: NonNegative,
+        alpha: NonNegative,
+        eps: Positive,
+        weight_decay: NonNegative,
+        momentum: NonNegative,
+    }
+);
+
+impl RmsPropConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_schedules()
+    }
+}
+
+/// Per-variable state of RMSprop.
+#[derive(Debug)]
+pub(crate) struct RmsPropState {
+    step: u64,
+    square_avg: Tensor,
+    momentum_buffer: Tensor,
+    grad_avg: Option<Tensor>,
+}
+
+impl RmsPropState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        let mut out = vec![
+            ("step", step_tensor(self.step)),
+            ("square_avg", self.square_avg.shallow_clone()),
+            ("momentum_buffer", self.momentum_buffer.shallow_clone()),
+        ];
+        if let Some(g) = &self.grad_avg {
+            out.push(("grad_avg", g.shallow_clone()));
+        }
+        out
+    }
+}
+
+/// RMSprop (Hinton's lecture 6e), as torch.optim.RMSprop 2.13.
+#[derive(Debug)]
+pub struct RmsProp {
+    config: RmsPropConfig,
+    params: Vec<Param>,
+    states: Vec<Option<RmsPropState>>,
+    steps: u64,
+}
+
+impl RmsProp {
+    const STATE_NAMES: &'static [&'static str] =
+        &["step", "square_avg", "momentum_buffer", "grad_avg"];
+
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: RmsPropConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(RmsProp { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &RmsPropConfig {
+        &self.config
+    }
+
+    fn import_state(
+        config: &RmsPropConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<RmsPropState> {
+        Ok(RmsPropState {
+            step: take_step(state, param)?,
+            square_avg: take_state(state, "square_avg", param)?,
+            momentum_buffer: take_state(state, "momentum_buffer", param)?,
+            grad_avg: if config.centered {
+                Some(take_state(state, "grad_avg", param)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn update(&mut self, i: usize, grad: &Tensor, hp: &RmsPropValues) -> Result<()> {
+        let mut p = self.params[i].tensor.shallow_clone();
+        let centered = self.config.centered;
+        let st = match &mut self.states[i] {
+            Some(st) => st,
+            empty => empty.insert(RmsPropState {
+                step: 0,
+                square_avg: p.f_zeros_like()?,
+                momentum_buffer: p.f_zeros_like()?,
+                grad_avg: if centered { Some(p.f_zeros_like()?) } else { None },
+            }),
+        };
+        let grad = adjusted_grad(&p, grad, self.config.maximize, hp.weight_decay)?;
+        st.step += 1;
+        let _ = st.square_avg.f_mul_scalar_(hp.alpha)?;
+        let _ = st.square_avg.f_add_(&grad.f_mul_scalar(1.0 - hp.alpha)?.f_mul(&grad)?)?;
+        let mut avg = match &mut st.grad_avg {
+            Some(grad_avg) => {
+                let _ = grad_avg.f_lerp_(&grad, 1.0 - hp.alpha)?;
+                // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+                st.square_avg.f_add(&grad_avg.f_mul_scalar(-1.0)?.f_mul(grad_avg)?)?.f_sqrt()?
+            }
+            None => st.square_avg.f_sqrt()?,
+        };
+        let _ = avg.f_add_scalar_(hp.eps)?;
+        if hp.momentum > 0.0 {
+            let _ = st.momentum_buffer.f_mul_scalar_(hp.momentum)?;
+            let _ = st.momentum_buffer.f_add_(&grad.f_div(&avg)?)?;
+            let _ = p.f_add_(&st.momentum_buffer.f_mul_scalar(-hp.lr)?)?;
+        } else {
+            let _ = p.f_add_(&grad.f_mul_scalar(-hp.lr)?.f_div(&avg)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for RmsProp {
+    common_methods!("RMSprop");
+}
+
+impl FromConfig for RmsProp {
+    type Config = RmsPropConfig;
+    fn from_config(config: RmsPropConfig) -> Result<Self> {
+        Self::new(config)
+    }
+}
