@@ -102,6 +102,9 @@ pub enum Error {
         /// Variable name.
         variable: String,
     },
+    /// A layer built with an impossible shape or setting (e.g. a non-positive channel count).
+    #[error("invalid layer: {0}")]
+    InvalidLayer(String),
     /// A checkpoint that cannot be loaded into this router.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

@@ -7,11 +7,15 @@
 //! [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`] marks tch variables as
 //! 1-bit or n-bit.
 
+pub mod bnn;
 pub mod error;
 pub mod optim;
 pub mod schedule;
 pub mod var;
 
+pub use bnn::{
+    ste_sign, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig, Quantizer,
+};
 pub use error::{Error, Result};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Bop, Bop2ndOrder,
