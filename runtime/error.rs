@@ -122,5 +122,5 @@ pub enum Error {
     Torch(#[from] tch::TchError),
 }
 
-/// `Result` with caseopt's [`Error`].
+/// `Result` with caseopt's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
