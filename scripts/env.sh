@@ -23,9 +23,12 @@ if [[ -n "${LIBTORCH:-}" ]]; then
     fi
     libdir="$LIBTORCH/lib"
 else
+    mkdir -p "$cache"
+    # Two commands started at once on a fresh machine install once: the second waits here.
+    exec 9>"$cache/.install.lock"
+    flock 9
     if [[ ! -f "$venv/.complete" ]]; then
         say "installing PyTorch $TORCH_VERSION (libtorch for tch) into $venv (one time, ~4.7 GB)"
-        mkdir -p "$cache"
         rm -rf "$venv"
         if ! { python3 -m venv "$venv" &&
                "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
@@ -38,6 +41,7 @@ else
         fi
         touch "$venv/.complete"
     fi
+    exec 9>&-
     export VIRTUAL_ENV="$venv"
     export PATH="$venv/bin:$PATH"
     export LIBTORCH_USE_PYTORCH=1
