@@ -117,6 +117,22 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An error while building one rule's optimizer (its configuration or a variable it was
+    /// given), with the rule as written.
+    #[error("rule `{rule}`: {source}")]
+    Rule {
+        /// The rule, as written (`predicate => Optimizer`).
+        rule: String,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A gradient-clipping bound that is negative or not finite.
+    #[error("max_norm must be finite and >= 0, got {value}")]
+    InvalidMaxNorm {
+        /// The bound given.
+        value: f64,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

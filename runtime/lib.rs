@@ -10,6 +10,8 @@
 pub mod bnn;
 pub mod error;
 pub mod optim;
+pub mod predicate;
+pub mod router;
 pub mod schedule;
 pub mod var;
 
@@ -23,6 +25,21 @@ pub use optim::{
 };
 pub use schedule::Schedule;
 pub use tch;
+
+pub use caseopt_macros::case_optimizer;
+pub use predicate::{dtype_from_name, dtype_name, Glob, Predicate, DTYPE_NAMES};
+pub use router::{
+    fingerprint, OptimizerInspector, OptimizerVisitor, Route, Router, RouterBuilder, RouterCore,
+    RoutingTable, RuleInfo, RuleSpec,
+};
+
+/// Support for the code `case_optimizer!` generates; not public API.
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+// Lets the macro's absolute paths (`::caseopt::__private`) resolve inside this crate too.
+extern crate self as caseopt;
 pub use var::{
     bits_from_group, group_for_bits, trainable_vars, var_infos, Param, PathExt, VarInfo,
     FULL_PRECISION_BITS,

@@ -1,0 +1,33 @@
+//! What the code `case_optimizer!` generates names, through `::caseopt::__private::...`.
+//!
+//! Not part of the public API: anything here may change without notice. Generated code names
+//! only this module, `::core` and `::std`, so it works whatever the user has in scope.
+
+pub use crate::error::{Error, Result};
+pub use crate::optim::{
+    Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, Optimizer, RmsProp, Sgd,
+};
+pub use crate::predicate::{Glob, Predicate};
+pub use crate::router::{
+    debug_router, Assembly, OptimizerInspector, OptimizerVisitor, Router, RouterBuilder,
+    RouterCore, RouterParts, RoutingTable, RuleInfo, RuleSpec,
+};
+pub use crate::schedule::Schedule;
+pub use crate::var::{Param, VarInfo};
+pub use tch::{nn::VarStore, Kind, Tensor};
+
+/// A user predicate `where(f)`: `f` is coerced to a function pointer here, so a wrong signature
+/// is reported at the user's `f`.
+pub fn user_predicate(text: &'static str, f: fn(&VarInfo) -> bool) -> Predicate {
+    Predicate::User { text, f }
+}
+
+/// `name("glob")`.
+pub fn name_predicate(pattern: &str) -> Predicate {
+    Predicate::Name(Glob::new(pattern))
+}
+
+/// `!p`.
+pub fn not_predicate(p: Predicate) -> Predicate {
+    Predicate::Not(::std::boxed::Box::new(p))
+}

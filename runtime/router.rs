@@ -1,0 +1,823 @@
+//! Run-time support for the routers `case_optimizer!` generates.
+//!
+//! The macro emits one struct per invocation with one concrete field per rule's optimizer and
+//! implements the hidden [`RouterParts`] for it: the rules as data, how to build each optimizer,
+//! and a generic visitor over the fields. Everything else lives here, once: routing variables
+//! with larq's `CaseOptimizer` semantics, the routing table, the step path (statically
+//! dispatched through the visitor, no allocation of its own), gradient clipping and the
+//! object-safe [`Router`] view that checkpoints and generic code use.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use tch::{nn, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::optim::{FromConfig, Optimizer};
+use crate::predicate::{dtype_name, Predicate};
+use crate::var::{trainable_vars, Param, VarInfo};
+
+/// One rule of a router, as the user wrote it.
+///
+/// ```
+/// let rule = caseopt::RuleInfo {
+///     index: 0,
+///     predicate: "binary",
+///     optimizer: "Bop",
+///     default: false,
+///     name: Some("bop"),
+/// };
+/// assert_eq!(rule.to_string(), "binary => Bop");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RuleInfo {
+    /// Position among the rules, from 0; also the suffix of the `ruleN()` accessors.
+    pub index: usize,
+    /// The predicate as written (normalised spacing), `"_"` for the default rule.
+    pub predicate: &'static str,
+    /// The optimizer's type as written, without its hyperparameters (`"Bop"`, `"my::Lion"`).
+    pub optimizer: &'static str,
+    /// Whether this is the default rule `_`.
+    pub default: bool,
+    /// The name given with `... as name`, if any.
+    pub name: Option<&'static str>,
+}
+
+/// `predicate => Optimizer`, the way errors and the routing table name a rule.
+impl fmt::Display for RuleInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} => {}", self.predicate, self.optimizer)
+    }
+}
+
+/// A rule's description together with its predicate, as the generated code hands it over.
+///
+/// ```
+/// use caseopt::{Predicate, RuleInfo, RuleSpec};
+/// let info = RuleInfo { index: 0, predicate: "ndim(1)", optimizer: "Adam", default: false, name: None };
+/// let spec = RuleSpec { info, predicate: Predicate::Ndim(1) };
+/// assert_eq!(spec.predicate.to_string(), spec.info.predicate);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RuleSpec {
+    /// What the user wrote.
+    pub info: RuleInfo,
+    /// What it means; [`Predicate::Any`] for the default rule.
+    pub predicate: Predicate,
+}
+
+/// Where one variable went.
+///
+/// ```
+/// # use caseopt::{Predicate, RuleInfo, RuleSpec, VarInfo};
+/// let rules = [RuleSpec {
+///     info: RuleInfo { index: 0, predicate: "_", optimizer: "Adam", default: true, name: None },
+///     predicate: Predicate::Any,
+/// }];
+/// let vars = [VarInfo::new("w", &[2], tch::Kind::Float, tch::Device::Cpu)];
+/// let table = caseopt::RoutingTable::new(&rules, &[], &vars)?;
+/// let route = &table.routes()[0];
+/// assert_eq!((route.variable.as_str(), route.rule), ("w", Some(0)));
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// The variable's full name.
+    pub variable: String,
+    /// Its shape when the router was built.
+    pub shape: Vec<i64>,
+    /// Its element type.
+    pub kind: Kind,
+    /// Its declared precision.
+    pub bits: u8,
+    /// The index of the rule that claimed it; `None` when it is left untrained.
+    pub rule: Option<usize>,
+}
+
+/// Which rule, and so which optimizer, trains each variable; printable as an aligned table.
+///
+/// Built by a router's `build`; also constructible on its own to preview a routing
+/// ([`RoutingTable::new`]). Variables no rule claims (possible only without a default rule)
+/// are listed as untrained and named in [`warnings`](Self::warnings).
+///
+/// ```
+/// use caseopt::{Glob, Predicate, RoutingTable, RuleInfo, RuleSpec, VarInfo};
+/// use tch::{Device, Kind};
+///
+/// let rules = [RuleSpec {
+///     info: RuleInfo { index: 0, predicate: "binary", optimizer: "Bop", default: false, name: None },
+///     predicate: Predicate::Bits(1),
+/// }];
+/// let vars = [
+///     VarInfo::new("fc.weight", &[4, 8], Kind::Float, Device::Cpu).with_bits(1),
+///     VarInfo::new("fc.bias", &[4], Kind::Float, Device::Cpu),
+/// ];
+/// let table = RoutingTable::new(&rules, &[], &vars)?;
+/// assert_eq!(table.untrained(), vec!["fc.bias"]);
+/// assert_eq!(table.variables_of(0), vec!["fc.weight"]);
+/// print!("{table}");
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    rules: Vec<RuleInfo>,
+    routes: Vec<Route>,
+    warnings: Vec<String>,
+    proven_disjoint: Vec<(usize, usize)>,
+}
+
+impl RoutingTable {
+    /// Routes `vars` through `rules` with larq's semantics, without building optimizers.
+    ///
+    /// `proven_disjoint` lists rule pairs known never to claim the same variable (the macro's
+    /// compile-time proofs); such pairs are not checked against each other. Fails on a variable
+    /// claimed by two rules, on a non-default rule that claims nothing and on a variable name
+    /// given twice.
+    pub fn new(
+        rules: &[RuleSpec],
+        proven_disjoint: &[(usize, usize)],
+        vars: &[VarInfo],
+    ) -> Result<Self> {
+        let assignment = assign(rules, proven_disjoint, vars)?;
+        let routes = vars
+            .iter()
+            .zip(&assignment)
+            .map(|(v, rule)| Route {
+                variable: v.name.clone(),
+                shape: v.shape.clone(),
+                kind: v.kind,
+                bits: v.bits,
+                rule: *rule,
+            })
+            .collect::<Vec<_>>();
+        let mut warnings = Vec::new();
+        let untrained: Vec<&str> =
+            routes.iter().filter(|r| r.rule.is_none()).map(|r| r.variable.as_str()).collect();
+        if !untrained.is_empty() {
+            let names = untrained.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>();
+            warnings.push(format!(
+                "no default rule `_`: {} variable{} claimed by no rule {} left untrained: {}; \
+                 add `_ => Optimizer<...>` as the last rule to train {}",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                if names.len() == 1 { "is" } else { "are" },
+                names.join(", "),
+                if names.len() == 1 { "it" } else { "them" },
+            ));
+        }
+        Ok(RoutingTable {
+            rules: rules.iter().map(|r| r.info).collect(),
+            routes,
+            warnings,
+            proven_disjoint: proven_disjoint.to_vec(),
+        })
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[RuleInfo] {
+        &self.rules
+    }
+
+    /// One route per variable, in the order the variables were given (sorted by name when built
+    /// from a `VarStore`).
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route of the variable named `variable`.
+    pub fn route(&self, variable: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.variable == variable)
+    }
+
+    /// The rule that claimed `variable`; `None` when it is untrained or unknown.
+    pub fn rule_of(&self, variable: &str) -> Option<&RuleInfo> {
+        self.route(variable).and_then(|r| r.rule).and_then(|i| self.rules.get(i))
+    }
+
+    /// Names of the variables rule `rule` claimed, in routing order.
+    pub fn variables_of(&self, rule: usize) -> Vec<&str> {
+        self.routes.iter().filter(|r| r.rule == Some(rule)).map(|r| r.variable.as_str()).collect()
+    }
+
+    /// Names of the variables no rule claimed (left untrained).
+    pub fn untrained(&self) -> Vec<&str> {
+        self.routes.iter().filter(|r| r.rule.is_none()).map(|r| r.variable.as_str()).collect()
+    }
+
+    /// Warnings raised while routing (printed once to stderr by `build`).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Rule pairs proven disjoint at compile time, hence not checked against each other.
+    pub fn proven_disjoint(&self) -> &[(usize, usize)] {
+        &self.proven_disjoint
+    }
+
+    /// Rule pairs checked against each other when routing (every pair of non-default rules the
+    /// compiler could not prove disjoint).
+    pub fn checked_at_build(&self) -> Vec<(usize, usize)> {
+        let n = self.rules.len();
+        let mut out = Vec::new();
+        for i in 0..n {
+            for j in i + 1..n {
+                let (a, b) = (&self.rules[i], &self.rules[j]);
+                if !a.default && !b.default && !is_disjoint(&self.proven_disjoint, i, j) {
+                    out.push((i, j));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// An aligned table `variable | shape | dtype | bits | rule | optimizer`, untrained variables
+/// marked as such, followed by the warnings.
+impl fmt::Display for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header = ["variable", "shape", "dtype", "bits", "rule", "optimizer"];
+        let rows: Vec<[String; 6]> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let (rule, optimizer) = match r.rule.and_then(|i| self.rules.get(i)) {
+                    Some(info) => (format!("#{} {}", info.index, info.predicate), info.optimizer),
+                    None => ("-".to_string(), "(untrained)"),
+                };
+                [
+                    r.variable.clone(),
+                    format!("{:?}", r.shape),
+                    dtype_name(r.kind).to_string(),
+                    r.bits.to_string(),
+                    rule,
+                    optimizer.to_string(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(|h| h.chars().count());
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: &[&str]| -> fmt::Result {
+            let mut out = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    out.push_str(cell);
+                } else {
+                    out.push_str(&format!("{cell:<w$}  "));
+                }
+            }
+            writeln!(f, "{}", out.trim_end())
+        };
+        line(f, &header)?;
+        for row in &rows {
+            line(f, &row.each_ref().map(String::as_str))?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+fn is_disjoint(pairs: &[(usize, usize)], i: usize, j: usize) -> bool {
+    pairs.iter().any(|&(a, b)| (a, b) == (i, j) || (a, b) == (j, i))
+}
+
+/// larq's `CaseOptimizer` routing: each variable goes to the one non-default rule that claims
+/// it, else to the default rule, else nowhere. Errors name the variable and the rules.
+fn assign(
+    rules: &[RuleSpec],
+    proven_disjoint: &[(usize, usize)],
+    vars: &[VarInfo],
+) -> Result<Vec<Option<usize>>> {
+    let mut seen = std::collections::HashSet::with_capacity(vars.len());
+    for v in vars {
+        if !seen.insert(v.name.as_str()) {
+            return Err(Error::DuplicateVariable { variable: v.name.clone() });
+        }
+    }
+    let n = rules.len();
+    let mut disjoint = vec![false; n * n];
+    for &(a, b) in proven_disjoint {
+        if a < n && b < n {
+            disjoint[a * n + b] = true;
+            disjoint[b * n + a] = true;
+        }
+    }
+    let default = rules.iter().position(|r| r.info.default);
+    let mut claimed_any = vec![false; n];
+    let mut out = Vec::with_capacity(vars.len());
+    let mut matched = Vec::with_capacity(n);
+    for v in vars {
+        matched.clear();
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.info.default {
+                continue;
+            }
+            // A rule proven disjoint from one that already matched cannot match: skip it, so
+            // proven pairs cost nothing (not even a call to a user predicate).
+            if matched.iter().any(|&m: &usize| disjoint[m * n + i]) {
+                continue;
+            }
+            if rule.predicate.matches(v) {
+                matched.push(i);
+            }
+        }
+        if matched.len() > 1 {
+            return Err(Error::OverlappingRules {
+                variable: v.name.clone(),
+                rules: matched.iter().map(|&i| rules[i].info.to_string()).collect(),
+            });
+        }
+        let rule = matched.first().copied().or(default);
+        if let Some(i) = rule {
+            claimed_any[i] = true;
+        }
+        out.push(rule);
+    }
+    if let Some(unclaimed) = rules.iter().find(|r| !r.info.default && !claimed_any[r.info.index]) {
+        return Err(Error::UnclaimedRule { rule: unclaimed.info.to_string() });
+    }
+    Ok(out)
+}
+
+/// What a router keeps besides its optimizers: the rules, the routing table, the fingerprint
+/// and, when built from a `VarStore`, a handle on the store's variables (so that variables
+/// added after the build can be detected).
+#[derive(Debug)]
+pub struct RouterCore {
+    table: RoutingTable,
+    fingerprint: u64,
+    store: Option<Arc<Mutex<nn::Variables>>>,
+}
+
+impl RouterCore {
+    /// The routing table.
+    pub fn routing_table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[RuleInfo] {
+        self.table.rules()
+    }
+
+    /// See [`Router::fingerprint`].
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The variables of the `VarStore` the router was built from; `None` when it was built from
+    /// a list.
+    pub fn variable_store(&self) -> Option<&Arc<Mutex<nn::Variables>>> {
+        self.store.as_ref()
+    }
+}
+
+/// A stable identity of a router's rules: 64-bit FNV-1a over every rule's predicate text,
+/// optimizer name and default flag, in order. Independent of hyperparameter values, the
+/// process, and the platform, so a checkpoint can tell whether it was written by the same rules.
+///
+/// ```
+/// # use caseopt::RuleInfo;
+/// let a = RuleInfo { index: 0, predicate: "binary", optimizer: "Bop", default: false, name: None };
+/// let b = RuleInfo { index: 1, predicate: "_", optimizer: "Adam", default: true, name: None };
+/// assert_eq!(caseopt::fingerprint(&[a, b]), caseopt::fingerprint(&[a, b]));
+/// assert_ne!(caseopt::fingerprint(&[a, b]), caseopt::fingerprint(&[b, a]));
+/// ```
+pub fn fingerprint(rules: &[RuleInfo]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    for r in rules {
+        eat(r.predicate.as_bytes());
+        eat(&[0]);
+        eat(r.optimizer.as_bytes());
+        eat(&[0, u8::from(r.default), 0xff]);
+    }
+    h
+}
+
+/// Visits each rule's optimizer mutably, statically dispatched (one monomorphised call per
+/// field of the generated struct).
+pub trait OptimizerVisitor {
+    /// Called once per rule, in rule order.
+    fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()>;
+}
+
+/// Visits each rule's optimizer immutably, statically dispatched.
+pub trait OptimizerInspector {
+    /// Called once per rule, in rule order.
+    fn inspect<O: Optimizer>(&mut self, rule: usize, optimizer: &O) -> Result<()>;
+}
+
+/// What `case_optimizer!` implements for the struct it generates. Not meant to be implemented by
+/// hand; use the [`Router`] trait (implemented for every `RouterParts`) to work with routers.
+#[doc(hidden)]
+pub trait RouterParts: Sized + Send {
+    /// The rules' optimizer configurations, in rule order (a tuple).
+    type Configs;
+    /// The rules as written, with their predicates.
+    fn rule_specs() -> Vec<RuleSpec>;
+    /// Rule pairs proven disjoint at compile time.
+    fn proven_disjoint() -> &'static [(usize, usize)];
+    /// Builds every rule's optimizer from its configuration and routed variables.
+    fn assemble(configs: Self::Configs, assembly: Assembly) -> Result<Self>;
+    /// The shared part.
+    fn core(&self) -> &RouterCore;
+    /// Visits the optimizers mutably, in rule order.
+    fn visit_mut<V: OptimizerVisitor>(&mut self, visitor: &mut V) -> Result<()>;
+    /// Visits the optimizers, in rule order.
+    fn visit<V: OptimizerInspector>(&self, visitor: &mut V) -> Result<()>;
+    /// Rule `rule`'s optimizer as a trait object.
+    fn dyn_optimizer(&self, rule: usize) -> Option<&dyn Optimizer>;
+    /// Rule `rule`'s optimizer as a mutable trait object.
+    fn dyn_optimizer_mut(&mut self, rule: usize) -> Option<&mut dyn Optimizer>;
+}
+
+/// The routed variables and the router core while a generated router is being assembled.
+#[doc(hidden)]
+pub struct Assembly {
+    groups: Vec<Vec<Param>>,
+    core: RouterCore,
+}
+
+impl Assembly {
+    /// Builds rule `rule`'s optimizer from `config` and hands it the variables the rule claimed.
+    pub fn optimizer<O: FromConfig>(&mut self, rule: usize, config: O::Config) -> Result<O> {
+        let info = self.core.rules().get(rule).copied();
+        let in_rule = |e: Error| match info {
+            Some(info) => Error::Rule { rule: info.to_string(), source: Box::new(e) },
+            None => e,
+        };
+        let mut optimizer = O::from_config(config).map_err(in_rule)?;
+        let params = self.groups.get_mut(rule).map(std::mem::take).unwrap_or_default();
+        for p in params {
+            optimizer.add_param(p).map_err(in_rule)?;
+        }
+        Ok(optimizer)
+    }
+
+    /// The core, once every optimizer is built.
+    pub fn finish(self) -> RouterCore {
+        self.core
+    }
+}
+
+/// The value `case_optimizer! { ... }` evaluates to (and `Name::new()` returns for the item
+/// form): the rules' configurations, waiting for the variables to route.
+///
+/// ```no_run
+/// use caseopt::case_optimizer;
+/// use tch::{nn, Device};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let opt = case_optimizer! { _ => Adam<lr: 1e-3> }.build(&vs)?;
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+pub struct RouterBuilder<R: RouterParts> {
+    configs: R::Configs,
+}
+
+impl<R: RouterParts> RouterBuilder<R> {
+    /// Wraps the configurations (called by generated code).
+    #[doc(hidden)]
+    pub fn new(configs: R::Configs) -> Self {
+        RouterBuilder { configs }
+    }
+
+    /// Routes every trainable variable of `vs` (named by its path) and builds the optimizers.
+    ///
+    /// The router keeps a handle on the store's variables. Errors name the variable and the
+    /// rules as written: a variable claimed by two rules, a non-default rule that claims
+    /// nothing, a configuration the optimizer rejects. Variables claimed by no rule when there
+    /// is no default are left untrained, with a warning printed once to stderr and recorded in
+    /// the routing table.
+    pub fn build(self, vs: &nn::VarStore) -> Result<R> {
+        self.build_inner(trainable_vars(vs), Some(vs.variables_.clone()))
+    }
+
+    /// Routes an explicit list of variables (names must be unique) and builds the optimizers.
+    pub fn build_from(self, vars: Vec<Param>) -> Result<R> {
+        self.build_inner(vars, None)
+    }
+
+    fn build_inner(self, vars: Vec<Param>, store: Option<Arc<Mutex<nn::Variables>>>) -> Result<R> {
+        let specs = R::rule_specs();
+        let infos: Vec<VarInfo> = vars.iter().map(|p| p.info.clone()).collect();
+        let table = RoutingTable::new(&specs, R::proven_disjoint(), &infos)?;
+        let mut groups: Vec<Vec<Param>> = (0..specs.len()).map(|_| Vec::new()).collect();
+        for (param, route) in vars.into_iter().zip(table.routes()) {
+            if let Some(group) = route.rule.and_then(|i| groups.get_mut(i)) {
+                group.push(param);
+            }
+        }
+        for w in table.warnings() {
+            eprintln!("caseopt: warning: {w}");
+        }
+        let rules: Vec<RuleInfo> = specs.iter().map(|s| s.info).collect();
+        let core = RouterCore { fingerprint: fingerprint(&rules), table, store };
+        R::assemble(self.configs, Assembly { groups, core })
+    }
+}
+
+impl<R: RouterParts> fmt::Debug for RouterBuilder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rules: Vec<String> = R::rule_specs().iter().map(|s| s.info.to_string()).collect();
+        f.debug_struct("RouterBuilder").field("rules", &rules).finish_non_exhaustive()
+    }
+}
+
+/// A router built by `case_optimizer!`, seen through a trait object: inspection (rules,
+/// routing table, each rule's optimizer) and the training calls. Dispatch inside a router stays
+/// static; this trait is for checkpoints and code generic over routers.
+///
+/// Every generated router implements it, and also has the same methods inherently, so calling
+/// them needs no import.
+///
+/// ```
+/// use caseopt::{case_optimizer, Param, Router, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu));
+/// let vars = vec![Param::new(VarInfo::of("w", &w), w.shallow_clone())];
+/// let opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build_from(vars)?;
+/// let dynamic: &dyn Router = &opt;
+/// assert_eq!(dynamic.rules()[0].optimizer, "Sgd");
+/// assert_eq!(dynamic.optimizer(0).map(|o| o.name()), Some("SGD"));
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+pub trait Router: Send {
+    /// The rules, in order.
+    fn rules(&self) -> &[RuleInfo];
+    /// Which rule trains each variable.
+    fn routing_table(&self) -> &RoutingTable;
+    /// Rule `rule`'s optimizer.
+    fn optimizer(&self, rule: usize) -> Option<&dyn Optimizer>;
+    /// Rule `rule`'s optimizer, mutably (to change a hyperparameter, restore state, ...).
+    fn optimizer_mut(&mut self, rule: usize) -> Option<&mut dyn Optimizer>;
+    /// See [`fingerprint`]: stable across runs and platforms, changes with the rules.
+    fn fingerprint(&self) -> u64;
+    /// Each rule's optimizer's step count, in rule order.
+    fn step_counts(&self) -> Vec<u64>;
+    /// One step of every optimizer, each with its variables' `.grad()`.
+    fn step(&mut self) -> Result<()>;
+    /// Zeroes the gradient of every routed variable.
+    fn zero_grad(&mut self);
+    /// `zero_grad`, `loss.backward()`, `step`, like tch's `Optimizer::backward_step`.
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()>;
+    /// Scales the gradients of all routed variables so that their global L2 norm is at most
+    /// `max_norm` (torch's `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, only when
+    /// below 1) and returns the norm before clipping.
+    fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64>;
+    /// [`clip_grad_norm`](Self::clip_grad_norm) applied to each rule's variables separately;
+    /// returns each rule's norm before clipping, in rule order.
+    fn clip_grad_norm_per_rule(&mut self, max_norm: f64) -> Result<Vec<f64>>;
+}
+
+impl<R: RouterParts> Router for R {
+    fn rules(&self) -> &[RuleInfo] {
+        self.core().rules()
+    }
+
+    fn routing_table(&self) -> &RoutingTable {
+        self.core().routing_table()
+    }
+
+    fn optimizer(&self, rule: usize) -> Option<&dyn Optimizer> {
+        self.dyn_optimizer(rule)
+    }
+
+    fn optimizer_mut(&mut self, rule: usize) -> Option<&mut dyn Optimizer> {
+        self.dyn_optimizer_mut(rule)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        self.core().fingerprint()
+    }
+
+    fn step_counts(&self) -> Vec<u64> {
+        struct Counts(Vec<u64>);
+        impl OptimizerInspector for Counts {
+            fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
+                self.0.push(optimizer.step_count());
+                Ok(())
+            }
+        }
+        let mut counts = Counts(Vec::with_capacity(self.rules().len()));
+        // The visitor never fails.
+        let _ = self.visit(&mut counts);
+        counts.0
+    }
+
+    fn step(&mut self) -> Result<()> {
+        struct Step;
+        impl OptimizerVisitor for Step {
+            fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
+                optimizer.step()
+            }
+        }
+        self.visit_mut(&mut Step)
+    }
+
+    fn zero_grad(&mut self) {
+        struct ZeroGrad;
+        impl OptimizerVisitor for ZeroGrad {
+            fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
+                optimizer.zero_grad();
+                Ok(())
+            }
+        }
+        let _ = self.visit_mut(&mut ZeroGrad);
+    }
+
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.step()
+    }
+
+    fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        check_max_norm(max_norm)?;
+        let mut norms = SquaredNorms(Vec::with_capacity(self.rules().len()));
+        self.visit(&mut norms)?;
+        let total = norms.0.iter().sum::<f64>().sqrt();
+        let factor = clip_factor(max_norm, total);
+        if factor < 1.0 {
+            self.visit_mut(&mut ScaleGrads { factor: |_| factor })?;
+        }
+        Ok(total)
+    }
+
+    fn clip_grad_norm_per_rule(&mut self, max_norm: f64) -> Result<Vec<f64>> {
+        check_max_norm(max_norm)?;
+        let mut norms = SquaredNorms(Vec::with_capacity(self.rules().len()));
+        self.visit(&mut norms)?;
+        let norms: Vec<f64> = norms.0.iter().map(|s| s.sqrt()).collect();
+        let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(max_norm, n)).collect();
+        if factors.iter().any(|&f| f < 1.0) {
+            self.visit_mut(&mut ScaleGrads { factor: |rule| factors[rule] })?;
+        }
+        Ok(norms)
+    }
+}
+
+fn check_max_norm(max_norm: f64) -> Result<()> {
+    if max_norm.is_finite() && max_norm >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidMaxNorm { value: max_norm })
+    }
+}
+
+/// torch's `clip_grad_norm_` coefficient, clamped to 1.
+fn clip_factor(max_norm: f64, norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Per rule, the sum of the squared L2 norms of its variables' gradients.
+struct SquaredNorms(Vec<f64>);
+
+impl OptimizerInspector for SquaredNorms {
+    fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
+        let mut sum = 0.0;
+        for p in optimizer.params() {
+            if let Some(g) = p.grad() {
+                let n = g.f_norm()?.f_double_value(&[])?;
+                sum += n * n;
+            }
+        }
+        self.0.push(sum);
+        Ok(())
+    }
+}
+
+/// Multiplies each rule's gradients in place by `factor(rule)` where it is below 1.
+struct ScaleGrads<F: Fn(usize) -> f64> {
+    factor: F,
+}
+
+impl<F: Fn(usize) -> f64> OptimizerVisitor for ScaleGrads<F> {
+    fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
+        let factor = (self.factor)(rule);
+        if factor >= 1.0 {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        for p in optimizer.params() {
+            if let Some(mut g) = p.grad() {
+                let _ = g.f_mul_scalar_(factor)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Debug` for generated routers: the rules and each optimizer's step count.
+#[doc(hidden)]
+pub fn debug_router<R: RouterParts>(router: &R, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let rules: Vec<String> = router.rules().iter().map(ToString::to_string).collect();
+    f.debug_struct("CaseOptimizer")
+        .field("rules", &rules)
+        .field("step_counts", &router.step_counts())
+        .finish_non_exhaustive()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::predicate::Glob;
+    use tch::Device;
+
+    fn rule(index: usize, text: &'static str, predicate: Predicate) -> RuleSpec {
+        let default = matches!(predicate, Predicate::Any);
+        RuleSpec {
+            info: RuleInfo { index, predicate: text, optimizer: "Opt", default, name: None },
+            predicate,
+        }
+    }
+
+    fn var(name: &str, bits: u8, ndim: usize) -> VarInfo {
+        VarInfo::new(name, &vec![2; ndim], Kind::Float, Device::Cpu).with_bits(bits)
+    }
+
+    #[test]
+    fn overlapping_rules_name_the_variable_and_both_rules() {
+        let rules = [rule(0, "binary", Predicate::Bits(1)), rule(1, "ndim(2)", Predicate::Ndim(2))];
+        let err = RoutingTable::new(&rules, &[], &[var("a", 32, 2), var("b", 1, 2)]).unwrap_err();
+        match err {
+            Error::OverlappingRules { variable, rules } => {
+                assert_eq!(variable, "b");
+                assert_eq!(rules, vec!["binary => Opt", "ndim(2) => Opt"]);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn proven_disjoint_pairs_are_not_evaluated() {
+        // A predicate that would claim everything: if the proof is honoured it is never asked
+        // about a variable the first rule already claimed.
+        fn everything(_: &VarInfo) -> bool {
+            true
+        }
+        let rules = [
+            rule(0, "binary", Predicate::Bits(1)),
+            rule(1, "where(everything)", Predicate::User { text: "everything", f: everything }),
+        ];
+        let vars = [var("a", 1, 2), var("b", 32, 1)];
+        assert!(RoutingTable::new(&rules, &[], &vars).is_err());
+        let table = RoutingTable::new(&rules, &[(0, 1)], &vars).unwrap();
+        assert_eq!(table.variables_of(0), vec!["a"]);
+        assert_eq!(table.variables_of(1), vec!["b"]);
+        assert!(table.checked_at_build().is_empty());
+    }
+
+    #[test]
+    fn unclaimed_rule_and_duplicates_are_errors() {
+        let rules = [rule(0, "bits(4)", Predicate::Bits(4)), rule(1, "_", Predicate::Any)];
+        let err = RoutingTable::new(&rules, &[], &[var("a", 32, 1)]).unwrap_err();
+        assert!(matches!(err, Error::UnclaimedRule { ref rule } if rule == "bits(4) => Opt"));
+        let err = RoutingTable::new(&rules[1..], &[], &[var("a", 32, 1), var("a", 1, 1)]);
+        assert!(matches!(err, Err(Error::DuplicateVariable { ref variable }) if variable == "a"));
+    }
+
+    #[test]
+    fn untrained_variables_are_recorded_and_the_table_aligns() {
+        let rules = [rule(0, r#"name("*.w")"#, Predicate::Name(Glob::new("*.w")))];
+        let table =
+            RoutingTable::new(&rules, &[], &[var("layer.w", 1, 2), var("b", 32, 1)]).unwrap();
+        assert_eq!(table.untrained(), vec!["b"]);
+        assert_eq!(table.warnings().len(), 1);
+        assert!(table.warnings()[0].contains("`b`"), "{}", table.warnings()[0]);
+        let text = table.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "variable  shape   dtype  bits  rule            optimizer");
+        assert_eq!(lines[1], r#"layer.w   [2, 2]  f32    1     #0 name("*.w")  Opt"#);
+        assert_eq!(lines[2], "b         [2]     f32    32    -               (untrained)");
+        assert!(lines[3].starts_with("warning: no default rule `_`: 1 variable"));
+    }
+
+    #[test]
+    fn fingerprint_is_fnv1a_and_ignores_names() {
+        // FNV-1a of the empty input is the offset basis.
+        assert_eq!(fingerprint(&[]), 0xcbf2_9ce4_8422_2325);
+        let a = RuleInfo { index: 0, predicate: "_", optimizer: "Adam", default: true, name: None };
+        let named = RuleInfo { name: Some("adam"), ..a };
+        assert_eq!(fingerprint(&[a]), fingerprint(&[named]));
+        let other = RuleInfo { optimizer: "AdamW", ..a };
+        assert_ne!(fingerprint(&[a]), fingerprint(&[other]));
+        // Pinned (computed independently with a few lines of Python) so that a change to the
+        // hash, which would orphan checkpoints, is deliberate.
+        assert_eq!(fingerprint(&[a]), 0x5372_9c4a_3e09_509f);
+    }
+}
