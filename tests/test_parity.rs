@@ -17,15 +17,25 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use caseopt::{
-    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Bop, Bop2ndOrder,
+    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, Optimizer, Param, RmsProp, RmsPropConfig, Schedule, Sgd,
     SgdConfig, VarInfo,
 };
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
+/// The fixtures directory: `CASEOPT_FIXTURES` when set, because a test binary bundled by
+/// scripts/gpu_bundle.sh runs on a machine where the build-time manifest path does not exist;
+/// else this checkout's tests/fixtures.
+fn fixtures_dir() -> std::path::PathBuf {
+    match std::env::var_os("CASEOPT_FIXTURES") {
+        Some(dir) => dir.into(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}
+
 fn fixtures() -> (Value, BTreeMap<String, Tensor>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = fixtures_dir();
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("parity_cases.json")).unwrap())
             .unwrap();
@@ -41,12 +51,38 @@ fn b(config: &Value, key: &str) -> Option<bool> {
     config.get(key).and_then(Value::as_bool)
 }
 
-/// Builds the optimizer a fixture case names, from its torch-style keyword arguments.
-fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
+/// The optimizers with fused CPU kernels; the others take `Backend::Fused` as an error.
+const FUSED: &[&str] = &["Bop", "Bop2ndOrder", "Adam", "AdamW"];
+
+/// `set_backend` is inherent to each optimizer type; this lets `build` call it on any of them.
+trait WithBackend {
+    fn boxed(self, backend: Backend) -> Box<dyn Optimizer>;
+}
+
+macro_rules! with_backend {
+    ($($ty:ty),*) => {$(
+        impl WithBackend for $ty {
+            fn boxed(mut self, backend: Backend) -> Box<dyn Optimizer> {
+                self.set_backend(backend);
+                Box::new(self)
+            }
+        }
+    )*};
+}
+with_backend!(Sgd, Adam, AdamW, RmsProp, Adagrad, Bop, Bop2ndOrder);
+
+fn boxed(backend: Backend, optimizer: impl WithBackend) -> Box<dyn Optimizer> {
+    optimizer.boxed(backend)
+}
+
+/// Builds the optimizer a fixture case names, from its torch-style keyword arguments, on
+/// `backend`.
+fn build(optimizer: &str, c: &Value, backend: Backend) -> Box<dyn Optimizer> {
     match optimizer {
         "SGD" => {
             let d = SgdConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 Sgd::new(SgdConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     momentum: f(c, "momentum").unwrap_or(d.momentum),
@@ -60,7 +96,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "Adam" => {
             let d = AdamConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 Adam::new(AdamConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -75,7 +112,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "AdamW" => {
             let d = AdamWConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 AdamW::new(AdamWConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -90,7 +128,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "RMSprop" => {
             let d = RmsPropConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 RmsProp::new(RmsPropConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     alpha: f(c, "alpha").unwrap_or(d.alpha),
@@ -105,7 +144,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "Adagrad" => {
             let d = AdagradConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 Adagrad::new(AdagradConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     lr_decay: f(c, "lr_decay").unwrap_or(d.lr_decay),
@@ -122,7 +162,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "Bop" => {
             let d = BopConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 Bop::new(BopConfig {
                     threshold: f(c, "threshold").unwrap_or(d.threshold),
                     gamma: f(c, "gamma").unwrap_or(d.gamma),
@@ -132,7 +173,8 @@ fn build(optimizer: &str, c: &Value) -> Box<dyn Optimizer> {
         }
         "Bop2ndOrder" => {
             let d = Bop2ndOrderConfig::default();
-            Box::new(
+            boxed(
+                backend,
                 Bop2ndOrder::new(Bop2ndOrderConfig {
                     threshold: f(c, "threshold").unwrap_or(d.threshold),
                     gamma: f(c, "gamma").unwrap_or(d.gamma),
@@ -153,9 +195,10 @@ fn scaled_error(actual: &Tensor, expected: &Tensor) -> f64 {
     ((a - &e).abs() / scale).max().double_value(&[])
 }
 
-/// Runs every fixture case of one dtype through `make`'s optimizers and returns the largest
+/// Runs every fixture case of one dtype through the optimizers on `backend` (under
+/// `Backend::Fused`, the cases of optimizers that have fused kernels) and returns the largest
 /// scaled error per optimizer.
-fn run_parity(dtype: &str, tol: f64) -> BTreeMap<String, f64> {
+fn run_parity(dtype: &str, tol: f64, backend: Backend) -> BTreeMap<String, f64> {
     let (meta, tensors) = fixtures();
     let steps = meta["steps"].as_u64().unwrap() as i64;
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
@@ -163,7 +206,10 @@ fn run_parity(dtype: &str, tol: f64) -> BTreeMap<String, f64> {
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let optimizer = case["optimizer"].as_str().unwrap();
-        let mut opt = build(optimizer, &case["config"]);
+        if backend == Backend::Fused && !FUSED.contains(&optimizer) {
+            continue;
+        }
+        let mut opt = build(optimizer, &case["config"], backend);
         let keys: Vec<String> = (0..2).map(|j| format!("{name}.{dtype}.p{j}")).collect();
         let vars: Vec<Tensor> = keys.iter().map(|k| tensors[&format!("{k}.init")].copy()).collect();
         for (k, v) in keys.iter().zip(&vars) {
@@ -194,7 +240,7 @@ fn run_parity(dtype: &str, tol: f64) -> BTreeMap<String, f64> {
         assert_eq!(opt.step_count(), steps as u64, "{name}");
     }
     for (opt, err) in &worst {
-        println!("parity {dtype} {opt:<12} max scaled error {err:.3e}");
+        println!("parity {dtype} {backend:<5?} {opt:<12} max scaled error {err:.3e}");
     }
     assert!(
         failures.is_empty(),
@@ -205,21 +251,52 @@ fn run_parity(dtype: &str, tol: f64) -> BTreeMap<String, f64> {
     worst
 }
 
-#[test]
-fn parity_f64_within_1e_12() {
-    let worst = run_parity("f64", 1e-12);
-    assert_eq!(worst.len(), 7, "every optimizer is covered: {worst:?}");
+// Each dtype on each path: the libtorch ops, the fused kernels (forced: a variable they could
+// not take would fail the step), and the automatic choice. Bop and Bop2ndOrder are bit-exact on
+// every path.
+
+fn check(dtype: &str, tol: f64, backend: Backend) {
+    let worst = run_parity(dtype, tol, backend);
+    let expected = if backend == Backend::Fused { FUSED.len() } else { 7 };
+    assert_eq!(worst.len(), expected, "every optimizer is covered: {worst:?}");
+    assert_eq!(worst["Bop"], 0.0);
+    assert_eq!(worst["Bop2ndOrder"], 0.0);
 }
 
 #[test]
-fn parity_f32_within_1e_6() {
-    let worst = run_parity("f32", 1e-6);
-    assert_eq!(worst.len(), 7, "every optimizer is covered: {worst:?}");
+fn parity_f64_torch_within_1e_12() {
+    check("f64", 1e-12, Backend::Torch);
 }
 
-fn bop_once(threshold: f64, gamma: f64, w: &[f64], g: &[f64]) -> Vec<f64> {
+#[test]
+fn parity_f64_fused_within_1e_12() {
+    check("f64", 1e-12, Backend::Fused);
+}
+
+#[test]
+fn parity_f64_auto_within_1e_12() {
+    check("f64", 1e-12, Backend::Auto);
+}
+
+#[test]
+fn parity_f32_torch_within_1e_6() {
+    check("f32", 1e-6, Backend::Torch);
+}
+
+#[test]
+fn parity_f32_fused_within_1e_6() {
+    check("f32", 1e-6, Backend::Fused);
+}
+
+#[test]
+fn parity_f32_auto_within_1e_6() {
+    check("f32", 1e-6, Backend::Auto);
+}
+
+fn bop_once(threshold: f64, gamma: f64, w: &[f64], g: &[f64], backend: Backend) -> Vec<f64> {
     let w = Tensor::from_slice(w);
     let mut bop = Bop::new(BopConfig { threshold: threshold.into(), gamma: gamma.into() }).unwrap();
+    bop.set_backend(backend);
     bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
     bop.step_with_grads(&[Some(Tensor::from_slice(g))]).unwrap();
     Vec::<f64>::try_from(&w).unwrap()
@@ -227,33 +304,43 @@ fn bop_once(threshold: f64, gamma: f64, w: &[f64], g: &[f64]) -> Vec<f64> {
 
 #[test]
 fn bop_worked_checks_from_design_hold_exactly() {
-    assert_eq!(
-        bop_once(1e-8, 1e-4, &[1.0, -1.0, 1.0, -1.0], &[2e-4, 2e-4, -2e-4, 5e-5]),
-        vec![-1.0, -1.0, 1.0, -1.0]
-    );
-    assert_eq!(bop_once(0.5, 1.0, &[-1.0, 1.0], &[-0.5, 0.5]), vec![1.0, 1.0]);
-    assert_eq!(bop_once(0.05, 1.0, &[0.3, -0.2, 0.0], &[1.0, 1.0, 1.0]), vec![-1.0, -1.0, 1.0]);
+    for b in [Backend::Torch, Backend::Fused] {
+        assert_eq!(
+            bop_once(1e-8, 1e-4, &[1.0, -1.0, 1.0, -1.0], &[2e-4, 2e-4, -2e-4, 5e-5], b),
+            vec![-1.0, -1.0, 1.0, -1.0]
+        );
+        assert_eq!(bop_once(0.5, 1.0, &[-1.0, 1.0], &[-0.5, 0.5], b), vec![1.0, 1.0]);
+        assert_eq!(
+            bop_once(0.05, 1.0, &[0.3, -0.2, 0.0], &[1.0, 1.0, 1.0], b),
+            vec![-1.0, -1.0, 1.0]
+        );
+    }
 }
 
 #[test]
 fn bop_exact_equality_gives_plus_one() {
-    // w * m == threshold exactly: the inner sign is 0, the outer sign maps 0 to +1.
-    assert_eq!(bop_once(0.25, 1.0, &[1.0, -1.0], &[0.25, -0.25]), vec![1.0, 1.0]);
-    // and on both sides of it: above flips, below stays.
-    assert_eq!(bop_once(0.25, 1.0, &[1.0, -1.0], &[0.5, 0.125]), vec![-1.0, -1.0]);
+    for b in [Backend::Torch, Backend::Fused] {
+        // w * m == threshold exactly: the inner sign is 0, the outer sign maps 0 to +1.
+        assert_eq!(bop_once(0.25, 1.0, &[1.0, -1.0], &[0.25, -0.25], b), vec![1.0, 1.0]);
+        // and on both sides of it: above flips, below stays.
+        assert_eq!(bop_once(0.25, 1.0, &[1.0, -1.0], &[0.5, 0.125], b), vec![-1.0, -1.0]);
+    }
 }
 
 #[test]
 fn bop2_worked_check() {
-    // gamma = sigma = 1: m = g, v = g^2, signal = w * g / (|g| + 1e-10) ~= w * sign(g).
-    let w = Tensor::from_slice(&[1.0f64, 1.0, -1.0]);
-    let mut bop = Bop2ndOrder::new(Bop2ndOrderConfig {
-        threshold: 0.5.into(),
-        gamma: 1.0.into(),
-        sigma: 1.0.into(),
-    })
-    .unwrap();
-    bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
-    bop.step_with_grads(&[Some(Tensor::from_slice(&[3.0f64, -3.0, -1e-3]))]).unwrap();
-    assert_eq!(Vec::<f64>::try_from(&w).unwrap(), vec![-1.0, 1.0, 1.0]);
+    for backend in [Backend::Torch, Backend::Fused] {
+        // gamma = sigma = 1: m = g, v = g^2, signal = w * g / (|g| + 1e-10) ~= w * sign(g).
+        let w = Tensor::from_slice(&[1.0f64, 1.0, -1.0]);
+        let mut bop = Bop2ndOrder::new(Bop2ndOrderConfig {
+            threshold: 0.5.into(),
+            gamma: 1.0.into(),
+            sigma: 1.0.into(),
+        })
+        .unwrap();
+        bop.set_backend(backend);
+        bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
+        bop.step_with_grads(&[Some(Tensor::from_slice(&[3.0f64, -3.0, -1e-3]))]).unwrap();
+        assert_eq!(Vec::<f64>::try_from(&w).unwrap(), vec![-1.0, 1.0, 1.0], "{backend:?}");
+    }
 }
