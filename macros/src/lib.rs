@@ -1,11 +1,15 @@
 //! Implementation detail of `caseopt`: the `case_optimizer!` procedural macro.
-//! Depend on `caseopt`, which re-exports it.
+//! Depend on `caseopt`, which re-exports it and documents it.
 
-use proc_macro::TokenStream;
+mod ast;
+mod builtin;
+mod check;
+mod expand;
+mod fallback;
+mod logic;
 
-/// Compiles routing rules into a statically dispatched router (see `caseopt`).
+/// Compiles routing rules into a statically dispatched router (see `caseopt::case_optimizer`).
 #[proc_macro]
-pub fn case_optimizer(input: TokenStream) -> TokenStream {
-    let _ = input;
-    quote::quote!(::core::compile_error!("case_optimizer! is not implemented yet")).into()
+pub fn case_optimizer(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
+    expand::case_optimizer(input.into()).into()
 }

@@ -1,0 +1,359 @@
+//! Checks that look across rules (and the few that need the built-in optimizers' tables):
+//! exclusivity of every pair of rules, unsatisfiable rules, the default rule's place, rule
+//! names, duplicate hyperparameters and literal hyperparameters out of range.
+//!
+//! Every problem becomes one error spanned at the user's tokens; all are reported together.
+
+use std::collections::HashMap;
+
+use proc_macro2::TokenStream;
+use quote::ToTokens;
+
+use crate::ast::{AtomKind, Input, Literal, Pred, Rule, RulePredicate};
+use crate::builtin::{Builtin, Field};
+use crate::logic::{self, Atom, Formula, Relation, Sat};
+
+/// What the checks proved, for the expansion and for tests.
+#[derive(Debug, Default)]
+pub struct Analysis {
+    /// Rule pairs (by rule index) proven disjoint: not checked against each other at build.
+    pub disjoint: Vec<(usize, usize)>,
+    /// Every pair of non-default, well-formed rules and how they relate.
+    pub relations: Vec<(usize, usize, Relation)>,
+    /// Rules proven unsatisfiable.
+    pub unsatisfiable: Vec<usize>,
+}
+
+/// Methods every generated router has; a rule name must not shadow them.
+pub const ROUTER_METHODS: &[&str] = &[
+    "step",
+    "zero_grad",
+    "backward_step",
+    "clip_grad_norm",
+    "clip_grad_norm_per_rule",
+    "rules",
+    "routing_table",
+    "fingerprint",
+    "step_counts",
+    "optimizer",
+    "optimizer_mut",
+    "builder",
+    "build",
+    "build_from",
+];
+
+/// Runs every check; returns what was proven and the errors found.
+pub fn check(input: &Input) -> (Analysis, Vec<syn::Error>) {
+    let mut errors = Vec::new();
+    check_default_rule(&input.rules, &mut errors);
+    check_rule_names(&input.rules, &mut errors);
+    for rule in &input.rules {
+        check_hyperparameters(rule, &mut errors);
+    }
+    let analysis = check_exclusivity(&input.rules, &mut errors);
+    (analysis, errors)
+}
+
+fn check_default_rule(rules: &[Rule], errors: &mut Vec<syn::Error>) {
+    let mut seen = false;
+    for (pos, rule) in rules.iter().enumerate() {
+        if let RulePredicate::Default(underscore) = &rule.predicate {
+            if seen {
+                errors.push(syn::Error::new_spanned(
+                    underscore,
+                    "a second default rule `_`; keep only one default rule, as the last rule",
+                ));
+            } else if pos + 1 < rules.len() {
+                errors.push(syn::Error::new_spanned(
+                    underscore,
+                    "the default rule `_` must be the last rule; move it after the other rules",
+                ));
+            }
+            seen = true;
+        }
+    }
+}
+
+fn check_rule_names(rules: &[Rule], errors: &mut Vec<syn::Error>) {
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for rule in rules {
+        owners.insert(format!("rule{}", rule.index), rule.index);
+        owners.insert(format!("rule{}_mut", rule.index), rule.index);
+    }
+    for rule in rules {
+        let Some(name) = &rule.name else { continue };
+        for generated in [name.to_string(), format!("{name}_mut")] {
+            let clash = if ROUTER_METHODS.contains(&generated.as_str()) {
+                Some(format!("the router's method `{generated}()`"))
+            } else {
+                match owners.get(&generated) {
+                    Some(&other) => Some(format!(
+                        "the accessor `{generated}()` of rule {other} `{}`",
+                        rules
+                            .iter()
+                            .find(|r| r.index == other)
+                            .map_or(String::new(), |r| r.predicate.to_string())
+                    )),
+                    None => {
+                        owners.insert(generated.clone(), rule.index);
+                        None
+                    }
+                }
+            };
+            if let Some(clash) = clash {
+                errors.push(syn::Error::new(
+                    name.span(),
+                    format!("rule name `{name}` clashes with {clash}; choose another name"),
+                ));
+                break;
+            }
+        }
+    }
+}
+
+fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) {
+    let spec = &rule.optimizer;
+    let mut seen: Vec<String> = Vec::new();
+    for param in &spec.params {
+        let key = param.key.to_string();
+        if seen.contains(&key) {
+            errors.push(syn::Error::new(
+                param.key.span(),
+                format!("duplicate hyperparameter `{key}`; remove one of them"),
+            ));
+        }
+        seen.push(key.clone());
+        let Some(builtin) = spec.builtin else { continue };
+        let range = match builtin.field(&key) {
+            Some(Field::Schedule(r) | Field::Float(r)) => r,
+            // Unknown keys and type mismatches are rustc's to report, at the same tokens.
+            _ => continue,
+        };
+        if let Some(Literal::Number { value, .. }) = param.value.literal {
+            if !range.contains(value) {
+                errors.push(syn::Error::new_spanned(
+                    &param.value.tokens,
+                    format!(
+                        "`{key}` of `{}` must be {}, got `{}`",
+                        builtin.name,
+                        range.describe(),
+                        compact(&param.value.tokens)
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(builtin) = spec.builtin {
+        check_nesterov(builtin, rule, errors);
+    }
+}
+
+/// SGD's one cross-field rule, when the values are literals: Nesterov momentum needs a
+/// momentum above 0 and no dampening (torch raises the same at construction).
+fn check_nesterov(builtin: &Builtin, rule: &Rule, errors: &mut Vec<syn::Error>) {
+    if builtin.name != "Sgd" {
+        return;
+    }
+    let find = |k: &str| rule.optimizer.params.iter().find(|p| p.key == k);
+    let Some(nesterov) = find("nesterov") else { return };
+    if nesterov.value.literal != Some(Literal::Bool(true)) {
+        return;
+    }
+    let number = |k: &str| match find(k) {
+        None => Some(0.0),
+        Some(p) => match p.value.literal {
+            Some(Literal::Number { value, .. }) => Some(value),
+            _ => None,
+        },
+    };
+    if number("momentum").is_some_and(|m| m <= 0.0) {
+        errors.push(syn::Error::new(
+            nesterov.key.span(),
+            "`nesterov: true` needs a `momentum` above 0 (the default is 0); add e.g. `momentum: 0.9`",
+        ));
+    }
+    if number("dampening").is_some_and(|d| d != 0.0) {
+        errors.push(syn::Error::new(
+            nesterov.key.span(),
+            "`nesterov: true` needs `dampening: 0`; remove the dampening",
+        ));
+    }
+}
+
+/// Tokens as one short string without the spaces `to_string` puts between them.
+fn compact(tokens: &TokenStream) -> String {
+    tokens.to_string().replace(' ', "")
+}
+
+/// The formula a predicate means, or `None` if an atom in it failed to parse.
+pub fn formula(pred: &Pred) -> Option<Formula> {
+    Some(match pred {
+        Pred::Atom(a) => Formula::Atom(match &a.kind {
+            AtomKind::Binary => Atom::Bits(1),
+            AtomKind::Bits(n) => Atom::Bits(*n),
+            AtomKind::Ndim(n) => Atom::Ndim(*n),
+            AtomKind::Name(g) => Atom::Name(g.clone()),
+            AtomKind::Dtype(d) => Atom::Dtype((*d).to_string()),
+            AtomKind::User { key, .. } => Atom::User(key.clone()),
+            AtomKind::Invalid => return None,
+        }),
+        Pred::Not(p) => formula(p)?.not(),
+        Pred::Paren(p) => formula(p)?,
+        Pred::And(ps) => Formula::And(ps.iter().map(formula).collect::<Option<_>>()?),
+        Pred::Or(ps) => Formula::Or(ps.iter().map(formula).collect::<Option<_>>()?),
+    })
+}
+
+fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
+    let mut analysis = Analysis::default();
+    // Non-default rules whose predicate is well formed, with their formulas.
+    let mut live: Vec<(&Rule, &Pred, Formula)> = Vec::new();
+    for rule in rules {
+        let RulePredicate::Formula(pred) = &rule.predicate else { continue };
+        let Some(f) = formula(pred) else { continue };
+        match logic::satisfiable(&f) {
+            (Sat::Unsat, conflict) => {
+                let reason = conflict.map(|c| format!(": {}", c.describe())).unwrap_or_default();
+                errors.push(syn::Error::new_spanned(
+                    &rule.predicate_tokens,
+                    format!(
+                        "rule `{pred}` can never match a variable{reason}; remove the rule or fix its predicate"
+                    ),
+                ));
+                analysis.unsatisfiable.push(rule.index);
+            }
+            _ => live.push((rule, pred, f)),
+        }
+    }
+    for (i, (a, pa, fa)) in live.iter().enumerate() {
+        for (b, pb, fb) in &live[i + 1..] {
+            let relation = logic::relation(fa, fb);
+            analysis.relations.push((a.index, b.index, relation));
+            match relation {
+                Relation::Disjoint => analysis.disjoint.push((a.index, b.index)),
+                Relation::Unknown => {}
+                Relation::Equivalent => errors.push(syn::Error::new_spanned(
+                    &b.predicate_tokens,
+                    format!(
+                        "rule `{pb}` matches exactly the variables of rule `{pa}`, so each of them would be claimed twice; merge the two rules or make them exclusive"
+                    ),
+                )),
+                Relation::FirstImpliesSecond => errors.push(overlap(a, pa, pb)),
+                Relation::SecondImpliesFirst => errors.push(overlap(b, pb, pa)),
+            }
+        }
+    }
+    analysis
+}
+
+/// The error for a rule `narrow` whose every variable the rule with predicate `wide` also
+/// claims; spanned at the narrower rule, suggesting to carve it out of the wider one.
+fn overlap(narrow_rule: &Rule, narrow: &Pred, wide: &Pred) -> syn::Error {
+    let wide_text = match wide {
+        Pred::Or(_) => format!("({wide})"),
+        _ => wide.to_string(),
+    };
+    let excluded = match narrow {
+        Pred::And(_) | Pred::Or(_) => format!("!({narrow})"),
+        _ => format!("!{narrow}"),
+    };
+    syn::Error::new_spanned(
+        narrow_rule.predicate_tokens.to_token_stream(),
+        format!(
+            "every variable rule `{narrow}` matches is also matched by rule `{wide}`, so it would be claimed twice; make the rules exclusive, e.g. write the wider rule as `{wide_text} & {excluded}`"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn run(src: &str) -> (Analysis, Vec<String>) {
+        let input = Input::parse(TokenStream::from_str(src).expect("lexes"));
+        assert!(input.errors.is_empty(), "parse errors: {:?}", input.errors);
+        let (analysis, errors) = check(&input);
+        (analysis, errors.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn a_valid_bnn_router_has_no_errors_and_proves_its_pairs() {
+        let (analysis, errors) = run(
+            r#"binary => Bop, !binary & ndim(4) => Sgd, name("*.bias") & !binary & !ndim(4) => Adam, _ => Adam"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(analysis.disjoint, vec![(0, 1), (0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn undecided_pairs_are_left_to_the_build() {
+        let (analysis, errors) =
+            run(r#"binary => Bop, ndim(2) => Adam, where(f) => Sgd, _ => Adam"#);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(analysis.disjoint.is_empty());
+        assert_eq!(analysis.relations.len(), 3);
+        assert!(analysis.relations.iter().all(|r| r.2 == Relation::Unknown));
+    }
+
+    #[test]
+    fn overlaps_and_contradictions_are_errors() {
+        let (_, e) = run("binary => Bop, bits(1) => Adam");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("rule `bits(1)` matches exactly the variables of rule `binary`"),
+            "{e:?}"
+        );
+        let (_, e) = run("binary | ndim(2) => Bop, binary & ndim(4) => Adam");
+        assert_eq!(
+            e,
+            vec!["every variable rule `binary & ndim(4)` matches is also matched by rule `binary | ndim(2)`, so it would be claimed twice; make the rules exclusive, e.g. write the wider rule as `(binary | ndim(2)) & !(binary & ndim(4))`"]
+        );
+        let (analysis, e) = run(r#"name("*.w") & name("*.b") => Bop, _ => Adam"#);
+        assert_eq!(analysis.unsatisfiable, vec![0]);
+        assert!(e[0].contains("no variable name matches all of its `name` conditions"), "{e:?}");
+    }
+
+    #[test]
+    fn default_rule_placement() {
+        let (_, e) = run("_ => Adam, binary => Bop");
+        assert!(e[0].starts_with("the default rule `_` must be the last rule"));
+        let (_, e) = run("binary => Bop, _ => Adam, _ => Sgd");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[1].starts_with("a second default rule `_`"));
+    }
+
+    #[test]
+    fn hyperparameter_literals_and_duplicates() {
+        let (_, e) = run("binary => Bop<gamma: 0, threshold: -1e-6>, _ => Adam<lr: 1e-3, lr: 1e-2, beta2: 1.0, eps: 0.0>");
+        assert_eq!(
+            e,
+            vec![
+                "`gamma` of `Bop` must be in (0, 1], got `0`",
+                "`threshold` of `Bop` must be >= 0, got `-1e-6`",
+                "duplicate hyperparameter `lr`; remove one of them",
+                "`beta2` of `Adam` must be in [0, 1), got `1.0`",
+                "`eps` of `Adam` must be > 0, got `0.0`",
+            ]
+        );
+        // User optimizers are checked for duplicates only.
+        let (_, e) = run("_ => my::Opt<gamma: 7, gamma: 8>");
+        assert_eq!(e, vec!["duplicate hyperparameter `gamma`; remove one of them"]);
+        let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true>");
+        assert!(e[0].starts_with("`nesterov: true` needs a `momentum` above 0"), "{e:?}");
+        let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true, momentum: (m)>");
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn rule_names_must_not_clash() {
+        let (_, e) = run("binary => Bop as step, _ => Adam as rule0");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("the router's method `step()`"));
+        assert!(e[1].contains("the accessor `rule0()` of rule 0 `binary`"));
+        let (_, e) = run("binary => Bop as a, _ => Adam as a");
+        assert!(e[0].contains("the accessor `a()` of rule 0"), "{e:?}");
+        let (_, e) = run("binary => Bop as bop, _ => Adam as adam");
+        assert!(e.is_empty());
+    }
+}
