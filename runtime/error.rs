@@ -108,6 +108,15 @@ pub enum Error {
     /// A checkpoint that cannot be loaded into this router.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A checkpoint file that cannot be loaded (another file type, damaged, or written for
+    /// other rules or variables); nothing was changed. `problem` says what is wrong.
+    #[error("checkpoint `{}`: {problem}", path.display())]
+    BadCheckpoint {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: crate::checkpoint::CheckpointError,
+    },
     /// Reading or writing a file failed.
     #[error("{context}: {source}")]
     Io {

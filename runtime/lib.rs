@@ -8,6 +8,7 @@
 //! 1-bit or n-bit.
 
 pub mod bnn;
+pub mod checkpoint;
 pub mod error;
 pub mod optim;
 pub mod predicate;
@@ -17,6 +18,9 @@ pub mod var;
 
 pub use bnn::{
     ste_sign, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig, Quantizer,
+};
+pub use checkpoint::{
+    checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
 };
 pub use error::{Error, Result};
 pub use optim::{

@@ -7,6 +7,8 @@ mod check;
 mod expand;
 mod fallback;
 mod logic;
+#[cfg(test)]
+mod proptests;
 
 /// Compiles routing rules into a statically dispatched router (see `caseopt::case_optimizer`).
 #[proc_macro]

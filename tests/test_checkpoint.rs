@@ -1,0 +1,411 @@
+//! Checkpoints: bit-for-bit resume with every optimizer, validation before anything changes,
+//! atomic writes, model variables, cross-device loading.
+
+mod checkpoint_support;
+
+use std::fs;
+use std::path::PathBuf;
+
+use caseopt::{
+    checkpoint_info, load_training, save_training, Adagrad, AdagradConfig, Adam, AdamConfig, AdamW,
+    AdamWConfig, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Checkpoint, CheckpointError,
+    Error, RmsProp, RmsPropConfig, Router, Schedule, Sgd, SgdConfig,
+};
+use checkpoint_support::{
+    build, model, model_values, scratch_dir, snapshot, train, BinaryThen, ModelSpec,
+};
+use tch::{nn, Device, Kind, Tensor};
+
+fn bop() -> BopConfig {
+    BopConfig { threshold: 1e-6.into(), gamma: 1e-2.into() }
+}
+
+fn adam() -> AdamConfig {
+    AdamConfig { lr: 0.01.into(), ..Default::default() }
+}
+
+/// Trains `40` steps in one go and `20 + save + load into a fresh router (and, with
+/// `with_model`, a fresh model) + 20`, and requires every parameter, state tensor, step
+/// counter and hyperparameter to be identical, bit for bit.
+fn resume_matches_uninterrupted<A, B>(
+    configs: impl Fn() -> (A::Config, B::Config),
+    with_model: bool,
+) where
+    A: caseopt::FromConfig + 'static,
+    B: caseopt::FromConfig + 'static,
+    A::Config: Clone,
+    B::Config: Clone,
+{
+    let spec = ModelSpec::default();
+    // Uninterrupted. The learning rate is lowered at step 10 in both runs: the checkpoint must
+    // carry the changed constant.
+    let vs = model(&spec);
+    let mut straight: BinaryThen<A, B> = build(configs(), &vs);
+    train(&mut straight, &vs, 0..40, Some(10));
+
+    // Interrupted.
+    let dir = scratch_dir("resume");
+    let path = dir.join("ckpt.safetensors");
+    let vs1 = model(&spec);
+    let mut first: BinaryThen<A, B> = build(configs(), &vs1);
+    train(&mut first, &vs1, 0..20, Some(10));
+    if with_model {
+        save_training(&path, &vs1, &first).unwrap();
+    } else {
+        first.save_checkpoint(&path).unwrap();
+    }
+    drop(first);
+
+    let (vs2, mut second): (nn::VarStore, BinaryThen<A, B>) = if with_model {
+        // A fresh model, initialised differently: everything must come from the file.
+        let vs2 = model(&ModelSpec { seed: 99, ..spec.clone() });
+        let mut r = build(configs(), &vs2);
+        load_training(&path, &vs2, &mut r).unwrap();
+        (vs2, r)
+    } else {
+        // The same model object (the router checkpoint holds no model variables), a fresh
+        // router.
+        let mut r = build(configs(), &vs1);
+        r.load_checkpoint(&path).unwrap();
+        (vs1, r)
+    };
+    train(&mut second, &vs2, 20..40, Some(10));
+
+    assert_eq!(snapshot(&second), snapshot(&straight));
+    assert_eq!(model_values(&vs2), model_values(&vs));
+    assert_eq!(second.step_counts(), vec![40, 40]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bop_and_adam_resume_bit_for_bit() {
+    resume_matches_uninterrupted::<Bop, Adam>(|| (bop(), adam()), false);
+}
+
+#[test]
+fn bop_and_adam_resume_bit_for_bit_with_the_model() {
+    resume_matches_uninterrupted::<Bop, Adam>(|| (bop(), adam()), true);
+}
+
+#[test]
+fn bop2ndorder_and_sgd_resume_bit_for_bit() {
+    let sgd = || SgdConfig {
+        lr: 0.05.into(),
+        momentum: 0.9.into(),
+        nesterov: true,
+        weight_decay: 1e-3.into(),
+        ..Default::default()
+    };
+    let bop2 =
+        || Bop2ndOrderConfig { threshold: 1e-4.into(), gamma: 1e-2.into(), sigma: 1e-2.into() };
+    resume_matches_uninterrupted::<Bop2ndOrder, Sgd>(|| (bop2(), sgd()), true);
+}
+
+#[test]
+fn adamw_with_amsgrad_and_a_schedule_resumes_bit_for_bit() {
+    // A warmup-cosine schedule on `weight_decay` (the learning rate is replaced by a constant
+    // at step 10): the restored step counter must resume it at the same position.
+    let adamw = || AdamWConfig {
+        lr: 0.01.into(),
+        amsgrad: true,
+        weight_decay: Schedule::cosine(0.1, 30).with_warmup(5, 0.0),
+        ..Default::default()
+    };
+    resume_matches_uninterrupted::<Bop, AdamW>(|| (bop(), adamw()), false);
+}
+
+#[test]
+fn rmsprop_centered_with_momentum_resumes_bit_for_bit() {
+    let rms = || RmsPropConfig {
+        lr: 0.01.into(),
+        centered: true,
+        momentum: 0.5.into(),
+        ..Default::default()
+    };
+    resume_matches_uninterrupted::<Bop, RmsProp>(|| (bop(), rms()), true);
+}
+
+#[test]
+fn adagrad_resumes_bit_for_bit() {
+    let ada = || AdagradConfig {
+        lr: 0.1.into(),
+        lr_decay: 1e-3.into(),
+        initial_accumulator_value: 0.1,
+        ..Default::default()
+    };
+    resume_matches_uninterrupted::<Bop, Adagrad>(|| (bop(), ada()), false);
+}
+
+/// Loads `path` into `router` expecting an error; the router must be exactly as before.
+fn assert_refused<R: Router>(router: &mut R, path: &std::path::Path) -> CheckpointError {
+    let before = snapshot(router);
+    let err = router.load_checkpoint(path).unwrap_err();
+    assert_eq!(snapshot(router), before, "a failed load changed the router ({err})");
+    match err {
+        Error::BadCheckpoint { problem, path: p } => {
+            assert_eq!(p, path);
+            problem
+        }
+        other => panic!("expected BadCheckpoint, got {other}"),
+    }
+}
+
+/// A router that trained a few steps from other gradients (so that a partial load would show),
+/// and a checkpoint of another router written to `dir`.
+fn trained<A: caseopt::FromConfig + 'static, B: caseopt::FromConfig + 'static>(
+    configs: (A::Config, B::Config),
+    vs: &nn::VarStore,
+) -> BinaryThen<A, B> {
+    let mut r = build(configs, vs);
+    train(&mut r, vs, 100..103, None);
+    r
+}
+
+fn saved_checkpoint(dir: &std::path::Path) -> PathBuf {
+    let vs = model(&ModelSpec::default());
+    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    train(&mut r, &vs, 0..5, None);
+    let path = dir.join("ckpt.safetensors");
+    r.save_checkpoint(&path).unwrap();
+    path
+}
+
+#[test]
+fn other_rules_are_refused_with_both_rule_lists() {
+    let dir = scratch_dir("rules");
+    let path = saved_checkpoint(&dir);
+    let vs = model(&ModelSpec::default());
+    let mut other: BinaryThen<Bop, Sgd> = trained((bop(), SgdConfig::default()), &vs);
+    match assert_refused(&mut other, &path) {
+        CheckpointError::RulesDiffer { saved, current, .. } => {
+            assert!(saved[1].ends_with("Adam"), "{saved:?}");
+            assert!(current[1].ends_with("Sgd"), "{current:?}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_and_extra_variables_are_named() {
+    let dir = scratch_dir("vars");
+    let path = saved_checkpoint(&dir);
+    // One more full-precision variable than the checkpoint has.
+    let vs = model(&ModelSpec { extra: true, ..Default::default() });
+    let mut more: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    assert_eq!(
+        assert_refused(&mut more, &path),
+        CheckpointError::MissingVariable { variable: "extra.bias".into() }
+    );
+    // One fewer.
+    let vs = model(&ModelSpec { without_bias: true, ..Default::default() });
+    let mut fewer: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    assert_eq!(
+        assert_refused(&mut fewer, &path),
+        CheckpointError::UnexpectedVariable { variable: "fc.bias".into() }
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shape_and_dtype_differences_are_named() {
+    let dir = scratch_dir("shape");
+    let path = saved_checkpoint(&dir);
+    let vs = model(&ModelSpec { hidden: 7, ..Default::default() });
+    let mut wider: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    match assert_refused(&mut wider, &path) {
+        CheckpointError::VariableMismatch { variable, saved, current } => {
+            assert_eq!(variable, "fc.bias");
+            assert!(saved.contains("[5]") && current.contains("[7]"), "{saved} / {current}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let vs = model(&ModelSpec { kind: Kind::Double, ..Default::default() });
+    let mut double: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    match assert_refused(&mut double, &path) {
+        CheckpointError::VariableMismatch { saved, current, .. } => {
+            assert!(saved.starts_with("f32") && current.starts_with("f64"), "{saved} / {current}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_different_schedule_is_refused_and_constants_are_restored() {
+    let dir = scratch_dir("schedule");
+    let vs = model(&ModelSpec::default());
+    let cosine = |steps| AdamConfig { lr: Schedule::cosine(0.01, steps), ..Default::default() };
+    let mut r: BinaryThen<Bop, Adam> = build((bop(), cosine(100)), &vs);
+    train(&mut r, &vs, 0..3, None);
+    let path = dir.join("ckpt.safetensors");
+    r.save_checkpoint(&path).unwrap();
+
+    let mut other: BinaryThen<Bop, Adam> = trained((bop(), cosine(200)), &vs);
+    match assert_refused(&mut other, &path) {
+        CheckpointError::Hyperparameter { rule, name, reason, .. } => {
+            assert_eq!((rule, name.as_str()), (1, "lr"));
+            assert!(reason.contains("steps=100") && reason.contains("steps=200"), "{reason}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+
+    // A constant is restored whatever the router had.
+    let mut constant: BinaryThen<Bop, Adam> = build((bop(), cosine(100)), &vs);
+    constant.optimizer_mut(0).unwrap().set_hyperparameter("threshold", 0.5.into()).unwrap();
+    constant.load_checkpoint(&path).unwrap();
+    assert_eq!(constant.optimizer(0).unwrap().hyperparameter("threshold").unwrap(), 1e-6);
+    assert_eq!(constant.step_counts(), vec![3, 3]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn model_variables_are_validated_before_anything_changes() {
+    let dir = scratch_dir("model");
+    let spec = ModelSpec::default();
+    let vs = model(&spec);
+    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    train(&mut r, &vs, 0..4, None);
+    let path = dir.join("training.safetensors");
+    save_training(&path, &vs, &r).unwrap();
+    let plain = dir.join("optimizer.safetensors");
+    r.save_checkpoint(&plain).unwrap();
+
+    // A model with an extra non-trainable variable: the router matches, the model does not.
+    let vs2 = model(&spec);
+    let _running_mean = vs2.root().sub("bn").zeros_no_train("running_mean", &[3]);
+    let mut r2: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs2);
+    let (before, model_before) = (snapshot(&r2), model_values(&vs2));
+    let err = load_training(&path, &vs2, &mut r2).unwrap_err();
+    assert!(
+        matches!(&err, Error::BadCheckpoint { problem: CheckpointError::ModelVariable { variable, .. }, .. } if variable == "bn.running_mean"),
+        "{err}"
+    );
+    assert_eq!((snapshot(&r2), model_values(&vs2)), (before, model_before));
+
+    // A router-only checkpoint has no model to restore.
+    let err = load_training(&plain, &vs2, &mut r2).unwrap_err();
+    assert!(matches!(err, Error::BadCheckpoint { problem: CheckpointError::NoModel, .. }), "{err}");
+
+    // load_checkpoint accepts a training checkpoint and restores the router only.
+    let vs3 = model(&spec);
+    let mut r3: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs3);
+    let model_before = model_values(&vs3);
+    r3.load_checkpoint(&path).unwrap();
+    assert_eq!(model_values(&vs3), model_before);
+    assert_eq!(r3.step_counts(), vec![4, 4]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_files_are_io_errors() {
+    let vs = model(&ModelSpec::default());
+    let mut r: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let before = snapshot(&r);
+    let err = r.load_checkpoint("/nonexistent/caseopt/ckpt.safetensors").unwrap_err();
+    assert!(
+        matches!(err, Error::Io { ref context, .. } if context.contains("reading checkpoint")),
+        "{err}"
+    );
+    assert_eq!(snapshot(&r), before);
+}
+
+#[test]
+fn saving_is_atomic_and_cleans_up_after_a_failure() {
+    let dir = scratch_dir("atomic");
+    let vs = model(&ModelSpec::default());
+    let mut r: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    // Overwriting an existing checkpoint replaces it whole.
+    let path = dir.join("ckpt.safetensors");
+    r.save_checkpoint(&path).unwrap();
+    train(&mut r, &vs, 200..202, None);
+    r.save_checkpoint(&path).unwrap();
+    assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![5, 5]);
+    // The rename onto a directory fails: the error is reported, the directory is untouched and
+    // no temporary file is left behind.
+    let occupied = dir.join("occupied");
+    fs::create_dir(&occupied).unwrap();
+    fs::write(occupied.join("keep"), b"keep").unwrap();
+    let err = r.save_checkpoint(&occupied).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert_eq!(fs::read(occupied.join("keep")).unwrap(), b"keep");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["ckpt.safetensors", "occupied"]);
+    // A directory that does not exist.
+    assert!(matches!(
+        r.save_checkpoint(dir.join("no/such/dir/c.safetensors")),
+        Err(Error::Io { .. })
+    ));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_file_is_plain_safetensors_with_documented_keys() {
+    let dir = scratch_dir("format");
+    let vs = model(&ModelSpec::default());
+    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    train(&mut r, &vs, 0..2, None);
+    let path = dir.join("training.safetensors");
+    save_training(&path, &vs, &r).unwrap();
+    // tch's own reader (no caseopt involved) sees the documented keys.
+    let tensors = Tensor::read_safetensors(&path).unwrap();
+    let mut keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "model/conv.weight",
+            "model/fc.bias",
+            "model/fc.weight",
+            "opt/0/conv.weight/m",
+            "opt/0/fc.weight/m",
+            "opt/1/fc.bias/exp_avg",
+            "opt/1/fc.bias/exp_avg_sq",
+            "opt/1/fc.bias/step",
+        ]
+    );
+    let step = tensors.iter().find(|(k, _)| k == "opt/1/fc.bias/step").unwrap();
+    assert_eq!((step.1.kind(), step.1.int64_value(&[])), (Kind::Int64, 2));
+    let info = checkpoint_info(&path).unwrap();
+    assert_eq!(info.fingerprint, r.fingerprint());
+    assert_eq!(info.step_counts, vec![2, 2]);
+    assert_eq!(info.variables, vec!["conv.weight", "fc.bias", "fc.weight"]);
+    assert_eq!(info.model_variables, vec!["conv.weight", "fc.bias", "fc.weight"]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_checkpoint_written_on_cuda_loads_on_the_cpu() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the CUDA-to-CPU load is checked on GPU machines only");
+        return;
+    }
+    let dir = scratch_dir("cuda");
+    let path = dir.join("ckpt.safetensors");
+    let spec = ModelSpec::default();
+    let cuda = ModelSpec { device: Device::Cuda(0), ..spec.clone() };
+    // 20 steps on CUDA, saved; 20 more on the CPU after loading. Compared with the same 40
+    // steps on CUDA: Bop's flips are exact; Adam may differ in the last bits between devices.
+    let vs_gpu = model(&cuda);
+    let mut gpu: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs_gpu);
+    train(&mut gpu, &vs_gpu, 0..20, None);
+    save_training(&path, &vs_gpu, &gpu).unwrap();
+    let vs_cpu = model(&ModelSpec { seed: 7, ..spec });
+    let mut cpu: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs_cpu);
+    load_training(&path, &vs_cpu, &mut cpu).unwrap();
+    assert_eq!(model_values(&vs_cpu), model_values(&vs_gpu));
+    assert_eq!(snapshot(&cpu), snapshot(&gpu));
+    train(&mut cpu, &vs_cpu, 20..40, None);
+    train(&mut gpu, &vs_gpu, 20..40, None);
+    assert_eq!(cpu.step_counts(), gpu.step_counts());
+    let (c, g) = (vs_cpu.variables(), vs_gpu.variables());
+    for (name, t) in &c {
+        let other = g[name].to_device(Device::Cpu);
+        assert!(t.allclose(&other, 1e-5, 1e-6, false), "{name} differs after resuming on the CPU");
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
