@@ -36,29 +36,38 @@
 //! for a schedule the router's own schedule must have the same description (closures cannot be
 //! stored), and the restored step counter makes it resume at the same position.
 //!
-//! ```no_run
-//! use caseopt::{case_optimizer, Checkpoint, PathExt};
+//! ```
+//! use caseopt::{case_optimizer, Checkpoint, PathExt, Router};
 //! use tch::{nn, Device};
 //!
-//! let vs = nn::VarStore::new(Device::Cpu);
-//! let _w = vs.root().binary().var("w", &[4, 4], nn::Init::Const(1.0));
-//! let _b = vs.root().zeros("b", &[4]);
-//! let mut opt = case_optimizer! { binary => Bop<threshold: 1e-6>, _ => Adam<lr: 0.01> }.build(&vs)?;
-//! // ... train ...
-//! opt.save_checkpoint("run/optimizer.safetensors")?;
+//! case_optimizer! {
+//!     struct Bnn { binary => Bop<threshold: 1e-6>, _ => Adam<lr: 0.01> }
+//! }
 //!
-//! let mut resumed = case_optimizer! { binary => Bop<threshold: 1e-6>, _ => Adam<lr: 0.01> }.build(&vs)?;
-//! resumed.load_checkpoint("run/optimizer.safetensors")?;
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let w = vs.root().binary().var("w", &[4, 4], nn::Init::Const(1.0));
+//! let b = vs.root().zeros("b", &[4]);
+//! let mut opt = Bnn::build(&vs)?;
+//! opt.backward_step(&(&w + &b).sum(tch::Kind::Float))?;
+//! # let dir = std::env::temp_dir().join(format!("caseopt-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("optimizer.safetensors");
+//! opt.save_checkpoint(&path)?;
+//!
+//! let mut resumed = Bnn::build(&vs)?;
+//! resumed.load_checkpoint(&path)?;
+//! assert_eq!(resumed.step_counts(), vec![1, 1]);
+//! # std::fs::remove_dir_all(&dir).unwrap();
 //! # Ok::<(), caseopt::Error>(())
 //! ```
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -69,8 +78,16 @@ use crate::router::Router;
 use crate::schedule::Schedule;
 
 /// The format tag stored in every checkpoint's metadata.
+///
+/// ```
+/// assert_eq!(caseopt::checkpoint::FORMAT, "caseopt-checkpoint");
+/// ```
 pub const FORMAT: &str = "caseopt-checkpoint";
 /// The checkpoint format version this build writes and reads.
+///
+/// ```
+/// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 1);
+/// ```
 pub const FORMAT_VERSION: u32 = 1;
 
 /// `__metadata__` key of the JSON description.
@@ -226,12 +243,20 @@ pub enum CheckpointError {
 ///
 /// See the [module documentation](self) for the format and the guarantees.
 ///
-/// ```no_run
-/// use caseopt::{case_optimizer, Checkpoint};
-/// # let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+/// ```
+/// use caseopt::{case_optimizer, Checkpoint, Router};
+///
+/// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+/// let _w = vs.root().zeros("w", &[3]);
 /// let mut opt = case_optimizer! { _ => Adam<lr: 1e-3> }.build(&vs)?;
-/// opt.save_checkpoint("optimizer.safetensors")?;
-/// opt.load_checkpoint("optimizer.safetensors")?;
+/// # let dir = std::env::temp_dir().join(format!("caseopt-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("optimizer.safetensors");
+/// opt.save_checkpoint(&path)?;
+/// // Also through a trait object.
+/// let dynamic: &mut dyn Router = &mut opt;
+/// dynamic.load_checkpoint(&path)?;
+/// # std::fs::remove_dir_all(&dir).unwrap();
 /// # Ok::<(), caseopt::Error>(())
 /// ```
 pub trait Checkpoint {
@@ -258,16 +283,22 @@ impl<R: Router + ?Sized> Checkpoint for R {
 /// Writes the model's variables (every named variable of `vs`, trainable or not, under
 /// `model/<name>`) and the router's whole state to one checkpoint, atomically.
 ///
-/// ```no_run
+/// ```
 /// use caseopt::{case_optimizer, load_training, save_training};
 /// use tch::{nn, Device};
 ///
 /// let vs = nn::VarStore::new(Device::Cpu);
-/// let _w = vs.root().zeros("w", &[3]);
+/// let mut w = vs.root().zeros("w", &[3]);
 /// let mut opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build(&vs)?;
-/// save_training("training.safetensors", &vs, &opt)?;
-/// load_training("training.safetensors", &vs, &mut opt)?;
-/// # Ok::<(), caseopt::Error>(())
+/// # let dir = std::env::temp_dir().join(format!("caseopt-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("training.safetensors");
+/// save_training(&path, &vs, &opt)?;
+/// tch::no_grad(|| w.fill_(5.0));
+/// load_training(&path, &vs, &mut opt)?;
+/// assert_eq!(Vec::<f32>::try_from(&w)?, vec![0.0; 3]);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn save_training<P: AsRef<Path>, R: Router + ?Sized>(
     path: P,
@@ -282,6 +313,28 @@ pub fn save_training<P: AsRef<Path>, R: Router + ?Sized>(
 /// must match the file's by name, shape and dtype, and the router's as for
 /// [`Checkpoint::load_checkpoint`]. Variables are copied in place, so layers holding them see
 /// the restored values.
+///
+/// ```
+/// use caseopt::{case_optimizer, load_training, save_training, CheckpointError, Error};
+/// use tch::{nn, Device};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let _w = vs.root().zeros("w", &[3]);
+/// let mut opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build(&vs)?;
+/// # let dir = std::env::temp_dir().join(format!("caseopt-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("training.safetensors");
+/// save_training(&path, &vs, &opt)?;
+/// // A model with one more variable is refused, and left as it was.
+/// let _extra = vs.root().zeros_no_train("running_mean", &[3]);
+/// let err = load_training(&path, &vs, &mut opt).unwrap_err();
+/// assert!(matches!(
+///     err,
+///     Error::BadCheckpoint { problem: CheckpointError::ModelVariable { .. }, .. }
+/// ));
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), caseopt::Error>(())
+/// ```
 pub fn load_training<P: AsRef<Path>, R: Router + ?Sized>(
     path: P,
     vs: &nn::VarStore,
@@ -292,9 +345,20 @@ pub fn load_training<P: AsRef<Path>, R: Router + ?Sized>(
 
 /// What a checkpoint says about itself, read without a router.
 ///
-/// ```no_run
-/// let info = caseopt::checkpoint_info("optimizer.safetensors")?;
-/// println!("written by {:?} after {:?} steps", info.rules, info.step_counts);
+/// ```
+/// use caseopt::{case_optimizer, Checkpoint};
+///
+/// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+/// let _w = vs.root().zeros("w", &[3]);
+/// let opt = case_optimizer! { _ => Adam<lr: 1e-3> }.build(&vs)?;
+/// # let dir = std::env::temp_dir().join(format!("caseopt-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("optimizer.safetensors");
+/// opt.save_checkpoint(&path)?;
+/// let info = caseopt::checkpoint_info(&path)?;
+/// assert_eq!((info.rules, info.step_counts), (vec!["_ => Adam".to_string()], vec![0]));
+/// assert_eq!(info.variables, vec!["w"]);
+/// # std::fs::remove_dir_all(&dir).unwrap();
 /// # Ok::<(), caseopt::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -313,7 +377,8 @@ pub struct CheckpointInfo {
     pub model_variables: Vec<String>,
 }
 
-/// Reads and checks a checkpoint's metadata and checksums, without a router.
+/// Reads and checks a checkpoint's metadata and checksums, without a router (see
+/// [`CheckpointInfo`] for an example).
 pub fn checkpoint_info<P: AsRef<Path>>(path: P) -> Result<CheckpointInfo> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
@@ -413,19 +478,43 @@ struct Blob {
     bytes: Vec<u8>,
 }
 
-impl View for &Blob {
-    fn dtype(&self) -> Dtype {
-        self.dtype
+/// Writes the safetensors layout: the header's length (u64, little endian), the JSON header
+/// padded with spaces to a multiple of 8 bytes, then every tensor's bytes.
+///
+/// Written here rather than with `safetensors::serialize`: 0.3's serializer emits invalid JSON
+/// (`{},"__metadata__":...`) for a file with metadata and no tensors, which a router that has
+/// not stepped yet produces. Tensors go in order of decreasing element size, then by key (as
+/// the crate orders them), so that every tensor starts at an offset aligned to its element
+/// size and memory-mapping readers can use the data in place.
+fn write_safetensors(
+    out: &mut impl Write,
+    blobs: &BTreeMap<String, Blob>,
+    metadata: &BTreeMap<&str, String>,
+) -> std::io::Result<()> {
+    let mut order: Vec<(&String, &Blob)> = blobs.iter().collect();
+    order.sort_by(|(ka, a), (kb, b)| b.dtype.size().cmp(&a.dtype.size()).then(ka.cmp(kb)));
+    let mut header = serde_json::Map::new();
+    let to_json = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    header.insert("__metadata__".to_string(), serde_json::to_value(metadata).map_err(to_json)?);
+    let mut offset = 0usize;
+    for (key, blob) in &order {
+        let end = offset + blob.bytes.len();
+        let entry = serde_json::json!({
+            "dtype": blob.dtype,
+            "shape": blob.shape,
+            "data_offsets": [offset, end],
+        });
+        header.insert((*key).clone(), entry);
+        offset = end;
     }
-    fn shape(&self) -> &[usize] {
-        &self.shape
+    let mut header = serde_json::to_vec(&header).map_err(to_json)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for (_, blob) in order {
+        out.write_all(&blob.bytes)?;
     }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
+    Ok(())
 }
 
 /// Copies a tensor (any device, any strides) to contiguous CPU bytes.
@@ -542,15 +631,11 @@ fn save<R: Router + ?Sized>(path: &Path, router: &R, vs: Option<&nn::VarStore>) 
     let json = serde_json::to_string(&meta)
         .map_err(|e| Error::Checkpoint(format!("cannot encode the metadata: {e}")))?;
     let crc = crc32fast::hash(json.as_bytes()).to_string();
-    let metadata =
-        HashMap::from([(METADATA_KEY.to_string(), json), (METADATA_CRC_KEY.to_string(), crc)]);
-    write_atomically(path, |tmp| {
-        safetensors::tensor::serialize_to_file(
-            blobs.iter().map(|(k, b)| (k.as_str(), b)),
-            &Some(metadata),
-            tmp,
-        )
-        .map_err(|e| io_error(format!("writing checkpoint `{}`", tmp.display()), e))
+    let metadata = BTreeMap::from([(METADATA_KEY, json), (METADATA_CRC_KEY, crc)]);
+    write_atomically(path, |file| {
+        let mut out = BufWriter::new(file);
+        write_safetensors(&mut out, &blobs, &metadata)?;
+        out.flush()
     })
 }
 
@@ -568,13 +653,6 @@ fn save_schedule(schedule: &Schedule) -> SavedHyperparameter {
     }
 }
 
-fn io_error(context: String, e: SafeTensorError) -> Error {
-    match e {
-        SafeTensorError::IoError(source) => Error::Io { context, source },
-        other => Error::Checkpoint(format!("{context}: {other:?}")),
-    }
-}
-
 /// Distinguishes temporary files written at the same time by one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -589,9 +667,12 @@ impl Drop for TempFile {
     }
 }
 
-/// Writes `path` through `write(temporary path)`: the temporary file is in the same directory
-/// (so the rename is atomic), synced before the rename, and removed on any error.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Writes `path` through `write(file)`: the file is a new temporary file in the same
+/// directory (so the rename is atomic), synced before the rename, and removed on any error.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let io = |what: &str, p: &Path| {
         let context = format!("{what} `{}`", p.display());
         move |source| Error::Io { context, source }
@@ -606,11 +687,13 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     };
     let unique = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{}.{}.{unique}.tmp", name.to_string_lossy(), std::process::id()));
-    // Claim the name first, so that a stale file of the same name is never overwritten.
-    OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("creating", &tmp))?;
+    // A new name only: a stale file (or a link planted under that name) is never written through.
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("creating", &tmp))?;
     let mut guard = TempFile(Some(tmp.clone()));
-    write(&tmp)?;
-    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing", &tmp))?;
+    write(&mut file).map_err(io("writing", &tmp))?;
+    file.sync_all().map_err(io("syncing", &tmp))?;
+    drop(file);
     fs::rename(&tmp, path).map_err(io("renaming the temporary file onto", path))?;
     guard.0 = None;
     // The rename itself lives in the directory: sync it so the new name survives a crash.
@@ -763,9 +846,18 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed<'_>, CheckpointError> {
 }
 
 fn parse_fingerprint(text: &str) -> std::result::Result<u64, CheckpointError> {
-    u64::from_str_radix(text, 16).ok().filter(|_| text.len() == 16).ok_or_else(|| {
+    parse_hex64(text).ok_or_else(|| {
         CheckpointError::Malformed(format!("fingerprint `{text}` is not 16 hex digits"))
     })
+}
+
+/// Exactly 16 hex digits (`from_str_radix` alone would also take a sign).
+fn parse_hex64(text: &str) -> Option<u64> {
+    if text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(text, 16).ok()
+    } else {
+        None
+    }
 }
 
 /// What a validated checkpoint will do to one rule's optimizer.
@@ -968,13 +1060,9 @@ fn plan_optimizer<'a>(
         let current = opt.schedule(name).map_err(|e| hp_error(name, e.to_string()))?;
         match hp {
             SavedHyperparameter::Constant { value, bits } => {
-                let v = u64::from_str_radix(bits, 16)
-                    .ok()
-                    .filter(|_| bits.len() == 16)
-                    .map(f64::from_bits)
-                    .ok_or_else(|| {
-                        hp_error(name, format!("bits `{bits}` are not 16 hex digits"))
-                    })?;
+                let v = parse_hex64(bits).map(f64::from_bits).ok_or_else(|| {
+                    hp_error(name, format!("bits `{bits}` are not 16 hex digits"))
+                })?;
                 if format!("{v:?}") != *value {
                     return Err(hp_error(
                         name,
@@ -1285,6 +1373,45 @@ mod tests {
         assert!(parse_fingerprint("zzzzzzzzzzzzzzzz").is_err());
     }
 
+    /// A file with one f32 tensor `w` and `metadata`.
+    fn encode(metadata: &BTreeMap<&str, String>) -> Vec<u8> {
+        let blob = Blob { dtype: Dtype::F32, shape: vec![1], bytes: vec![0; 4] };
+        let mut out = Vec::new();
+        write_safetensors(&mut out, &BTreeMap::from([("w".to_string(), blob)]), metadata).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_writer_produces_what_safetensors_reads_even_without_tensors() {
+        let metadata = BTreeMap::from([("k", "v".to_string())]);
+        for blobs in [
+            BTreeMap::new(),
+            BTreeMap::from([
+                ("b".to_string(), Blob { dtype: Dtype::F32, shape: vec![3], bytes: vec![1; 12] }),
+                ("a".to_string(), Blob { dtype: Dtype::I64, shape: vec![], bytes: vec![2; 8] }),
+                ("z".to_string(), Blob { dtype: Dtype::F64, shape: vec![0], bytes: vec![] }),
+            ]),
+        ] {
+            let mut out = Vec::new();
+            write_safetensors(&mut out, &blobs, &metadata).unwrap();
+            let (header_len, header) = SafeTensors::read_metadata(&out).unwrap();
+            assert_eq!(header_len % 8, 0);
+            assert_eq!(header.metadata().as_ref().and_then(|m| m.get("k")).unwrap(), "v");
+            let file = SafeTensors::deserialize(&out).unwrap();
+            assert_eq!(file.len(), blobs.len());
+            for (name, blob) in &blobs {
+                let view = file.tensor(name).unwrap();
+                assert_eq!(
+                    (view.dtype(), view.shape(), view.data()),
+                    (blob.dtype, &blob.shape[..], &blob.bytes[..])
+                );
+                // Aligned to the element size from the start of the data.
+                let start = view.data().as_ptr() as usize - out[8 + header_len..].as_ptr() as usize;
+                assert_eq!(start % blob.dtype.size(), 0);
+            }
+        }
+    }
+
     #[test]
     fn other_files_are_typed_errors() {
         assert!(matches!(parse(b""), Err(CheckpointError::NotSafetensors(_))));
@@ -1293,8 +1420,7 @@ mod tests {
             Err(CheckpointError::NotSafetensors(_))
         ));
         // A valid safetensors file without caseopt's metadata.
-        let blob = Blob { dtype: Dtype::F32, shape: vec![1], bytes: vec![0; 4] };
-        let plain = safetensors::tensor::serialize([("w", &blob)], &None).unwrap();
+        let plain = encode(&BTreeMap::new());
         assert!(matches!(parse(&plain), Err(CheckpointError::NotACheckpoint(_))));
         // Cut short.
         assert!(matches!(parse(&plain[..plain.len() - 1]), Err(CheckpointError::Truncated(_))));
@@ -1302,13 +1428,11 @@ mod tests {
 
     #[test]
     fn metadata_checksum_and_version_are_checked() {
-        let blob = Blob { dtype: Dtype::F32, shape: vec![1], bytes: vec![0; 4] };
         let write = |json: &str, crc: u32| {
-            let m = HashMap::from([
-                (METADATA_KEY.to_string(), json.to_string()),
-                (METADATA_CRC_KEY.to_string(), crc.to_string()),
-            ]);
-            safetensors::tensor::serialize([("w", &blob)], &Some(m)).unwrap()
+            encode(&BTreeMap::from([
+                (METADATA_KEY, json.to_string()),
+                (METADATA_CRC_KEY, crc.to_string()),
+            ]))
         };
         let json = r#"{"format":"caseopt-checkpoint","version":2}"#;
         let file = write(json, crc32fast::hash(json.as_bytes()));
@@ -1329,17 +1453,14 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let target = dir.join("ckpt.safetensors");
         fs::write(&target, b"old").unwrap();
-        let err = write_atomically(&target, |tmp| {
-            fs::write(tmp, b"half").unwrap();
-            Err(Error::Checkpoint("simulated failure".into()))
+        let err = write_atomically(&target, |file| {
+            file.write_all(b"half")?;
+            Err(std::io::Error::other("simulated failure"))
         });
         assert!(err.is_err());
         assert_eq!(fs::read(&target).unwrap(), b"old");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "the temporary file was removed");
-        write_atomically(&target, |tmp| {
-            fs::write(tmp, b"new").map_err(|e| Error::Io { context: "test".into(), source: e })
-        })
-        .unwrap();
+        write_atomically(&target, |file| file.write_all(b"new")).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
         fs::remove_dir_all(&dir).unwrap();

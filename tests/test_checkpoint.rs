@@ -7,47 +7,28 @@ use std::fs;
 use std::path::PathBuf;
 
 use caseopt::{
-    checkpoint_info, load_training, save_training, Adagrad, AdagradConfig, Adam, AdamConfig, AdamW,
-    AdamWConfig, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Checkpoint, CheckpointError,
-    Error, RmsProp, RmsPropConfig, Router, Schedule, Sgd, SgdConfig,
+    case_optimizer, checkpoint_info, load_training, save_training, Checkpoint, CheckpointError,
+    Error, Router, Schedule,
 };
-use checkpoint_support::{
-    build, model, model_values, scratch_dir, snapshot, train, BinaryThen, ModelSpec,
-};
+use checkpoint_support::{bop_adam, model, model_values, scratch_dir, snapshot, train, ModelSpec};
 use tch::{nn, Device, Kind, Tensor};
-
-fn bop() -> BopConfig {
-    BopConfig { threshold: 1e-6.into(), gamma: 1e-2.into() }
-}
-
-fn adam() -> AdamConfig {
-    AdamConfig { lr: 0.01.into(), ..Default::default() }
-}
 
 /// Trains `40` steps in one go and `20 + save + load into a fresh router (and, with
 /// `with_model`, a fresh model) + 20`, and requires every parameter, state tensor, step
 /// counter and hyperparameter to be identical, bit for bit.
-fn resume_matches_uninterrupted<A, B>(
-    configs: impl Fn() -> (A::Config, B::Config),
-    with_model: bool,
-) where
-    A: caseopt::FromConfig + 'static,
-    B: caseopt::FromConfig + 'static,
-    A::Config: Clone,
-    B::Config: Clone,
-{
+fn resume_matches_uninterrupted<R: Router>(make: impl Fn(&nn::VarStore) -> R, with_model: bool) {
     let spec = ModelSpec::default();
     // Uninterrupted. The learning rate is lowered at step 10 in both runs: the checkpoint must
     // carry the changed constant.
     let vs = model(&spec);
-    let mut straight: BinaryThen<A, B> = build(configs(), &vs);
+    let mut straight = make(&vs);
     train(&mut straight, &vs, 0..40, Some(10));
 
     // Interrupted.
     let dir = scratch_dir("resume");
     let path = dir.join("ckpt.safetensors");
     let vs1 = model(&spec);
-    let mut first: BinaryThen<A, B> = build(configs(), &vs1);
+    let mut first = make(&vs1);
     train(&mut first, &vs1, 0..20, Some(10));
     if with_model {
         save_training(&path, &vs1, &first).unwrap();
@@ -56,16 +37,16 @@ fn resume_matches_uninterrupted<A, B>(
     }
     drop(first);
 
-    let (vs2, mut second): (nn::VarStore, BinaryThen<A, B>) = if with_model {
+    let (vs2, mut second) = if with_model {
         // A fresh model, initialised differently: everything must come from the file.
         let vs2 = model(&ModelSpec { seed: 99, ..spec.clone() });
-        let mut r = build(configs(), &vs2);
+        let mut r = make(&vs2);
         load_training(&path, &vs2, &mut r).unwrap();
         (vs2, r)
     } else {
         // The same model object (the router checkpoint holds no model variables), a fresh
         // router.
-        let mut r = build(configs(), &vs1);
+        let mut r = make(&vs1);
         r.load_checkpoint(&path).unwrap();
         (vs1, r)
     };
@@ -79,61 +60,78 @@ fn resume_matches_uninterrupted<A, B>(
 
 #[test]
 fn bop_and_adam_resume_bit_for_bit() {
-    resume_matches_uninterrupted::<Bop, Adam>(|| (bop(), adam()), false);
+    resume_matches_uninterrupted(bop_adam, false);
 }
 
 #[test]
 fn bop_and_adam_resume_bit_for_bit_with_the_model() {
-    resume_matches_uninterrupted::<Bop, Adam>(|| (bop(), adam()), true);
+    resume_matches_uninterrupted(bop_adam, true);
 }
 
 #[test]
 fn bop2ndorder_and_sgd_resume_bit_for_bit() {
-    let sgd = || SgdConfig {
-        lr: 0.05.into(),
-        momentum: 0.9.into(),
-        nesterov: true,
-        weight_decay: 1e-3.into(),
-        ..Default::default()
-    };
-    let bop2 =
-        || Bop2ndOrderConfig { threshold: 1e-4.into(), gamma: 1e-2.into(), sigma: 1e-2.into() };
-    resume_matches_uninterrupted::<Bop2ndOrder, Sgd>(|| (bop2(), sgd()), true);
+    resume_matches_uninterrupted(
+        |vs| {
+            case_optimizer! {
+                binary => Bop2ndOrder<threshold: 1e-4, gamma: 1e-2, sigma: 1e-2>,
+                _ => Sgd<lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 1e-3>,
+            }
+            .build(vs)
+            .unwrap()
+        },
+        true,
+    );
 }
 
 #[test]
 fn adamw_with_amsgrad_and_a_schedule_resumes_bit_for_bit() {
     // A warmup-cosine schedule on `weight_decay` (the learning rate is replaced by a constant
     // at step 10): the restored step counter must resume it at the same position.
-    let adamw = || AdamWConfig {
-        lr: 0.01.into(),
-        amsgrad: true,
-        weight_decay: Schedule::cosine(0.1, 30).with_warmup(5, 0.0),
-        ..Default::default()
-    };
-    resume_matches_uninterrupted::<Bop, AdamW>(|| (bop(), adamw()), false);
+    resume_matches_uninterrupted(
+        |vs| {
+            case_optimizer! {
+                binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+                _ => AdamW<
+                    lr: 0.01,
+                    amsgrad: true,
+                    weight_decay: (Schedule::cosine(0.1, 30).with_warmup(5, 0.0)),
+                >,
+            }
+            .build(vs)
+            .unwrap()
+        },
+        false,
+    );
 }
 
 #[test]
 fn rmsprop_centered_with_momentum_resumes_bit_for_bit() {
-    let rms = || RmsPropConfig {
-        lr: 0.01.into(),
-        centered: true,
-        momentum: 0.5.into(),
-        ..Default::default()
-    };
-    resume_matches_uninterrupted::<Bop, RmsProp>(|| (bop(), rms()), true);
+    resume_matches_uninterrupted(
+        |vs| {
+            case_optimizer! {
+                binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+                _ => RmsProp<lr: 0.01, centered: true, momentum: 0.5>,
+            }
+            .build(vs)
+            .unwrap()
+        },
+        true,
+    );
 }
 
 #[test]
 fn adagrad_resumes_bit_for_bit() {
-    let ada = || AdagradConfig {
-        lr: 0.1.into(),
-        lr_decay: 1e-3.into(),
-        initial_accumulator_value: 0.1,
-        ..Default::default()
-    };
-    resume_matches_uninterrupted::<Bop, Adagrad>(|| (bop(), ada()), false);
+    resume_matches_uninterrupted(
+        |vs| {
+            case_optimizer! {
+                binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+                _ => Adagrad<lr: 0.1, lr_decay: 1e-3, initial_accumulator_value: 0.1>,
+            }
+            .build(vs)
+            .unwrap()
+        },
+        false,
+    );
 }
 
 /// Loads `path` into `router` expecting an error; the router must be exactly as before.
@@ -150,20 +148,17 @@ fn assert_refused<R: Router>(router: &mut R, path: &std::path::Path) -> Checkpoi
     }
 }
 
-/// A router that trained a few steps from other gradients (so that a partial load would show),
-/// and a checkpoint of another router written to `dir`.
-fn trained<A: caseopt::FromConfig + 'static, B: caseopt::FromConfig + 'static>(
-    configs: (A::Config, B::Config),
-    vs: &nn::VarStore,
-) -> BinaryThen<A, B> {
-    let mut r = build(configs, vs);
-    train(&mut r, vs, 100..103, None);
-    r
+/// `router` after a few steps on other gradients than the checkpoints', so that a partial load
+/// would show.
+fn trained<R: Router>(mut router: R, vs: &nn::VarStore) -> R {
+    train(&mut router, vs, 100..103, None);
+    router
 }
 
+/// A checkpoint of `BopAdam` after 5 steps, in `dir`.
 fn saved_checkpoint(dir: &std::path::Path) -> PathBuf {
     let vs = model(&ModelSpec::default());
-    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    let mut r = bop_adam(&vs);
     train(&mut r, &vs, 0..5, None);
     let path = dir.join("ckpt.safetensors");
     r.save_checkpoint(&path).unwrap();
@@ -175,11 +170,12 @@ fn other_rules_are_refused_with_both_rule_lists() {
     let dir = scratch_dir("rules");
     let path = saved_checkpoint(&dir);
     let vs = model(&ModelSpec::default());
-    let mut other: BinaryThen<Bop, Sgd> = trained((bop(), SgdConfig::default()), &vs);
+    let sgd = case_optimizer! { binary => Bop<threshold: 1e-6, gamma: 1e-2>, _ => Sgd }.build(&vs);
+    let mut other = trained(sgd.unwrap(), &vs);
     match assert_refused(&mut other, &path) {
         CheckpointError::RulesDiffer { saved, current, .. } => {
-            assert!(saved[1].ends_with("Adam"), "{saved:?}");
-            assert!(current[1].ends_with("Sgd"), "{current:?}");
+            assert_eq!(saved, vec!["binary => Bop", "_ => Adam"]);
+            assert_eq!(current, vec!["binary => Bop", "_ => Sgd"]);
         }
         other => panic!("unexpected {other}"),
     }
@@ -192,14 +188,14 @@ fn missing_and_extra_variables_are_named() {
     let path = saved_checkpoint(&dir);
     // One more full-precision variable than the checkpoint has.
     let vs = model(&ModelSpec { extra: true, ..Default::default() });
-    let mut more: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut more = trained(bop_adam(&vs), &vs);
     assert_eq!(
         assert_refused(&mut more, &path),
         CheckpointError::MissingVariable { variable: "extra.bias".into() }
     );
     // One fewer.
     let vs = model(&ModelSpec { without_bias: true, ..Default::default() });
-    let mut fewer: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut fewer = trained(bop_adam(&vs), &vs);
     assert_eq!(
         assert_refused(&mut fewer, &path),
         CheckpointError::UnexpectedVariable { variable: "fc.bias".into() }
@@ -212,7 +208,7 @@ fn shape_and_dtype_differences_are_named() {
     let dir = scratch_dir("shape");
     let path = saved_checkpoint(&dir);
     let vs = model(&ModelSpec { hidden: 7, ..Default::default() });
-    let mut wider: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut wider = trained(bop_adam(&vs), &vs);
     match assert_refused(&mut wider, &path) {
         CheckpointError::VariableMismatch { variable, saved, current } => {
             assert_eq!(variable, "fc.bias");
@@ -221,7 +217,7 @@ fn shape_and_dtype_differences_are_named() {
         other => panic!("unexpected {other}"),
     }
     let vs = model(&ModelSpec { kind: Kind::Double, ..Default::default() });
-    let mut double: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut double = trained(bop_adam(&vs), &vs);
     match assert_refused(&mut double, &path) {
         CheckpointError::VariableMismatch { saved, current, .. } => {
             assert!(saved.starts_with("f32") && current.starts_with("f64"), "{saved} / {current}");
@@ -235,13 +231,20 @@ fn shape_and_dtype_differences_are_named() {
 fn a_different_schedule_is_refused_and_constants_are_restored() {
     let dir = scratch_dir("schedule");
     let vs = model(&ModelSpec::default());
-    let cosine = |steps| AdamConfig { lr: Schedule::cosine(0.01, steps), ..Default::default() };
-    let mut r: BinaryThen<Bop, Adam> = build((bop(), cosine(100)), &vs);
+    let cosine = |vs: &nn::VarStore, steps: u64| {
+        case_optimizer! {
+            binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+            _ => Adam<lr: (Schedule::cosine(0.01, steps))>,
+        }
+        .build(vs)
+        .unwrap()
+    };
+    let mut r = cosine(&vs, 100);
     train(&mut r, &vs, 0..3, None);
     let path = dir.join("ckpt.safetensors");
     r.save_checkpoint(&path).unwrap();
 
-    let mut other: BinaryThen<Bop, Adam> = trained((bop(), cosine(200)), &vs);
+    let mut other = trained(cosine(&vs, 200), &vs);
     match assert_refused(&mut other, &path) {
         CheckpointError::Hyperparameter { rule, name, reason, .. } => {
             assert_eq!((rule, name.as_str()), (1, "lr"));
@@ -251,7 +254,7 @@ fn a_different_schedule_is_refused_and_constants_are_restored() {
     }
 
     // A constant is restored whatever the router had.
-    let mut constant: BinaryThen<Bop, Adam> = build((bop(), cosine(100)), &vs);
+    let mut constant = cosine(&vs, 100);
     constant.optimizer_mut(0).unwrap().set_hyperparameter("threshold", 0.5.into()).unwrap();
     constant.load_checkpoint(&path).unwrap();
     assert_eq!(constant.optimizer(0).unwrap().hyperparameter("threshold").unwrap(), 1e-6);
@@ -264,7 +267,7 @@ fn model_variables_are_validated_before_anything_changes() {
     let dir = scratch_dir("model");
     let spec = ModelSpec::default();
     let vs = model(&spec);
-    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    let mut r = bop_adam(&vs);
     train(&mut r, &vs, 0..4, None);
     let path = dir.join("training.safetensors");
     save_training(&path, &vs, &r).unwrap();
@@ -274,7 +277,7 @@ fn model_variables_are_validated_before_anything_changes() {
     // A model with an extra non-trainable variable: the router matches, the model does not.
     let vs2 = model(&spec);
     let _running_mean = vs2.root().sub("bn").zeros_no_train("running_mean", &[3]);
-    let mut r2: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs2);
+    let mut r2 = trained(bop_adam(&vs2), &vs2);
     let (before, model_before) = (snapshot(&r2), model_values(&vs2));
     let err = load_training(&path, &vs2, &mut r2).unwrap_err();
     assert!(
@@ -289,7 +292,7 @@ fn model_variables_are_validated_before_anything_changes() {
 
     // load_checkpoint accepts a training checkpoint and restores the router only.
     let vs3 = model(&spec);
-    let mut r3: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs3);
+    let mut r3 = bop_adam(&vs3);
     let model_before = model_values(&vs3);
     r3.load_checkpoint(&path).unwrap();
     assert_eq!(model_values(&vs3), model_before);
@@ -300,7 +303,7 @@ fn model_variables_are_validated_before_anything_changes() {
 #[test]
 fn missing_files_are_io_errors() {
     let vs = model(&ModelSpec::default());
-    let mut r: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut r = trained(bop_adam(&vs), &vs);
     let before = snapshot(&r);
     let err = r.load_checkpoint("/nonexistent/caseopt/ckpt.safetensors").unwrap_err();
     assert!(
@@ -314,7 +317,7 @@ fn missing_files_are_io_errors() {
 fn saving_is_atomic_and_cleans_up_after_a_failure() {
     let dir = scratch_dir("atomic");
     let vs = model(&ModelSpec::default());
-    let mut r: BinaryThen<Bop, Adam> = trained((bop(), adam()), &vs);
+    let mut r = trained(bop_adam(&vs), &vs);
     // Overwriting an existing checkpoint replaces it whole.
     let path = dir.join("ckpt.safetensors");
     r.save_checkpoint(&path).unwrap();
@@ -347,7 +350,7 @@ fn saving_is_atomic_and_cleans_up_after_a_failure() {
 fn the_file_is_plain_safetensors_with_documented_keys() {
     let dir = scratch_dir("format");
     let vs = model(&ModelSpec::default());
-    let mut r: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs);
+    let mut r = bop_adam(&vs);
     train(&mut r, &vs, 0..2, None);
     let path = dir.join("training.safetensors");
     save_training(&path, &vs, &r).unwrap();
@@ -391,11 +394,11 @@ fn a_checkpoint_written_on_cuda_loads_on_the_cpu() {
     // 20 steps on CUDA, saved; 20 more on the CPU after loading. Compared with the same 40
     // steps on CUDA: Bop's flips are exact; Adam may differ in the last bits between devices.
     let vs_gpu = model(&cuda);
-    let mut gpu: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs_gpu);
+    let mut gpu = bop_adam(&vs_gpu);
     train(&mut gpu, &vs_gpu, 0..20, None);
     save_training(&path, &vs_gpu, &gpu).unwrap();
     let vs_cpu = model(&ModelSpec { seed: 7, ..spec });
-    let mut cpu: BinaryThen<Bop, Adam> = build((bop(), adam()), &vs_cpu);
+    let mut cpu = bop_adam(&vs_cpu);
     load_training(&path, &vs_cpu, &mut cpu).unwrap();
     assert_eq!(model_values(&vs_cpu), model_values(&vs_gpu));
     assert_eq!(snapshot(&cpu), snapshot(&gpu));
@@ -406,6 +409,29 @@ fn a_checkpoint_written_on_cuda_loads_on_the_cpu() {
     for (name, t) in &c {
         let other = g[name].to_device(Device::Cpu);
         assert!(t.allclose(&other, 1e-5, 1e-6, false), "{name} differs after resuming on the CPU");
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_router_that_never_stepped_round_trips() {
+    // No state tensors at all (a file with only metadata), then a trained router loading it
+    // goes back to having no state.
+    let dir = scratch_dir("fresh");
+    let vs = model(&ModelSpec::default());
+    let fresh = bop_adam(&vs);
+    let path = dir.join("fresh.safetensors");
+    fresh.save_checkpoint(&path).unwrap();
+    assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![0, 0]);
+    let mut trained = trained(bop_adam(&vs), &vs);
+    assert_ne!(snapshot(&trained), snapshot(&fresh));
+    trained.load_checkpoint(&path).unwrap();
+    let (a, b) = (snapshot(&trained), snapshot(&fresh));
+    // The variables are shared (same model): only the optimizer side is compared.
+    assert_eq!(a.step_counts, b.step_counts);
+    for (ra, rb) in a.rules.iter().zip(&b.rules) {
+        assert_eq!((&ra.hyperparameters, &ra.states), (&rb.hyperparameters, &rb.states));
+        assert!(ra.states.iter().all(|(_, s)| s.is_empty()));
     }
     fs::remove_dir_all(dir).unwrap();
 }

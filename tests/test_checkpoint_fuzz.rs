@@ -9,9 +9,9 @@ mod checkpoint_support;
 
 use std::fs;
 
-use caseopt::{load_training, save_training, Adam, AdamConfig, Bop, BopConfig, Checkpoint, Error};
+use caseopt::{load_training, save_training, Checkpoint, Error};
 use checkpoint_support::{
-    build, model, model_values, scratch_dir, snapshot, train, BinaryThen, ModelSpec, Rng,
+    bop_adam, model, model_values, scratch_dir, snapshot, train, ModelSpec, Rng,
 };
 use tch::Tensor;
 
@@ -19,13 +19,6 @@ use tch::Tensor;
 const CASES: usize = 600;
 /// Change it to explore other mutations; failures print the case number to reproduce.
 const SEED: u64 = 0x5eed_c0de;
-
-fn configs() -> (BopConfig, AdamConfig) {
-    (
-        BopConfig { threshold: 1e-6.into(), gamma: 1e-2.into() },
-        AdamConfig { lr: 0.01.into(), ..Default::default() },
-    )
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mutation {
@@ -121,7 +114,7 @@ fn mutated_checkpoints_fail_cleanly_or_load_exactly() {
 
     // The checkpoint to mutate: 5 steps of training, router and model.
     let vs_src = model(&spec);
-    let mut src: BinaryThen<Bop, Adam> = build(configs(), &vs_src);
+    let mut src = bop_adam(&vs_src);
     train(&mut src, &vs_src, 0..5, None);
     let base_path = dir.join("base.safetensors");
     save_training(&base_path, &vs_src, &src).unwrap();
@@ -137,7 +130,7 @@ fn mutated_checkpoints_fail_cleanly_or_load_exactly() {
 
     // The target trained on other gradients, so that any partial load would show.
     let vs = model(&ModelSpec { seed: 3, ..spec });
-    let mut target: BinaryThen<Bop, Adam> = build(configs(), &vs);
+    let mut target = bop_adam(&vs);
     train(&mut target, &vs, 100..103, None);
     let own_path = dir.join("own.safetensors");
     save_training(&own_path, &vs, &target).unwrap();
@@ -214,7 +207,7 @@ fn every_single_bit_flip_of_a_small_checkpoint_is_refused() {
     // position in the file is unprotected.
     let dir = scratch_dir("flips");
     let vs = model(&ModelSpec { hidden: 1, ..Default::default() });
-    let mut src: BinaryThen<Bop, Adam> = build(configs(), &vs);
+    let mut src = bop_adam(&vs);
     train(&mut src, &vs, 0..1, None);
     let path = dir.join("small.safetensors");
     src.save_checkpoint(&path).unwrap();

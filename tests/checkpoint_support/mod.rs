@@ -1,5 +1,5 @@
 //! Shared by the checkpoint tests: a small model with binary and full-precision variables, a
-//! two-rule router (`binary => A, _ => B`), a fixed gradient sequence, and exact snapshots of a
+//! `binary => Bop, _ => Adam` router, a fixed gradient sequence, and exact snapshots of a
 //! router's and a model's state.
 
 #![allow(dead_code)]
@@ -8,96 +8,20 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use caseopt::__private::{
-    Assembly, OptimizerInspector, OptimizerVisitor, Predicate, RouterBuilder, RouterCore,
-    RouterParts, RuleInfo, RuleSpec,
-};
-use caseopt::{FromConfig, Optimizer, PathExt, Result, Router, Schedule};
+use caseopt::{case_optimizer, PathExt, Router, Schedule};
 use tch::{nn, Device, Kind, Tensor};
 
-/// `binary => A, _ => B`, written out by hand the way `case_optimizer!` generates it.
-pub struct BinaryThen<A, B> {
-    core: RouterCore,
-    a: A,
-    b: B,
-}
-
-impl<A: FromConfig + 'static, B: FromConfig + 'static> RouterParts for BinaryThen<A, B> {
-    type Configs = (A::Config, B::Config);
-
-    fn rule_specs() -> Vec<RuleSpec> {
-        let short = |name: &'static str| name.rsplit("::").next().unwrap_or(name);
-        vec![
-            RuleSpec {
-                info: RuleInfo {
-                    index: 0,
-                    predicate: "binary",
-                    optimizer: short(std::any::type_name::<A>()),
-                    default: false,
-                    name: None,
-                },
-                predicate: Predicate::Bits(1),
-            },
-            RuleSpec {
-                info: RuleInfo {
-                    index: 1,
-                    predicate: "_",
-                    optimizer: short(std::any::type_name::<B>()),
-                    default: true,
-                    name: None,
-                },
-                predicate: Predicate::Any,
-            },
-        ]
-    }
-
-    fn proven_disjoint() -> &'static [(usize, usize)] {
-        &[]
-    }
-
-    fn assemble(configs: Self::Configs, mut assembly: Assembly) -> Result<Self> {
-        let a = assembly.optimizer::<A>(0, configs.0)?;
-        let b = assembly.optimizer::<B>(1, configs.1)?;
-        Ok(BinaryThen { core: assembly.finish(), a, b })
-    }
-
-    fn core(&self) -> &RouterCore {
-        &self.core
-    }
-
-    fn visit_mut<V: OptimizerVisitor>(&mut self, visitor: &mut V) -> Result<()> {
-        visitor.visit(0, &mut self.a)?;
-        visitor.visit(1, &mut self.b)
-    }
-
-    fn visit<V: OptimizerInspector>(&self, visitor: &mut V) -> Result<()> {
-        visitor.inspect(0, &self.a)?;
-        visitor.inspect(1, &self.b)
-    }
-
-    fn dyn_optimizer(&self, rule: usize) -> Option<&dyn Optimizer> {
-        match rule {
-            0 => Some(&self.a),
-            1 => Some(&self.b),
-            _ => None,
-        }
-    }
-
-    fn dyn_optimizer_mut(&mut self, rule: usize) -> Option<&mut dyn Optimizer> {
-        match rule {
-            0 => Some(&mut self.a),
-            1 => Some(&mut self.b),
-            _ => None,
-        }
+case_optimizer! {
+    /// The BNN recipe most checkpoint tests use.
+    pub struct BopAdam {
+        binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+        _ => Adam<lr: 0.01>,
     }
 }
 
-/// Builds `binary => A, _ => B` over `vs`.
-pub fn build<A: FromConfig + 'static, B: FromConfig + 'static>(
-    configs: (A::Config, B::Config),
-    vs: &nn::VarStore,
-) -> BinaryThen<A, B> {
-    RouterBuilder::<BinaryThen<A, B>>::new(configs).build(vs).unwrap()
+/// `BopAdam` over `vs`.
+pub fn bop_adam(vs: &nn::VarStore) -> BopAdam {
+    BopAdam::build(vs).unwrap()
 }
 
 /// xorshift64*: a fixed sequence independent of libtorch's global generator (which tests
@@ -198,7 +122,7 @@ pub fn gradient(name: &str, step: u64, like: &Tensor) -> Tensor {
 
 /// Steps `router` once per step in `steps`, with gradients that depend only on the step and
 /// the variable; at step `lower_lr_at` rule 1's learning rate becomes 0.005.
-pub fn train<R: Router>(
+pub fn train<R: Router + ?Sized>(
     router: &mut R,
     vs: &nn::VarStore,
     steps: Range<u64>,
