@@ -42,9 +42,10 @@ use crate::var::{trainable_vars, PathExt, FULL_PRECISION_BITS};
 /// `tf.less_equal`), zero elsewhere.
 ///
 /// Built from ordinary differentiable ops, with no custom autograd function: the result is
-/// `s + (c - c.detach())` with `c = x.clamp(-1, 1)`, whose value is exactly `s` (`c - c` is
-/// exactly zero) and whose gradient is `clamp`'s. The tempting `c + (s - c).detach()` is not
-/// exact: `c + (s - c)` rounds, so a "binary" activation could be `0.99999994`.
+/// `s + (c - c.detach())`, where `s` is the sign computed without autograd and `c` is any
+/// function of `x` whose gradient is the clip mask. Its value is exactly `s` (`c - c` is exactly
+/// zero) and its gradient is `c`'s. The tempting `c + (s - c).detach()` is not exact: `c + (s -
+/// c)` rounds, so a "binary" activation could be `0.99999994`.
 ///
 /// ```
 /// use caseopt::bnn::ste_sign;
@@ -58,15 +59,71 @@ use crate::var::{trainable_vars, PathExt, FULL_PRECISION_BITS};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn ste_sign(x: &Tensor) -> Result<Tensor> {
-    let sign = Tensor::f_where_scalar(&x.f_ge(0.0)?, 1.0, -1.0)?.f_to_kind(x.kind())?;
+    // larq's own `sign(sign(x) + 0.1)`: maps 0 (and -0) to +1 and stays exact. Comparison ops
+    // (`x >= 0`, `where`) would say the same, but on CPU they go through bool tensors and are
+    // several times slower than these float kernels.
+    let sign = x.f_detach()?.f_sign()?.f_add_scalar(0.1)?.f_sign()?;
     if !x.requires_grad() {
-        // Nothing to differentiate (data, or evaluation under no_grad on a non-leaf): skip the
-        // clamp and the two extra ops.
+        // Nothing to differentiate (data, or evaluation): skip the straight-through term.
         return Ok(sign);
     }
-    let clipped = x.f_clamp(-1.0, 1.0)?;
+    let clipped = clip_for_gradient(x)?;
     let straight_through = clipped.f_sub(&clipped.f_detach()?)?;
     Ok(sign.f_add(&straight_through)?)
+}
+
+/// A function of `x` whose gradient is 1 where `|x| <= 1` and 0 elsewhere (its value is not
+/// used).
+///
+/// `x.clamp(-1, 1)` has exactly that gradient, but libtorch's CPU backward for it builds two
+/// bool masks and a `where`, the slowest part of a binarized layer. `threshold(x, t, v)` passes
+/// the gradient where `x > t` in one fused float kernel; with `t` the largest value below -1 in
+/// `x`'s dtype, `x > t` is exactly `x >= -1`. Applied to `x` and then to the negated result it
+/// gives the two-sided inclusive mask. Dtypes without a known spacing fall back to `clamp`.
+fn clip_for_gradient(x: &Tensor) -> Result<Tensor> {
+    let below_minus_one = match x.kind() {
+        Kind::Float => -(1.0 + f64::from(f32::EPSILON)),
+        Kind::Double => -(1.0 + f64::EPSILON),
+        Kind::Half => -(1.0 + 2f64.powi(-10)),
+        Kind::BFloat16 => -(1.0 + 2f64.powi(-7)),
+        _ => return Ok(x.f_clamp(-1.0, 1.0)?),
+    };
+    let t = below_minus_one;
+    // Where the lower threshold replaced x by t, the upper one sees -t > t and passes; the
+    // lower one has already zeroed the gradient there.
+    let lower = x.f_threshold(t, t)?;
+    let upper = lower.f_neg()?.f_threshold(t, t)?;
+    Ok(upper.f_neg()?)
+}
+
+/// The same 4-D tensor with channels-last strides (NHWC in memory, NCHW in shape); libtorch's
+/// CPU convolutions then produce channels-last outputs too.
+///
+/// On CPU, libtorch's max-pooling is about ten times faster on channels-last tensors than on
+/// contiguous NCHW ones, and oneDNN convolutions are no slower. A single-channel tensor (the
+/// first layer's images) has the same memory either way, so only its strides change and nothing
+/// is copied; others are copied once (differentiably).
+///
+/// ```
+/// let x = tch::Tensor::zeros([2, 1, 4, 5], (tch::Kind::Float, tch::Device::Cpu));
+/// let y = caseopt::bnn::channels_last(&x)?;
+/// assert_eq!(y.size(), [2, 1, 4, 5]);
+/// assert_eq!(y.stride(), [20, 1, 5, 1]);
+/// let z = caseopt::bnn::channels_last(&tch::Tensor::zeros([2, 3, 4, 5], (tch::Kind::Float, tch::Device::Cpu)))?;
+/// assert_eq!(z.stride(), [60, 1, 15, 3]);
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+pub fn channels_last(x: &Tensor) -> Result<Tensor> {
+    let size = x.size();
+    let [n, c, h, w] = size[..] else {
+        return Err(Error::InvalidLayer(format!("channels_last needs a 4-D tensor, got {size:?}")));
+    };
+    if c == 1 && x.is_contiguous() {
+        // libtorch treats a size-1 channel as ambiguous and falls back to NCHW unless the
+        // strides say channels-last explicitly.
+        return Ok(x.f_as_strided([n, c, h, w], [h * w, 1, w, 1], None)?);
+    }
+    Ok(x.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?)
 }
 
 /// What a quantized layer does to its input or its kernel before the convolution or product.

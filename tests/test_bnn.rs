@@ -3,7 +3,7 @@
 //! and one routed Bop + Adam step on a tiny binarized model.
 
 use caseopt::bnn::{
-    batch_norm, binary_kernel_checks, quant_conv2d, quant_linear, BatchNormConfig,
+    self, batch_norm, binary_kernel_checks, quant_conv2d, quant_linear, BatchNormConfig,
     QuantConv2dConfig, QuantLinearConfig, Quantizer,
 };
 use caseopt::{Adam, AdamConfig, Bop, BopConfig, Error, KernelInit, Optimizer};
@@ -48,6 +48,53 @@ fn ste_sign_gradient_passes_where_abs_x_at_most_one_inclusive() {
     let y = caseopt::ste_sign(&x).unwrap();
     (y * &upstream).sum(Kind::Float).backward();
     assert_eq!(f32s(&x.grad()), [0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 0.0, 0.0]);
+}
+
+#[test]
+fn ste_sign_gradient_edge_is_exact_in_every_float_dtype() {
+    // The clip is inclusive at exactly +-1 and closed just beyond, at the next representable
+    // value, in single and double precision alike.
+    let e32 = f32::EPSILON;
+    let x = Tensor::from_slice(&[-1.0 - e32, -1.0, 1.0, 1.0 + e32]).set_requires_grad(true);
+    caseopt::ste_sign(&x).unwrap().sum(Kind::Float).backward();
+    assert_eq!(f32s(&x.grad()), [0.0, 1.0, 1.0, 0.0]);
+
+    let e64 = f64::EPSILON;
+    let x = Tensor::from_slice(&[-1.0 - e64, -1.0, -1.0 + e64 / 2.0, 1.0, 1.0 + e64])
+        .set_requires_grad(true);
+    let y = caseopt::ste_sign(&x).unwrap();
+    assert_eq!(Vec::<f64>::try_from(&y).unwrap(), [-1.0, -1.0, -1.0, 1.0, 1.0]);
+    y.sum(Kind::Double).backward();
+    assert_eq!(Vec::<f64>::try_from(&x.grad()).unwrap(), [0.0, 1.0, 1.0, 1.0, 0.0]);
+}
+
+#[test]
+fn channels_last_keeps_values_and_convolutions_keep_the_layout() {
+    tch::manual_seed(4);
+    let x = Tensor::randn([2, 1, 6, 6], (Kind::Float, CPU));
+    let y = bnn::channels_last(&x).unwrap();
+    assert_eq!(y.stride(), [36, 1, 6, 1]);
+    assert!(y.equal(&x));
+    let x3 = Tensor::randn([2, 3, 4, 5], (Kind::Float, CPU)).set_requires_grad(true);
+    let y3 = bnn::channels_last(&x3).unwrap();
+    assert_eq!(y3.stride(), [60, 1, 15, 3]);
+    assert!(y3.equal(&x3));
+    // Differentiable: the gradient comes back in the input's own layout.
+    (y3 * 2.0).sum(Kind::Float).backward();
+    assert!(x3.grad().equal(&Tensor::full([2, 3, 4, 5], 2.0, (Kind::Float, CPU))));
+
+    let vs = nn::VarStore::new(CPU);
+    let first = QuantConv2dConfig { input_quantizer: Quantizer::Identity, ..Default::default() };
+    let conv = quant_conv2d(&vs.root() / "c", 1, 8, 3, first).unwrap();
+    let out = conv.forward(&y);
+    assert_eq!(out.size(), [2, 8, 4, 4]);
+    assert_eq!(out.stride(), [128, 1, 32, 8], "the output is channels-last too");
+    assert!(out.allclose(&conv.forward(&x), 1e-5, 1e-5, false));
+
+    assert!(matches!(
+        bnn::channels_last(&Tensor::zeros([3, 4], (Kind::Float, CPU))),
+        Err(Error::InvalidLayer(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,74 @@
+//! larq's introductory binarized CNN for MNIST (larq 0.14 docs, "Introduction to BNNs with
+//! Larq"), layer for layer:
+//!
+//! ```text
+//! QuantConv2D(32, 3x3)  binary kernel, real input    28x28x1 -> 26x26x32
+//! MaxPool 2, BatchNorm(scale=False)                         -> 13x13x32
+//! QuantConv2D(64, 3x3)  binary input and kernel             -> 11x11x64
+//! MaxPool 2, BatchNorm(scale=False)                         -> 5x5x64
+//! QuantConv2D(64, 3x3)  binary input and kernel             -> 3x3x64
+//! BatchNorm(scale=False), Flatten                           -> 576
+//! QuantDense(64)        binary input and kernel, BatchNorm  -> 64
+//! QuantDense(10)        binary input and kernel, BatchNorm  -> 10, then softmax (in the loss)
+//! ```
+//!
+//! No biases. Kernels start Glorot-uniform as in larq (Bop binarises them on its first step;
+//! until then the kernel quantizer shows the forward pass their signs). Batch norms have Keras's
+//! defaults: momentum 0.99, epsilon 1e-3.
+
+use caseopt::bnn::{self, BatchNorm, QuantConv2d, QuantConv2dConfig, QuantLinear, Quantizer};
+use tch::nn::{self, Module, ModuleT};
+use tch::Tensor;
+
+/// The network; its variables live in the `VarStore` it was built on.
+#[derive(Debug)]
+pub struct Net {
+    conv1: QuantConv2d,
+    bn1: BatchNorm,
+    conv2: QuantConv2d,
+    bn2: BatchNorm,
+    conv3: QuantConv2d,
+    bn3: BatchNorm,
+    dense1: QuantLinear,
+    bn4: BatchNorm,
+    dense2: QuantLinear,
+    bn5: BatchNorm,
+}
+
+impl Net {
+    /// Creates the layers under `root`.
+    pub fn new(root: &nn::Path) -> caseopt::Result<Net> {
+        let real_input =
+            QuantConv2dConfig { input_quantizer: Quantizer::Identity, ..Default::default() };
+        let binary = QuantConv2dConfig::default();
+        let bn = |name: &str, n| bnn::batch_norm(root / name, n, Default::default());
+        Ok(Net {
+            conv1: bnn::quant_conv2d(root / "conv1", 1, 32, 3, real_input)?,
+            bn1: bn("bn1", 32)?,
+            conv2: bnn::quant_conv2d(root / "conv2", 32, 64, 3, binary)?,
+            bn2: bn("bn2", 64)?,
+            conv3: bnn::quant_conv2d(root / "conv3", 64, 64, 3, binary)?,
+            bn3: bn("bn3", 64)?,
+            dense1: bnn::quant_linear(root / "dense1", 3 * 3 * 64, 64, Default::default())?,
+            bn4: bn("bn4", 64)?,
+            dense2: bnn::quant_linear(root / "dense2", 64, 10, Default::default())?,
+            bn5: bn("bn5", 10)?,
+        })
+    }
+}
+
+impl ModuleT for Net {
+    /// Logits (the pre-softmax batch-norm output), `[N, 10]`, for images `[N, 1, 28, 28]`.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        // Channels-last from the start: every later convolution, pooling and batch norm keeps
+        // that layout, and CPU max-pooling is much faster in it.
+        let xs = bnn::channels_last(xs).unwrap_or_else(|e| panic!("input images: {e}"));
+        let h = self.conv1.forward(&xs).max_pool2d_default(2);
+        let h = self.bn1.forward_t(&h, train);
+        let h = self.conv2.forward(&h).max_pool2d_default(2);
+        let h = self.bn2.forward_t(&h, train);
+        let h = self.bn3.forward_t(&self.conv3.forward(&h), train).flatten(1, -1);
+        let h = self.bn4.forward_t(&self.dense1.forward(&h), train);
+        self.bn5.forward_t(&self.dense2.forward(&h), train)
+    }
+}

@@ -1,0 +1,128 @@
+//! The training curves as a PNG: running training loss on the left, running training accuracy
+//! and per-epoch test accuracy on the right, both against (fractional) epochs.
+//!
+//! Text is drawn with a font compiled into the binary (Ubuntu Light from
+//! `epaint_default_fonts`), so the plot needs no system fonts.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+
+/// One point of the running training curves, taken every few steps.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainPoint {
+    /// Fractional epoch, e.g. 1.5 halfway through the second epoch.
+    pub epoch: f64,
+    /// Mean loss over the epoch so far.
+    pub loss: f64,
+    /// Accuracy over the epoch so far, in percent.
+    pub acc: f64,
+}
+
+const FONT: &str = "sans-serif";
+
+fn register_font() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = plotters::style::register_font(
+            FONT,
+            FontStyle::Normal,
+            epaint_default_fonts::UBUNTU_LIGHT,
+        )
+        .map_err(|_| "the embedded plot font is unreadable".to_string());
+    });
+    result
+}
+
+/// Draws the curves into `path` (PNG, 1200x480).
+pub fn draw(path: &Path, train: &[TrainPoint], test: &[(f64, f64)]) -> Result<(), String> {
+    register_font()?;
+    let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (left, right) = root.split_horizontally(600);
+
+    let max_epoch = train.iter().map(|p| p.epoch).fold(1.0f64, f64::max).ceil();
+    let max_loss = train.iter().map(|p| p.loss).fold(0.0f64, f64::max).max(0.1) * 1.05;
+    let min_acc = train
+        .iter()
+        .map(|p| p.acc)
+        .chain(test.iter().map(|t| t.1))
+        .fold(100.0f64, f64::min)
+        .clamp(0.0, 90.0);
+    let min_acc = (min_acc / 5.0).floor() * 5.0;
+
+    let mut loss_chart = ChartBuilder::on(&left)
+        .caption("training loss (running mean per epoch)", (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_epoch, 0.0..max_loss)
+        .map_err(|e| err(&e))?;
+    loss_chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("cross-entropy")
+        .label_style((FONT, 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    loss_chart
+        .draw_series(LineSeries::new(train.iter().map(|p| (p.epoch, p.loss)), RED.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("train loss")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(2)));
+    loss_chart
+        .configure_series_labels()
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+
+    let mut acc_chart = ChartBuilder::on(&right)
+        .caption("accuracy (%)", (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_epoch, min_acc..100.0)
+        .map_err(|e| err(&e))?;
+    acc_chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("accuracy (%)")
+        .label_style((FONT, 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    acc_chart
+        .draw_series(LineSeries::new(train.iter().map(|p| (p.epoch, p.acc)), BLUE.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("train (running)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    let green = RGBColor(0, 150, 0);
+    acc_chart
+        .draw_series(LineSeries::new(test.iter().copied(), green.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("test (end of epoch)")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 4, green.filled()));
+    acc_chart
+        .draw_series(test.iter().map(|&(e, a)| Circle::new((e, a), 5, green.filled())))
+        .map_err(|e| err(&e))?;
+    acc_chart
+        .draw_series(test.iter().map(|&(e, a)| {
+            Text::new(format!("{a:.2}"), (e, a), (FONT, 15).into_font().color(&green))
+        }))
+        .map_err(|e| err(&e))?;
+    acc_chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
