@@ -22,6 +22,11 @@ pub struct Analysis {
     pub relations: Vec<(usize, usize, Relation)>,
     /// Rules proven unsatisfiable.
     pub unsatisfiable: Vec<usize>,
+    /// Rules whose `as name` is usable (no clash).
+    pub named: Vec<usize>,
+    /// Hyperparameters `(rule, position)` left out of the expansion because their error is
+    /// reported already (duplicates, a literal of the wrong kind).
+    pub skipped_params: Vec<(usize, usize)>,
 }
 
 /// Methods every generated router has; a rule name must not shadow them.
@@ -46,11 +51,15 @@ pub const ROUTER_METHODS: &[&str] = &[
 pub fn check(input: &Input) -> (Analysis, Vec<syn::Error>) {
     let mut errors = Vec::new();
     check_default_rule(&input.rules, &mut errors);
-    check_rule_names(&input.rules, &mut errors);
+    let named = check_rule_names(&input.rules, &mut errors);
+    let mut skipped_params = Vec::new();
     for rule in &input.rules {
-        check_hyperparameters(rule, &mut errors);
+        let skipped = check_hyperparameters(rule, &mut errors);
+        skipped_params.extend(skipped.into_iter().map(|p| (rule.index, p)));
     }
-    let analysis = check_exclusivity(&input.rules, &mut errors);
+    let mut analysis = check_exclusivity(&input.rules, &mut errors);
+    analysis.named = named;
+    analysis.skipped_params = skipped_params;
     (analysis, errors)
 }
 
@@ -63,7 +72,7 @@ fn check_default_rule(rules: &[Rule], errors: &mut Vec<syn::Error>) {
                     underscore,
                     "a second default rule `_`; keep only one default rule, as the last rule",
                 ));
-            } else if pos + 1 < rules.len() {
+            } else if rules[pos + 1..].iter().any(|r| !r.predicate.is_default()) {
                 errors.push(syn::Error::new_spanned(
                     underscore,
                     "the default rule `_` must be the last rule; move it after the other rules",
@@ -74,78 +83,93 @@ fn check_default_rule(rules: &[Rule], errors: &mut Vec<syn::Error>) {
     }
 }
 
-fn check_rule_names(rules: &[Rule], errors: &mut Vec<syn::Error>) {
+/// Checks `as name` names; returns the indices of rules whose name is usable (the expansion
+/// gives only those named accessors, so a clash is reported once, by this check).
+fn check_rule_names(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Vec<usize> {
     let mut owners: HashMap<String, usize> = HashMap::new();
     for rule in rules {
         owners.insert(format!("rule{}", rule.index), rule.index);
         owners.insert(format!("rule{}_mut", rule.index), rule.index);
     }
+    let mut usable = Vec::new();
     for rule in rules {
         let Some(name) = &rule.name else { continue };
-        for generated in [name.to_string(), format!("{name}_mut")] {
-            let clash = if ROUTER_METHODS.contains(&generated.as_str()) {
-                Some(format!("the router's method `{generated}()`"))
-            } else {
-                match owners.get(&generated) {
-                    Some(&other) => Some(format!(
-                        "the accessor `{generated}()` of rule {other} `{}`",
-                        rules
-                            .iter()
-                            .find(|r| r.index == other)
-                            .map_or(String::new(), |r| r.predicate.to_string())
-                    )),
-                    None => {
-                        owners.insert(generated.clone(), rule.index);
-                        None
-                    }
+        let generated = [name.to_string(), format!("{name}_mut")];
+        let clash = generated.iter().find_map(|g| {
+            if ROUTER_METHODS.contains(&g.as_str()) {
+                return Some(format!("the router's method `{g}()`"));
+            }
+            let other = *owners.get(g)?;
+            let text = rules.iter().find(|r| r.index == other).map(|r| r.predicate.to_string());
+            Some(format!("the accessor `{g}()` of rule {other} `{}`", text.unwrap_or_default()))
+        });
+        match clash {
+            Some(clash) => errors.push(syn::Error::new(
+                name.span(),
+                format!("rule name `{name}` clashes with {clash}; choose another name"),
+            )),
+            None => {
+                for g in generated {
+                    owners.insert(g, rule.index);
                 }
-            };
-            if let Some(clash) = clash {
-                errors.push(syn::Error::new(
-                    name.span(),
-                    format!("rule name `{name}` clashes with {clash}; choose another name"),
-                ));
-                break;
+                usable.push(rule.index);
             }
         }
     }
+    usable
 }
 
-fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) {
+/// Checks one rule's hyperparameters; returns the positions of those the expansion must leave
+/// out because the error is already reported here (so rustc does not report it again).
+fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize> {
     let spec = &rule.optimizer;
     let mut seen: Vec<String> = Vec::new();
-    for param in &spec.params {
+    let mut skipped = Vec::new();
+    for (position, param) in spec.params.iter().enumerate() {
         let key = param.key.to_string();
         if seen.contains(&key) {
             errors.push(syn::Error::new(
                 param.key.span(),
                 format!("duplicate hyperparameter `{key}`; remove one of them"),
             ));
+            skipped.push(position);
+            continue;
         }
         seen.push(key.clone());
         let Some(builtin) = spec.builtin else { continue };
-        let range = match builtin.field(&key) {
-            Some(Field::Schedule(r) | Field::Float(r)) => r,
-            // Unknown keys and type mismatches are rustc's to report, at the same tokens.
+        // Unknown keys are rustc's to report ("struct `BopConfig` has no field named ..."),
+        // at the same tokens.
+        let Some(field) = builtin.field(&key) else { continue };
+        let message = match (field, param.value.literal) {
+            (Field::Schedule(range) | Field::Float(range), Some(Literal::Number { value, .. }))
+                if !range.contains(value) =>
+            {
+                format!(
+                    "`{key}` of `{}` must be {}, got `{}`",
+                    builtin.name,
+                    range.describe(),
+                    compact(&param.value.tokens)
+                )
+            }
+            (Field::Schedule(_) | Field::Float(_), Some(Literal::Bool(_))) => format!(
+                "`{key}` of `{}` is a number or a schedule, got `{}`",
+                builtin.name,
+                compact(&param.value.tokens)
+            ),
+            (Field::Bool, Some(Literal::Number { .. })) => format!(
+                "`{key}` of `{}` is `true` or `false`, got `{}`",
+                builtin.name,
+                compact(&param.value.tokens)
+            ),
             _ => continue,
         };
-        if let Some(Literal::Number { value, .. }) = param.value.literal {
-            if !range.contains(value) {
-                errors.push(syn::Error::new_spanned(
-                    &param.value.tokens,
-                    format!(
-                        "`{key}` of `{}` must be {}, got `{}`",
-                        builtin.name,
-                        range.describe(),
-                        compact(&param.value.tokens)
-                    ),
-                ));
-            }
-        }
+        errors.push(syn::Error::new_spanned(&param.value.tokens, message));
+        skipped.push(position);
     }
     if let Some(builtin) = spec.builtin {
         check_nesterov(builtin, rule, errors);
     }
+    skipped
 }
 
 /// SGD's one cross-field rule, when the values are literals: Nesterov momentum needs a
@@ -319,8 +343,10 @@ mod tests {
         let (_, e) = run("_ => Adam, binary => Bop");
         assert!(e[0].starts_with("the default rule `_` must be the last rule"));
         let (_, e) = run("binary => Bop, _ => Adam, _ => Sgd");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("a second default rule `_`"));
+        let (_, e) = run("_ => Adam, binary => Bop, _ => Sgd");
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e[1].starts_with("a second default rule `_`"));
     }
 
     #[test]
@@ -334,6 +360,14 @@ mod tests {
                 "duplicate hyperparameter `lr`; remove one of them",
                 "`beta2` of `Adam` must be in [0, 1), got `1.0`",
                 "`eps` of `Adam` must be > 0, got `0.0`",
+            ]
+        );
+        let (_, e) = run("_ => Adam<amsgrad: 0.5, lr: true, maximize: false>");
+        assert_eq!(
+            e,
+            vec![
+                "`amsgrad` of `Adam` is `true` or `false`, got `0.5`",
+                "`lr` of `Adam` is a number or a schedule, got `true`",
             ]
         );
         // User optimizers are checked for duplicates only.

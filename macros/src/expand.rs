@@ -40,41 +40,67 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
     };
     let rules = &input.rules;
     let fields: Vec<Ident> = rules.iter().map(|r| format_ident!("__rule{}", r.index)).collect();
+    // Fields have the user's type as written; every place that needs it to be an optimizer
+    // is spanned at the user's path, so if it is not one, each error points there.
     let types: Vec<TokenStream> = rules.iter().map(|r| optimizer_type(&r.optimizer)).collect();
+    let spans: Vec<Span> = rules.iter().map(|r| r.optimizer.path.span()).collect();
     let indices: Vec<Lit> = rules.iter().map(|r| Lit::usize_unsuffixed(r.index)).collect();
-    let config_types: Vec<TokenStream> = rules
+    let config_types: Vec<TokenStream> = types
         .iter()
-        .zip(&types)
-        .map(|(r, ty)| {
-            let span = r.optimizer.path.span();
-            quote_spanned!(span=> <#ty as ::caseopt::__private::FromConfig>::Config)
-        })
+        .zip(&spans)
+        .map(|(ty, &span)| quote_spanned!(span=> <#ty as ::caseopt::__private::FromConfig>::Config))
         .collect();
     let config_vars: Vec<Ident> = rules
         .iter()
-        .map(|r| Ident::new(&format!("__caseopt_config{}", r.index), Span::mixed_site()))
+        .map(|r| {
+            // Hygienic (mixed-site) so user values cannot see them; located at the user's
+            // optimizer so errors about them point there.
+            let span = Span::mixed_site().located_at(r.optimizer.path.span());
+            Ident::new(&format!("__caseopt_config{}", r.index), span)
+        })
         .collect();
     let specs = rules.iter().map(rule_spec);
     let disjoint = analysis.disjoint.iter().map(|&(a, b)| {
         let (a, b) = (Lit::usize_unsuffixed(a), Lit::usize_unsuffixed(b));
         quote!((#a, #b))
     });
-    let dyn_casts: Vec<TokenStream> = rules
+    let dyn_casts: Vec<TokenStream> = fields
         .iter()
-        .zip(&fields)
-        .map(|(r, f)| {
-            let span = r.optimizer.path.span();
+        .zip(&spans)
+        .map(|(f, &span)| {
+            let f = Ident::new(&f.to_string(), span);
             quote_spanned!(span=> &self.#f as &dyn ::caseopt::__private::Optimizer)
         })
         .collect();
-    let dyn_casts_mut: Vec<TokenStream> = rules
+    let dyn_casts_mut: Vec<TokenStream> = fields
         .iter()
-        .zip(&fields)
-        .map(|(r, f)| {
-            let span = r.optimizer.path.span();
+        .zip(&spans)
+        .map(|(f, &span)| {
+            let f = Ident::new(&f.to_string(), span);
             quote_spanned!(span=> &mut self.#f as &mut dyn ::caseopt::__private::Optimizer)
         })
         .collect();
+    // The index and field tokens too, or rustc would widen the span to the whole invocation.
+    let at_user = |span: Span, i: &Lit, f: &Ident| {
+        let mut i = i.clone();
+        i.set_span(span);
+        (i, Ident::new(&f.to_string(), span))
+    };
+    let visits_mut = indices.iter().zip(&fields).zip(&spans).map(|((i, f), &span)| {
+        let (i, f) = at_user(span, i, f);
+        quote_spanned!(span=> visitor.visit(#i, &mut self.#f)?;)
+    });
+    let visits = indices.iter().zip(&fields).zip(&spans).map(|((i, f), &span)| {
+        let (i, f) = at_user(span, i, f);
+        quote_spanned!(span=> visitor.inspect(#i, &self.#f)?;)
+    });
+    let builds = indices.iter().zip(&fields).zip(&spans).zip(&types).zip(&config_vars).map(
+        |((((i, f), &span), ty), var)| {
+            let (i, _) = at_user(span, i, f);
+            let call = quote_spanned!(span=> assembly.optimizer::<#ty>);
+            quote!(#f: #call(#i, #var)?,)
+        },
+    );
 
     let has_doc = attrs.iter().any(|a| a.path().is_ident("doc"));
     let default_doc = (!has_doc).then(|| {
@@ -105,7 +131,7 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
             fn assemble(configs: Self::Configs, mut assembly: #p::Assembly) -> #p::Result<Self> {
                 let ( #(#config_vars,)* ) = configs;
                 ::core::result::Result::Ok(Self {
-                    #( #fields: assembly.optimizer::<#types>(#indices, #config_vars)?, )*
+                    #(#builds)*
                     __caseopt_core: assembly.finish(),
                 })
             }
@@ -115,12 +141,12 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
             }
 
             fn visit_mut<__CaseoptV: #p::OptimizerVisitor>(&mut self, visitor: &mut __CaseoptV) -> #p::Result<()> {
-                #( visitor.visit(#indices, &mut self.#fields)?; )*
+                #(#visits_mut)*
                 ::core::result::Result::Ok(())
             }
 
             fn visit<__CaseoptV: #p::OptimizerInspector>(&self, visitor: &mut __CaseoptV) -> #p::Result<()> {
-                #( visitor.inspect(#indices, &self.#fields)?; )*
+                #(#visits)*
                 ::core::result::Result::Ok(())
             }
 
@@ -152,7 +178,7 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
         let doc_mut = format!("Rule {}'s optimizer (`{text}`), mutably.", rule.index);
         let mut out = TokenStream::new();
         let mut names = vec![format_ident!("rule{}", rule.index)];
-        if let Some(n) = &rule.name {
+        if let Some(n) = rule.name.as_ref().filter(|_| analysis.named.contains(&rule.index)) {
             names.push(n.clone());
         }
         for n in names {
@@ -167,7 +193,7 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
         out
     });
 
-    let (config_items, config_lets) = config_values(rules, &config_types, &config_vars);
+    let (config_items, config_lets) = config_values(rules, analysis, &config_types, &config_vars);
     let builder_value = quote! {
         #(#config_items)*
         #(#config_lets)*
@@ -372,22 +398,33 @@ fn predicate(pred: &Pred) -> TokenStream {
 /// carrying the user's spans.
 fn config_values(
     rules: &[Rule],
+    analysis: &Analysis,
     config_types: &[TokenStream],
     config_vars: &[Ident],
 ) -> (Vec<TokenStream>, Vec<TokenStream>) {
     let mut items = Vec::new();
     let mut lets = Vec::new();
     for ((rule, config_type), var) in rules.iter().zip(config_types).zip(config_vars) {
-        let alias = format_ident!("__CaseoptConfig{}", rule.index);
+        // Spanned at the user's optimizer, so anything rustc says about the struct literal
+        // points there.
+        let alias =
+            format_ident!("__CaseoptConfig{}", rule.index, span = rule.optimizer.path.span());
         items.push(quote! {
             #[allow(non_camel_case_types)]
             type #alias = #config_type;
         });
         let spec = &rule.optimizer;
-        let value = if spec.params.is_empty() {
-            quote!(::core::default::Default::default())
+        let params: Vec<&ParamSpec> = spec
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(position, _)| !analysis.skipped_params.contains(&(rule.index, *position)))
+            .map(|(_, p)| p)
+            .collect();
+        let value = if params.is_empty() {
+            quote_spanned!(rule.optimizer.path.span()=> ::core::default::Default::default())
         } else {
-            let fields = spec.params.iter().map(|param| {
+            let fields = params.iter().map(|param| {
                 let key = &param.key;
                 let value = value_tokens(spec, param);
                 let span =
@@ -395,7 +432,9 @@ fn config_values(
                 let into = quote_spanned!(span=> ::core::convert::Into::into);
                 quote!(#key: #into(#value))
             });
-            quote!(#alias { #(#fields,)* ..::core::default::Default::default() })
+            let default =
+                quote_spanned!(rule.optimizer.path.span()=> ::core::default::Default::default());
+            quote!(#alias { #(#fields,)* ..#default })
         };
         // The grammar asks for `(...)`/`{...}` around expressions; rustc's lints would call
         // them unnecessary inside `Into::into(...)`.

@@ -1,0 +1,9 @@
+// `lr` given twice.
+use caseopt::case_optimizer;
+
+fn main() {
+    let _ = case_optimizer! {
+        binary => Bop,
+        _ => Adam<lr: 0.1, lr: 0.2>,
+    };
+}

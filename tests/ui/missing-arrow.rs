@@ -1,0 +1,9 @@
+// A rule without `=>`.
+use caseopt::case_optimizer;
+
+fn main() {
+    let _ = case_optimizer! {
+        binary Bop,
+        _ => Adam,
+    };
+}

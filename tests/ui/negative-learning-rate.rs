@@ -1,0 +1,9 @@
+// A learning rate below zero.
+use caseopt::case_optimizer;
+
+fn main() {
+    let _ = case_optimizer! {
+        binary => Bop,
+        _ => Adam<lr: -0.1>,
+    };
+}
