@@ -142,6 +142,16 @@ pub enum Error {
         /// The bound given.
         value: f64,
     },
+    /// The fused kernels were forced (`Backend::Fused`) on a variable they cannot take.
+    #[error("{optimizer}: the fused kernels cannot update `{variable}`: {reason}")]
+    FusedUnavailable {
+        /// Optimizer name.
+        optimizer: &'static str,
+        /// Variable name.
+        variable: String,
+        /// Why (device, dtype, layout, shared memory, or no kernel for this optimizer).
+        reason: String,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

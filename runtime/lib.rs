@@ -10,6 +10,7 @@
 pub mod bnn;
 pub mod checkpoint;
 pub mod error;
+mod kernels;
 pub mod optim;
 pub mod predicate;
 pub mod router;
@@ -24,7 +25,7 @@ pub use checkpoint::{
 };
 pub use error::{Error, Result};
 pub use optim::{
-    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Bop, Bop2ndOrder,
+    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, FromConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig,
 };
 pub use schedule::Schedule;

@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
-use super::{FromConfig, Optimizer};
+use super::{exec_methods, Exec, FromConfig, Optimizer};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -86,6 +86,7 @@ pub struct Adagrad {
     params: Vec<Param>,
     states: Vec<Option<AdagradState>>,
     steps: u64,
+    exec: Exec,
 }
 
 impl Adagrad {
@@ -94,8 +95,16 @@ impl Adagrad {
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: AdagradConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Adagrad { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+        Ok(Adagrad {
+            config,
+            params: Vec::new(),
+            states: Vec::new(),
+            steps: 0,
+            exec: Exec::default(),
+        })
     }
+
+    exec_methods!(Adagrad);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &AdagradConfig {
@@ -110,6 +119,19 @@ impl Adagrad {
         Ok(AdagradState { step: take_step(state, param)?, sum: take_state(state, "sum", param)? })
     }
 
+    /// One step, with libtorch ops (Adagrad has no fused kernel).
+    fn apply(&mut self, grads: &[Option<Tensor>], hp: &AdagradValues) -> Result<()> {
+        self.exec.torch_only("Adagrad", &self.params)?;
+        super::check_grads(&self.params, grads)?;
+        for (i, g) in grads.iter().enumerate() {
+            if let Some(g) = g {
+                self.update(i, g, hp)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One variable's update with libtorch ops.
     fn update(&mut self, i: usize, grad: &Tensor, hp: &AdagradValues) -> Result<()> {
         let mut p = self.params[i].tensor.shallow_clone();
         let init = self.config.initial_accumulator_value;

@@ -2,9 +2,12 @@
 
 use tch::Tensor;
 
-use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
-use super::{FromConfig, Optimizer};
+use super::{adjusted_grad, common_methods, exec_methods, fused_step, hyperparameters};
+use super::{step_tensor, take_state, take_step};
+use super::{Backend, Exec, FromConfig, FusedState, Optimizer};
 use crate::error::Result;
+use crate::kernels::ops::AdamKernel;
+use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -159,6 +162,16 @@ impl AdamState {
     }
 }
 
+impl FusedState for AdamState {
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [
+            Some(("exp_avg", &self.exp_avg)),
+            Some(("exp_avg_sq", &self.exp_avg_sq)),
+            self.max_exp_avg_sq.as_ref().map(|t| ("max_exp_avg_sq", t)),
+        ]
+    }
+}
+
 /// The scalars of one Adam update.
 struct AdamStep {
     lr: f64,
@@ -213,6 +226,7 @@ macro_rules! adam_like {
             params: Vec<Param>,
             states: Vec<Option<AdamState>>,
             steps: u64,
+            exec: Exec,
         }
 
         impl $ty {
@@ -222,8 +236,16 @@ macro_rules! adam_like {
             /// Validates `config` and builds the optimizer with no variables yet.
             pub fn new(config: $config) -> Result<Self> {
                 config.validate()?;
-                Ok($ty { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+                Ok($ty {
+                    config,
+                    params: Vec::new(),
+                    states: Vec::new(),
+                    steps: 0,
+                    exec: Exec::default(),
+                })
             }
+
+            exec_methods!($ty);
 
             /// The configuration (hyperparameters as schedules).
             pub fn config(&self) -> &$config {
@@ -238,6 +260,65 @@ macro_rules! adam_like {
                 AdamState::import(state, param, config.amsgrad)
             }
 
+            /// One step: the fused kernel over every variable it takes, libtorch ops for the
+            /// rest.
+            fn apply(&mut self, grads: &[Option<Tensor>], hp: &$values) -> Result<()> {
+                let amsgrad = self.config.amsgrad;
+                if self.exec.backend != Backend::Torch {
+                    for (i, g) in grads.iter().enumerate() {
+                        if g.is_some() && self.states[i].is_none() {
+                            self.states[i] =
+                                Some(AdamState::zeros(&self.params[i].tensor, amsgrad)?);
+                        }
+                    }
+                }
+                let kernel = AdamKernel {
+                    lr: hp.lr,
+                    beta1: hp.beta1,
+                    beta2: hp.beta2,
+                    eps: hp.eps,
+                    weight_decay: hp.weight_decay,
+                    decoupled: $decoupled,
+                    amsgrad,
+                    maximize: self.config.maximize,
+                };
+                // Variables mostly share a step count: compute the bias corrections once.
+                let mut last: Option<(u64, [f64; 2])> = None;
+                let scalars = |st: &AdamState| match last {
+                    Some((step, s)) if step == st.step + 1 => s,
+                    _ => {
+                        let s = kernel.scalars(st.step + 1);
+                        last = Some((st.step + 1, s));
+                        s
+                    }
+                };
+                let (params, states) = (&self.params, &self.states);
+                fused_step(
+                    &mut self.exec,
+                    $name,
+                    params,
+                    states,
+                    grads,
+                    &kernel,
+                    kernel.states(),
+                    scalars,
+                )?;
+                for i in self.exec.workspace.updated() {
+                    if let Some(st) = &mut self.states[i] {
+                        st.step += 1;
+                    }
+                }
+                let rest = std::mem::take(&mut self.exec.rest);
+                for &i in &rest {
+                    if let Some(g) = &grads[i] {
+                        self.update(i, g, hp)?;
+                    }
+                }
+                self.exec.rest = rest;
+                Ok(())
+            }
+
+            /// One variable's update with libtorch ops.
             fn update(&mut self, i: usize, grad: &Tensor, hp: &$values) -> Result<()> {
                 let amsgrad = self.config.amsgrad;
                 let mut p = self.params[i].tensor.shallow_clone();

@@ -7,9 +7,11 @@
 
 use tch::Tensor;
 
-use super::{common_methods, hyperparameters, take_state};
-use super::{FromConfig, Optimizer};
+use super::{common_methods, exec_methods, fused_step, hyperparameters, take_state};
+use super::{Backend, Exec, FromConfig, FusedState, Optimizer};
 use crate::error::Result;
+use crate::kernels::ops::{Bop2Kernel, BopKernel};
+use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -96,6 +98,12 @@ impl BopState {
     }
 }
 
+impl FusedState for BopState {
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [Some(("m", &self.m)), None, None]
+    }
+}
+
 /// Bop, the binary optimizer ([Helwegen et al. 2019](https://arxiv.org/abs/1906.02107)), as
 /// larq 0.14's `larq.optimizers.Bop`.
 ///
@@ -117,6 +125,7 @@ pub struct Bop {
     params: Vec<Param>,
     states: Vec<Option<BopState>>,
     steps: u64,
+    exec: Exec,
 }
 
 impl Bop {
@@ -125,8 +134,10 @@ impl Bop {
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: BopConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Bop { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+        Ok(Bop { config, params: Vec::new(), states: Vec::new(), steps: 0, exec: Exec::default() })
     }
+
+    exec_methods!(Bop);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &BopConfig {
@@ -137,6 +148,30 @@ impl Bop {
         Ok(BopState { m: take_state(state, "m", param)? })
     }
 
+    /// One step: the fused kernel over every variable it takes, libtorch ops for the rest.
+    fn apply(&mut self, grads: &[Option<Tensor>], hp: &BopValues) -> Result<()> {
+        if self.exec.backend != Backend::Torch {
+            for (i, g) in grads.iter().enumerate() {
+                if g.is_some() && self.states[i].is_none() {
+                    self.states[i] = Some(BopState { m: self.params[i].tensor.f_zeros_like()? });
+                }
+            }
+        }
+        let kernel = BopKernel { gamma: hp.gamma, threshold: hp.threshold };
+        fused_step(&mut self.exec, "Bop", &self.params, &self.states, grads, &kernel, 1, |_| {
+            [0.0; 2]
+        })?;
+        let rest = std::mem::take(&mut self.exec.rest);
+        for &i in &rest {
+            if let Some(g) = &grads[i] {
+                self.update(i, g, hp)?;
+            }
+        }
+        self.exec.rest = rest;
+        Ok(())
+    }
+
+    /// One variable's update with libtorch ops.
     fn update(&mut self, i: usize, grad: &Tensor, hp: &BopValues) -> Result<()> {
         let mut w = self.params[i].tensor.shallow_clone();
         let st = match &mut self.states[i] {
@@ -173,6 +208,12 @@ impl Bop2ndOrderState {
     }
 }
 
+impl FusedState for Bop2ndOrderState {
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [Some(("m", &self.m)), Some(("v", &self.v)), None]
+    }
+}
+
 /// Bop with a second-order moving average (Suarez-Ramirez et al. 2021, "A Bop and beyond"):
 /// the momentum is normalised by `sqrt(v) + 1e-10` before it meets the threshold.
 #[derive(Debug)]
@@ -181,6 +222,7 @@ pub struct Bop2ndOrder {
     params: Vec<Param>,
     states: Vec<Option<Bop2ndOrderState>>,
     steps: u64,
+    exec: Exec,
 }
 
 impl Bop2ndOrder {
@@ -189,8 +231,16 @@ impl Bop2ndOrder {
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: Bop2ndOrderConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Bop2ndOrder { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+        Ok(Bop2ndOrder {
+            config,
+            params: Vec::new(),
+            states: Vec::new(),
+            steps: 0,
+            exec: Exec::default(),
+        })
     }
+
+    exec_methods!(Bop2ndOrder);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &Bop2ndOrderConfig {
@@ -208,6 +258,36 @@ impl Bop2ndOrder {
         })
     }
 
+    /// One step: the fused kernel over every variable it takes, libtorch ops for the rest.
+    fn apply(&mut self, grads: &[Option<Tensor>], hp: &Bop2ndOrderValues) -> Result<()> {
+        if self.exec.backend != Backend::Torch {
+            for (i, g) in grads.iter().enumerate() {
+                if g.is_some() && self.states[i].is_none() {
+                    let w = &self.params[i].tensor;
+                    self.states[i] =
+                        Some(Bop2ndOrderState { m: w.f_zeros_like()?, v: w.f_zeros_like()? });
+                }
+            }
+        }
+        let kernel = Bop2Kernel {
+            gamma: hp.gamma,
+            sigma: hp.sigma,
+            threshold: hp.threshold,
+            eps: BOP2_EPSILON,
+        };
+        let (params, states) = (&self.params, &self.states);
+        fused_step(&mut self.exec, "Bop2ndOrder", params, states, grads, &kernel, 2, |_| [0.0; 2])?;
+        let rest = std::mem::take(&mut self.exec.rest);
+        for &i in &rest {
+            if let Some(g) = &grads[i] {
+                self.update(i, g, hp)?;
+            }
+        }
+        self.exec.rest = rest;
+        Ok(())
+    }
+
+    /// One variable's update with libtorch ops.
     fn update(&mut self, i: usize, grad: &Tensor, hp: &Bop2ndOrderValues) -> Result<()> {
         let mut w = self.params[i].tensor.shallow_clone();
         let st = match &mut self.states[i] {

@@ -21,8 +21,223 @@ pub use sgd::{Sgd, SgdConfig};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+use crate::kernels::{Kernel, StateOperand, Unfit, Workspace, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
+
+/// How an optimizer computes its updates. Every optimizer has `set_backend` and `backend`
+/// (e.g. [`Adam::set_backend`]); the choice belongs to that optimizer alone.
+///
+/// Both backends give torch.optim's results within the parity tolerances (Bop and
+/// Bop2ndOrder bit for bit); they differ in speed. The fused kernels read and write each
+/// element once, batch all of an optimizer's variables into one pass split across threads,
+/// and allocate nothing per step; the libtorch path issues one ATen op per term and tensor.
+///
+/// ```
+/// use caseopt::{Backend, Bop, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f32, -1.0]);
+/// let mut bop = Bop::new(Default::default())?;
+/// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
+/// bop.set_backend(Backend::Fused); // fail rather than fall back
+/// bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, 1.0]))])?;
+/// assert_eq!(bop.backend(), Backend::Fused);
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Fused CPU kernels for every variable they can take (a contiguous `f32` or `f64` CPU
+    /// tensor with a contiguous gradient, sharing no memory with other operands), libtorch ops
+    /// for the rest (CUDA, half precision, strided views) and for optimizers without kernels.
+    #[default]
+    Auto,
+    /// libtorch ops for every variable (one ATen op per term, as torch.optim's single-tensor
+    /// path).
+    Torch,
+    /// Fused kernels for every variable; a step that meets a variable they cannot take fails
+    /// with [`Error::FusedUnavailable`] before changing anything. Optimizers without fused
+    /// kernels (SGD, RMSprop, Adagrad) fail every step.
+    Fused,
+}
+
+/// Execution settings and scratch every built-in optimizer carries.
+#[derive(Debug, Default)]
+pub(crate) struct Exec {
+    pub(crate) backend: Backend,
+    /// Threads for the fused kernels; 0 follows `tch::get_num_threads()`.
+    pub(crate) threads: usize,
+    pub(crate) workspace: Workspace,
+    /// Gradient handles of the current step (kept to reuse the allocation).
+    pub(crate) grads: Vec<Option<Tensor>>,
+    /// Variables the fused path refused this step, for the libtorch path.
+    pub(crate) rest: Vec<usize>,
+}
+
+impl Exec {
+    pub(crate) fn threads(&self) -> usize {
+        if self.threads == 0 {
+            usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+        } else {
+            self.threads
+        }
+    }
+
+    /// For optimizers without fused kernels: fails under [`Backend::Fused`].
+    pub(crate) fn torch_only(&self, optimizer: &'static str, params: &[Param]) -> Result<()> {
+        if self.backend == Backend::Fused {
+            return Err(Error::FusedUnavailable {
+                optimizer,
+                variable: params.first().map(|p| p.info.name.clone()).unwrap_or_default(),
+                reason: format!("{optimizer} has no fused kernel"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The state of a variable as a fused kernel sees it: its state tensors, in kernel order.
+pub(crate) trait FusedState {
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES];
+}
+
+/// Records that variable `index` cannot take the fused path: queued in `rest` for libtorch
+/// under [`Backend::Auto`], an error under [`Backend::Fused`].
+fn refuse(
+    backend: Backend,
+    rest: &mut Vec<usize>,
+    optimizer: &'static str,
+    params: &[Param],
+    index: usize,
+    unfit: Unfit,
+) -> Result<()> {
+    if backend == Backend::Fused {
+        return Err(Error::FusedUnavailable {
+            optimizer,
+            variable: params[index].info.name.clone(),
+            reason: unfit.to_string(),
+        });
+    }
+    rest.push(index);
+    Ok(())
+}
+
+/// The fused part of a step: runs `kernel` over every variable with a gradient that the
+/// kernels can take, in one multi-tensor pass, and leaves in `exec.rest` the variables the
+/// caller must update with libtorch ops (all of them under [`Backend::Torch`]). Every variable
+/// with a gradient must have its state already. Fails, having written nothing, when the
+/// backend is [`Backend::Fused`] and some variable cannot take it. `scalars` gives a state's
+/// per-variable kernel scalars.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_step<S: FusedState, K: Kernel>(
+    exec: &mut Exec,
+    optimizer: &'static str,
+    params: &[Param],
+    states: &[Option<S>],
+    grads: &[Option<Tensor>],
+    kernel: &K,
+    state_count: usize,
+    mut scalars: impl FnMut(&S) -> [f64; 2],
+) -> Result<()> {
+    exec.rest.clear();
+    let with_grads = |rest: &mut Vec<usize>| {
+        rest.clear();
+        rest.extend(grads.iter().enumerate().filter_map(|(i, g)| g.as_ref().map(|_| i)));
+    };
+    if exec.backend == Backend::Torch {
+        check_grads(params, grads)?;
+        with_grads(&mut exec.rest);
+        // Forget the previous fused batch, so that `updated` reports nothing.
+        let _ = exec.workspace.batch(0);
+        return Ok(());
+    }
+    let threads = exec.threads();
+    let mut batch = exec.workspace.batch(state_count);
+    for (i, ((p, g), st)) in params.iter().zip(grads).zip(states).enumerate() {
+        let Some(g) = g else { continue };
+        let pushed = match st {
+            Some(st) => batch.push(i, &p.tensor, g, st.operands(), scalars(st)),
+            None => Err(Unfit::Unsupported("a variable without state")),
+        };
+        match pushed {
+            Ok(()) => {}
+            Err(Unfit::Grad(reason)) => {
+                return Err(Error::GradientMismatch { variable: p.info.name.clone(), reason })
+            }
+            Err(unfit) => {
+                // The libtorch path still needs the gradient checked before anything changes.
+                check_grad(p, g)?;
+                refuse(exec.backend, &mut exec.rest, optimizer, params, i, unfit)?;
+            }
+        }
+    }
+    if let Err(unfit) = batch.run(kernel, threads) {
+        let index = match unfit {
+            Unfit::Overlap(index) => index,
+            _ => 0,
+        };
+        refuse(exec.backend, &mut exec.rest, optimizer, params, index, unfit)?;
+        // Nothing was written: every variable goes the libtorch way.
+        with_grads(&mut exec.rest);
+    }
+    Ok(())
+}
+
+/// The inherent `set_backend`, `backend`, `set_threads` and `threads` of a built-in optimizer.
+macro_rules! exec_methods {
+    ($ty:ident) => {
+        /// Chooses how the updates are computed (see [`Backend`](crate::Backend)); the default
+        /// is [`Backend::Auto`](crate::Backend::Auto).
+        ///
+        /// ```
+        #[doc = concat!("let mut opt = caseopt::", stringify!($ty), "::new(Default::default())?;")]
+        /// opt.set_backend(caseopt::Backend::Torch);
+        /// assert_eq!(opt.backend(), caseopt::Backend::Torch);
+        /// # Ok::<(), caseopt::Error>(())
+        /// ```
+        pub fn set_backend(&mut self, backend: $crate::optim::Backend) {
+            self.exec.backend = backend;
+        }
+
+        /// The backend in use.
+        ///
+        /// ```
+        #[doc = concat!("let opt = caseopt::", stringify!($ty), "::new(Default::default())?;")]
+        /// assert_eq!(opt.backend(), caseopt::Backend::Auto);
+        /// # Ok::<(), caseopt::Error>(())
+        /// ```
+        pub fn backend(&self) -> $crate::optim::Backend {
+            self.exec.backend
+        }
+
+        /// Sets how many threads the fused kernels may use; 0 (the default) follows
+        /// `tch::get_num_threads()`, libtorch's own setting. A step uses fewer when there is
+        /// too little work to pay for a thread (under 2^18 elements each). The libtorch path
+        /// always follows libtorch's setting.
+        ///
+        /// ```
+        #[doc = concat!("let mut opt = caseopt::", stringify!($ty), "::new(Default::default())?;")]
+        /// opt.set_threads(2);
+        /// assert_eq!(opt.threads(), 2);
+        /// # Ok::<(), caseopt::Error>(())
+        /// ```
+        pub fn set_threads(&mut self, threads: usize) {
+            self.exec.threads = threads;
+        }
+
+        /// The thread setting of the fused kernels (0: follow libtorch).
+        ///
+        /// ```
+        #[doc = concat!("let opt = caseopt::", stringify!($ty), "::new(Default::default())?;")]
+        /// assert_eq!(opt.threads(), 0);
+        /// # Ok::<(), caseopt::Error>(())
+        /// ```
+        pub fn threads(&self) -> usize {
+            self.exec.threads
+        }
+    };
+}
+pub(crate) use exec_methods;
 
 /// An optimizer: per-variable state, a step over (parameter, gradient) pairs, its own step
 /// counter, and hyperparameters readable and settable while training.
@@ -232,8 +447,8 @@ macro_rules! hyperparameters {
 pub(crate) use hyperparameters;
 
 /// The parts of [`Optimizer`] every built-in optimizer shares, over fields `config`, `params`,
-/// `states` and `steps`, an inherent `update(i, grad, values)`, `import_state` and the state's
-/// `export`.
+/// `states`, `steps` and `exec`, an inherent `apply(grads, values)` (the step proper, fused or
+/// not), `import_state` and the state's `export`.
 macro_rules! common_methods {
     ($opt:literal) => {
         fn name(&self) -> &'static str {
@@ -305,6 +520,17 @@ macro_rules! common_methods {
             Ok(())
         }
 
+        fn step(&mut self) -> $crate::error::Result<()> {
+            // The gradient handles go in a kept vector: no allocation per step for the list.
+            let mut grads = std::mem::take(&mut self.exec.grads);
+            grads.clear();
+            grads.extend(self.params.iter().map($crate::var::Param::grad));
+            let result = self.step_with_grads(&grads);
+            grads.clear();
+            self.exec.grads = grads;
+            result
+        }
+
         fn step_with_grads(&mut self, grads: &[Option<tch::Tensor>]) -> $crate::error::Result<()> {
             if grads.len() != self.params.len() {
                 return Err($crate::error::Error::GradientCount {
@@ -313,18 +539,11 @@ macro_rules! common_methods {
                     got: grads.len(),
                 });
             }
-            for (p, g) in self.params.iter().zip(grads) {
-                if let Some(g) = g {
-                    $crate::optim::check_grad(p, g)?;
-                }
-            }
+            // `apply` checks the gradients, together with the fused path's own checks so that
+            // each tensor's metadata is read once per step, before anything changes.
             let hp = self.config.values_at(self.steps)?;
             let _guard = tch::no_grad_guard();
-            for i in 0..self.params.len() {
-                if let Some(g) = &grads[i] {
-                    self.update(i, g, &hp)?;
-                }
-            }
+            self.apply(grads, &hp)?;
             self.steps += 1;
             Ok(())
         }
@@ -340,8 +559,22 @@ pub(crate) fn unknown(optimizer: &'static str, name: &str, known: &[&str]) -> Er
     }
 }
 
-/// A gradient must have its variable's shape, dtype and device.
+/// Every gradient given must match its variable (see [`check_grad`]).
+pub(crate) fn check_grads(params: &[Param], grads: &[Option<Tensor>]) -> Result<()> {
+    for (p, g) in params.iter().zip(grads) {
+        if let Some(g) = g {
+            check_grad(p, g)?;
+        }
+    }
+    Ok(())
+}
+
+/// A gradient must be defined and have its variable's shape, dtype and device.
 pub(crate) fn check_grad(p: &Param, g: &Tensor) -> Result<()> {
+    if !g.defined() {
+        let reason = "the gradient is an undefined tensor".to_string();
+        return Err(Error::GradientMismatch { variable: p.info.name.clone(), reason });
+    }
     let (ps, gs) = (p.tensor.size(), g.size());
     let reason = if ps != gs {
         format!("shape {gs:?} != {ps:?}")

@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
-use super::{FromConfig, Optimizer};
+use super::{exec_methods, Exec, FromConfig, Optimizer};
 use crate::error::Result;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -90,6 +90,7 @@ pub struct RmsProp {
     params: Vec<Param>,
     states: Vec<Option<RmsPropState>>,
     steps: u64,
+    exec: Exec,
 }
 
 impl RmsProp {
@@ -99,8 +100,16 @@ impl RmsProp {
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: RmsPropConfig) -> Result<Self> {
         config.validate()?;
-        Ok(RmsProp { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+        Ok(RmsProp {
+            config,
+            params: Vec::new(),
+            states: Vec::new(),
+            steps: 0,
+            exec: Exec::default(),
+        })
     }
+
+    exec_methods!(RmsProp);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &RmsPropConfig {
@@ -124,6 +133,19 @@ impl RmsProp {
         })
     }
 
+    /// One step, with libtorch ops (RMSprop has no fused kernel).
+    fn apply(&mut self, grads: &[Option<Tensor>], hp: &RmsPropValues) -> Result<()> {
+        self.exec.torch_only("RMSprop", &self.params)?;
+        super::check_grads(&self.params, grads)?;
+        for (i, g) in grads.iter().enumerate() {
+            if let Some(g) = g {
+                self.update(i, g, hp)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One variable's update with libtorch ops.
     fn update(&mut self, i: usize, grad: &Tensor, hp: &RmsPropValues) -> Result<()> {
         let mut p = self.params[i].tensor.shallow_clone();
         let centered = self.config.centered;

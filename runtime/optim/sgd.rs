@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::{adjusted_grad, common_methods, hyperparameters, take_state};
-use super::{FromConfig, Optimizer};
+use super::{exec_methods, Exec, FromConfig, Optimizer};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -86,6 +86,7 @@ pub struct Sgd {
     params: Vec<Param>,
     states: Vec<Option<SgdState>>,
     steps: u64,
+    exec: Exec,
 }
 
 impl Sgd {
@@ -100,8 +101,10 @@ impl Sgd {
     /// ```
     pub fn new(config: SgdConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Sgd { config, params: Vec::new(), states: Vec::new(), steps: 0 })
+        Ok(Sgd { config, params: Vec::new(), states: Vec::new(), steps: 0, exec: Exec::default() })
     }
+
+    exec_methods!(Sgd);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &SgdConfig {
@@ -112,6 +115,19 @@ impl Sgd {
         Ok(SgdState { momentum_buffer: take_state(state, "momentum_buffer", param)? })
     }
 
+    /// One step, with libtorch ops (SGD has no fused kernel).
+    fn apply(&mut self, grads: &[Option<Tensor>], hp: &SgdValues) -> Result<()> {
+        self.exec.torch_only("SGD", &self.params)?;
+        super::check_grads(&self.params, grads)?;
+        for (i, g) in grads.iter().enumerate() {
+            if let Some(g) = g {
+                self.update(i, g, hp)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One variable's update with libtorch ops.
     fn update(&mut self, i: usize, grad: &Tensor, hp: &SgdValues) -> Result<()> {
         if self.config.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
             return Err(Error::InvalidConfig {

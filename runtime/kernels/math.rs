@@ -1,0 +1,364 @@
+//! The element-wise update rules of the fused kernels, over plain slices.
+//!
+//! Nothing here is unsafe and nothing touches a tensor: [`super`] turns tensors into slices and
+//! splits them across threads; these loops only compute. Each rule mirrors, operation for
+//! operation, the libtorch ops the tch path issues (and torch.optim 2.13 issues): every scalar is
+//! rounded to the element type first, as ATen does, and every intermediate is rounded where
+//! ATen rounds it. No fused multiply-add is used, so the result is the same on every x86
+//! machine whichever instruction set the loop was compiled for. The loops index slices whose
+//! lengths are checked once up front, so the compiler drops the bounds checks and vectorises
+//! them; the sign logic uses selects, not branches.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// The element types the kernels compute in: `f32` and `f64`.
+pub(crate) trait Real:
+    Copy
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + Send
+    + Sync
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// `v` rounded to this type (round to nearest, as C++'s `static_cast` and ATen's
+    /// `Scalar::to<T>()` do).
+    fn from_f64(v: f64) -> Self;
+    /// IEEE square root (correctly rounded, like ATen's).
+    fn sqrt(self) -> Self;
+    /// `true` for NaN.
+    fn is_nan(self) -> bool;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
+/// `if c { a } else { b }`, written so that it compiles to a select.
+#[inline(always)]
+fn select<T: Real>(c: bool, a: T, b: T) -> T {
+    if c {
+        a
+    } else {
+        b
+    }
+}
+
+/// `sign(-sign(x) * w)` with the outer sign mapping 0 (and NaN) to +1: larq's flip rule as
+/// `w.copy_(sign(sign(-sign(x) * w) + 0.1))` computes it in ATen (whose vectorised `sign` maps
+/// NaN to 0).
+#[inline(always)]
+fn flip<T: Real>(w: T, x: T) -> T {
+    let inner = select(x > T::ZERO, T::ONE, T::ZERO) - select(x < T::ZERO, T::ONE, T::ZERO);
+    let s = -inner * w;
+    select(s < T::ZERO, -T::ONE, T::ONE)
+}
+
+/// Bop's scalars, already rounded to the element type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BopScalars<T> {
+    pub(crate) gamma: T,
+    pub(crate) threshold: T,
+}
+
+/// One Bop step: `m <- m + (g - m) * gamma; w <- flip(w, w * m - threshold)`.
+#[inline(always)]
+pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) {
+    let n = w.len();
+    let (g, m) = (&g[..n], &mut m[..n]);
+    for i in 0..n {
+        let mi = m[i] + (g[i] - m[i]) * s.gamma;
+        m[i] = mi;
+        let wi = w[i];
+        w[i] = flip(wi, wi * mi - s.threshold);
+    }
+}
+
+/// Bop2ndOrder's scalars, already rounded to the element type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bop2Scalars<T> {
+    pub(crate) gamma: T,
+    pub(crate) sigma: T,
+    pub(crate) threshold: T,
+    pub(crate) eps: T,
+}
+
+/// One Bop2ndOrder step: `m <- m + (g - m) * gamma; v <- v + (g * g - v) * sigma;
+/// w <- flip(w, w * m / (sqrt(v) + eps) - threshold)`.
+#[inline(always)]
+pub(crate) fn bop2<T: Real>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s: Bop2Scalars<T>) {
+    let n = w.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let gi = g[i];
+        let mi = m[i] + (gi - m[i]) * s.gamma;
+        let vi = v[i] + (gi * gi - v[i]) * s.sigma;
+        m[i] = mi;
+        v[i] = vi;
+        let wi = w[i];
+        let signal = wi * mi / (vi.sqrt() + s.eps);
+        w[i] = flip(wi, signal - s.threshold);
+    }
+}
+
+/// How Adam folds weight decay in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decay {
+    /// No weight decay.
+    None,
+    /// L2 penalty added to the gradient: `g + p * weight_decay` (Adam).
+    L2,
+    /// Decoupled: `p * (1 - lr * weight_decay)` before the update (AdamW).
+    Decoupled,
+}
+
+/// The scalars of one Adam step of one variable, already rounded to the element type exactly
+/// where torch.optim's `_single_tensor_adam` hands them to ATen.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamScalars<T> {
+    /// `1 - beta1`, the lerp weight.
+    pub(crate) lerp_weight: T,
+    pub(crate) beta2: T,
+    pub(crate) one_minus_beta2: T,
+    pub(crate) eps: T,
+    /// `-lr / (1 - beta1^step)`, addcdiv's value.
+    pub(crate) neg_step_size: T,
+    /// `sqrt(1 - beta2^step)`.
+    pub(crate) bias_correction2_sqrt: T,
+    /// The L2 penalty (used with [`Decay::L2`]).
+    pub(crate) weight_decay: T,
+    /// `1 - lr * weight_decay` (used with [`Decay::Decoupled`]).
+    pub(crate) decay_factor: T,
+    /// -1 when maximizing, else 1 (multiplying by it negates exactly).
+    pub(crate) grad_sign: T,
+}
+
+/// The slices of one Adam update; `max_v` is empty unless AMSGrad is on.
+pub(crate) struct AdamSlices<'a, T> {
+    pub(crate) p: &'a mut [T],
+    pub(crate) g: &'a [T],
+    pub(crate) m: &'a mut [T],
+    pub(crate) v: &'a mut [T],
+    pub(crate) max_v: &'a mut [T],
+}
+
+/// One Adam/AdamW step, as `_single_tensor_adam`:
+/// `p *= decay` (AdamW) or `g += p * wd` (Adam); `m.lerp_(g, 1 - beta1)`;
+/// `v = v * beta2 + ((1 - beta2) * g) * g`; `max_v = maximum(max_v, v)` (AMSGrad);
+/// `denom = sqrt(v or max_v) / bc2_sqrt + eps`; `p = p + (-step_size * m) / denom`.
+///
+/// The configuration flags pick one of twelve monomorphic loops, so that none of them branches
+/// per element.
+#[inline(always)]
+pub(crate) fn adam<T: Real>(x: AdamSlices<'_, T>, s: AdamScalars<T>, decay: Decay, amsgrad: bool) {
+    // ATen's lerp: weight < 0.5 ? a + w * (b - a) : b - (b - a) * (1 - w), per its scalar path.
+    let small = s.lerp_weight.abs_lt_half();
+    let one_minus_w = T::ONE - s.lerp_weight;
+    macro_rules! go {
+        ($decay:expr, $ams:expr) => {
+            if small {
+                adam_loop(x, s, $decay, $ams, |m, g| m + s.lerp_weight * (g - m))
+            } else {
+                adam_loop(x, s, $decay, $ams, |m, g| g - (g - m) * one_minus_w)
+            }
+        };
+    }
+    match (decay, amsgrad) {
+        (Decay::None, false) => go!(Decay::None, false),
+        (Decay::None, true) => go!(Decay::None, true),
+        (Decay::L2, false) => go!(Decay::L2, false),
+        (Decay::L2, true) => go!(Decay::L2, true),
+        (Decay::Decoupled, false) => go!(Decay::Decoupled, false),
+        (Decay::Decoupled, true) => go!(Decay::Decoupled, true),
+    }
+}
+
+/// `|w| < 0.5`, ATen's `is_lerp_weight_small`.
+trait HalfCheck {
+    fn abs_lt_half(self) -> bool;
+}
+
+impl<T: Real> HalfCheck for T {
+    #[inline(always)]
+    fn abs_lt_half(self) -> bool {
+        let half = T::from_f64(0.5);
+        self < half && -self < half
+    }
+}
+
+#[inline(always)]
+fn adam_loop<T: Real>(
+    x: AdamSlices<'_, T>,
+    s: AdamScalars<T>,
+    decay: Decay,
+    amsgrad: bool,
+    lerp: impl Fn(T, T) -> T,
+) {
+    let n = x.p.len();
+    let (p, g, m, v) = (x.p, &x.g[..n], &mut x.m[..n], &mut x.v[..n]);
+    let max_v = if amsgrad { &mut x.max_v[..n] } else { &mut x.max_v[..0] };
+    for i in 0..n {
+        let mut pi = p[i];
+        let mut gi = g[i] * s.grad_sign;
+        match decay {
+            Decay::None => {}
+            Decay::L2 => gi = gi + pi * s.weight_decay,
+            Decay::Decoupled => pi = pi * s.decay_factor,
+        }
+        let mi = lerp(m[i], gi);
+        let vi = v[i] * s.beta2 + s.one_minus_beta2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let second = if amsgrad {
+            // torch.maximum propagates NaN.
+            let old = max_v[i];
+            let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
+            max_v[i] = mx;
+            mx
+        } else {
+            vi
+        };
+        let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
+        p[i] = pi + s.neg_step_size * mi / denom;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flip_follows_larq_sign_conventions() {
+        // Above the threshold flips, below stays, exact equality (x = 0) gives +1, NaN gives +1.
+        assert_eq!(flip(1.0f32, 0.5), -1.0);
+        assert_eq!(flip(-1.0f32, 0.5), 1.0);
+        assert_eq!(flip(1.0f32, -0.5), 1.0);
+        assert_eq!(flip(-1.0f32, -0.5), -1.0);
+        assert_eq!(flip(-1.0f64, 0.0), 1.0);
+        assert_eq!(flip(-1.0f64, -0.0), 1.0);
+        assert_eq!(flip(-1.0f64, f64::NAN), 1.0);
+        // Non-binary weights are binarised: sign(-sign(x) * w).
+        assert_eq!(flip(0.3f64, 1.0), -1.0);
+        assert_eq!(flip(-0.2f64, 1.0), 1.0);
+        assert_eq!(flip(0.0f64, 1.0), 1.0);
+        assert_eq!(flip(0.3f64, -1.0), 1.0);
+    }
+
+    #[test]
+    fn bop_matches_design_worked_check() {
+        let mut w = [1.0f64, -1.0, 1.0, -1.0];
+        let mut m = [0.0; 4];
+        let s = BopScalars { gamma: 1e-4, threshold: 1e-8 };
+        bop(&mut w, &[2e-4, 2e-4, -2e-4, 5e-5], &mut m, s);
+        assert_eq!(w, [-1.0, -1.0, 1.0, -1.0]);
+        assert_eq!(m[0], 0.0 + (2e-4 - 0.0) * 1e-4);
+    }
+
+    #[test]
+    fn bop2_normalises_momentum() {
+        let mut w = [1.0f64, 1.0, -1.0];
+        let (mut m, mut v) = ([0.0; 3], [0.0; 3]);
+        let s = Bop2Scalars { gamma: 1.0, sigma: 1.0, threshold: 0.5, eps: 1e-10 };
+        bop2(&mut w, &[3.0, -3.0, -1e-3], &mut m, &mut v, s);
+        assert_eq!(w, [-1.0, 1.0, 1.0]);
+        assert_eq!(v, [9.0, 9.0, 1e-6]);
+    }
+
+    fn scalars(lerp_weight: f64) -> AdamScalars<f64> {
+        AdamScalars {
+            lerp_weight,
+            beta2: 0.999,
+            one_minus_beta2: 1.0 - 0.999,
+            eps: 1e-8,
+            neg_step_size: -0.1 / (1.0 - 0.9),
+            bias_correction2_sqrt: (1.0f64 - 0.999).sqrt(),
+            weight_decay: 0.5,
+            decay_factor: 0.95,
+            grad_sign: 1.0,
+        }
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_lr_times_sign() {
+        // Step 1 from zero state: m_hat = g, v_hat = g^2, so p -= lr * g / (|g| + eps).
+        let mut p = [1.0f64, 1.0, 1.0];
+        let (mut m, mut v) = ([0.0; 3], [0.0; 3]);
+        let x =
+            AdamSlices { p: &mut p, g: &[1.0, -1.0, 0.0], m: &mut m, v: &mut v, max_v: &mut [] };
+        adam(x, scalars(0.1), Decay::None, false);
+        assert!((p[0] - 0.9).abs() < 1e-7 && (p[1] - 1.1).abs() < 1e-7 && p[2] == 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn adam_lerp_branches_agree_with_the_plain_formula() {
+        for w in [0.1, 0.7] {
+            let mut m = [0.25f64];
+            let (mut p, mut v) = ([0.0], [0.0]);
+            let x = AdamSlices { p: &mut p, g: &[1.0], m: &mut m, v: &mut v, max_v: &mut [] };
+            adam(x, scalars(w), Decay::None, false);
+            assert!((m[0] - (0.25 + w * 0.75)).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn adam_decay_modes_and_amsgrad() {
+        let run = |decay, amsgrad, max0: f64| {
+            let mut p = [2.0f64];
+            let (mut m, mut v, mut mx) = ([0.0], [0.0], [max0]);
+            let max_v: &mut [f64] = if amsgrad { &mut mx } else { &mut [] };
+            adam(
+                AdamSlices { p: &mut p, g: &[1.0], m: &mut m, v: &mut v, max_v },
+                scalars(0.1),
+                decay,
+                amsgrad,
+            );
+            (p[0], m[0], mx[0])
+        };
+        // L2: g' = 1 + 2 * 0.5 = 2, so m = 0.1 * 2.
+        assert!((run(Decay::L2, false, 0.0).1 - 0.2).abs() < 1e-15);
+        // Decoupled: the parameter is scaled before the step, m sees the raw gradient.
+        let (p, m, _) = run(Decay::Decoupled, false, 0.0);
+        assert!((m - 0.1).abs() < 1e-15 && p < 1.9 && p > 1.7, "{p}");
+        // AMSGrad keeps the larger second moment, and NaN propagates into it.
+        assert_eq!(run(Decay::None, true, 5.0).2, 5.0);
+        assert!(run(Decay::None, true, f64::NAN).2.is_nan());
+        assert!((run(Decay::None, true, 0.0).2 - 0.001).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,677 @@
+//! Fused multi-tensor CPU kernels: one pass over all of an optimizer's variables, each element
+//! read and written once, the work split across threads.
+//!
+//! This is the only module of the crate with `unsafe` code. It turns tensors into slices: an
+//! optimizer queues each variable's tensors in a [`Batch`], which checks every one of them
+//! (CPU, `f32`/`f64`, contiguous, aligned, of the variable's length), and [`Batch::run`] proves
+//! that no memory it will write is touched by another operand before it hands disjoint
+//! sub-slices to the threads. The arithmetic lives in [`math`] and is safe code over slices.
+//!
+//! Anything a batch does not accept (CUDA, half precision, a strided view, a gradient that
+//! aliases its parameter, ...) is reported back as [`Unfit`] and the optimizer uses its libtorch
+//! ops instead, or fails when the fused path was forced.
+//!
+//! Writes go straight to the tensors' memory, so ATen's version counters are not bumped: the
+//! same as an update under `no_grad` as far as autograd's results go, but a graph that saved a
+//! parameter before the step will not notice that it changed (torch.optim's foreach path bumps
+//! the counter and would raise there).
+
+pub(crate) mod math;
+pub(crate) mod ops;
+
+use std::marker::PhantomData;
+use std::mem::{align_of, size_of};
+
+use std::os::raw::c_int;
+
+use tch::{Device, Kind, Tensor};
+
+use math::Real;
+
+/// Below this many elements per thread, a thread costs more to start than it saves
+/// (spawning one measured 50-70 us on the 2-core benchmark VM, the time to stream ~2 MB).
+pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 18;
+
+/// The largest number of state tensors a kernel updates besides the parameter (Adam with
+/// AMSGrad: `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`).
+pub(crate) const MAX_STATES: usize = 3;
+
+/// Why a variable cannot take the fused path.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Unfit {
+    /// Not on the CPU.
+    Device(Device),
+    /// An element type without a kernel.
+    Kind(Kind),
+    /// Operands of different element types (the gradient's is checked earlier; this is state).
+    KindMismatch { operand: &'static str, kind: Kind },
+    /// A strided, non-contiguous operand.
+    NotContiguous(&'static str),
+    /// An operand whose element count differs from the parameter's.
+    Length { operand: &'static str, len: usize, expected: usize },
+    /// An operand whose address is not aligned for its element type.
+    Misaligned(&'static str),
+    /// Two operands share memory that one of them writes; the index of one variable involved.
+    Overlap(usize),
+    /// Anything else the kernels do not handle (an undefined or sparse tensor, ...).
+    Unsupported(&'static str),
+    /// The gradient does not match its parameter (shape, dtype or device): not a reason to
+    /// fall back but an error, as `optim::check_grad` reports it.
+    Grad(String),
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfit::Device(d) => {
+                write!(f, "the fused kernels run on the CPU, the variable is on {d:?}")
+            }
+            Unfit::Kind(k) => {
+                write!(f, "the fused kernels take f32 and f64, the variable is {k:?}")
+            }
+            Unfit::KindMismatch { operand, kind } => {
+                write!(f, "`{operand}` is {kind:?}, unlike the variable")
+            }
+            Unfit::NotContiguous(op) => write!(f, "`{op}` is not contiguous"),
+            Unfit::Length { operand, len, expected } => {
+                write!(f, "`{operand}` holds {len} elements, the variable {expected}")
+            }
+            Unfit::Misaligned(op) => write!(f, "`{op}` is not aligned for its element type"),
+            Unfit::Overlap(_) => {
+                write!(
+                    f,
+                    "it shares memory with another operand of the step, which the update writes"
+                )
+            }
+            Unfit::Unsupported(what) => write!(f, "the fused kernels do not take {what}"),
+            Unfit::Grad(reason) => write!(f, "{reason}"),
+        }
+    }
+}
+
+/// One variable's update, as validated addresses (plain integers, so that a job list can be
+/// kept between steps and sent to threads without claiming anything about the memory).
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    /// Index of the variable in its optimizer.
+    index: usize,
+    len: usize,
+    p: usize,
+    g: usize,
+    states: [usize; MAX_STATES],
+    /// Per-variable scalars the kernel interprets (e.g. Adam's step size).
+    scalars: [f64; 2],
+}
+
+/// A byte range one operand of one job covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Region {
+    start: usize,
+    end: usize,
+    writable: bool,
+    /// The variable the operand belongs to.
+    index: usize,
+}
+
+/// Scratch an optimizer keeps between steps, so that a fused step allocates nothing once the
+/// job lists have grown to size, and re-proves disjointness only when an address changed.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    f32_jobs: Vec<Job>,
+    f64_jobs: Vec<Job>,
+    /// This step's regions, in queue order.
+    regions: Vec<Region>,
+    /// The regions of the last batch proven disjoint, in queue order.
+    verified: Vec<Region>,
+    /// Sorting scratch.
+    sorted: Vec<Region>,
+}
+
+impl Workspace {
+    /// Starts an empty batch for a kernel with `states` state tensors per variable, whose
+    /// tensors are borrowed for `'t`.
+    pub(crate) fn batch<'t>(&mut self, states: usize) -> Batch<'_, 't> {
+        self.f32_jobs.clear();
+        self.f64_jobs.clear();
+        Batch { ws: self, states: states.min(MAX_STATES), tensors: PhantomData }
+    }
+
+    /// Indices of the variables the last successful [`Batch::run`] updated.
+    pub(crate) fn updated(&self) -> impl Iterator<Item = usize> + '_ {
+        self.f32_jobs.iter().chain(&self.f64_jobs).map(|j| j.index)
+    }
+}
+
+/// A kernel: the update of one variable's elements, in either element type.
+pub(crate) trait Kernel: Sync {
+    /// Updates one contiguous run of one variable: `p` and `g` are the same length, and so is
+    /// each of the first [`states`](Kernel::states) slices of `states` (the rest are empty).
+    /// `scalars` are the job's per-variable scalars.
+    fn apply<T: Real>(
+        &self,
+        scalars: [f64; 2],
+        p: &mut [T],
+        g: &[T],
+        states: [&mut [T]; MAX_STATES],
+    );
+}
+
+/// The tensors of one step, queued variable by variable and then updated in one pass.
+///
+/// Holding shared borrows of every queued tensor for `'t` keeps their handles (and so their
+/// storages) alive until the batch is run or dropped.
+pub(crate) struct Batch<'w, 't> {
+    ws: &'w mut Workspace,
+    /// State tensors per variable.
+    states: usize,
+    tensors: PhantomData<&'t Tensor>,
+}
+
+/// A named state tensor of one variable, or nothing in an unused slot.
+pub(crate) type StateOperand<'t> = Option<(&'static str, &'t Tensor)>;
+
+/// Most dimensions a tensor may have to take the fused path (more is refused, not wrong).
+const MAX_DIMS: usize = 12;
+
+/// libtch's codes for the CPU device (`at_device`) and the two element types
+/// (`at_scalar_type`, ATen's `ScalarType`).
+const CPU: c_int = -1;
+const FLOAT: c_int = 6;
+const DOUBLE: c_int = 7;
+
+/// What the fused path reads off a tensor.
+struct Meta {
+    device: c_int,
+    kind: c_int,
+    contiguous: bool,
+    ndim: usize,
+    dims: [i64; MAX_DIMS],
+}
+
+impl Meta {
+    fn shape(&self) -> &[i64] {
+        &self.dims[..self.ndim]
+    }
+
+    fn numel(&self) -> usize {
+        self.shape().iter().map(|&d| usize::try_from(d).unwrap_or(0)).product()
+    }
+}
+
+/// Takes libtch's thread-local error, if the last calls raised one, freeing its string.
+fn take_error() -> bool {
+    // SAFETY: `get_and_reset_last_err` hands over ownership of a `strdup`ed string (or null);
+    // freeing it with `free` is what tch itself does.
+    unsafe {
+        let err = torch_sys::get_and_reset_last_err();
+        if err.is_null() {
+            return false;
+        }
+        libc::free(err.cast());
+        true
+    }
+}
+
+/// Reads `t`'s shape, element type, device and contiguity straight through libtch: one call
+/// per field and no allocation, where tch's accessors allocate a `Vec` for the shape and take
+/// a round trip for libtch's error after every call (together, most of a step's cost on many
+/// small tensors).
+fn meta(t: &Tensor) -> Result<Meta, Unfit> {
+    let c = t.as_ptr() as *mut torch_sys::C_tensor;
+    let mut m = Meta { device: CPU, kind: -1, contiguous: false, ndim: 0, dims: [0; MAX_DIMS] };
+    // SAFETY: `c` is the C++ tensor of a live tch handle, borrowed for this call. These libtch
+    // functions read its metadata and catch every C++ exception into libtch's thread-local
+    // error, which is checked after each call that can raise one (an undefined tensor for
+    // `at_dim`, a sparse one for `at_is_contiguous`), so no error string is overwritten.
+    // `at_shape` writes `at_dim` values and is only called when they fit `dims`; as with
+    // tch's own `size()`, no other thread may change the tensor's shape meanwhile.
+    unsafe {
+        let ndim = torch_sys::at_dim(c);
+        if take_error() {
+            return Err(Unfit::Unsupported("an undefined tensor"));
+        }
+        if ndim > MAX_DIMS {
+            return Err(Unfit::Unsupported("a tensor with more than 12 dimensions"));
+        }
+        torch_sys::at_shape(c, m.dims.as_mut_ptr());
+        m.ndim = ndim;
+        m.kind = torch_sys::at_scalar_type(c);
+        m.device = torch_sys::at_device(c);
+        m.contiguous = torch_sys::at_is_contiguous(c) == 1;
+    }
+    if take_error() {
+        return Err(Unfit::Unsupported("a sparse or opaque tensor layout"));
+    }
+    Ok(m)
+}
+
+/// The data address of a dense CPU tensor whose elements are `align`-aligned.
+fn address(t: &Tensor, name: &'static str, align: usize) -> Result<usize, Unfit> {
+    // SAFETY: as in `meta`: a live handle, and the exception (a tensor without storage) is
+    // caught by libtch and checked right after.
+    let addr = unsafe { torch_sys::at_data_ptr(t.as_ptr() as *mut torch_sys::C_tensor) } as usize;
+    if take_error() || addr == 0 || addr % align != 0 {
+        return Err(Unfit::Misaligned(name));
+    }
+    Ok(addr)
+}
+
+impl<'t> Batch<'_, 't> {
+    /// Queues the update of variable `index`: parameter `p`, gradient `g` and the kernel's
+    /// state tensors (the first `states` slots), which are all checked here, the gradient
+    /// against the parameter as `optim::check_grad` does ([`Unfit::Grad`]). Nothing is written
+    /// until [`run`](Self::run).
+    pub(crate) fn push(
+        &mut self,
+        index: usize,
+        p: &'t Tensor,
+        g: &'t Tensor,
+        states: [StateOperand<'t>; MAX_STATES],
+        scalars: [f64; 2],
+    ) -> Result<(), Unfit> {
+        let pm = meta(p)?;
+        let gm = meta(g)?;
+        if gm.shape() != pm.shape() {
+            return Err(Unfit::Grad(format!("shape {:?} != {:?}", gm.shape(), pm.shape())));
+        }
+        if gm.kind != pm.kind {
+            return Err(Unfit::Grad(format!("dtype {:?} != {:?}", g.kind(), p.kind())));
+        }
+        if gm.device != pm.device {
+            return Err(Unfit::Grad(format!("device {:?} != {:?}", g.device(), p.device())));
+        }
+        if pm.device != CPU {
+            return Err(Unfit::Device(p.device()));
+        }
+        let (kind, align) = match pm.kind {
+            FLOAT => (Kind::Float, align_of::<f32>()),
+            DOUBLE => (Kind::Double, align_of::<f64>()),
+            _ => {
+                return Err(p.f_kind().map_or(Unfit::Unsupported("an unknown dtype"), Unfit::Kind))
+            }
+        };
+        if !pm.contiguous {
+            return Err(Unfit::NotContiguous("param"));
+        }
+        if !gm.contiguous {
+            return Err(Unfit::NotContiguous("grad"));
+        }
+        let len = pm.numel();
+        let mut addrs = [0usize; MAX_STATES];
+        for (slot, state) in addrs.iter_mut().zip(states).take(self.states) {
+            let (name, t) = state.ok_or(Unfit::Unsupported("a state tensor is missing"))?;
+            let sm = meta(t)?;
+            if sm.device != CPU {
+                return Err(Unfit::Device(t.device()));
+            }
+            if sm.kind != pm.kind {
+                return Err(Unfit::KindMismatch { operand: name, kind: t.kind() });
+            }
+            if !sm.contiguous {
+                return Err(Unfit::NotContiguous(name));
+            }
+            if sm.numel() != len {
+                return Err(Unfit::Length { operand: name, len: sm.numel(), expected: len });
+            }
+            if len > 0 {
+                *slot = address(t, name, align)?;
+            }
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let job = Job {
+            index,
+            len,
+            p: address(p, "param", align)?,
+            g: address(g, "grad", align)?,
+            states: addrs,
+            scalars,
+        };
+        match kind {
+            Kind::Float => self.ws.f32_jobs.push(job),
+            _ => self.ws.f64_jobs.push(job),
+        }
+        Ok(())
+    }
+
+    /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
+    /// is too little work to pay for them).
+    ///
+    /// Fails, before writing anything, when two operands share memory that one of them writes.
+    pub(crate) fn run<K: Kernel>(self, kernel: &K, threads: usize) -> Result<(), Unfit> {
+        let (ws, states) = (self.ws, self.states);
+        if let Err(index) = ws.disjoint(states) {
+            // Forget the jobs so that `updated` reports nothing.
+            ws.f32_jobs.clear();
+            ws.f64_jobs.clear();
+            return Err(Unfit::Overlap(index));
+        }
+        let total = ws.f32_jobs.iter().chain(&ws.f64_jobs).map(|j| j.len).sum::<usize>();
+        let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
+        let simd = Simd::detect();
+        let (f32_jobs, f64_jobs) = (&ws.f32_jobs[..], &ws.f64_jobs[..]);
+        let work = |t: usize| {
+            let (lo, hi) = share(total_len(f32_jobs), threads, t);
+            // SAFETY: `push` checked every address (live CPU tensor of this element type,
+            // contiguous, `len` elements, aligned) and the batch borrows those tensors until
+            // it is consumed here; `disjoint` proved that written operands share no memory;
+            // `share` hands each thread a disjoint element range.
+            unsafe { run_range::<K, f32>(kernel, simd, f32_jobs, states, lo, hi) };
+            let (lo, hi) = share(total_len(f64_jobs), threads, t);
+            // SAFETY: as above, for the f64 jobs.
+            unsafe { run_range::<K, f64>(kernel, simd, f64_jobs, states, lo, hi) };
+        };
+        if threads <= 1 {
+            work(0);
+        } else {
+            std::thread::scope(|scope| {
+                for t in 1..threads {
+                    scope.spawn(move || work(t));
+                }
+                work(0);
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Workspace {
+    /// Checks that every byte some job writes belongs to exactly one operand of one job;
+    /// readers (gradients) may share memory with each other, not with anything written. The
+    /// error is the index of a variable involved in an overlap.
+    fn disjoint(&mut self, states: usize) -> Result<(), usize> {
+        self.regions.clear();
+        for (jobs, size) in [(&self.f32_jobs, size_of::<f32>()), (&self.f64_jobs, size_of::<f64>())]
+        {
+            for j in jobs.iter() {
+                let bytes = j.len * size;
+                let mut add = |addr: usize, writable: bool| {
+                    let index = j.index;
+                    self.regions.push(Region { start: addr, end: addr + bytes, writable, index })
+                };
+                add(j.p, true);
+                add(j.g, false);
+                for &s in &j.states[..states] {
+                    add(s, true);
+                }
+            }
+        }
+        if self.regions == self.verified {
+            return Ok(());
+        }
+        self.sorted.clear();
+        self.sorted.extend_from_slice(&self.regions);
+        self.sorted.sort_unstable();
+        let (mut end_any, mut end_written) = (0usize, 0usize);
+        for r in &self.sorted {
+            if r.start < end_written || (r.writable && r.start < end_any) {
+                return Err(r.index);
+            }
+            end_any = end_any.max(r.end);
+            if r.writable {
+                end_written = end_written.max(r.end);
+            }
+        }
+        std::mem::swap(&mut self.verified, &mut self.regions);
+        Ok(())
+    }
+}
+
+fn total_len(jobs: &[Job]) -> usize {
+    jobs.iter().map(|j| j.len).sum()
+}
+
+/// How many threads to use for `total` elements: at most `wanted`, and no more than leaves
+/// each `min_per_thread` elements; at least one.
+fn threads_for(total: usize, wanted: usize, min_per_thread: usize) -> usize {
+    wanted.min(total / min_per_thread.max(1)).max(1)
+}
+
+/// Thread `t`'s share `[lo, hi)` of `total` elements split `threads` ways, boundaries rounded
+/// to 16 elements so that threads do not share cache lines.
+fn share(total: usize, threads: usize, t: usize) -> (usize, usize) {
+    let at = |k: usize| if k >= threads { total } else { ((total / threads * k) & !15).min(total) };
+    (at(t), at(t + 1))
+}
+
+/// The instruction set a loop runs with, detected once per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    /// The baseline the crate is compiled for.
+    Baseline,
+    /// AVX2 (x86-64): the same arithmetic (no FMA), eight f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Simd::Avx2;
+        }
+        Simd::Baseline
+    }
+}
+
+/// Runs `kernel` over elements `[lo, hi)` of the concatenation of `jobs`.
+///
+/// # Safety
+/// Every job's addresses must point to `len` valid, aligned elements of `T` (its first `states`
+/// state addresses included), no byte written through one operand may belong to another
+/// operand of any job, and nothing else may access elements `[lo, hi)` of the written operands
+/// while this runs: what `Batch::push`, `Workspace::disjoint` and `share` establish.
+unsafe fn run_range<K: Kernel, T: Real>(
+    kernel: &K,
+    simd: Simd,
+    jobs: &[Job],
+    states: usize,
+    lo: usize,
+    hi: usize,
+) {
+    let mut offset = 0;
+    for job in jobs {
+        let (start, end) = (lo.max(offset), hi.min(offset + job.len));
+        offset += job.len;
+        if start >= end {
+            if offset >= hi {
+                break;
+            }
+            continue;
+        }
+        let (a, n) = (start - (offset - job.len), end - start);
+        // SAFETY (for the three blocks below): by this function's contract every address
+        // points to `job.len` valid, aligned elements of `T` (in practice the data of a live,
+        // contiguous CPU tensor that the batch borrows, so its storage stays allocated), and
+        // `a + n <= job.len`, so the ranges are in bounds. No byte written through one operand
+        // belongs to any other operand of any job (gradients, only read, may share memory with
+        // each other), and no other thread touches elements `[lo, hi)`, so each mutable slice
+        // is the only reference to its elements while it lives. (Other tch handles to the same
+        // tensors must not be used from other threads during the step: the same contract as
+        // any in-place tch op.)
+        let p = unsafe { slice_mut::<T>(job.p, a, n) };
+        // SAFETY: as above; the gradient is only read.
+        let g = unsafe { std::slice::from_raw_parts((job.g as *const T).add(a), n) };
+        let mut st: [&mut [T]; MAX_STATES] = [&mut [], &mut [], &mut []];
+        for (slot, &addr) in st.iter_mut().zip(&job.states[..states]) {
+            // SAFETY: as above.
+            *slot = unsafe { slice_mut::<T>(addr, a, n) };
+        }
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::Avx2` is only chosen when the CPU reports AVX2.
+            Simd::Avx2 => unsafe { apply_avx2(kernel, job.scalars, p, g, st) },
+            Simd::Baseline => kernel.apply(job.scalars, p, g, st),
+        }
+    }
+}
+
+/// `n` elements of type `T` from element `offset` of the buffer at `addr`, mutably.
+///
+/// # Safety
+/// `addr` must point to at least `offset + n` initialised, aligned elements of `T` that nothing
+/// else reads or writes while the slice lives.
+unsafe fn slice_mut<'a, T>(addr: usize, offset: usize, n: usize) -> &'a mut [T] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut((addr as *mut T).add(offset), n) }
+}
+
+/// The kernel compiled for AVX2: the loops are inlined here and vectorised eight f32 wide.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_avx2<K: Kernel, T: Real>(
+    kernel: &K,
+    scalars: [f64; 2],
+    p: &mut [T],
+    g: &[T],
+    states: [&mut [T]; MAX_STATES],
+) {
+    kernel.apply(scalars, p, g, states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_follow_the_work() {
+        assert_eq!(threads_for(0, 4, 100), 1);
+        assert_eq!(threads_for(99, 4, 100), 1);
+        assert_eq!(threads_for(250, 4, 100), 2);
+        assert_eq!(threads_for(10_000, 4, 100), 4);
+        assert_eq!(threads_for(10_000, 0, 100), 1);
+    }
+
+    #[test]
+    fn shares_cover_everything_once_on_cache_line_boundaries() {
+        for total in [0usize, 1, 15, 16, 17, 1000, 12_345] {
+            for threads in 1..6 {
+                let mut next = 0;
+                for t in 0..threads {
+                    let (lo, hi) = share(total, threads, t);
+                    assert_eq!(lo, next, "total {total} threads {threads}");
+                    assert!(lo <= hi);
+                    assert!(lo % 16 == 0 || lo == total);
+                    next = hi;
+                }
+                assert_eq!(next, total);
+            }
+        }
+    }
+
+    fn ws_with(jobs: &[(usize, usize, usize, usize)]) -> Workspace {
+        let mut ws = Workspace::default();
+        for &(p, g, m, len) in jobs {
+            let index = ws.f32_jobs.len();
+            ws.f32_jobs.push(Job { index, len, p, g, states: [m, 0, 0], scalars: [0.0; 2] });
+        }
+        ws
+    }
+
+    #[test]
+    fn disjointness_allows_shared_reads_only() {
+        // Separate buffers of 4 f32 (16 bytes) each.
+        assert_eq!(ws_with(&[(0, 16, 32, 4), (48, 64, 80, 4)]).disjoint(1), Ok(()));
+        // Two variables reading the same gradient: fine.
+        assert_eq!(ws_with(&[(0, 100, 32, 4), (48, 100, 80, 4)]).disjoint(1), Ok(()));
+        // A gradient that is its own parameter.
+        assert_eq!(ws_with(&[(0, 0, 32, 4)]).disjoint(1), Err(0));
+        // A state overlapping the next variable's parameter by one element.
+        assert!(ws_with(&[(0, 16, 32, 4), (44, 64, 80, 4)]).disjoint(1).is_err());
+        // A gradient reading memory another variable writes.
+        assert!(ws_with(&[(0, 52, 32, 4), (48, 100, 80, 4)]).disjoint(1).is_err());
+        // Only the operands a kernel uses count: a stale second state slot is ignored.
+        let mut ws = ws_with(&[(0, 16, 32, 4)]);
+        ws.f32_jobs[0].states[1] = 0;
+        assert_eq!(ws.disjoint(1), Ok(()));
+    }
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Runs `kernel` once over fresh buffers of `n` elements with the given instruction set
+    /// and returns every buffer afterwards.
+    fn run_once<K: Kernel>(kernel: &K, states: usize, simd: Simd, n: usize) -> Vec<Vec<f32>> {
+        let mut p: Vec<f32> =
+            noise(n, 1).iter().map(|v| if *v >= 0.0 { 1.0 } else { -1.0 }).collect();
+        p[0] = 0.5; // a non-binary weight
+        let g: Vec<f32> = noise(n, 2).iter().map(|v| v * 1e-3).collect();
+        let mut s: Vec<Vec<f32>> = (0..MAX_STATES)
+            .map(|k| noise(n, 3 + k as u64).iter().map(|v| v.abs() * 1e-3).collect())
+            .collect();
+        let mut addrs = [0usize; MAX_STATES];
+        for (a, buf) in addrs.iter_mut().zip(&mut s) {
+            *a = buf.as_mut_ptr() as usize;
+        }
+        let job = Job {
+            index: 0,
+            len: n,
+            p: p.as_mut_ptr() as usize,
+            g: g.as_ptr() as usize,
+            states: addrs,
+            scalars: [0.01, 0.05],
+        };
+        // SAFETY: every address is a distinct live Vec of `n` f32, used by nothing else here.
+        unsafe { run_range::<K, f32>(kernel, simd, &[job], states, 0, n) };
+        let mut out = vec![p];
+        out.extend(s.into_iter().take(states));
+        out
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_baseline_loops_agree_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        use ops::{AdamKernel, Bop2Kernel, BopKernel};
+        let n = 1003; // not a multiple of any vector width: the scalar tails run too
+        let bop = BopKernel { gamma: 1e-2, threshold: 1e-7 };
+        let base = run_once(&bop, 1, Simd::Baseline, n);
+        assert_eq!(base, run_once(&bop, 1, Simd::Avx2, n));
+        assert_ne!(base[1], noise(n, 3).iter().map(|v| v.abs() * 1e-3).collect::<Vec<_>>());
+        let bop2 = Bop2Kernel { gamma: 1e-2, sigma: 1e-1, threshold: 1e-3, eps: 1e-10 };
+        assert_eq!(run_once(&bop2, 2, Simd::Baseline, n), run_once(&bop2, 2, Simd::Avx2, n));
+        for (decoupled, amsgrad, maximize, weight_decay) in
+            [(false, false, false, 0.0), (false, true, true, 0.1), (true, true, false, 0.3)]
+        {
+            let adam = AdamKernel {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+            };
+            let k = adam.states();
+            assert_eq!(run_once(&adam, k, Simd::Baseline, n), run_once(&adam, k, Simd::Avx2, n));
+        }
+    }
+
+    #[test]
+    fn a_verified_plan_is_reused_and_a_changed_one_rechecked() {
+        let mut ws = ws_with(&[(0, 16, 32, 4)]);
+        assert_eq!(ws.disjoint(1), Ok(()));
+        assert_eq!(ws.verified.len(), 3);
+        assert_eq!(ws.disjoint(1), Ok(()));
+        ws.f32_jobs[0].g = 0;
+        assert_eq!(ws.disjoint(1), Err(0));
+    }
+}
