@@ -1,0 +1,132 @@
+"""The PyTorch rows of `cargo run --release --example bench_step` (which runs this script).
+
+Times one optimizer step on design.md's parameter sets with torch.optim.Adam (foreach and fused)
+on every variable, and with a Bop written with torch ops the way a PyTorch user would write it
+(larq's formula, per tensor) for the binary variables plus fused Adam for the rest. Prints one
+JSON object per measurement on stdout: {"set", "impl", "ms" (median), "min_ms", "reps"}; the
+Rust side adds the bandwidth bound.
+
+    scripts/env.sh python scripts/bench_torch.py --set binarynet --threads 2 --reps 20
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+GAMMA, THRESHOLD, LR = 1e-4, 1e-8, 0.01
+
+
+def binarynet():
+    """(name, shape, binary) of BinaryNet for CIFAR-10, as design.md lists them."""
+    out = []
+    for i, (cin, cout) in enumerate([(3, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]):
+        out.append((f"conv{i}.weight", (cout, cin, 3, 3), i > 0))
+        out.append((f"bn_conv{i}.beta", (cout,), False))
+    for i, (fin, fout) in enumerate([(8192, 1024), (1024, 1024), (1024, 10)]):
+        out.append((f"dense{i}.weight", (fout, fin), i < 2))
+        out.append((f"bn_dense{i}.beta", (fout,), False))
+    return out
+
+
+def many_small():
+    return [(f"p{i}", (256,), i % 2 == 0) for i in range(2000)]
+
+
+SETS = {"binarynet": binarynet, "many-small": many_small}
+
+
+def make_params(spec, device, seed=0):
+    """Fresh parameters (binary ones +-1) with N(0, 1) * 1e-3 gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for _, shape, binary in spec:
+        init = torch.randn(shape, generator=gen)
+        init = torch.where(init >= 0, 1.0, -1.0) if binary else init * 0.1
+        p = torch.nn.Parameter(init.to(device))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
+        params.append(p)
+    return params
+
+
+class TorchOpsBop:
+    """Bop as a PyTorch user writes it: larq's update with torch ops, one tensor at a time."""
+
+    def __init__(self, params, gamma=GAMMA, threshold=THRESHOLD):
+        self.params, self.gamma, self.threshold = params, gamma, threshold
+        self.m = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self):
+        for p, m in zip(self.params, self.m):
+            m.add_(p.grad - m, alpha=self.gamma)
+            p.copy_(torch.sign(torch.sign(-torch.sign(p * m - self.threshold) * p) + 0.1))
+
+
+def timed(step, device, warmup, reps):
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def rows(set_name, device):
+    spec = SETS[set_name]()
+
+    def adam(kind):
+        def make():
+            params = make_params(spec, device)
+            opt = torch.optim.Adam(params, lr=LR, **{kind: True})
+            return opt.step
+        return make
+
+    def bop_plus_adam():
+        params = make_params(spec, device)
+        binary = [p for p, (_, _, b) in zip(params, spec) if b]
+        other = [p for p, (_, _, b) in zip(params, spec) if not b]
+        bop = TorchOpsBop(binary)
+        adam = torch.optim.Adam(other, lr=LR, fused=True)
+
+        def step():
+            bop.step()
+            adam.step()
+        return step
+
+    yield "torch.optim.Adam foreach", adam("foreach")
+    yield "torch.optim.Adam fused", adam("fused")
+    yield "torch-ops Bop + fused Adam", bop_plus_adam
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=sorted(SETS) + ["all"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sets = sorted(SETS) if args.set == "all" else [args.set]
+    for set_name in sets:
+        for impl, make in rows(set_name, args.device):
+            step = make()
+            ms, min_ms = timed(step, args.device, args.warmup, args.reps)
+            print(json.dumps({"set": set_name, "impl": impl, "ms": ms, "min_ms": min_ms,
+                              "reps": args.reps, "torch": torch.__version__}), flush=True)
+            del step
+
+
+if __name__ == "__main__":
+    main()
