@@ -31,12 +31,10 @@ pub use optim::{
 pub use schedule::Schedule;
 pub use tch;
 
+#[doc(inline)]
 pub use caseopt_macros::case_optimizer;
 pub use predicate::{dtype_from_name, dtype_name, Glob, Predicate, DTYPE_NAMES};
-pub use router::{
-    fingerprint, OptimizerInspector, OptimizerVisitor, Route, Router, RouterBuilder, RouterCore,
-    RoutingTable, RuleInfo, RuleSpec,
-};
+pub use router::{fingerprint, Route, Router, RouterBuilder, RoutingTable, RuleInfo, RuleSpec};
 
 /// Support for the code `case_optimizer!` generates; not public API.
 #[doc(hidden)]

@@ -215,6 +215,11 @@ impl fmt::Debug for Glob {
 }
 
 /// The dtypes a `dtype(...)` atom can name, with their tch kinds.
+///
+/// ```
+/// let names: Vec<&str> = caseopt::DTYPE_NAMES.iter().map(|(n, _)| *n).collect();
+/// assert_eq!(names, ["f32", "f64", "f16", "bf16"]);
+/// ```
 pub const DTYPE_NAMES: &[(&str, Kind)] =
     &[("f32", Kind::Float), ("f64", Kind::Double), ("f16", Kind::Half), ("bf16", Kind::BFloat16)];
 

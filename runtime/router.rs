@@ -346,7 +346,8 @@ fn assign(
 
 /// What a router keeps besides its optimizers: the rules, the routing table, the fingerprint
 /// and, when built from a `VarStore`, a handle on the store's variables (so that variables
-/// added after the build can be detected).
+/// added after the build can be detected). Reached through [`Router`].
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct RouterCore {
     table: RoutingTable,
@@ -408,13 +409,15 @@ pub fn fingerprint(rules: &[RuleInfo]) -> u64 {
 }
 
 /// Visits each rule's optimizer mutably, statically dispatched (one monomorphised call per
-/// field of the generated struct).
+/// field of the generated struct). How the runtime walks a router's optimizers; not public API.
+#[doc(hidden)]
 pub trait OptimizerVisitor {
     /// Called once per rule, in rule order.
     fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()>;
 }
 
-/// Visits each rule's optimizer immutably, statically dispatched.
+/// Visits each rule's optimizer immutably, statically dispatched; not public API.
+#[doc(hidden)]
 pub trait OptimizerInspector {
     /// Called once per rule, in rule order.
     fn inspect<O: Optimizer>(&mut self, rule: usize, optimizer: &O) -> Result<()>;
@@ -567,6 +570,10 @@ pub trait Router: Send {
     fn optimizer_mut(&mut self, rule: usize) -> Option<&mut dyn Optimizer>;
     /// See [`fingerprint`]: stable across runs and platforms, changes with the rules.
     fn fingerprint(&self) -> u64;
+    /// The variables of the `VarStore` the router was built from (a clone of its
+    /// `variables_` handle), so that variables added after the build can be found; `None` when
+    /// it was built from a list.
+    fn variable_store(&self) -> Option<&Arc<Mutex<nn::Variables>>>;
     /// Each rule's optimizer's step count, in rule order.
     fn step_counts(&self) -> Vec<u64>;
     /// One step of every optimizer, each with its variables' `.grad()`.
@@ -603,6 +610,10 @@ impl<R: RouterParts> Router for R {
 
     fn fingerprint(&self) -> u64 {
         self.core().fingerprint()
+    }
+
+    fn variable_store(&self) -> Option<&Arc<Mutex<nn::Variables>>> {
+        self.core().variable_store()
     }
 
     fn step_counts(&self) -> Vec<u64> {

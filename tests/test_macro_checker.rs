@@ -41,8 +41,10 @@ fn wide(v: &VarInfo) -> bool {
     v.shape.first().is_some_and(|&d| d >= 2)
 }
 
-/// User predicates by the text a rule names them with.
-const USER: &[(&str, fn(&VarInfo) -> bool)] = &[("big", big), ("wide", wide)];
+/// A user predicate and the text a rule names it with.
+type UserPredicate = (&'static str, fn(&VarInfo) -> bool);
+
+const USER: &[UserPredicate] = &[("big", big), ("wide", wide)];
 
 fn atom() -> impl Strategy<Value = Predicate> {
     let glob =

@@ -34,7 +34,7 @@ fn set_grads(vs: &nn::VarStore, grad: impl Fn(&str, &Tensor) -> Tensor) {
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for (name, t) in vs.variables() {
         let g = grad(&name, &t).detach();
-        loss = loss + (&t * g).sum(Kind::Float);
+        loss += (&t * g).sum(Kind::Float);
     }
     for (_, t) in vs.variables() {
         let mut g = t.grad();
@@ -340,7 +340,7 @@ fn user_optimizers_user_predicates_and_expression_values() -> Result<()> {
     assert!(opt.emb().config.verbose);
     assert_eq!(opt.routing_table().variables_of(1), vec!["big"]);
     for t in &handles {
-        let _ = t.sum(Kind::Float).backward();
+        t.sum(Kind::Float).backward();
     }
     opt.step()?;
     opt.step()?;

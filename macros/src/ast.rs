@@ -182,7 +182,7 @@ pub enum AtomKind {
     /// `where(f)`.
     User {
         /// The function, as tokens to emit.
-        expr: syn::Expr,
+        expr: Box<syn::Expr>,
         /// Identity of the atom: its tokens, whitespace-insensitive.
         key: String,
         /// The function as written, for messages.
@@ -601,7 +601,7 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
                 syn::Expr::Path(p) if p.qself.is_none() => path_text(&p.path),
                 _ => key.clone(),
             });
-        return Ok(AtomKind::User { expr, key, text });
+        return Ok(AtomKind::User { expr: Box::new(expr), key, text });
     }
     if input.peek(Token![_]) {
         let underscore: Token![_] = input.parse()?;

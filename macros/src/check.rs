@@ -11,7 +11,7 @@ use quote::ToTokens;
 
 use crate::ast::{AtomKind, Input, Literal, Pred, Rule, RulePredicate};
 use crate::builtin::{Builtin, Field};
-use crate::logic::{self, Atom, Formula, Relation, Sat};
+use crate::logic::{self, Answer, Atom, Formula, Relation};
 
 /// What the checks proved, for the expansion and for tests.
 #[derive(Debug, Default)]
@@ -236,7 +236,7 @@ fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
         let RulePredicate::Formula(pred) = &rule.predicate else { continue };
         let Some(f) = formula(pred) else { continue };
         match logic::satisfiable(&f) {
-            (Sat::Unsat, conflict) => {
+            (Answer::Unsat, conflict) => {
                 let reason = conflict.map(|c| format!(": {}", c.describe())).unwrap_or_default();
                 errors.push(syn::Error::new_spanned(
                     &rule.predicate_tokens,

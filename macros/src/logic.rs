@@ -48,7 +48,7 @@ impl Formula {
 
 /// A satisfiability verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sat {
+pub enum Answer {
     /// Some variable satisfies it.
     Sat,
     /// Proven: no variable satisfies it.
@@ -94,9 +94,9 @@ const MAX_GLOB_STATES: usize = 20_000;
 type Term = Vec<(Atom, bool)>;
 
 /// Satisfiability of `f`; on `Unsat`, the conflict when `f` is a single conjunction.
-pub fn satisfiable(f: &Formula) -> (Sat, Option<Conflict>) {
+pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
     let Some(terms) = dnf(f, true, true) else {
-        return (Sat::Unknown, None);
+        return (Answer::Unknown, None);
     };
     if terms.is_empty() {
         // Every term contradicted on its face; name the conflict when there was just one.
@@ -104,21 +104,21 @@ pub fn satisfiable(f: &Formula) -> (Sat, Option<Conflict>) {
             Some([single]) => check_term(single).err(),
             _ => None,
         };
-        return (Sat::Unsat, conflict);
+        return (Answer::Unsat, conflict);
     }
     let mut unknown = false;
     let mut conflict = None;
     for term in &terms {
         match check_term(term) {
-            Ok(Sat::Sat) => return (Sat::Sat, None),
+            Ok(Answer::Sat) => return (Answer::Sat, None),
             Ok(_) => unknown = true,
             Err(c) => conflict = Some(c),
         }
     }
     if unknown {
-        (Sat::Unknown, None)
+        (Answer::Unknown, None)
     } else {
-        (Sat::Unsat, if terms.len() == 1 { conflict } else { None })
+        (Answer::Unsat, if terms.len() == 1 { conflict } else { None })
     }
 }
 
@@ -191,7 +191,7 @@ fn clash(a: &(Atom, bool), b: &(Atom, bool)) -> bool {
 }
 
 /// Whether one conjunction is satisfiable; `Err` names the dimension that contradicts.
-fn check_term(term: &Term) -> Result<Sat, Conflict> {
+fn check_term(term: &Term) -> Result<Answer, Conflict> {
     let mut bits = Dimension::default();
     let mut ndim = Dimension::default();
     let mut dtype = Dimension::default();
@@ -232,7 +232,7 @@ fn check_term(term: &Term) -> Result<Sat, Conflict> {
         return Err(Conflict::User);
     }
     match globs_satisfiable(&globs_pos, &globs_neg) {
-        Sat::Unsat => Err(Conflict::Name),
+        Answer::Unsat => Err(Conflict::Name),
         other => Ok(other),
     }
 }
@@ -282,9 +282,9 @@ impl Dimension {
 /// Whether some name matches every glob in `positive` and none in `negative`: a search over
 /// the product of the globs' automata (subset construction on the fly, so complements are
 /// exact). Characters that appear in no glob behave alike, so one stands for all of them.
-pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Sat {
+pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
     if positive.is_empty() && negative.is_empty() {
-        return Sat::Sat;
+        return Answer::Sat;
     }
     let globs: Vec<Vec<char>> =
         positive.iter().chain(negative).map(|g| g.chars().collect()).collect();
@@ -317,13 +317,13 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Sat {
     let mut seen: HashSet<State> = HashSet::new();
     let mut queue = VecDeque::new();
     if dead(&start) {
-        return Sat::Unsat;
+        return Answer::Unsat;
     }
     seen.insert(start.clone());
     queue.push_back(start);
     while let Some(state) = queue.pop_front() {
         if accepting(&state) {
-            return Sat::Sat;
+            return Answer::Sat;
         }
         for c in &alphabet {
             let next: State = state
@@ -343,13 +343,13 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Sat {
                 continue;
             }
             if seen.len() >= MAX_GLOB_STATES {
-                return Sat::Unknown;
+                return Answer::Unknown;
             }
             seen.insert(next.clone());
             queue.push_back(next);
         }
     }
-    Sat::Unsat
+    Answer::Unsat
 }
 
 /// The positions reachable from `positions` by letting `*` match nothing; sorted, unique.
@@ -381,12 +381,12 @@ pub enum Relation {
 /// The relation between two satisfiable (or undecided) formulas.
 pub fn relation(a: &Formula, b: &Formula) -> Relation {
     let both = Formula::And(vec![a.clone(), b.clone()]);
-    if satisfiable(&both).0 == Sat::Unsat {
+    if satisfiable(&both).0 == Answer::Unsat {
         return Relation::Disjoint;
     }
     let a_only = Formula::And(vec![a.clone(), b.clone().not()]);
     let b_only = Formula::And(vec![b.clone(), a.clone().not()]);
-    match (satisfiable(&a_only).0 == Sat::Unsat, satisfiable(&b_only).0 == Sat::Unsat) {
+    match (satisfiable(&a_only).0 == Answer::Unsat, satisfiable(&b_only).0 == Answer::Unsat) {
         (true, true) => Relation::Equivalent,
         (true, false) => Relation::FirstImpliesSecond,
         (false, true) => Relation::SecondImpliesFirst,
@@ -457,8 +457,8 @@ mod tests {
                 let qc: Vec<char> = q.chars().collect();
                 let both = names.iter().any(|n| matches(&pc, n) && matches(&qc, n));
                 let p_not_q = names.iter().any(|n| matches(&pc, n) && !matches(&qc, n));
-                assert_eq!(globs_satisfiable(&[p, q], &[]) == Sat::Sat, both, "{p:?} & {q:?}");
-                assert_eq!(globs_satisfiable(&[p], &[q]) == Sat::Sat, p_not_q, "{p:?} & !{q:?}");
+                assert_eq!(globs_satisfiable(&[p, q], &[]) == Answer::Sat, both, "{p:?} & {q:?}");
+                assert_eq!(globs_satisfiable(&[p], &[q]) == Answer::Sat, p_not_q, "{p:?} & !{q:?}");
                 checked += 1;
             }
         }
@@ -482,8 +482,11 @@ mod tests {
         let bits = |n| atom(Atom::Bits(n));
         let ndim = |n| atom(Atom::Ndim(n));
         let dtype = |d: &str| atom(Atom::Dtype(d.into()));
-        assert_eq!(satisfiable(&and(vec![bits(1), bits(2)])), (Sat::Unsat, Some(Conflict::Bits)));
-        assert_eq!(satisfiable(&and(vec![ndim(1), ndim(1)])).0, Sat::Sat);
+        assert_eq!(
+            satisfiable(&and(vec![bits(1), bits(2)])),
+            (Answer::Unsat, Some(Conflict::Bits))
+        );
+        assert_eq!(satisfiable(&and(vec![ndim(1), ndim(1)])).0, Answer::Sat);
         assert_eq!(relation(&bits(1), &bits(2)), Relation::Disjoint);
         assert_eq!(relation(&ndim(2), &or(vec![ndim(2), ndim(4)])), Relation::FirstImpliesSecond);
         assert_eq!(relation(&dtype("f32"), &dtype("f16")), Relation::Disjoint);
@@ -491,10 +494,10 @@ mod tests {
         // Excluding every named dtype still leaves others (complex, integer kinds).
         let none_named =
             and(["f32", "f64", "f16", "bf16"].iter().map(|d| dtype(d).not()).collect());
-        assert_eq!(satisfiable(&none_named).0, Sat::Sat);
+        assert_eq!(satisfiable(&none_named).0, Answer::Sat);
         // Excluding all 256 bit widths leaves none.
         let no_width = and((0..=255u8).map(|n| bits(n).not()).collect());
-        assert_eq!(satisfiable(&no_width).0, Sat::Unsat);
+        assert_eq!(satisfiable(&no_width).0, Answer::Unsat);
     }
 
     #[test]
@@ -504,7 +507,10 @@ mod tests {
         assert_eq!(relation(&f, &g), Relation::Unknown);
         assert_eq!(relation(&f, &f.clone().not()), Relation::Disjoint);
         assert_eq!(relation(&and(vec![f.clone(), g.clone()]), &f), Relation::FirstImpliesSecond);
-        assert_eq!(satisfiable(&and(vec![f.clone(), f.not()])), (Sat::Unsat, Some(Conflict::User)));
+        assert_eq!(
+            satisfiable(&and(vec![f.clone(), f.not()])),
+            (Answer::Unsat, Some(Conflict::User))
+        );
     }
 
     #[test]
@@ -519,8 +525,8 @@ mod tests {
         let f = and(vec![or(vec![b.clone(), n2.clone()]), b.not()]);
         assert_eq!(relation(&f, &n2), Relation::FirstImpliesSecond);
         assert_eq!(Formula::Or(vec![]).clone(), Formula::Or(vec![]));
-        assert_eq!(satisfiable(&Formula::Or(vec![])).0, Sat::Unsat);
-        assert_eq!(satisfiable(&Formula::And(vec![])).0, Sat::Sat);
+        assert_eq!(satisfiable(&Formula::Or(vec![])).0, Answer::Unsat);
+        assert_eq!(satisfiable(&Formula::And(vec![])).0, Answer::Sat);
     }
 
     #[test]
@@ -529,6 +535,6 @@ mod tests {
         let wide = and((0..13u64)
             .map(|i| or(vec![atom(Atom::Ndim(i)).not(), atom(Atom::User(format!("u{i}")))]))
             .collect());
-        assert_eq!(satisfiable(&wide).0, Sat::Unknown);
+        assert_eq!(satisfiable(&wide).0, Answer::Unknown);
     }
 }
