@@ -30,6 +30,8 @@
 //! # Ok::<(), caseopt::Error>(())
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -483,6 +485,8 @@ pub struct BatchNorm {
     pub moving_variance: Tensor,
     /// The configuration it was built with.
     pub config: BatchNormConfig,
+    /// 0 normally; while re-estimating the statistics, 1 + the number of batches averaged.
+    recalibration: AtomicU64,
 }
 
 /// Creates a [`BatchNorm`] over `num_features` channels under `path`.
@@ -516,6 +520,7 @@ pub fn batch_norm<'a, P: std::borrow::Borrow<nn::Path<'a>>>(
         moving_mean: path.f_zeros_no_train("moving_mean", &dims)?,
         moving_variance: path.f_ones_no_train("moving_variance", &dims)?,
         config,
+        recalibration: AtomicU64::new(0),
     })
 }
 
@@ -524,6 +529,14 @@ impl BatchNorm {
     /// mode it uses the batch's statistics and updates the running ones; otherwise it uses the
     /// running ones.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        // torch weighs the new batch statistic; Keras weighs the old running value.
+        let mut torch_momentum = 1.0 - self.config.momentum;
+        let averaged = self.recalibration.load(Ordering::Relaxed);
+        if train && averaged > 0 {
+            // Cumulative average: the k-th batch gets weight 1/k.
+            torch_momentum = 1.0 / averaged as f64;
+            self.recalibration.store(averaged + 1, Ordering::Relaxed);
+        }
         Ok(Tensor::f_batch_norm(
             xs,
             self.gamma.as_ref(),
@@ -531,11 +544,46 @@ impl BatchNorm {
             Some(&self.moving_mean),
             Some(&self.moving_variance),
             train,
-            // torch weighs the new batch statistic; Keras weighs the old running value.
-            1.0 - self.config.momentum,
+            torch_momentum,
             self.config.epsilon,
             false,
         )?)
+    }
+
+    /// Starts re-estimating the running statistics for the current weights ("precise batch
+    /// norm", Wu & Johnson 2021, <https://arxiv.org/abs/2105.07576>): until
+    /// [`finish_recalibration`](Self::finish_recalibration), every training-mode forward pass
+    /// contributes its batch statistics with equal weight, and the old running values are
+    /// discarded by the first one.
+    ///
+    /// The exponential average kept while training lags behind the weights; in a binarized
+    /// network, where optimizers like Bop flip kernel signs every step, that lag can cost
+    /// several points of test accuracy. Run the passes under `no_grad`, on training data.
+    ///
+    /// ```
+    /// use caseopt::bnn::batch_norm;
+    /// use tch::{nn, Device, Kind, Tensor};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let bn = batch_norm(&vs.root() / "bn", 1, Default::default())?;
+    /// bn.start_recalibration();
+    /// for v in [2.0f32, 4.0] {
+    ///     let batch = Tensor::from_slice(&[v - 1.0, v + 1.0]).view([2, 1]);
+    ///     tch::no_grad(|| bn.f_forward_t(&batch, true))?;
+    /// }
+    /// bn.finish_recalibration();
+    /// assert_eq!(Vec::<f32>::try_from(&bn.moving_mean)?, [3.0]); // (2 + 4) / 2
+    /// assert_eq!(Vec::<f32>::try_from(&bn.moving_variance)?, [2.0]); // unbiased, both batches
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn start_recalibration(&self) {
+        self.recalibration.store(1, Ordering::Relaxed);
+    }
+
+    /// Ends [`start_recalibration`](Self::start_recalibration): training-mode passes go back
+    /// to the configured momentum. Returns how many batches were averaged.
+    pub fn finish_recalibration(&self) -> u64 {
+        self.recalibration.swap(0, Ordering::Relaxed).saturating_sub(1)
     }
 }
 

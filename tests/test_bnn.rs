@@ -296,3 +296,40 @@ fn one_routed_step_keeps_binary_kernels_binary_and_trains_the_rest() {
     }
     assert!(!bn1.beta.as_ref().unwrap().equal(&beta_before), "Adam must move beta");
 }
+
+#[test]
+fn recalibration_replaces_the_running_statistics_by_an_equal_weight_average() {
+    let vs = nn::VarStore::new(CPU);
+    let bn = batch_norm(&vs.root() / "bn", 2, BatchNormConfig::default()).unwrap();
+    tch::manual_seed(5);
+    let batches: Vec<Tensor> = (0..3)
+        .map(|i| Tensor::randn([16, 2], (Kind::Float, CPU)) * (i + 1) as f64 + i as f64)
+        .collect();
+    // Ordinary training first, so there are stale statistics to discard.
+    for b in &batches {
+        let _ = bn.forward_t(b, true);
+    }
+    bn.start_recalibration();
+    tch::no_grad(|| {
+        for b in &batches {
+            let _ = bn.forward_t(b, true);
+        }
+    });
+    assert_eq!(bn.finish_recalibration(), 3);
+    let means = Tensor::stack(
+        &batches.iter().map(|b| b.mean_dim(0, false, Kind::Float)).collect::<Vec<_>>(),
+        0,
+    );
+    let vars =
+        Tensor::stack(&batches.iter().map(|b| b.var_dim(0, true, false)).collect::<Vec<_>>(), 0);
+    assert!(bn.moving_mean.allclose(&means.mean_dim(0, false, Kind::Float), 1e-5, 1e-5, false));
+    assert!(bn.moving_variance.allclose(&vars.mean_dim(0, false, Kind::Float), 1e-5, 1e-5, false));
+
+    // Back to the configured momentum afterwards: one more batch moves the mean by 1% of the gap.
+    let before = bn.moving_mean.copy();
+    let extra = Tensor::full([16, 2], 10.0, (Kind::Float, CPU));
+    let _ = bn.forward_t(&extra, true);
+    let expected = &before * 0.99 + 0.1;
+    assert!(bn.moving_mean.allclose(&expected, 1e-5, 1e-5, false));
+    assert_eq!(bn.finish_recalibration(), 0, "not recalibrating any more");
+}

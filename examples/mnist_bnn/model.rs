@@ -57,6 +57,13 @@ impl Net {
     }
 }
 
+impl Net {
+    /// The batch norms, input side first.
+    pub fn batch_norms(&self) -> [&BatchNorm; 5] {
+        [&self.bn1, &self.bn2, &self.bn3, &self.bn4, &self.bn5]
+    }
+}
+
 impl ModuleT for Net {
     /// Logits (the pre-softmax batch-norm output), `[N, 10]`, for images `[N, 1, 28, 28]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {

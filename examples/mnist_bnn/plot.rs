@@ -1,5 +1,6 @@
 //! The training curves as a PNG: running training loss on the left, running training accuracy
-//! and per-epoch test accuracy on the right, both against (fractional) epochs.
+//! and per-epoch test accuracy (with the batch norms' running statistics as trained and, when
+//! measured, re-estimated) on the right, both against (fractional) epochs.
 //!
 //! Text is drawn with a font compiled into the binary (Ubuntu Light from
 //! `epaint_default_fonts`), so the plot needs no system fonts.
@@ -37,7 +38,12 @@ fn register_font() -> Result<(), String> {
 }
 
 /// Draws the curves into `path` (PNG, 1200x480).
-pub fn draw(path: &Path, train: &[TrainPoint], test: &[(f64, f64)]) -> Result<(), String> {
+pub fn draw(
+    path: &Path,
+    train: &[TrainPoint],
+    test: &[(f64, f64)],
+    test_precise: &[(f64, f64)],
+) -> Result<(), String> {
     register_font()?;
     let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
@@ -49,7 +55,7 @@ pub fn draw(path: &Path, train: &[TrainPoint], test: &[(f64, f64)]) -> Result<()
     let min_acc = train
         .iter()
         .map(|p| p.acc)
-        .chain(test.iter().map(|t| t.1))
+        .chain(test.iter().chain(test_precise).map(|t| t.1))
         .fold(100.0f64, f64::min)
         .clamp(0.0, 90.0);
     let min_acc = (min_acc / 5.0).floor() * 5.0;
@@ -101,19 +107,29 @@ pub fn draw(path: &Path, train: &[TrainPoint], test: &[(f64, f64)]) -> Result<()
         .label("train (running)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     let green = RGBColor(0, 150, 0);
-    acc_chart
-        .draw_series(LineSeries::new(test.iter().copied(), green.stroke_width(2)))
-        .map_err(|e| err(&e))?
-        .label("test (end of epoch)")
-        .legend(move |(x, y)| Circle::new((x + 10, y), 4, green.filled()));
-    acc_chart
-        .draw_series(test.iter().map(|&(e, a)| Circle::new((e, a), 5, green.filled())))
-        .map_err(|e| err(&e))?;
-    acc_chart
-        .draw_series(test.iter().map(|&(e, a)| {
-            Text::new(format!("{a:.2}"), (e, a), (FONT, 15).into_font().color(&green))
-        }))
-        .map_err(|e| err(&e))?;
+    let purple = RGBColor(150, 0, 170);
+    for (points, color, label, dy) in [
+        (test, green, "test, running BN statistics", -24),
+        (test_precise, purple, "test, precise BN statistics", 10),
+    ] {
+        if points.is_empty() {
+            continue;
+        }
+        acc_chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(label)
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+        // Each point with its value written next to it (offsets in pixels, so the label stays
+        // inside the plot at the last epoch).
+        acc_chart
+            .draw_series(points.iter().map(|&(e, a)| {
+                EmptyElement::at((e, a))
+                    + Circle::new((0, 0), 5, color.filled())
+                    + Text::new(format!("{a:.2}"), (-40, dy), (FONT, 16).into_font().color(&color))
+            }))
+            .map_err(|e| err(&e))?;
+    }
     acc_chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
