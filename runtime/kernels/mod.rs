@@ -317,17 +317,14 @@ impl<'t> Batch<'_, 't> {
                 *slot = address(t, name, align)?;
             }
         }
-        if len == 0 {
-            return Ok(());
-        }
-        let job = Job {
-            index,
-            len,
-            p: address(p, "param", align)?,
-            g: address(g, "grad", align)?,
-            states: addrs,
-            scalars,
+        // An empty variable is queued too (with no addresses), so that `updated` reports it:
+        // its optimizer still counts the step for it, as torch.optim does.
+        let (p, g) = if len == 0 {
+            (0, 0)
+        } else {
+            (address(p, "param", align)?, address(g, "grad", align)?)
         };
+        let job = Job { index, len, p, g, states: addrs, scalars };
         match kind {
             Kind::Float => self.ws.f32_jobs.push(job),
             _ => self.ws.f64_jobs.push(job),
@@ -384,7 +381,7 @@ impl Workspace {
         self.regions.clear();
         for (jobs, size) in [(&self.f32_jobs, size_of::<f32>()), (&self.f64_jobs, size_of::<f64>())]
         {
-            for j in jobs.iter() {
+            for j in jobs.iter().filter(|j| j.len > 0) {
                 let bytes = j.len * size;
                 let mut add = |addr: usize, writable: bool| {
                     let index = j.index;
