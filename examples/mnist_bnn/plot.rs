@@ -108,26 +108,21 @@ pub fn draw(
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     let green = RGBColor(0, 150, 0);
     let purple = RGBColor(150, 0, 170);
-    for (points, color, label, dy) in [
-        (test, green, "test, running BN statistics", -24),
-        (test_precise, purple, "test, precise BN statistics", 10),
+    for (points, color, what) in [
+        (test, green, "test, running BN statistics"),
+        (test_precise, purple, "test, precise BN statistics"),
     ] {
-        if points.is_empty() {
+        let Some(&(_, last)) = points.last() else {
             continue;
-        }
+        };
+        // The final value goes into the legend: per-point labels of two close curves collide.
         acc_chart
             .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
             .map_err(|e| err(&e))?
-            .label(label)
+            .label(format!("{what} (last {last:.2})"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
-        // Each point with its value written next to it (offsets in pixels, so the label stays
-        // inside the plot at the last epoch).
         acc_chart
-            .draw_series(points.iter().map(|&(e, a)| {
-                EmptyElement::at((e, a))
-                    + Circle::new((0, 0), 5, color.filled())
-                    + Text::new(format!("{a:.2}"), (-40, dy), (FONT, 16).into_font().color(&color))
-            }))
+            .draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))
             .map_err(|e| err(&e))?;
     }
     acc_chart
