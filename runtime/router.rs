@@ -90,7 +90,8 @@ pub struct Route {
     pub kind: Kind,
     /// Its declared precision.
     pub bits: u8,
-    /// The index of the rule that claimed it; `None` when it is left untrained.
+    /// The position (in the table's rules) of the rule that claimed it; `None` when it is left
+    /// untrained. For a router's own table this is the rule's index.
     pub rule: Option<usize>,
 }
 
@@ -338,8 +339,11 @@ fn assign(
         }
         out.push(rule);
     }
-    if let Some(unclaimed) = rules.iter().find(|r| !r.info.default && !claimed_any[r.info.index]) {
-        return Err(Error::UnclaimedRule { rule: unclaimed.info.to_string() });
+    // By position: `info.index` is what the user wrote and is not trusted as an index.
+    let unclaimed =
+        rules.iter().zip(&claimed_any).find(|(r, claimed)| !r.info.default && !**claimed);
+    if let Some((rule, _)) = unclaimed {
+        return Err(Error::UnclaimedRule { rule: rule.info.to_string() });
     }
     Ok(out)
 }
@@ -800,6 +804,16 @@ mod tests {
         assert!(matches!(err, Error::UnclaimedRule { ref rule } if rule == "bits(4) => Opt"));
         let err = RoutingTable::new(&rules[1..], &[], &[var("a", 32, 1), var("a", 1, 1)]);
         assert!(matches!(err, Err(Error::DuplicateVariable { ref variable }) if variable == "a"));
+    }
+
+    #[test]
+    fn rule_indices_as_written_are_not_trusted_as_positions() {
+        let rules = [rule(7, "binary", Predicate::Bits(1))];
+        let table = RoutingTable::new(&rules, &[(5, 9)], &[var("a", 1, 1)]).unwrap();
+        assert_eq!(table.routes()[0].rule, Some(0));
+        assert_eq!(table.rule_of("a").map(|r| r.index), Some(7));
+        let err = RoutingTable::new(&rules, &[], &[var("b", 32, 1)]).unwrap_err();
+        assert!(matches!(err, Error::UnclaimedRule { .. }), "{err}");
     }
 
     #[test]
