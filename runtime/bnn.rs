@@ -181,6 +181,10 @@ pub enum KernelInit {
     /// until then the forward pass sees its sign through the kernel quantizer.
     #[default]
     GlorotUniform,
+    /// `+1` or `-1` with equal probability: the signs of a Glorot-uniform kernel (or of any
+    /// symmetric one), already binary, so a binary optimizer has nothing to binarise and the
+    /// forward pass sees the same kernel it trains.
+    RandomSign,
     /// Any tch initialiser, e.g. `nn::Init::Const(1.0)`.
     Torch(nn::Init),
 }
@@ -197,6 +201,8 @@ impl KernelInit {
                 let limit = Self::glorot_limit(fan_in, fan_out);
                 nn::Init::Uniform { lo: -limit, up: limit }
             }
+            // Signed afterwards, in `kernel`.
+            KernelInit::RandomSign => nn::Init::Uniform { lo: -1.0, up: 1.0 },
             KernelInit::Torch(init) => init,
         }
     }
@@ -217,7 +223,13 @@ fn kernel(
         )));
     }
     let path = path.bits(quantizer.bits());
-    Ok(path.f_var("weight", dims, init.to_init(fans.0, fans.1))?)
+    let mut weight = path.f_var("weight", dims, init.to_init(fans.0, fans.1))?;
+    if let KernelInit::RandomSign = init {
+        let _guard = tch::no_grad_guard();
+        let signs = ste_sign(&weight)?;
+        weight.f_copy_(&signs)?;
+    }
+    Ok(weight)
 }
 
 /// Configuration of [`QuantConv2d`]; `Default` is larq's binary `QuantConv2D` as used in its

@@ -333,3 +333,18 @@ fn recalibration_replaces_the_running_statistics_by_an_equal_weight_average() {
     assert!(bn.moving_mean.allclose(&expected, 1e-5, 1e-5, false));
     assert_eq!(bn.finish_recalibration(), 0, "not recalibrating any more");
 }
+
+#[test]
+fn random_sign_kernels_are_binary_from_the_start() {
+    tch::manual_seed(6);
+    let vs = nn::VarStore::new(CPU);
+    let config = QuantConv2dConfig { kernel_init: KernelInit::RandomSign, ..Default::default() };
+    let conv = quant_conv2d(&vs.root() / "conv", 32, 64, 3, config).unwrap();
+    let checks = binary_kernel_checks(&vs).unwrap();
+    assert_eq!(checks.len(), 1);
+    assert!(checks[0].is_binary(), "{checks:?}");
+    assert!(conv.weight.requires_grad(), "still a trainable variable");
+    // Both signs, in about equal numbers (18,432 draws: 5 sigma is 340).
+    let plus = conv.weight.eq(1.0).sum(Kind::Int64).int64_value(&[]);
+    assert!((plus - 9216).abs() < 340, "{plus} of 18432 are +1");
+}

@@ -12,11 +12,15 @@
 //! QuantDense(10)        binary input and kernel, BatchNorm  -> 10, then softmax (in the loss)
 //! ```
 //!
-//! No biases. Kernels start Glorot-uniform as in larq (Bop binarises them on its first step;
-//! until then the kernel quantizer shows the forward pass their signs). Batch norms have Keras's
-//! defaults: momentum 0.99, epsilon 1e-3.
+//! No biases. Kernels start as random +-1: larq starts them Glorot-uniform, but its forward pass
+//! only sees their signs and Bop's first step binarises them, so only the first step's flip
+//! threshold differs (`w * m` against 1e-6 with `|w| = 1` instead of `|w| < 0.5`). Batch norms
+//! have Keras's defaults: momentum 0.99, epsilon 1e-3.
 
-use caseopt::bnn::{self, BatchNorm, QuantConv2d, QuantConv2dConfig, QuantLinear, Quantizer};
+use caseopt::bnn::{
+    self, BatchNorm, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig,
+    Quantizer,
+};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
@@ -38,9 +42,16 @@ pub struct Net {
 impl Net {
     /// Creates the layers under `root`.
     pub fn new(root: &nn::Path) -> caseopt::Result<Net> {
-        let real_input =
-            QuantConv2dConfig { input_quantizer: Quantizer::Identity, ..Default::default() };
-        let binary = QuantConv2dConfig::default();
+        // Kernels start as random signs: the signs of larq's Glorot-uniform kernels, which is
+        // all its forward pass and Bop's first step make of them.
+        let init = KernelInit::RandomSign;
+        let real_input = QuantConv2dConfig {
+            input_quantizer: Quantizer::Identity,
+            kernel_init: init,
+            ..Default::default()
+        };
+        let binary = QuantConv2dConfig { kernel_init: init, ..Default::default() };
+        let dense = QuantLinearConfig { kernel_init: init, ..Default::default() };
         let bn = |name: &str, n| bnn::batch_norm(root / name, n, Default::default());
         Ok(Net {
             conv1: bnn::quant_conv2d(root / "conv1", 1, 32, 3, real_input)?,
@@ -49,9 +60,9 @@ impl Net {
             bn2: bn("bn2", 64)?,
             conv3: bnn::quant_conv2d(root / "conv3", 64, 64, 3, binary)?,
             bn3: bn("bn3", 64)?,
-            dense1: bnn::quant_linear(root / "dense1", 3 * 3 * 64, 64, Default::default())?,
+            dense1: bnn::quant_linear(root / "dense1", 3 * 3 * 64, 64, dense)?,
             bn4: bn("bn4", 64)?,
-            dense2: bnn::quant_linear(root / "dense2", 64, 10, Default::default())?,
+            dense2: bnn::quant_linear(root / "dense2", 64, 10, dense)?,
             bn5: bn("bn5", 10)?,
         })
     }
