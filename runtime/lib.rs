@@ -34,7 +34,9 @@ pub use tch;
 #[doc(inline)]
 pub use caseopt_macros::case_optimizer;
 pub use predicate::{dtype_from_name, dtype_name, Glob, Predicate, DTYPE_NAMES};
-pub use router::{fingerprint, Route, Router, RouterBuilder, RoutingTable, RuleInfo, RuleSpec};
+pub use router::{
+    fingerprint, NonFinitePolicy, Route, Router, RouterBuilder, RoutingTable, RuleInfo, RuleSpec,
+};
 
 /// Support for the code `case_optimizer!` generates; not public API.
 #[doc(hidden)]

@@ -7,15 +7,18 @@
 //! dispatched through the visitor, no allocation of its own), gradient clipping and the
 //! object-safe [`Router`] view that checkpoints and generic code use.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::{nn, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::optim::{FromConfig, Optimizer};
 use crate::predicate::{dtype_name, Predicate};
-use crate::var::{trainable_vars, Param, VarInfo};
+use crate::var::{
+    bits_from_group, same_tensor, trainable_vars, Param, VarInfo, FULL_PRECISION_BITS,
+};
 
 /// One rule of a router, as the user wrote it.
 ///
@@ -174,6 +177,42 @@ impl RoutingTable {
         })
     }
 
+    /// Routes variables added after the build with the same rules and checks (a name already
+    /// routed, or a variable claimed by two rules, is an error naming it); `self` is unchanged
+    /// on error. Returns each new variable's rule. A rule that claims none of them is fine: it
+    /// claimed something when the router was built.
+    pub(crate) fn extend(
+        &mut self,
+        rules: &[RuleSpec],
+        vars: &[VarInfo],
+    ) -> Result<Vec<Option<usize>>> {
+        if let Some(v) = vars.iter().find(|v| self.route(&v.name).is_some()) {
+            return Err(Error::DuplicateVariable { variable: v.name.clone() });
+        }
+        let (assignment, _) = claims(rules, &self.proven_disjoint, vars)?;
+        let untrained: Vec<String> = vars
+            .iter()
+            .zip(&assignment)
+            .filter(|(_, rule)| rule.is_none())
+            .map(|(v, _)| format!("`{}`", v.name))
+            .collect();
+        if !untrained.is_empty() {
+            self.warnings.push(format!(
+                "no default rule `_`: variables added after the build and claimed by no rule are \
+                 left untrained: {}",
+                untrained.join(", ")
+            ));
+        }
+        self.routes.extend(vars.iter().zip(&assignment).map(|(v, rule)| Route {
+            variable: v.name.clone(),
+            shape: v.shape.clone(),
+            kind: v.kind,
+            bits: v.bits,
+            rule: *rule,
+        }));
+        Ok(assignment)
+    }
+
     /// The rules, in order.
     pub fn rules(&self) -> &[RuleInfo] {
         &self.rules
@@ -294,7 +333,25 @@ fn assign(
     proven_disjoint: &[(usize, usize)],
     vars: &[VarInfo],
 ) -> Result<Vec<Option<usize>>> {
-    let mut seen = std::collections::HashSet::with_capacity(vars.len());
+    let (out, claimed_any) = claims(rules, proven_disjoint, vars)?;
+    // By position: `info.index` is what the user wrote and is not trusted as an index.
+    let unclaimed =
+        rules.iter().zip(&claimed_any).find(|(r, claimed)| !r.info.default && !**claimed);
+    if let Some((rule, _)) = unclaimed {
+        return Err(Error::UnclaimedRule { rule: rule.info.to_string() });
+    }
+    Ok(out)
+}
+
+/// Each variable's rule (see [`assign`]) and, per rule, whether it claimed anything; fails on a
+/// name given twice and on a variable claimed by two rules.
+#[allow(clippy::type_complexity)]
+fn claims(
+    rules: &[RuleSpec],
+    proven_disjoint: &[(usize, usize)],
+    vars: &[VarInfo],
+) -> Result<(Vec<Option<usize>>, Vec<bool>)> {
+    let mut seen = HashSet::with_capacity(vars.len());
     for v in vars {
         if !seen.insert(v.name.as_str()) {
             return Err(Error::DuplicateVariable { variable: v.name.clone() });
@@ -339,13 +396,7 @@ fn assign(
         }
         out.push(rule);
     }
-    // By position: `info.index` is what the user wrote and is not trusted as an index.
-    let unclaimed =
-        rules.iter().zip(&claimed_any).find(|(r, claimed)| !r.info.default && !**claimed);
-    if let Some((rule, _)) = unclaimed {
-        return Err(Error::UnclaimedRule { rule: rule.info.to_string() });
-    }
-    Ok(out)
+    Ok((out, claimed_any))
 }
 
 /// What a router keeps besides its optimizers: the rules, the routing table, the fingerprint
@@ -357,6 +408,15 @@ pub struct RouterCore {
     table: RoutingTable,
     fingerprint: u64,
     store: Option<Arc<Mutex<nn::Variables>>>,
+    /// How many of the store's trainable variables are routed; the store only grows, so a
+    /// different count is the cheap sign of variables added after the build.
+    known_trainable: usize,
+    non_finite: NonFinitePolicy,
+    skipped_steps: u64,
+    /// Whether some 1-bit variable has not yet been checked for values other than +-1.
+    binary_unchecked: bool,
+    binary_checked: HashSet<String>,
+    binarised: Vec<String>,
 }
 
 impl RouterCore {
@@ -441,6 +501,8 @@ pub trait RouterParts: Sized + Send {
     fn assemble(configs: Self::Configs, assembly: Assembly) -> Result<Self>;
     /// The shared part.
     fn core(&self) -> &RouterCore;
+    /// The shared part, mutably.
+    fn core_mut(&mut self) -> &mut RouterCore;
     /// Visits the optimizers mutably, in rule order.
     fn visit_mut<V: OptimizerVisitor>(&mut self, visitor: &mut V) -> Result<()>;
     /// Visits the optimizers, in rule order.
@@ -532,7 +594,21 @@ impl<R: RouterParts> RouterBuilder<R> {
             eprintln!("caseopt: warning: {w}");
         }
         let rules: Vec<RuleInfo> = specs.iter().map(|s| s.info).collect();
-        let core = RouterCore { fingerprint: fingerprint(&rules), table, store };
+        let known_trainable = match &store {
+            Some(store) => lock(store).trainable_variables.len(),
+            None => 0,
+        };
+        let core = RouterCore {
+            fingerprint: fingerprint(&rules),
+            table,
+            store,
+            known_trainable,
+            non_finite: NonFinitePolicy::default(),
+            skipped_steps: 0,
+            binary_unchecked: true,
+            binary_checked: HashSet::new(),
+            binarised: Vec::new(),
+        };
         R::assemble(self.configs, Assembly { groups, core })
     }
 }
@@ -580,8 +656,31 @@ pub trait Router: Send {
     fn variable_store(&self) -> Option<&Arc<Mutex<nn::Variables>>>;
     /// Each rule's optimizer's step count, in rule order.
     fn step_counts(&self) -> Vec<u64>;
-    /// One step of every optimizer, each with its variables' `.grad()`.
+    /// One step of every optimizer, each with its variables' `.grad()`, after checks that
+    /// refuse bad input before anything is updated:
+    ///
+    /// - variables added to the `VarStore` since the last step are routed first, with the same
+    ///   rules and checks (a variable claimed by two rules is an error naming it, every step
+    ///   until it is resolved);
+    /// - a variable whose device, dtype or shape changed since it was routed is
+    ///   [`Error::VariableChanged`] naming it;
+    /// - variables without a gradient, and frozen ones (`requires_grad` false, even with a stale
+    ///   gradient), are skipped, as torch does;
+    /// - gradients holding NaN or infinity, searched across all rules before any optimizer
+    ///   moves, are handled by the [`NonFinitePolicy`] (by default an error naming the variable,
+    ///   with every parameter, state and step counter untouched);
+    /// - a 1-bit variable holding values other than +-1 is reported once (a warning on stderr
+    ///   and [`binarised_variables`](Self::binarised_variables)); Bop binarises it, as larq does.
     fn step(&mut self) -> Result<()>;
+    /// What [`step`](Self::step) does with gradients that hold NaN or infinity.
+    fn set_non_finite_policy(&mut self, policy: NonFinitePolicy);
+    /// The current [`NonFinitePolicy`] (by default [`NonFinitePolicy::Error`]).
+    fn non_finite_policy(&self) -> NonFinitePolicy;
+    /// Steps skipped under [`NonFinitePolicy::SkipStep`] so far.
+    fn skipped_steps(&self) -> u64;
+    /// 1-bit variables found holding values other than -1 and +1 (each reported once, at the
+    /// first step that updated it), in the order they were found.
+    fn binarised_variables(&self) -> &[String];
     /// Zeroes the gradient of every routed variable.
     fn zero_grad(&mut self);
     /// `zero_grad`, `loss.backward()`, `step`, like tch's `Optimizer::backward_step`.
@@ -635,13 +734,42 @@ impl<R: RouterParts> Router for R {
     }
 
     fn step(&mut self) -> Result<()> {
-        struct Step;
-        impl OptimizerVisitor for Step {
-            fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
-                optimizer.step()
+        route_new_variables(self)?;
+        let mut grads = CollectGrads(Vec::with_capacity(self.rules().len()));
+        self.visit(&mut grads)?;
+        let grads = grads.0;
+        match self.core().non_finite {
+            NonFinitePolicy::Proceed => {}
+            policy => {
+                if let Some(variable) = first_non_finite(self, &grads)? {
+                    if policy == NonFinitePolicy::SkipStep {
+                        self.core_mut().skipped_steps += 1;
+                        return Ok(());
+                    }
+                    return Err(Error::NonFiniteGradient { variable });
+                }
             }
         }
-        self.visit_mut(&mut Step)
+        if self.core().binary_unchecked {
+            check_binary_values(self)?;
+        }
+        self.visit_mut(&mut StepWith(grads))
+    }
+
+    fn set_non_finite_policy(&mut self, policy: NonFinitePolicy) {
+        self.core_mut().non_finite = policy;
+    }
+
+    fn non_finite_policy(&self) -> NonFinitePolicy {
+        self.core().non_finite
+    }
+
+    fn skipped_steps(&self) -> u64 {
+        self.core().skipped_steps
+    }
+
+    fn binarised_variables(&self) -> &[String] {
+        &self.core().binarised
     }
 
     fn zero_grad(&mut self) {
@@ -656,6 +784,8 @@ impl<R: RouterParts> Router for R {
     }
 
     fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        // New variables first, so that their gradients are zeroed with the others.
+        route_new_variables(self)?;
         self.zero_grad();
         loss.f_backward()?;
         self.step()
@@ -663,6 +793,7 @@ impl<R: RouterParts> Router for R {
 
     fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         check_max_norm(max_norm)?;
+        route_new_variables(self)?;
         let mut norms = SquaredNorms(Vec::with_capacity(self.rules().len()));
         self.visit(&mut norms)?;
         let total = norms.0.iter().sum::<f64>().sqrt();
@@ -675,6 +806,7 @@ impl<R: RouterParts> Router for R {
 
     fn clip_grad_norm_per_rule(&mut self, max_norm: f64) -> Result<Vec<f64>> {
         check_max_norm(max_norm)?;
+        route_new_variables(self)?;
         let mut norms = SquaredNorms(Vec::with_capacity(self.rules().len()));
         self.visit(&mut norms)?;
         let norms: Vec<f64> = norms.0.iter().map(|s| s.sqrt()).collect();
@@ -684,6 +816,230 @@ impl<R: RouterParts> Router for R {
         }
         Ok(norms)
     }
+}
+
+/// What a router's [`step`](Router::step) does with a gradient that holds NaN or infinity.
+///
+/// The search covers every rule's gradients before any optimizer updates anything, and costs
+/// one reduction per gradient (a sum, exact check only for a tensor whose sum is not finite)
+/// and one synchronisation per step.
+///
+/// ```
+/// use caseopt::{case_optimizer, Error, NonFinitePolicy, Router};
+/// use tch::Tensor;
+///
+/// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+/// let w = vs.root().zeros("w", &[2]);
+/// let mut opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build(&vs)?;
+/// opt.backward_step(&(&w * Tensor::from_slice(&[f32::NAN, 1.0])).sum(tch::Kind::Float))
+///     .unwrap_err(); // Error::NonFiniteGradient { variable: "w" }, nothing changed
+/// assert_eq!(opt.step_counts(), vec![0]);
+///
+/// opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
+/// opt.step()?;
+/// assert_eq!((opt.step_counts(), opt.skipped_steps()), (vec![0], 1));
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// Refuse the whole step with [`Error::NonFiniteGradient`] naming the first such variable
+    /// (in rule order); no parameter, state or step counter changes. The default: a NaN is
+    /// almost always a bug or a diverging run, better stopped where it appears.
+    #[default]
+    Error,
+    /// Skip the whole step as [`Error`](Self::Error) does, but return `Ok` and count it
+    /// ([`Router::skipped_steps`]), as mixed-precision loss scaling does with overflowing
+    /// steps.
+    SkipStep,
+    /// No check: the optimizers use the gradients as they are (torch.optim's behaviour), so
+    /// the values spread into parameters and state.
+    Proceed,
+}
+
+/// The store's variables, even if a thread panicked while holding the lock (the data is a
+/// list of tensor handles, still consistent).
+fn lock(store: &Mutex<nn::Variables>) -> MutexGuard<'_, nn::Variables> {
+    store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Routes the trainable variables added to the router's `VarStore` since the last call: same
+/// rules, same checks, added to the right optimizers, recorded in the routing table. Costs one
+/// lock and a length comparison when nothing was added. On error nothing changes.
+fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> {
+    let core = router.core();
+    let Some(store) = core.store.as_ref() else {
+        return Ok(());
+    };
+    let new: Vec<Param> = {
+        let vars = lock(store);
+        let Some(added) = vars.trainable_variables.get(core.known_trainable..) else {
+            return Ok(());
+        };
+        if added.is_empty() {
+            return Ok(());
+        }
+        added
+            .iter()
+            .map(|var| {
+                let name = vars
+                    .named_variables
+                    .iter()
+                    .find(|(_, t)| same_tensor(t, &var.tensor))
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_else(|| format!("<unnamed #{}>", core.table.routes().len()));
+                let bits = bits_from_group(var.group).unwrap_or(FULL_PRECISION_BITS);
+                Param::new(
+                    VarInfo::of(name, &var.tensor).with_bits(bits),
+                    var.tensor.shallow_clone(),
+                )
+            })
+            .collect()
+    };
+    let infos: Vec<VarInfo> = new.iter().map(|p| p.info.clone()).collect();
+    let mut table = core.table.clone();
+    let assignment = table.extend(&R::rule_specs(), &infos)?;
+    let mut groups: Vec<Vec<Param>> = (0..table.rules().len()).map(|_| Vec::new()).collect();
+    for (param, rule) in new.into_iter().zip(assignment) {
+        if let Some(group) = rule.and_then(|i| groups.get_mut(i)) {
+            group.push(param);
+        }
+    }
+    for w in table.warnings().iter().skip(core.table.warnings().len()) {
+        eprintln!("caseopt: warning: {w}");
+    }
+    let count = core.known_trainable + infos.len();
+    router.visit_mut(&mut AddParams(groups))?;
+    let core = router.core_mut();
+    core.table = table;
+    core.known_trainable = count;
+    core.binary_unchecked = true;
+    Ok(())
+}
+
+/// Hands each rule's new variables to its optimizer.
+struct AddParams(Vec<Vec<Param>>);
+
+impl OptimizerVisitor for AddParams {
+    fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
+        for p in self.0.get_mut(rule).map(std::mem::take).unwrap_or_default() {
+            optimizer.add_param(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every rule's gradients, aligned with its optimizer's variables: `None` for a variable
+/// without a gradient or a frozen one. Fails on a variable whose device, dtype or shape
+/// changed since it was routed.
+struct CollectGrads(Vec<Vec<Option<Tensor>>>);
+
+impl OptimizerInspector for CollectGrads {
+    fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
+        let mut grads = Vec::with_capacity(optimizer.params().len());
+        for p in optimizer.params() {
+            p.check_unchanged()?;
+            // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
+            // skip it rather than let momentum move it.
+            grads.push(if p.tensor.requires_grad() { p.grad() } else { None });
+        }
+        self.0.push(grads);
+        Ok(())
+    }
+}
+
+/// Steps each optimizer with the collected gradients.
+struct StepWith(Vec<Vec<Option<Tensor>>>);
+
+impl OptimizerVisitor for StepWith {
+    fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
+        match self.0.get(rule) {
+            Some(grads) => optimizer.step_with_grads(grads),
+            None => optimizer.step(),
+        }
+    }
+}
+
+/// The first variable, in rule order, whose gradient holds NaN or infinity.
+///
+/// One sum per gradient (accumulated in f32, f64 for f64 gradients: no temporary the size of
+/// the tensor), the sums stacked and read back with one synchronisation. NaN and infinities
+/// always make the sum non-finite; a finite gradient's sum can only overflow to infinity, so a
+/// non-finite sum is confirmed element by element before it is reported.
+fn first_non_finite<R: RouterParts>(
+    router: &R,
+    grads: &[Vec<Option<Tensor>>],
+) -> Result<Option<String>> {
+    let mut sums = Vec::new();
+    let mut at = Vec::new();
+    for (rule, rule_grads) in grads.iter().enumerate() {
+        for (index, g) in rule_grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            if g.numel() == 0 {
+                continue;
+            }
+            let kind = if g.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+            sums.push(g.f_sum(kind)?.f_to_kind(Kind::Double)?);
+            at.push((rule, index));
+        }
+    }
+    if sums.is_empty() {
+        return Ok(None);
+    }
+    let device = sums[0].device();
+    let values: Vec<f64> = if sums.iter().all(|t| t.device() == device) {
+        Vec::<f64>::try_from(&Tensor::f_stack(&sums, 0)?)?
+    } else {
+        sums.iter().map(|t| t.f_double_value(&[])).collect::<std::result::Result<_, _>>()?
+    };
+    for (value, &(rule, index)) in values.iter().zip(&at) {
+        if value.is_finite() {
+            continue;
+        }
+        let Some(g) = &grads[rule][index] else { continue };
+        if g.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            let name = router
+                .dyn_optimizer(rule)
+                .and_then(|o| o.params().get(index))
+                .map(|p| p.info.name.clone());
+            return Ok(Some(name.unwrap_or_else(|| format!("<rule {rule} variable {index}>"))));
+        }
+    }
+    Ok(None)
+}
+
+/// Reports, once each, the 1-bit variables holding values other than -1 and +1 (larq's Bop
+/// binarises them at their first update; other optimizers train them as they are).
+fn check_binary_values<R: RouterParts>(router: &mut R) -> Result<()> {
+    let mut found = Vec::new();
+    let mut checked = Vec::new();
+    for rule in 0..router.rules().len() {
+        let Some(optimizer) = router.dyn_optimizer(rule) else { continue };
+        for p in optimizer.params() {
+            if !p.info.is_binary() || router.core().binary_checked.contains(&p.info.name) {
+                continue;
+            }
+            checked.push(p.info.name.clone());
+            let other = p.tensor.f_abs()?.f_ne(1.0)?.f_any()?.f_int64_value(&[])? != 0;
+            if other {
+                let what = match optimizer.name() {
+                    "Bop" | "Bop2ndOrder" => {
+                        format!("{} binarises it at this step, as larq does", optimizer.name())
+                    }
+                    name => format!("{name} trains it as it is"),
+                };
+                eprintln!(
+                    "caseopt: warning: `{}` is declared 1-bit but holds values other than -1 and +1; {what}",
+                    p.info.name
+                );
+                found.push(p.info.name.clone());
+            }
+        }
+    }
+    let core = router.core_mut();
+    core.binary_checked.extend(checked);
+    core.binarised.extend(found);
+    core.binary_unchecked = false;
+    Ok(())
 }
 
 fn check_max_norm(max_norm: f64) -> Result<()> {

@@ -140,6 +140,10 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
                 &self.__caseopt_core
             }
 
+            fn core_mut(&mut self) -> &mut #p::RouterCore {
+                &mut self.__caseopt_core
+            }
+
             fn visit_mut<__CaseoptV: #p::OptimizerVisitor>(&mut self, visitor: &mut __CaseoptV) -> #p::Result<()> {
                 #(#visits_mut)*
                 ::core::result::Result::Ok(())
