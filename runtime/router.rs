@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::optim::{FromConfig, Optimizer};
@@ -959,42 +959,110 @@ impl OptimizerVisitor for StepWith {
     }
 }
 
+/// Gradients with at least this many elements are summed on their own; smaller ones are
+/// concatenated and summed together, so that many small tensors cost a few ops rather than one
+/// each.
+const SUM_ALONE: i64 = 1 << 16;
+/// Elements per concatenation of small gradients: bounds the temporary at 4 MiB of f32.
+const SMALL_BATCH: i64 = 1 << 20;
+
+/// Where a partial sum came from: (rule, variable index) of each gradient in it.
+type Origin = Vec<(usize, usize)>;
+
+/// Partial sums of the gradients of one device and accumulation dtype.
+struct SumGroup {
+    device: Device,
+    kind: Kind,
+    sums: Vec<Tensor>,
+    origins: Vec<Origin>,
+    small: Vec<Tensor>,
+    small_origin: Origin,
+    small_numel: i64,
+}
+
+impl SumGroup {
+    fn flush_small(&mut self) -> Result<()> {
+        if self.small.is_empty() {
+            return Ok(());
+        }
+        let joined = Tensor::f_cat(&self.small, 0)?;
+        self.sums.push(joined.f_sum(self.kind)?);
+        self.origins.push(std::mem::take(&mut self.small_origin));
+        self.small.clear();
+        self.small_numel = 0;
+        Ok(())
+    }
+}
+
 /// The first variable, in rule order, whose gradient holds NaN or infinity.
 ///
-/// One sum per gradient (accumulated in f32, f64 for f64 gradients: no temporary the size of
-/// the tensor), the sums stacked and read back with one synchronisation. NaN and infinities
-/// always make the sum non-finite; a finite gradient's sum can only overflow to infinity, so a
-/// non-finite sum is confirmed element by element before it is reported.
+/// Sums, not element-wise tests: a sum reads its input once and allocates nothing the size of
+/// the tensor (accumulated in f32, f64 for f64 gradients). Large gradients are summed one by
+/// one, small ones in concatenated batches; the partial sums are stacked and read back with one
+/// synchronisation per device. NaN and infinities always make a sum non-finite; a finite
+/// gradient's sum can only overflow to infinity, so the gradients behind a non-finite sum are
+/// checked element by element before one is reported (only then are temporaries made).
 fn first_non_finite<R: RouterParts>(
     router: &R,
     grads: &[Vec<Option<Tensor>>],
 ) -> Result<Option<String>> {
-    let mut sums = Vec::new();
-    let mut at = Vec::new();
+    let mut groups: Vec<SumGroup> = Vec::new();
     for (rule, rule_grads) in grads.iter().enumerate() {
         for (index, g) in rule_grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            if g.numel() == 0 {
+            let numel = g.numel() as i64;
+            if numel == 0 {
                 continue;
             }
-            let kind = if g.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-            sums.push(g.f_sum(kind)?.f_to_kind(Kind::Double)?);
-            at.push((rule, index));
+            let (device, kind) =
+                (g.device(), if g.kind() == Kind::Double { Kind::Double } else { Kind::Float });
+            let group = match groups.iter().position(|s| s.device == device && s.kind == kind) {
+                Some(i) => &mut groups[i],
+                None => {
+                    groups.push(SumGroup {
+                        device,
+                        kind,
+                        sums: Vec::new(),
+                        origins: Vec::new(),
+                        small: Vec::new(),
+                        small_origin: Vec::new(),
+                        small_numel: 0,
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            if numel >= SUM_ALONE {
+                group.sums.push(g.f_sum(kind)?);
+                group.origins.push(vec![(rule, index)]);
+            } else {
+                // One dimension and the group's dtype (half precision widened, small tensors
+                // only), skipping the ops, each a dispatch, where there is nothing to do.
+                let mut flat = if g.dim() == 1 { g.shallow_clone() } else { g.f_reshape([-1])? };
+                if flat.kind() != kind {
+                    flat = flat.f_to_kind(kind)?;
+                }
+                group.small.push(flat);
+                group.small_origin.push((rule, index));
+                group.small_numel += numel;
+                if group.small_numel >= SMALL_BATCH {
+                    group.flush_small()?;
+                }
+            }
         }
     }
-    if sums.is_empty() {
-        return Ok(None);
-    }
-    let device = sums[0].device();
-    let values: Vec<f64> = if sums.iter().all(|t| t.device() == device) {
-        Vec::<f64>::try_from(&Tensor::f_stack(&sums, 0)?)?
-    } else {
-        sums.iter().map(|t| t.f_double_value(&[])).collect::<std::result::Result<_, _>>()?
-    };
-    for (value, &(rule, index)) in values.iter().zip(&at) {
-        if value.is_finite() {
-            continue;
+    let mut suspects: Vec<(usize, usize)> = Vec::new();
+    for group in &mut groups {
+        group.flush_small()?;
+        let stacked = Tensor::f_stack(&group.sums, 0)?.f_to_kind(Kind::Double)?;
+        let values = Vec::<f64>::try_from(&stacked)?;
+        for (value, origin) in values.iter().zip(&group.origins) {
+            if !value.is_finite() {
+                suspects.extend(origin);
+            }
         }
+    }
+    suspects.sort_unstable();
+    for (rule, index) in suspects {
         let Some(g) = &grads[rule][index] else { continue };
         if g.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
             let name = router

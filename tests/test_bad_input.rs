@@ -269,3 +269,43 @@ fn two_routers_on_two_threads_do_not_interfere() {
     assert_eq!(threads, sequential);
     assert_ne!(sequential.0, sequential.1);
 }
+
+#[test]
+fn the_search_names_the_right_variable_among_many_small_and_large_ones() {
+    // 40 small variables (summed in concatenated batches), two large ones (summed alone), in
+    // f32 and f64: a single bad element anywhere is found and named, the first in rule order
+    // when there are several.
+    for kind in [Kind::Float, Kind::Double] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        for i in 0..40 {
+            let _ = root.sub("small").var(&format!("p{i:02}"), &[7 + i], nn::Init::Const(0.0));
+        }
+        let _ = root.sub("large").var("a", &[300, 300], nn::Init::Const(0.0));
+        let _ = root.sub("large").binary().var("b", &[70_000], nn::Init::Const(1.0));
+        vs.set_kind(kind);
+        let mut r = bop_adam(&vs);
+        for target in ["small.p00", "small.p23", "small.p39", "large.a", "large.b"] {
+            set_grads(&mut r, &vs, poisoned(target, f64::NAN));
+            let err = r.step().unwrap_err();
+            assert!(
+                matches!(&err, Error::NonFiniteGradient { variable } if variable == target),
+                "{kind:?} {target}: {err}"
+            );
+        }
+        // Two bad variables: rule 0 (Bop, `large.b`) comes before rule 1.
+        set_grads(&mut r, &vs, |name, t| {
+            let g = t.ones_like();
+            if name == "small.p05" || name == "large.b" {
+                let _ = g.flatten(0, -1).get(3).fill_(f64::INFINITY);
+            }
+            Some(g)
+        });
+        let err = r.step().unwrap_err();
+        assert!(
+            matches!(&err, Error::NonFiniteGradient { variable } if variable == "large.b"),
+            "{err}"
+        );
+        assert_eq!(r.step_counts(), vec![0, 0]);
+    }
+}
