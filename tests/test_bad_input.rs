@@ -191,6 +191,27 @@ fn a_variable_whose_dtype_changed_after_the_build_is_an_error_naming_it() {
 }
 
 #[test]
+fn a_variable_moved_to_another_device_after_the_build_is_an_error_naming_it() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device (the dtype case above takes the same path on the CPU)");
+        return;
+    }
+    let mut vs = model(&ModelSpec::default());
+    let mut r = bop_adam(&vs);
+    train(&mut r, &vs, 0..1, None);
+    vs.set_device(Device::Cuda(0));
+    let err = r.step().unwrap_err();
+    match &err {
+        Error::VariableChanged { variable, was, now } => {
+            assert_eq!(variable, "conv.weight");
+            assert!(was.contains("Cpu") && now.contains("Cuda"), "{was} / {now}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(r.step_counts(), vec![1, 1]);
+}
+
+#[test]
 fn binary_variables_that_are_not_plus_minus_one_are_binarised_with_one_warning() {
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
