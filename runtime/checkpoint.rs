@@ -539,6 +539,13 @@ fn blob_of(tensor: &Tensor) -> Result<(Blob, SavedTensor)> {
     Ok((Blob { dtype, shape, bytes }, saved))
 }
 
+/// Every named variable of `vs` (shallow handles). `VarStore::variables` unwraps the store's
+/// lock and would panic if a thread had panicked while holding it; the handles stay valid.
+fn named_variables(vs: &nn::VarStore) -> HashMap<String, Tensor> {
+    let vars = vs.variables_.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    vars.named_variables.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+}
+
 fn optimizer_of<R: Router + ?Sized>(router: &R, rule: usize) -> Result<&dyn Optimizer> {
     router
         .optimizer(rule)
@@ -604,7 +611,7 @@ fn save<R: Router + ?Sized>(path: &Path, router: &R, vs: Option<&nn::VarStore>) 
     let model = match vs {
         None => None,
         Some(vs) => {
-            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            let mut vars: Vec<(String, Tensor)> = named_variables(vs).into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             let mut out = Vec::with_capacity(vars.len());
             for (name, tensor) in vars {
@@ -1201,7 +1208,7 @@ fn plan_model<'a>(
     claimed: &mut BTreeSet<&'a str>,
 ) -> std::result::Result<Vec<(Tensor, Tensor)>, PlanError> {
     use CheckpointError as E;
-    let current = vs.variables();
+    let current = named_variables(vs);
     let model_error = |variable: &str, reason: String| {
         PlanError::Problem(E::ModelVariable { variable: variable.to_string(), reason })
     };
