@@ -24,7 +24,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use caseopt::{case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, Optimizer, PathExt};
+use caseopt::{
+    case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, NonFinitePolicy, Optimizer, PathExt,
+    Router,
+};
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -338,6 +341,19 @@ fn rust_rows(
             _ => Adam<lr: 0.01>,
         }
         .build(&vs)?;
+        row(name, router_bytes, time_it(d, w, r, || check(router.step())));
+    }
+    // The router's step first checks every gradient for NaN and infinity (its default
+    // `NonFinitePolicy::Error`); torch.optim does not. The same router without that check:
+    let name = "caseopt router, NonFinitePolicy::Proceed";
+    if wanted(name) {
+        let vs = make_store(specs, d, true);
+        let mut router = case_optimizer! {
+            binary => Bop<threshold: 1e-8, gamma: 1e-4>,
+            _ => Adam<lr: 0.01>,
+        }
+        .build(&vs)?;
+        router.set_non_finite_policy(NonFinitePolicy::Proceed);
         row(name, router_bytes, time_it(d, w, r, || check(router.step())));
     }
     let name = "caseopt Adam";
