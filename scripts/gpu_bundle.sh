@@ -87,14 +87,16 @@ mkdir -p "$build"
     while IFS= read -r -d '' f; do [[ -f "$f" || -L "$f" ]] && printf '%s\0' "$f"; done |
     tar --null -T - -cf - | tar -xf - -C "$build")
 
-# Rewrites every `tch = ...` requirement in the copy's manifests to =$TCH_VERSION.
+# Rewrites every `tch = ...` and `torch-sys = ...` requirement in the copy's manifests to
+# =$TCH_VERSION (the two crates share version numbers, and torch-sys is a direct dependency for
+# build.rs).
 python3 - "$build" "$TCH_VERSION" <<'EOF'
 import pathlib, re, sys
 root, version = pathlib.Path(sys.argv[1]), sys.argv[2]
 for manifest in root.rglob("Cargo.toml"):
     text = manifest.read_text()
-    new = re.sub(r'(?m)^(\s*tch\s*=\s*)"[^"]*"', rf'\1"={version}"', text)
-    new = re.sub(r'(?m)^(\s*tch\s*=\s*\{[^}\n]*\bversion\s*=\s*)"[^"]*"', rf'\1"={version}"', new)
+    new = re.sub(r'(?m)^(\s*(?:tch|torch-sys)\s*=\s*)"[^"]*"', rf'\1"={version}"', text)
+    new = re.sub(r'(?m)^(\s*(?:tch|torch-sys)\s*=\s*\{[^}\n]*\bversion\s*=\s*)"[^"]*"', rf'\1"={version}"', new)
     if new != text:
         manifest.write_text(new)
         print(f"gpu_bundle: tch -> ={version} in {manifest.relative_to(root)}", file=sys.stderr)
