@@ -247,7 +247,9 @@ fn make_store(specs: &[Spec], device: Device, mark_binary: bool) -> nn::VarStore
         };
         let path = if s.binary && mark_binary { path.binary() } else { path };
         let init = Tensor::randn(s.shape.as_slice(), (Kind::Float, device));
-        let init = if s.binary { init.sign() } else { init * 0.1 };
+        // +-1 (`sign` would leave an exact 0, which the router reports as non-binary).
+        let init =
+            if s.binary { init.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0 } else { init * 0.1 };
         let p = path.var_copy(leaf, &init);
         let g = Tensor::randn(s.shape.as_slice(), (Kind::Float, device)) * 1e-3;
         loss += (&p * &g).sum(Kind::Float);
@@ -486,7 +488,8 @@ fn main() {
         print_rows(set, &rows, bw, &args, device);
         all.extend(rows);
     }
-    if !args.json {
+    // The targets are for the CPU.
+    if !args.json && !args.device.is_cuda() {
         print_targets(&all, bw);
     }
 }
