@@ -3,9 +3,11 @@
 //!
 //! tch's `VarStore` records, for every trainable variable, a `group` number (tch's own optimizers
 //! use it for per-group learning rates; caseopt's optimizers do not). caseopt stores a declared
-//! precision there, tagged so that it cannot be mistaken for an ordinary group: a variable created
-//! through [`PathExt::bits`] or [`PathExt::binary`] carries its bit count inside the store itself,
-//! needs no side table, and survives being handed around with the store.
+//! precision there, as `1024 + bits`: a variable created through [`PathExt::bits`] or
+//! [`PathExt::binary`] carries its bit count inside the store itself, needs no side table, and
+//! survives being handed around with the store. Ordinary groups (0 to 1023) are left alone, and
+//! the numbers stay small because tch's own optimizers create one parameter group for every
+//! number up to the largest they meet (a tagged high number made them allocate billions).
 
 use tch::{nn, Device, Kind, Tensor};
 
@@ -14,9 +16,8 @@ use crate::error::Error;
 /// Bit count of a variable nobody marked: full precision.
 pub const FULL_PRECISION_BITS: u8 = 32;
 
-/// Tag in the high bits of a tch group number that says "the low byte is a bit count".
-const BITS_GROUP_TAG: usize = 0x6361_0000; // "ca"
-const BITS_GROUP_MASK: usize = 0xffff_ff00;
+/// First group number that carries a bit count.
+const BITS_GROUP_BASE: usize = 1024;
 
 /// The group number tch stores for a variable declared with `bits` bits of precision.
 ///
@@ -25,7 +26,7 @@ const BITS_GROUP_MASK: usize = 0xffff_ff00;
 /// assert_eq!(caseopt::bits_from_group(0), None);
 /// ```
 pub fn group_for_bits(bits: u8) -> usize {
-    BITS_GROUP_TAG | bits as usize
+    BITS_GROUP_BASE + bits as usize
 }
 
 /// The declared bit count stored in a tch group number, if caseopt put one there.
@@ -35,7 +36,8 @@ pub fn group_for_bits(bits: u8) -> usize {
 /// assert_eq!(caseopt::bits_from_group(3), None);
 /// ```
 pub fn bits_from_group(group: usize) -> Option<u8> {
-    (group & BITS_GROUP_MASK == BITS_GROUP_TAG).then_some((group & 0xff) as u8)
+    let bits = group.checked_sub(BITS_GROUP_BASE)?;
+    u8::try_from(bits).ok()
 }
 
 /// Marks variables as quantized, in tch's `nn::Path` idiom.
@@ -182,13 +184,27 @@ pub fn trainable_vars(vs: &nn::VarStore) -> Vec<Param> {
         Ok(v) => v,
         Err(poisoned) => poisoned.into_inner(),
     };
+    // Names by data address first (one lookup per variable instead of a scan of the store, which
+    // made building a router on thousands of variables quadratic), confirmed with `is_set_to`;
+    // zero-sized tensors, which may share an address, fall back to the scan.
+    let mut by_address: std::collections::HashMap<usize, Vec<&String>> =
+        std::collections::HashMap::with_capacity(vars.named_variables.len());
+    for (name, t) in &vars.named_variables {
+        by_address.entry(t.data_ptr() as usize).or_default().push(name);
+    }
     let mut out = Vec::with_capacity(vars.trainable_variables.len());
     for var in &vars.trainable_variables {
-        let name = vars
-            .named_variables
-            .iter()
-            .find(|(_, t)| same_tensor(t, &var.tensor))
-            .map(|(n, _)| n.clone())
+        let quick = by_address.get(&(var.tensor.data_ptr() as usize)).and_then(|names| {
+            names.iter().find(|n| same_tensor(&vars.named_variables[n.as_str()], &var.tensor))
+        });
+        let name = quick
+            .map(|n| (*n).clone())
+            .or_else(|| {
+                vars.named_variables
+                    .iter()
+                    .find(|(_, t)| same_tensor(t, &var.tensor))
+                    .map(|(n, _)| n.clone())
+            })
             .unwrap_or_else(|| format!("<unnamed #{}>", out.len()));
         let bits = bits_from_group(var.group).unwrap_or(FULL_PRECISION_BITS);
         let info = VarInfo::of(name, &var.tensor).with_bits(bits);
@@ -217,7 +233,7 @@ mod tests {
         for bits in [1u8, 2, 4, 8, 16, 32] {
             assert_eq!(bits_from_group(group_for_bits(bits)), Some(bits));
         }
-        for plain in [0usize, 1, 7, 255, 1 << 20] {
+        for plain in [0usize, 1, 7, 255, 1023, 1024 + 256, 1 << 20] {
             assert_eq!(bits_from_group(plain), None);
         }
     }

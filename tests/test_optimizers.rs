@@ -158,3 +158,37 @@ fn bits_declared_through_paths_reach_var_infos() {
     assert_eq!(infos[0].kind, Kind::Float);
     assert_eq!(infos[0].device, Device::Cpu);
 }
+
+#[test]
+fn tch_optimizers_still_work_on_a_store_with_bit_marks() {
+    // tch's optimizers make one parameter group per group number up to the largest they meet;
+    // the marks must keep those numbers small.
+    use tch::nn::OptimizerConfig;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().binary().var("w", &[4], nn::Init::Const(1.0));
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+    w.sum(Kind::Float).backward();
+    opt.step();
+    assert_eq!(var_infos(&vs)[0].bits, 1);
+    assert!(values(&w).iter().all(|&x| x < 1.0));
+}
+
+#[test]
+fn many_variables_are_named_right() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    for i in 0..300 {
+        let _ = vs.root().var(&format!("p{i:03}"), &[2], nn::Init::Const(i as f64));
+    }
+    let _ = vs.root().var("empty", &[0], nn::Init::Const(0.0));
+    let _ = vs.root().var("empty2", &[0, 3], nn::Init::Const(0.0));
+    let params = caseopt::trainable_vars(&vs);
+    assert_eq!(params.len(), 302);
+    for p in &params {
+        if let Some(i) = p.info.name.strip_prefix('p') {
+            let i: f64 = i.parse().unwrap();
+            assert_eq!(values(&p.tensor), vec![i, i], "{}", p.info.name);
+        }
+    }
+    let names: Vec<&str> = params.iter().map(|p| p.info.name.as_str()).collect();
+    assert!(names.contains(&"empty") && names.contains(&"empty2"));
+}
