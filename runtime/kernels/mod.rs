@@ -18,7 +18,6 @@
 
 // Not called yet: offered for the router's non-finite gradient check, whose libtorch sums (a
 // parallel region per gradient) cost several times the step itself on this benchmark's sets.
-#[allow(dead_code)]
 pub(crate) mod finite;
 pub(crate) mod math;
 pub(crate) mod ops;
