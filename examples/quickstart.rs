@@ -1,4 +1,5 @@
-//! Quickstart: learn a binary teacher with Bop (its 1-bit kernel) and Adam (everything else).
+//! Quickstart: learn a binary teacher with Bop (its 1-bit kernel) and Adam (everything else),
+//! routed by `case_optimizer!`.
 //!
 //! ```sh
 //! scripts/env.sh cargo run --release --example quickstart
@@ -8,7 +9,7 @@
 //! Bop) with a full-precision scale and bias (routed to Adam). The loss falls as Bop flips the
 //! kernel's signs towards the teacher's.
 
-use caseopt::{Adam, AdamConfig, Bop, BopConfig, Optimizer, PathExt};
+use caseopt::{case_optimizer, PathExt};
 use tch::{nn, Device, Kind, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,26 +22,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
-    let kernel = root.binary().var("kernel", &[d, 1], nn::Init::Uniform { lo: -1.0, up: 1.0 });
+    // A 1-bit kernel starts at random signs (Bop would binarise anything else, with a warning).
+    let signs =
+        Tensor::randn([d, 1], (Kind::Float, Device::Cpu)).ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0;
+    let kernel = root.binary().var_copy("kernel", &signs);
     let scale = root.var("scale", &[1], nn::Init::Const(0.1));
     let bias = root.var("bias", &[1], nn::Init::Const(0.0));
 
-    // Route by hand: binary variables to Bop, the rest to Adam.
-    let mut bop = Bop::new(BopConfig { threshold: 1e-6.into(), gamma: 1e-3.into() })?;
-    let mut adam = Adam::new(AdamConfig { lr: 0.02.into(), ..Default::default() })?;
-    for p in caseopt::trainable_vars(&vs) {
-        println!(
-            "{:<8} {:>3} bit(s) -> {}",
-            p.info.name,
-            p.info.bits,
-            if p.info.is_binary() { "Bop" } else { "Adam" }
-        );
-        if p.info.is_binary() {
-            bop.add_param(p)?
-        } else {
-            adam.add_param(p)?
-        }
+    // Binary variables to Bop, the rest to Adam: one statically dispatched router.
+    let mut opt = case_optimizer! {
+        binary => Bop<threshold: 1e-6, gamma: 1e-3>,
+        _      => Adam<lr: 0.02>,
     }
+    .build(&vs)?;
+    print!("{}", opt.routing_table());
 
     for epoch in 1..=10 {
         let mut total = 0.0;
@@ -54,11 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 None,
                 tch::Reduction::Mean,
             );
-            bop.zero_grad();
-            adam.zero_grad();
-            loss.backward();
-            bop.step()?;
-            adam.step()?;
+            opt.backward_step(&loss)?;
             total += loss.double_value(&[]);
         }
         let agree = kernel.eq_tensor(&teacher).to_kind(Kind::Float).mean(Kind::Float);
