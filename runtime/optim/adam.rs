@@ -172,20 +172,9 @@ impl FusedState for AdamState {
     }
 }
 
-/// The scalars of one Adam update.
-struct AdamStep {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    decoupled: bool,
-    amsgrad: bool,
-    maximize: bool,
-}
-
 /// torch.optim's `_single_tensor_adam`, op for op.
-fn adam_update(p: &mut Tensor, grad: &Tensor, st: &mut AdamState, h: &AdamStep) -> Result<()> {
+/// Takes the same scalars as the fused kernel, [`AdamKernel`].
+fn adam_update(p: &mut Tensor, grad: &Tensor, st: &mut AdamState, h: &AdamKernel) -> Result<()> {
     st.step += 1;
     let grad = if h.decoupled {
         if h.weight_decay != 0.0 {
@@ -247,6 +236,21 @@ macro_rules! adam_like {
 
             exec_methods!($ty);
 
+            /// The scalars of one update at this step's hyperparameter values, shared by the
+            /// fused kernel and the libtorch path.
+            fn step_scalars(&self, hp: &$values) -> AdamKernel {
+                AdamKernel {
+                    lr: hp.lr,
+                    beta1: hp.beta1,
+                    beta2: hp.beta2,
+                    eps: hp.eps,
+                    weight_decay: hp.weight_decay,
+                    decoupled: $decoupled,
+                    amsgrad: self.config.amsgrad,
+                    maximize: self.config.maximize,
+                }
+            }
+
             /// The configuration (hyperparameters as schedules).
             pub fn config(&self) -> &$config {
                 &self.config
@@ -272,16 +276,7 @@ macro_rules! adam_like {
                         }
                     }
                 }
-                let kernel = AdamKernel {
-                    lr: hp.lr,
-                    beta1: hp.beta1,
-                    beta2: hp.beta2,
-                    eps: hp.eps,
-                    weight_decay: hp.weight_decay,
-                    decoupled: $decoupled,
-                    amsgrad,
-                    maximize: self.config.maximize,
-                };
+                let kernel = self.step_scalars(hp);
                 // Variables mostly share a step count: compute the bias corrections once.
                 let mut last: Option<(u64, [f64; 2])> = None;
                 let scalars = |st: &AdamState| match last {
@@ -320,21 +315,12 @@ macro_rules! adam_like {
 
             /// One variable's update with libtorch ops.
             fn update(&mut self, i: usize, grad: &Tensor, hp: &$values) -> Result<()> {
+                let h = self.step_scalars(hp);
                 let amsgrad = self.config.amsgrad;
                 let mut p = self.params[i].tensor.shallow_clone();
                 let st = match &mut self.states[i] {
                     Some(st) => st,
                     empty => empty.insert(AdamState::zeros(&p, amsgrad)?),
-                };
-                let h = AdamStep {
-                    lr: hp.lr,
-                    beta1: hp.beta1,
-                    beta2: hp.beta2,
-                    eps: hp.eps,
-                    weight_decay: hp.weight_decay,
-                    decoupled: $decoupled,
-                    amsgrad,
-                    maximize: self.config.maximize,
                 };
                 adam_update(&mut p, grad, st, &h)
             }
