@@ -8,7 +8,7 @@
 
 use tch::Tensor;
 
-use super::{address, meta, threads_for, CPU, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
+use super::{address, meta, threads_for, Simd, CPU, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
 
 /// The result of [`scan_finite`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -127,14 +127,68 @@ const BLOCK: usize = 4096;
 
 /// Whether any element is NaN or infinite: its exponent bits all set. An integer max over the
 /// masked exponents, which the compiler vectorises (a float test would not).
-fn non_finite_f32(xs: &[f32]) -> bool {
+#[inline(always)]
+fn any_non_finite_f32(xs: &[f32]) -> bool {
     const EXP: u32 = 0x7f80_0000;
     xs.chunks(BLOCK).any(|b| b.iter().fold(0u32, |acc, x| acc.max(x.to_bits() & EXP)) == EXP)
 }
 
-fn non_finite_f64(xs: &[f64]) -> bool {
+#[inline(always)]
+fn any_non_finite_f64(xs: &[f64]) -> bool {
     const EXP: u64 = 0x7ff0_0000_0000_0000;
     xs.chunks(BLOCK).any(|b| b.iter().fold(0u64, |acc, x| acc.max(x.to_bits() & EXP)) == EXP)
+}
+
+/// The scan loops compiled for one instruction set (the baseline x86-64 has no unsigned
+/// vector max, so the default build of the loops above runs several times slower than the
+/// memory they read).
+macro_rules! scan_for {
+    ($f32:ident, $f64:ident, $features:literal) => {
+        /// # Safety
+        /// The CPU must support the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $f32(xs: &[f32]) -> bool {
+            any_non_finite_f32(xs)
+        }
+
+        /// # Safety
+        /// As above.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $f64(xs: &[f64]) -> bool {
+            any_non_finite_f64(xs)
+        }
+    };
+}
+
+scan_for!(non_finite_f32_avx2, non_finite_f64_avx2, "avx2");
+scan_for!(non_finite_f32_avx512, non_finite_f64_avx512, "avx512f,avx512vl,avx512bw,avx512dq");
+
+/// [`any_non_finite_f32`] with the widest instruction set this CPU has.
+fn non_finite_f32(xs: &[f32]) -> bool {
+    match Simd::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` reports AVX-512 only when the CPU has these features.
+        Simd::Avx512 => unsafe { non_finite_f32_avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` reports AVX2 only when the CPU has it.
+        Simd::Avx2 => unsafe { non_finite_f32_avx2(xs) },
+        Simd::Baseline => any_non_finite_f32(xs),
+    }
+}
+
+/// [`any_non_finite_f64`] with the widest instruction set this CPU has.
+fn non_finite_f64(xs: &[f64]) -> bool {
+    match Simd::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `non_finite_f32`.
+        Simd::Avx512 => unsafe { non_finite_f64_avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `non_finite_f32`.
+        Simd::Avx2 => unsafe { non_finite_f64_avx2(xs) },
+        Simd::Baseline => any_non_finite_f64(xs),
+    }
 }
 
 #[cfg(test)]
@@ -149,12 +203,14 @@ mod tests {
             assert!(!non_finite_f32(&xs));
             xs[9_999] = bad;
             assert!(non_finite_f32(&xs), "{bad}");
+            assert!(any_non_finite_f32(&xs), "baseline loop, {bad}");
         }
         // The largest finite values and subnormals are finite.
         assert!(!non_finite_f32(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]));
         assert!(!non_finite_f64(&[f64::MAX, f64::MIN, 5e-324]));
         assert!(non_finite_f64(&[0.0, f64::NAN]));
         assert!(non_finite_f64(&[f64::NEG_INFINITY]));
+        assert!(any_non_finite_f64(&[1.0, f64::INFINITY]) && !any_non_finite_f64(&[f64::MAX]));
     }
 
     fn cpu(kind: Kind, n: i64) -> Tensor {
