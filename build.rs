@@ -1,18 +1,91 @@
-//! Makes this package's own tests, examples and benchmarks able to use CUDA.
+//! Two jobs, both needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
 //!
-//! Linkers drop a shared library nothing references by symbol (`--as-needed`), and nothing in a
-//! Rust binary references `libtorch_cuda.so` by symbol: its CUDA kernels register themselves when
-//! it is loaded. Without it, `tch::Cuda::is_available()` is false even on a GPU machine. torch-sys
-//! cannot pass link arguments to its dependents, so each binary crate asks for it; this does it
-//! for caseopt's own binaries when the libtorch in use has CUDA. (A binary crate of yours that
-//! uses CUDA needs the same two lines in its build.rs; see the README.)
-use std::path::Path;
+//! 1. Compiles `runtime/kernels/meta.cpp`, a small C++ function that reads the metadata of many
+//!    tensors in one call (see that file and `runtime/kernels/meta.rs`), against libtorch's
+//!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim.
+//! 2. Makes this package's own tests, examples and benchmarks able to use CUDA. Linkers drop a
+//!    shared library nothing references by symbol (`--as-needed`), and nothing in a Rust binary
+//!    references `libtorch_cuda.so` by symbol: its CUDA kernels register themselves when it is
+//!    loaded. Without it, `tch::Cuda::is_available()` is false even on a GPU machine. torch-sys
+//!    cannot pass link arguments to its dependents, so each binary crate asks for it; this does
+//!    it for caseopt's own binaries when the libtorch in use has CUDA. (A binary crate of yours
+//!    that uses CUDA needs the same two lines in its build.rs; see the README.)
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=runtime/kernels/meta.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
-    if Path::new(&lib).join("libtorch_cuda.so").exists() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        if std::env::var_os("DOCS_RS").is_some() {
+            // torch-sys builds no library for docs.rs: nothing to compile or link against.
+            return;
+        }
+        panic!(
+            "caseopt: torch-sys did not report where libtorch is (DEP_TCH_LIBTORCH_LIB); \
+             build through scripts/env.sh, or set LIBTORCH as tch's README describes"
+        );
+    };
+    let lib = PathBuf::from(lib);
+    compile_meta_reader(&lib);
+    if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// Builds `meta.cpp` into a static library linked into caseopt (its libtorch symbols are
+/// resolved by the libraries torch-sys links).
+fn compile_meta_reader(lib: &Path) {
+    // Both layouts torch-sys accepts keep the headers next to the libraries: `libtorch/lib` and
+    // `libtorch/include`, or the wheel's `torch/lib` and `torch/include`.
+    let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
+    if !include.join("ATen/core/Tensor.h").exists() {
+        panic!(
+            "caseopt: no libtorch headers at {} (expected next to {}); a libtorch install with \
+             its include/ directory is needed",
+            include.display(),
+            lib.display()
+        );
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("runtime/kernels/meta.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        // libtorch's headers are its own business: their warnings (C++20 idioms under C++17,
+        // as torch-sys compiles them too) are not ours to fix.
+        .warnings(false)
+        .extra_warnings(false)
+        .flag_if_supported("-Wno-c++20-extensions")
+        .opt_level(2)
+        .compile("caseopt_meta");
+}
+
+/// The `_GLIBCXX_USE_CXX11_ABI` libtorch was built with, found the way torch-sys finds it:
+/// `LIBTORCH_CXX11_ABI` when set, else PyTorch's own answer when tch builds against the Python
+/// package, else 1 (every libtorch 2.x download).
+fn cxx11_abi() -> String {
+    if let Ok(abi) = std::env::var("LIBTORCH_CXX11_ABI") {
+        return abi;
+    }
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        let python = match std::env::var_os("VIRTUAL_ENV") {
+            Some(venv) => PathBuf::from(venv).join("bin/python"),
+            None => PathBuf::from("python3"),
+        };
+        let out = Command::new(&python)
+            .args(["-c", "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"])
+            .output();
+        if let Ok(out) = out {
+            let abi = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.status.success() && (abi == "0" || abi == "1") {
+                return abi;
+            }
+        }
+    }
+    "1".to_string()
 }

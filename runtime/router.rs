@@ -417,6 +417,8 @@ pub struct RouterCore {
     binary_unchecked: bool,
     binary_checked: HashSet<String>,
     binarised: Vec<String>,
+    /// Kept between steps so that reading every variable's metadata allocates nothing.
+    reader: crate::kernels::meta::MetaReader,
 }
 
 impl RouterCore {
@@ -608,6 +610,7 @@ impl<R: RouterParts> RouterBuilder<R> {
             binary_unchecked: true,
             binary_checked: HashSet::new(),
             binarised: Vec::new(),
+            reader: Default::default(),
         };
         R::assemble(self.configs, Assembly { groups, core })
     }
@@ -735,20 +738,25 @@ impl<R: RouterParts> Router for R {
 
     fn step(&mut self) -> Result<()> {
         route_new_variables(self)?;
-        let mut grads = CollectGrads(Vec::with_capacity(self.rules().len()));
-        self.visit(&mut grads)?;
-        let grads = grads.0;
-        match self.core().non_finite {
-            NonFinitePolicy::Proceed => {}
-            policy => {
-                if let Some(variable) = first_non_finite(self, &grads)? {
-                    if policy == NonFinitePolicy::SkipStep {
-                        self.core_mut().skipped_steps += 1;
-                        return Ok(());
-                    }
-                    return Err(Error::NonFiniteGradient { variable });
-                }
+        let mut grads = CollectGrads {
+            grads: Vec::with_capacity(self.rules().len()),
+            reader: std::mem::take(&mut self.core_mut().reader),
+        };
+        let collected = self.visit(&mut grads);
+        let CollectGrads { grads, mut reader } = grads;
+        let found = match (collected, self.core().non_finite) {
+            (Err(e), _) => Err(e),
+            (Ok(()), NonFinitePolicy::Proceed) => Ok(None),
+            (Ok(()), _) => first_non_finite(self, &grads, &mut reader),
+        };
+        self.core_mut().reader = reader;
+        // `None` under `NonFinitePolicy::Proceed`, which does not look.
+        if let Some(variable) = found? {
+            if self.core().non_finite == NonFinitePolicy::SkipStep {
+                self.core_mut().skipped_steps += 1;
+                return Ok(());
             }
+            return Err(Error::NonFiniteGradient { variable });
         }
         if self.core().binary_unchecked {
             check_binary_values(self)?;
@@ -931,18 +939,29 @@ impl OptimizerVisitor for AddParams {
 /// Every rule's gradients, aligned with its optimizer's variables: `None` for a variable
 /// without a gradient or a frozen one. Fails on a variable whose device, dtype or shape
 /// changed since it was routed.
-struct CollectGrads(Vec<Vec<Option<Tensor>>>);
+struct CollectGrads {
+    grads: Vec<Vec<Option<Tensor>>>,
+    /// Reads every variable's metadata and its gradient's in one call per rule.
+    reader: crate::kernels::meta::MetaReader,
+}
 
 impl OptimizerInspector for CollectGrads {
     fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
-        let mut grads = Vec::with_capacity(optimizer.params().len());
-        for p in optimizer.params() {
-            p.check_unchanged()?;
+        let params = optimizer.params();
+        let (metas, grad_metas) =
+            self.reader.read_with_grads(params.iter().map(|p| &p.tensor), false);
+        let mut grads = Vec::with_capacity(params.len());
+        for ((p, m), g) in params.iter().zip(metas).zip(grad_metas) {
+            if !p.matches(m) {
+                // tch's own accessors name what changed (or find nothing: carry on).
+                p.check_unchanged()?;
+            }
             // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
             // skip it rather than let momentum move it.
-            grads.push(if p.tensor.requires_grad() { p.grad() } else { None });
+            let has_grad = g.status() != crate::kernels::meta::Status::Undefined;
+            grads.push(if m.requires_grad() && has_grad { p.grad() } else { None });
         }
-        self.0.push(grads);
+        self.grads.push(grads);
         Ok(())
     }
 }
@@ -1010,6 +1029,7 @@ impl SumGroup {
 fn first_non_finite<R: RouterParts>(
     router: &R,
     grads: &[Vec<Option<Tensor>>],
+    reader: &mut crate::kernels::meta::MetaReader,
 ) -> Result<Option<String>> {
     let present: Vec<(usize, usize)> = grads
         .iter()
@@ -1022,6 +1042,7 @@ fn first_non_finite<R: RouterParts>(
     let scan = crate::kernels::finite::scan_finite(
         present.iter().filter_map(|&(r, i)| grads[r][i].as_ref()),
         threads,
+        reader,
     );
     let scanned_first = scan.first_non_finite.and_then(|k| present.get(k).copied());
     let torch_first = if scan.unscanned.is_empty() {

@@ -160,6 +160,16 @@ impl Param {
         g.defined().then_some(g)
     }
 
+    /// Whether metadata read in bulk (see `kernels::meta`) shows the device, dtype and shape
+    /// the variable was routed with; `false` sends the caller to
+    /// [`check_unchanged`](Self::check_unchanged) for the details.
+    pub(crate) fn matches(&self, m: &crate::kernels::meta::Meta) -> bool {
+        m.is_ok()
+            && m.device() == Some(self.info.device)
+            && m.kind() == Some(self.info.kind)
+            && m.shape() == self.info.shape.as_slice()
+    }
+
     /// Checks that the tensor still has the device, dtype and shape it was routed with.
     pub fn check_unchanged(&self) -> Result<(), Error> {
         let (device, kind, shape) = (self.tensor.device(), self.tensor.kind(), self.tensor.size());

@@ -8,7 +8,8 @@
 
 use tch::Tensor;
 
-use super::{address, meta, threads_for, Simd, CPU, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
+use super::meta::{Meta, MetaReader, CPU};
+use super::{address, threads_for, Simd, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
 
 /// The result of [`scan_finite`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -33,17 +34,19 @@ struct Span {
 /// little to read).
 ///
 /// ```ignore
-/// let scan = scan_finite(grads.iter(), 2);
+/// let scan = scan_finite(grads.iter(), 2, &mut MetaReader::default());
 /// // scan.first_non_finite: the first bad one; scan.unscanned: check these with libtorch ops.
 /// ```
 pub(crate) fn scan_finite<'t>(
     tensors: impl IntoIterator<Item = &'t Tensor>,
     threads: usize,
+    reader: &mut MetaReader,
 ) -> FiniteScan {
     let mut spans = Vec::new();
     let mut out = FiniteScan::default();
-    for (index, t) in tensors.into_iter().enumerate() {
-        match span(index, t) {
+    let metas = reader.read(tensors.into_iter().map(Some), false);
+    for (index, m) in metas.iter().enumerate() {
+        match span(index, m) {
             Some(s) if s.len > 0 => spans.push(s),
             Some(_) => {}
             None => out.unscanned.push(index),
@@ -72,12 +75,11 @@ pub(crate) fn scan_finite<'t>(
 }
 
 /// A tensor the scan can read, or `None`.
-fn span(index: usize, t: &Tensor) -> Option<Span> {
-    let m = meta(t).ok()?;
-    if m.device != CPU || !m.contiguous {
+fn span(index: usize, m: &Meta) -> Option<Span> {
+    if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {
         return None;
     }
-    let f64 = match m.kind {
+    let f64 = match m.dtype() {
         FLOAT => false,
         DOUBLE => true,
         _ => return None,
@@ -87,7 +89,7 @@ fn span(index: usize, t: &Tensor) -> Option<Span> {
         return Some(Span { index, addr: 0, len, f64 });
     }
     let align = if f64 { std::mem::align_of::<f64>() } else { std::mem::align_of::<f32>() };
-    let addr = address(t, "grad", align).ok()?;
+    let addr = address(m, "grad", align).ok()?;
     Some(Span { index, addr, len, f64 })
 }
 
@@ -100,7 +102,7 @@ fn first_in_range(spans: &[Span], lo: usize, hi: usize) -> Option<usize> {
         if start < end {
             let (a, n) = (start - (offset - s.len), end - start);
             let bad = if s.f64 {
-                // SAFETY: `span` took `addr` from `at_data_ptr` of a live, contiguous f64 CPU
+                // SAFETY: `span` took `addr` from the data address of a live, contiguous f64 CPU
                 // tensor of `len` elements, aligned; the caller's borrow (`'t`) keeps it
                 // allocated during the scan; `a + n <= len`. The memory is only read (other
                 // handles must not write it meanwhile: the contract of any tch read).
@@ -229,16 +231,16 @@ mod tests {
             cpu(Kind::Double, 3),
         ];
         assert_eq!(
-            scan_finite(&ts, 1),
+            scan_finite(&ts, 1, &mut MetaReader::default()),
             FiniteScan { first_non_finite: None, unscanned: vec![3, 4] }
         );
         let _ = ts[6].get(2).fill_(f64::INFINITY);
-        assert_eq!(scan_finite(&ts, 1).first_non_finite, Some(6));
+        assert_eq!(scan_finite(&ts, 1, &mut MetaReader::default()).first_non_finite, Some(6));
         let _ = ts[5].get(0).fill_(f64::NAN);
-        assert_eq!(scan_finite(&ts, 1).first_non_finite, Some(5));
+        assert_eq!(scan_finite(&ts, 1, &mut MetaReader::default()).first_non_finite, Some(5));
         // Not read: a NaN in the half-precision tensor is the caller's to find.
         let _ = ts[3].get(0).fill_(f64::NAN);
-        assert_eq!(scan_finite(&ts, 1).first_non_finite, Some(5));
+        assert_eq!(scan_finite(&ts, 1, &mut MetaReader::default()).first_non_finite, Some(5));
     }
 
     #[test]
@@ -250,12 +252,20 @@ mod tests {
             cpu(Kind::Double, 1_000_000),
         ];
         for threads in [1, 2, 4] {
-            assert_eq!(scan_finite(&ts, threads).first_non_finite, None, "{threads}");
+            assert_eq!(
+                scan_finite(&ts, threads, &mut MetaReader::default()).first_non_finite,
+                None,
+                "{threads}"
+            );
         }
         let _ = ts[2].get(999_999).fill_(f64::NAN);
         let _ = ts[1].get(2_500_000).fill_(f64::INFINITY);
         for threads in [1, 2, 4] {
-            assert_eq!(scan_finite(&ts, threads).first_non_finite, Some(1), "{threads}");
+            assert_eq!(
+                scan_finite(&ts, threads, &mut MetaReader::default()).first_non_finite,
+                Some(1),
+                "{threads}"
+            );
         }
     }
 }

@@ -16,20 +16,18 @@
 //! parameter before the step will not notice that it changed (torch.optim's foreach path bumps
 //! the counter and would raise there).
 
-// Not called yet: offered for the router's non-finite gradient check, whose libtorch sums (a
-// parallel region per gradient) cost several times the step itself on this benchmark's sets.
 pub(crate) mod finite;
 pub(crate) mod math;
+pub(crate) mod meta;
 pub(crate) mod ops;
 
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
 
-use std::os::raw::c_int;
-
 use tch::{Device, Kind, Tensor};
 
 use math::Real;
+use meta::{Meta, MetaReader, Status, CPU};
 
 /// Below this many elements per thread, a thread costs more to start than it saves
 /// (spawning one measured 50-70 us on the 2-core benchmark VM, the time to stream ~2 MB).
@@ -42,8 +40,8 @@ pub(crate) const MAX_STATES: usize = 3;
 /// Why a variable cannot take the fused path.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Unfit {
-    /// Not on the CPU.
-    Device(Device),
+    /// Not on the CPU (`None`: a device tch cannot name).
+    Device(Option<Device>),
     /// An element type without a kernel.
     Kind(Kind),
     /// Operands of different element types (the gradient's is checked earlier; this is state).
@@ -66,8 +64,11 @@ pub(crate) enum Unfit {
 impl std::fmt::Display for Unfit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Unfit::Device(d) => {
+            Unfit::Device(Some(d)) => {
                 write!(f, "the fused kernels run on the CPU, the variable is on {d:?}")
+            }
+            Unfit::Device(None) => {
+                write!(f, "the fused kernels run on the CPU, the variable is on another device")
             }
             Unfit::Kind(k) => {
                 write!(f, "the fused kernels take f32 and f64, the variable is {k:?}")
@@ -128,6 +129,10 @@ pub(crate) struct Workspace {
     verified: Vec<Region>,
     /// Sorting scratch.
     sorted: Vec<Region>,
+    /// Reads the parameters' and states' metadata (writable addresses).
+    written: MetaReader,
+    /// Reads the gradients' metadata.
+    read: MetaReader,
 }
 
 impl Workspace {
@@ -173,176 +178,57 @@ pub(crate) struct Batch<'w, 't> {
 /// A named state tensor of one variable, or nothing in an unused slot.
 pub(crate) type StateOperand<'t> = Option<(&'static str, &'t Tensor)>;
 
-/// Most dimensions a tensor may have to take the fused path (more is refused, not wrong).
-const MAX_DIMS: usize = 12;
-
-/// libtch's codes for the CPU device (`at_device`) and the two element types
-/// (`at_scalar_type`, ATen's `ScalarType`).
-const CPU: c_int = -1;
-const FLOAT: c_int = 6;
-const DOUBLE: c_int = 7;
-
-/// What the fused path reads off a tensor.
-struct Meta {
-    device: c_int,
-    kind: c_int,
-    contiguous: bool,
-    ndim: usize,
-    dims: [i64; MAX_DIMS],
+/// The tensors of one variable's update: parameter, gradient and the kernel's state tensors.
+#[derive(Clone, Copy)]
+pub(crate) struct Operands<'t> {
+    /// The variable's index in its optimizer.
+    pub(crate) index: usize,
+    pub(crate) param: &'t Tensor,
+    pub(crate) grad: &'t Tensor,
+    pub(crate) states: [StateOperand<'t>; MAX_STATES],
 }
 
-impl Meta {
-    fn shape(&self) -> &[i64] {
-        &self.dims[..self.ndim]
-    }
-
-    fn numel(&self) -> usize {
-        self.shape().iter().map(|&d| usize::try_from(d).unwrap_or(0)).product()
-    }
-}
-
-/// Takes libtch's thread-local error, if the last calls raised one, freeing its string.
-fn take_error() -> bool {
-    // SAFETY: `get_and_reset_last_err` hands over ownership of a `strdup`ed string (or null);
-    // freeing it with `free` is what tch itself does.
-    unsafe {
-        let err = torch_sys::get_and_reset_last_err();
-        if err.is_null() {
-            return false;
-        }
-        libc::free(err.cast());
-        true
-    }
-}
-
-/// Reads `t`'s shape, element type, device and contiguity straight through libtch: one call
-/// per field and no allocation, where tch's accessors allocate a `Vec` for the shape and take
-/// a round trip for libtch's error after every call (together, most of a step's cost on many
-/// small tensors).
-fn meta(t: &Tensor) -> Result<Meta, Unfit> {
-    let c = t.as_ptr() as *mut torch_sys::C_tensor;
-    let mut m = Meta { device: CPU, kind: -1, contiguous: false, ndim: 0, dims: [0; MAX_DIMS] };
-    // SAFETY: `c` is the C++ tensor of a live tch handle, borrowed for this call. These libtch
-    // functions read its metadata and catch every C++ exception into libtch's thread-local
-    // error, which is checked after each call that can raise one (an undefined tensor for
-    // `at_dim`, a sparse one for `at_is_contiguous`), so no error string is overwritten.
-    // `at_shape` writes `at_dim` values and is only called when they fit `dims`; as with
-    // tch's own `size()`, no other thread may change the tensor's shape meanwhile.
-    unsafe {
-        let ndim = torch_sys::at_dim(c);
-        if take_error() {
-            return Err(Unfit::Unsupported("an undefined tensor"));
-        }
-        if ndim > MAX_DIMS {
-            return Err(Unfit::Unsupported("a tensor with more than 12 dimensions"));
-        }
-        torch_sys::at_shape(c, m.dims.as_mut_ptr());
-        m.ndim = ndim;
-        m.kind = torch_sys::at_scalar_type(c);
-        m.device = torch_sys::at_device(c);
-        m.contiguous = torch_sys::at_is_contiguous(c) == 1;
-    }
-    if take_error() {
-        return Err(Unfit::Unsupported("a sparse or opaque tensor layout"));
-    }
-    Ok(m)
-}
-
-/// Reads `t`'s data address and throws it away, so that the C++ objects behind the handle
-/// (tensor, storage) come into the cache: calls on several tensors in a row are independent, so
-/// the processor overlaps their cache misses, where [`Batch::push`], doing more per tensor, meets
-/// them one after the other. On many small tensors those misses are a large part of a step.
-pub(crate) fn warm(t: &Tensor) {
-    // SAFETY: as in `meta`: a live handle; a raised exception is taken right after.
-    let _ = unsafe { torch_sys::at_data_ptr(t.as_ptr() as *mut torch_sys::C_tensor) };
-    let _ = take_error();
-}
-
-/// The data address of a dense CPU tensor whose elements are `align`-aligned.
-fn address(t: &Tensor, name: &'static str, align: usize) -> Result<usize, Unfit> {
-    // SAFETY: as in `meta`: a live handle, and the exception (a tensor without storage) is
-    // caught by libtch and checked right after.
-    let addr = unsafe { torch_sys::at_data_ptr(t.as_ptr() as *mut torch_sys::C_tensor) } as usize;
-    if take_error() || addr == 0 || addr % align != 0 {
-        return Err(Unfit::Misaligned(name));
-    }
-    Ok(addr)
-}
+/// ATen's scalar type codes of the two element types the kernels take.
+const FLOAT: i32 = 6;
+const DOUBLE: i32 = 7;
 
 impl<'t> Batch<'_, 't> {
-    /// Queues the update of variable `index`: parameter `p`, gradient `g` and the kernel's
-    /// state tensors (the first `states` slots), which are all checked here, the gradient
-    /// against the parameter as `optim::check_grad` does ([`Unfit::Grad`]). Nothing is written
-    /// until [`run`](Self::run).
-    pub(crate) fn push(
-        &mut self,
-        index: usize,
-        p: &'t Tensor,
-        g: &'t Tensor,
-        states: [StateOperand<'t>; MAX_STATES],
-        scalars: [f64; 2],
-    ) -> Result<(), Unfit> {
-        let pm = meta(p)?;
-        let gm = meta(g)?;
-        if gm.shape() != pm.shape() {
-            return Err(Unfit::Grad(format!("shape {:?} != {:?}", gm.shape(), pm.shape())));
-        }
-        if gm.kind != pm.kind {
-            return Err(Unfit::Grad(format!("dtype {:?} != {:?}", g.kind(), p.kind())));
-        }
-        if gm.device != pm.device {
-            return Err(Unfit::Grad(format!("device {:?} != {:?}", g.device(), p.device())));
-        }
-        if pm.device != CPU {
-            return Err(Unfit::Device(p.device()));
-        }
-        let (kind, align) = match pm.kind {
-            FLOAT => (Kind::Float, align_of::<f32>()),
-            DOUBLE => (Kind::Double, align_of::<f64>()),
-            _ => {
-                return Err(p.f_kind().map_or(Unfit::Unsupported("an unknown dtype"), Unfit::Kind))
-            }
-        };
-        if !pm.contiguous {
-            return Err(Unfit::NotContiguous("param"));
-        }
-        if !gm.contiguous {
-            return Err(Unfit::NotContiguous("grad"));
-        }
-        let len = pm.numel();
-        let mut addrs = [0usize; MAX_STATES];
-        for (slot, state) in addrs.iter_mut().zip(states).take(self.states) {
-            let (name, t) = state.ok_or(Unfit::Unsupported("a state tensor is missing"))?;
-            let sm = meta(t)?;
-            if sm.device != CPU {
-                return Err(Unfit::Device(t.device()));
-            }
-            if sm.kind != pm.kind {
-                return Err(Unfit::KindMismatch { operand: name, kind: t.kind() });
-            }
-            if !sm.contiguous {
-                return Err(Unfit::NotContiguous(name));
-            }
-            if sm.numel() != len {
-                return Err(Unfit::Length { operand: name, len: sm.numel(), expected: len });
-            }
-            if len > 0 {
-                *slot = address(t, name, align)?;
+    /// Queues the update of every variable of `vars`, checking all their tensors (CPU, f32 or
+    /// f64, contiguous, aligned, of the parameter's length; the gradient against the parameter
+    /// as `optim::check_grad` does, [`Unfit::Grad`]) with two metadata reads for the whole
+    /// list. Variables that cannot take the fused path are appended to `refused` with the
+    /// reason, in order. Nothing is written until [`run`](Self::run); the kernel's per-variable
+    /// scalars are zero until [`set_scalars`](Self::set_scalars).
+    pub(crate) fn queue<I>(&mut self, vars: I, refused: &mut Vec<(usize, Unfit)>)
+    where
+        I: Iterator<Item = Operands<'t>> + Clone,
+    {
+        let states = self.states;
+        let ws = &mut *self.ws;
+        let written = ws.written.read(
+            vars.clone().flat_map(|v| {
+                std::iter::once(Some(v.param))
+                    .chain(v.states.into_iter().take(states).map(|s| s.map(|(_, t)| t)))
+            }),
+            true,
+        );
+        let read = ws.read.read(vars.clone().map(|v| Some(v.grad)), false);
+        for (k, v) in vars.enumerate() {
+            let ops = &written[k * (1 + states)..(k + 1) * (1 + states)];
+            let names = v.states.map(|s| s.map_or("state", |(name, _)| name));
+            match job(v.index, &ops[0], &read[k], &ops[1..], &names) {
+                Ok((job, true)) => ws.f64_jobs.push(job),
+                Ok((job, false)) => ws.f32_jobs.push(job),
+                Err(unfit) => refused.push((v.index, unfit)),
             }
         }
-        // An empty variable is queued too (with no addresses), so that `updated` reports it:
-        // its optimizer still counts the step for it, as torch.optim does.
-        let (p, g) = if len == 0 {
-            (0, 0)
-        } else {
-            (address(p, "param", align)?, address(g, "grad", align)?)
-        };
-        let job = Job { index, len, p, g, states: addrs, scalars };
-        match kind {
-            Kind::Float => self.ws.f32_jobs.push(job),
-            _ => self.ws.f64_jobs.push(job),
+    }
+
+    /// Sets each queued variable's kernel scalars, from its index.
+    pub(crate) fn set_scalars(&mut self, mut scalars: impl FnMut(usize) -> [f64; 2]) {
+        for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
+            j.scalars = scalars(j.index);
         }
-        Ok(())
     }
 
     /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
@@ -384,6 +270,98 @@ impl<'t> Batch<'_, 't> {
         }
         Ok(())
     }
+}
+
+/// Validates one variable's operands (parameter `p`, gradient `g`, the kernel's states) and
+/// builds its job; the bool is true for f64.
+fn job(
+    index: usize,
+    p: &Meta,
+    g: &Meta,
+    states: &[Meta],
+    names: &[&'static str; MAX_STATES],
+) -> Result<(Job, bool), Unfit> {
+    usable(p)?;
+    usable(g)?;
+    if g.shape() != p.shape() {
+        return Err(Unfit::Grad(format!("shape {:?} != {:?}", g.shape(), p.shape())));
+    }
+    if g.dtype() != p.dtype() {
+        return Err(Unfit::Grad(format!("dtype {} != {}", kind_name(g), kind_name(p))));
+    }
+    if g.device_code() != p.device_code() {
+        return Err(Unfit::Grad(format!("device {:?} != {:?}", g.device(), p.device())));
+    }
+    if p.device_code() != CPU {
+        return Err(Unfit::Device(p.device()));
+    }
+    let (f64, align) = match p.dtype() {
+        FLOAT => (false, align_of::<f32>()),
+        DOUBLE => (true, align_of::<f64>()),
+        _ => return Err(p.kind().map_or(Unfit::Unsupported("an unknown dtype"), Unfit::Kind)),
+    };
+    if !p.contiguous() {
+        return Err(Unfit::NotContiguous("param"));
+    }
+    if !g.contiguous() {
+        return Err(Unfit::NotContiguous("grad"));
+    }
+    let len = p.numel();
+    let mut addrs = [0usize; MAX_STATES];
+    for ((slot, s), &name) in addrs.iter_mut().zip(states).zip(names) {
+        if s.status() == Status::Undefined {
+            return Err(Unfit::Unsupported("a state tensor is missing"));
+        }
+        usable(s)?;
+        if s.device_code() != CPU {
+            return Err(Unfit::Device(s.device()));
+        }
+        if s.dtype() != p.dtype() {
+            return Err(match s.kind() {
+                Some(kind) => Unfit::KindMismatch { operand: name, kind },
+                None => Unfit::Unsupported("a state of an unknown dtype"),
+            });
+        }
+        if !s.contiguous() {
+            return Err(Unfit::NotContiguous(name));
+        }
+        if s.numel() != len {
+            return Err(Unfit::Length { operand: name, len: s.numel(), expected: len });
+        }
+        if len > 0 {
+            *slot = address(s, name, align)?;
+        }
+    }
+    // An empty variable is queued too (with no addresses), so that `updated` reports it: its
+    // optimizer still counts the step for it, as torch.optim does.
+    let (p, g) =
+        if len == 0 { (0, 0) } else { (address(p, "param", align)?, address(g, "grad", align)?) };
+    Ok((Job { index, len, p, g, states: addrs, scalars: [0.0; 2] }, f64))
+}
+
+/// Refuses a tensor whose metadata could not be read.
+fn usable(m: &Meta) -> Result<(), Unfit> {
+    match m.status() {
+        Status::Ok => Ok(()),
+        Status::Undefined => Err(Unfit::Unsupported("an undefined tensor")),
+        Status::NotStrided => Err(Unfit::Unsupported("a sparse or opaque tensor layout")),
+        Status::TooManyDims => Err(Unfit::Unsupported("a tensor with more than 12 dimensions")),
+        Status::Exception => Err(Unfit::Unsupported("a tensor whose metadata libtorch refused")),
+    }
+}
+
+/// The data address of a non-empty tensor, which must be `align`-aligned.
+fn address(m: &Meta, name: &'static str, align: usize) -> Result<usize, Unfit> {
+    let addr = m.data();
+    if addr == 0 || addr % align != 0 {
+        return Err(Unfit::Misaligned(name));
+    }
+    Ok(addr)
+}
+
+/// A dtype for a message.
+fn kind_name(m: &Meta) -> String {
+    m.kind().map_or_else(|| format!("scalar type {}", m.dtype()), |k| format!("{k:?}"))
 }
 
 impl Workspace {

@@ -21,7 +21,7 @@ pub use sgd::{Sgd, SgdConfig};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, Kernel, StateOperand, Unfit, Workspace, MAX_STATES};
+use crate::kernels::{Kernel, Operands, StateOperand, Unfit, Workspace, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -72,6 +72,8 @@ pub(crate) struct Exec {
     pub(crate) grads: Vec<Option<Tensor>>,
     /// Variables the fused path refused this step, for the libtorch path.
     pub(crate) rest: Vec<usize>,
+    /// Scratch for the fused path's refusals.
+    pub(crate) refused: Vec<(usize, Unfit)>,
 }
 
 impl Exec {
@@ -122,30 +124,6 @@ fn refuse(
     Ok(())
 }
 
-/// Variables whose tensors are brought into the cache together before they are checked.
-const WARM_AHEAD: usize = 16;
-
-/// Warms the tensors of variables `start..start + WARM_AHEAD` (see [`kernels::warm`]): about
-/// a tenth off a step over many small tensors, measured on 2000 tensors of 256.
-fn warm_block<S: FusedState>(
-    params: &[Param],
-    grads: &[Option<Tensor>],
-    states: &[Option<S>],
-    start: usize,
-) {
-    let end = (start + WARM_AHEAD).min(params.len());
-    for j in start..end {
-        let Some(g) = &grads[j] else { continue };
-        kernels::warm(&params[j].tensor);
-        kernels::warm(g);
-        if let Some(st) = &states[j] {
-            for (_, t) in st.operands().into_iter().flatten() {
-                kernels::warm(t);
-            }
-        }
-    }
-}
-
 /// The fused part of a step: runs `kernel` over every variable with a gradient that the
 /// kernels can take, in one multi-tensor pass, and leaves in `exec.rest` the variables the
 /// caller must update with libtorch ops (all of them under [`Backend::Torch`]). Every variable
@@ -176,28 +154,45 @@ pub(crate) fn fused_step<S: FusedState, K: Kernel>(
         return Ok(());
     }
     let threads = exec.threads();
-    let mut batch = exec.workspace.batch(state_count);
-    for (i, ((p, g), st)) in params.iter().zip(grads).zip(states).enumerate() {
-        if i % WARM_AHEAD == 0 {
-            warm_block(params, grads, states, i);
+    let mut refused = std::mem::take(&mut exec.refused);
+    refused.clear();
+    // A variable with a gradient but no state (not created by the caller) is refused here;
+    // the others are checked together.
+    for (i, (g, st)) in grads.iter().zip(states).enumerate() {
+        if g.is_some() && st.is_none() {
+            refused.push((i, Unfit::Unsupported("a variable without state")));
         }
-        let Some(g) = g else { continue };
-        let pushed = match st {
-            Some(st) => batch.push(i, &p.tensor, g, st.operands(), scalars(st)),
-            None => Err(Unfit::Unsupported("a variable without state")),
-        };
-        match pushed {
-            Ok(()) => {}
-            Err(Unfit::Grad(reason)) => {
+    }
+    let mut batch = exec.workspace.batch(state_count);
+    let vars =
+        params.iter().zip(grads).zip(states).enumerate().filter_map(|(index, ((p, g), st))| {
+            Some(Operands {
+                index,
+                param: &p.tensor,
+                grad: g.as_ref()?,
+                states: st.as_ref()?.operands(),
+            })
+        });
+    batch.queue(vars, &mut refused);
+    batch.set_scalars(|i| states[i].as_ref().map_or([0.0; 2], &mut scalars));
+    // Refusals in variable order, so that errors name the first variable concerned.
+    refused.sort_by_key(|(i, _)| *i);
+    for (i, unfit) in refused.drain(..) {
+        let p = &params[i];
+        match unfit {
+            Unfit::Grad(reason) => {
                 return Err(Error::GradientMismatch { variable: p.info.name.clone(), reason })
             }
-            Err(unfit) => {
+            unfit => {
                 // The libtorch path still needs the gradient checked before anything changes.
-                check_grad(p, g)?;
+                if let Some(g) = &grads[i] {
+                    check_grad(p, g)?;
+                }
                 refuse(exec.backend, &mut exec.rest, optimizer, params, i, unfit)?;
             }
         }
     }
+    exec.refused = refused;
     if let Err(unfit) = batch.run(kernel, threads) {
         let index = match unfit {
             Unfit::Overlap(index) => index,

@@ -1,0 +1,320 @@
+//! Tensor metadata for many tensors in one foreign call (the C++ side is `meta.cpp`, compiled
+//! by build.rs against libtorch's headers).
+//!
+//! tch reads each field of a tensor (shape, dtype, device, contiguity, data address) through its
+//! own libtch call followed by a check of libtch's thread-local error, and allocates for the
+//! shape and for a gradient handle. On 2000 variables of 256 elements those calls were most of a
+//! step: about 100 foreign calls per variable per step across the router's checks, the NaN scan
+//! and the fused kernels' checks. [`MetaReader`] reads a whole list in one call.
+
+use std::ffi::c_void;
+
+use tch::{Device, Kind, Tensor};
+
+/// Most dimensions a tensor may have to be described (more is reported, not wrong).
+pub(crate) const MAX_DIMS: usize = 12;
+
+/// `caseopt_meta` of meta.cpp, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawMeta {
+    numel: i64,
+    data: usize,
+    status: i32,
+    dtype: i32,
+    device: i32,
+    ndim: i32,
+    contiguous: u8,
+    requires_grad: u8,
+    pad: [u8; 6],
+    sizes: [i64; MAX_DIMS],
+}
+
+// The C++ struct has the same fields in the same order, so the same size; `meta_layout_agrees`
+// checks it against the compiled C++ too.
+const _: () = assert!(std::mem::size_of::<RawMeta>() == 136);
+
+const EMPTY: RawMeta = RawMeta {
+    numel: 0,
+    data: 0,
+    status: Status::Undefined as i32,
+    dtype: -1,
+    device: CPU,
+    ndim: 0,
+    contiguous: 0,
+    requires_grad: 0,
+    pad: [0; 6],
+    sizes: [0; MAX_DIMS],
+};
+
+extern "C" {
+    fn caseopt_read_meta(
+        tensors: *const *const c_void,
+        n: usize,
+        writable: i32,
+        out: *mut RawMeta,
+        grads: *mut RawMeta,
+    );
+    #[cfg(test)]
+    fn caseopt_meta_size() -> usize;
+}
+
+/// libtch's device code for the CPU; CUDA devices are their index, -2 anything else.
+pub(crate) const CPU: i32 = -1;
+
+/// What reading a tensor found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum Status {
+    /// Read.
+    Ok = 0,
+    /// An undefined tensor (no gradient).
+    Undefined = 1,
+    /// Not a dense (strided) tensor: sparse, mkldnn, ...
+    NotStrided = 2,
+    /// libtorch raised an exception while reading.
+    Exception = 3,
+    /// More than [`MAX_DIMS`] dimensions.
+    TooManyDims = 4,
+}
+
+/// One tensor's metadata.
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+pub(crate) struct Meta(RawMeta);
+
+impl Meta {
+    pub(crate) fn status(&self) -> Status {
+        match self.0.status {
+            0 => Status::Ok,
+            1 => Status::Undefined,
+            2 => Status::NotStrided,
+            4 => Status::TooManyDims,
+            _ => Status::Exception,
+        }
+    }
+
+    /// Whether the tensor is defined and dense with its metadata read.
+    pub(crate) fn is_ok(&self) -> bool {
+        self.status() == Status::Ok
+    }
+
+    /// ATen's scalar type code (`at_scalar_type`'s).
+    pub(crate) fn dtype(&self) -> i32 {
+        self.0.dtype
+    }
+
+    /// The element type, if tch knows it.
+    pub(crate) fn kind(&self) -> Option<Kind> {
+        kind_of(self.0.dtype)
+    }
+
+    /// libtch's device code ([`CPU`], a CUDA index, or -2).
+    pub(crate) fn device_code(&self) -> i32 {
+        self.0.device
+    }
+
+    /// The device, where tch can name it.
+    pub(crate) fn device(&self) -> Option<Device> {
+        match self.0.device {
+            CPU => Some(Device::Cpu),
+            i if i >= 0 => Some(Device::Cuda(i as usize)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn shape(&self) -> &[i64] {
+        let n = usize::try_from(self.0.ndim).unwrap_or(0).min(MAX_DIMS);
+        &self.0.sizes[..n]
+    }
+
+    pub(crate) fn numel(&self) -> usize {
+        usize::try_from(self.0.numel).unwrap_or(0)
+    }
+
+    pub(crate) fn contiguous(&self) -> bool {
+        self.0.contiguous != 0
+    }
+
+    pub(crate) fn requires_grad(&self) -> bool {
+        self.0.requires_grad != 0
+    }
+
+    /// The data address; 0 for a tensor without storage or without elements.
+    pub(crate) fn data(&self) -> usize {
+        self.0.data
+    }
+}
+
+/// tch's `Kind` for ATen's scalar type code (tch's own conversion is private).
+pub(crate) fn kind_of(code: i32) -> Option<Kind> {
+    Some(match code {
+        0 => Kind::Uint8,
+        1 => Kind::Int8,
+        2 => Kind::Int16,
+        3 => Kind::Int,
+        4 => Kind::Int64,
+        5 => Kind::Half,
+        6 => Kind::Float,
+        7 => Kind::Double,
+        8 => Kind::ComplexHalf,
+        9 => Kind::ComplexFloat,
+        10 => Kind::ComplexDouble,
+        11 => Kind::Bool,
+        12 => Kind::QInt8,
+        13 => Kind::QUInt8,
+        14 => Kind::QInt32,
+        15 => Kind::BFloat16,
+        23 => Kind::Float8e5m2,
+        24 => Kind::Float8e4m3fn,
+        25 => Kind::Float8e5m2fnuz,
+        26 => Kind::Float8e4m3fnuz,
+        _ => return None,
+    })
+}
+
+/// Reads the metadata of tensor lists, keeping its buffers between calls so that a step
+/// allocates nothing once they have grown.
+#[derive(Debug, Default)]
+pub(crate) struct MetaReader {
+    handles: Vec<*const c_void>,
+    out: Vec<RawMeta>,
+    grads: Vec<RawMeta>,
+}
+
+// SAFETY: the handle pointers are only scratch between a `read*` call's start and end (they are
+// cleared before the call returns); nothing else in the reader refers to another thread's data.
+unsafe impl Send for MetaReader {}
+
+impl MetaReader {
+    /// Reads `tensors` (`None` reads as undefined). `writable` asks for the addresses through
+    /// which the caller will write (libtorch then gives a copy-on-write tensor its own memory
+    /// first, as an in-place op does). The result borrows the reader until the next read.
+    pub(crate) fn read<'r, 't>(
+        &'r mut self,
+        tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
+        writable: bool,
+    ) -> &'r [Meta] {
+        self.fill(tensors);
+        self.call(writable, false);
+        as_metas(&self.out)
+    }
+
+    /// Reads `tensors` and each one's `.grad()` (undefined where it has none), without making
+    /// a handle for any gradient. Returns (tensors, gradients); addresses as in
+    /// [`read`](Self::read), the gradients' read-only.
+    pub(crate) fn read_with_grads<'r, 't>(
+        &'r mut self,
+        tensors: impl IntoIterator<Item = &'t Tensor>,
+        writable: bool,
+    ) -> (&'r [Meta], &'r [Meta]) {
+        self.fill(tensors.into_iter().map(Some));
+        self.call(writable, true);
+        (as_metas(&self.out), as_metas(&self.grads))
+    }
+
+    fn fill<'t>(&mut self, tensors: impl IntoIterator<Item = Option<&'t Tensor>>) {
+        self.handles.clear();
+        self.handles.extend(
+            tensors.into_iter().map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const _)),
+        );
+    }
+
+    fn call(&mut self, writable: bool, grads: bool) {
+        let n = self.handles.len();
+        self.out.clear();
+        self.out.resize(n, EMPTY);
+        self.grads.clear();
+        if grads {
+            self.grads.resize(n, EMPTY);
+        }
+        if n > 0 {
+            let grads_ptr =
+                if grads { self.grads.as_mut_ptr() } else { std::ptr::null_mut::<RawMeta>() };
+            // SAFETY: every non-null handle is the `at::Tensor*` of a live tch tensor borrowed by
+            // the caller for this call (`fill` took them from `&Tensor`s that outlive it); `out`
+            // (and `grads` when asked) hold `n` writable elements of the C++ struct's layout;
+            // the C++ function catches every exception and only reads the tensors (a writable
+            // read may un-share a copy-on-write storage, as any in-place tch op would).
+            unsafe {
+                caseopt_read_meta(
+                    self.handles.as_ptr(),
+                    n,
+                    i32::from(writable),
+                    self.out.as_mut_ptr(),
+                    grads_ptr,
+                );
+            }
+        }
+        // The raw handles are not kept past the call.
+        self.handles.clear();
+    }
+}
+
+fn as_metas(raw: &[RawMeta]) -> &[Meta] {
+    // SAFETY: `Meta` is a `#[repr(transparent)]` newtype over `RawMeta`, so a slice of one is
+    // a slice of the other.
+    unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<Meta>(), raw.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_layout_agrees() {
+        // SAFETY: a pure function returning a constant.
+        assert_eq!(unsafe { caseopt_meta_size() }, std::mem::size_of::<RawMeta>());
+    }
+
+    #[test]
+    fn reads_what_tch_reads() {
+        let a = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
+        let b = Tensor::ones([5], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let t = a.tr();
+        let e = Tensor::zeros([0, 2], (Kind::Half, Device::Cpu));
+        let big = Tensor::zeros([1; 13], (Kind::Float, Device::Cpu));
+        let undefined = Tensor::new();
+        let mut r = MetaReader::default();
+        let m = r.read(
+            [Some(&a), Some(&b), Some(&t), Some(&e), Some(&big), Some(&undefined), None],
+            false,
+        );
+        assert_eq!(m.len(), 7);
+        assert!(m[0].is_ok() && m[0].contiguous() && !m[0].requires_grad());
+        assert_eq!(
+            (m[0].shape(), m[0].numel(), m[0].kind()),
+            (&[3i64, 4][..], 12, Some(Kind::Float))
+        );
+        assert_eq!(m[0].data(), a.data_ptr() as usize);
+        assert_eq!(m[0].device(), Some(Device::Cpu));
+        assert!(m[1].requires_grad() && m[1].kind() == Some(Kind::Double));
+        assert!(m[2].is_ok() && !m[2].contiguous() && m[2].shape() == [4, 3]);
+        assert_eq!((m[3].numel(), m[3].data(), m[3].kind()), (0, 0, Some(Kind::Half)));
+        assert_eq!(m[4].status(), Status::TooManyDims);
+        assert_eq!(m[5].status(), Status::Undefined);
+        assert_eq!(m[6].status(), Status::Undefined);
+    }
+
+    #[test]
+    fn reads_gradients_without_handles() {
+        let x = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let y = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (&x * 3.0).sum(Kind::Float).backward();
+        let mut r = MetaReader::default();
+        let (ps, gs) = r.read_with_grads([&x, &y], true);
+        assert!(ps[0].is_ok() && ps[1].is_ok());
+        assert!(gs[0].is_ok() && gs[0].shape() == [4]);
+        assert_eq!(gs[0].data(), x.grad().data_ptr() as usize);
+        assert_eq!(gs[1].status(), Status::Undefined);
+    }
+
+    #[test]
+    fn a_sparse_tensor_is_reported_not_thrown() {
+        let dense = Tensor::eye(3, (Kind::Float, Device::Cpu));
+        let sparse = dense.to_sparse_sparse_dim(2);
+        let mut r = MetaReader::default();
+        let m = r.read([Some(&sparse)], true);
+        assert_eq!(m[0].status(), Status::NotStrided);
+    }
+}
