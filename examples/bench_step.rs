@@ -1,28 +1,38 @@
 //! Times one optimizer step on design.md's benchmark parameter sets, every implementation side
-//! by side, against the memory-bandwidth bound measured in the same run.
+//! by side, against the memory-bandwidth bound measured in the same minutes.
 //!
 //! ```sh
 //! scripts/env.sh cargo run --release --example bench_step -- [--set binarynet|many-small|all]
-//!     [--json] [--device cpu|cuda] [--threads 2] [--reps 20] [--warmup 5] [--no-torch]
-//!     [--python PYTHON]
+//!     [--json] [--device cpu|cuda] [--threads 2] [--rounds 5] [--reps 20] [--warmup 3]
+//!     [--no-torch] [--python PYTHON] [--only SUBSTRING]
 //! ```
 //!
 //! Rows, per set: the caseopt router (`binary => Bop<threshold: 1e-8, gamma: 1e-4>,
 //! _ => Adam<lr: 0.01>`) and caseopt Adam on every variable, each on its default backend
 //! (fused kernels on CPU) and forced onto libtorch ops; tch's `nn::Adam` (libtorch's C++
-//! optimizer); and, through the provisioned Python (`scripts/bench_torch.py`),
-//! torch.optim.Adam (foreach and fused) and a torch-ops Bop plus fused Adam. Each time is the
-//! median of `--reps` steps after `--warmup` steps, with libtorch and the kernels on
-//! `--threads` threads.
+//! optimizer); and, through the provisioned Python (`scripts/bench_torch.py --serve`, one
+//! long-lived process per set), torch.optim.Adam (foreach and fused) and a torch-ops Bop plus
+//! fused Adam. libtorch and the kernels run on `--threads` threads.
 //!
-//! The bound is bytes moved / streaming bandwidth: bandwidth from `a += b` over two 256 MiB
-//! `f32` buffers on `--threads` threads (3 transfers of 4 bytes per element, median of 15
-//! passes), bytes per element 28 for Adam (p, m, v read and written, g read) and 20 for Bop
-//! (w, m read and written, g read).
+//! The machine this is developed on is a shared VM whose memory bandwidth drifts by up to 2x
+//! over tens of seconds, so nothing is timed in one block: every implementation of a set is
+//! built once and warmed up (`--warmup` steps), then `--rounds` rounds each run a few bandwidth
+//! passes and then `--reps / --rounds` timed steps (at least 3) of every implementation in turn,
+//! Rust and Python alike. A row's time is the median (and min) of all its steps across the
+//! rounds; the bandwidth is the median of all passes across the rounds, and its spread over the
+//! rounds is printed to show how noisy the run was.
+//!
+//! The bound is bytes moved / streaming bandwidth. The bandwidth is that of `a += b` over two
+//! 256 MiB `f32` buffers on `--threads` threads (3 transfers of 4 bytes per element), measured
+//! by several probes: a Rust loop compiled for the widest vector instruction set the CPU has
+//! (and for AVX2 beside AVX-512, which is not always the faster), and libtorch's own vectorised
+//! `add_`. The highest is used, so that a weak loop cannot inflate the bound. Bytes per element:
+//! 28 for Adam (p, m, v read and written, g read) and 20 for Bop (w, m read and written, g
+//! read).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use caseopt::{
     case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, NonFinitePolicy, Optimizer, PathExt,
@@ -35,6 +45,12 @@ use tch::{nn, Device, Kind, Tensor};
 const ADAM_BYTES: f64 = 28.0;
 /// Bop reads and writes w, m and reads g.
 const BOP_BYTES: f64 = 20.0;
+/// Passes of each bandwidth probe per round.
+const BANDWIDTH_PASSES: usize = 3;
+/// Elements of each bandwidth buffer: 256 MiB of f32, far beyond any cache.
+const PROBE_LEN: usize = 256 * 1024 * 1024 / 4;
+/// Bytes one probe pass moves: read a, read b, write a.
+const PROBE_BYTES: f64 = 3.0 * 4.0 * PROBE_LEN as f64;
 
 /// One variable of a benchmark set: name, shape, and whether it is binary.
 struct Spec {
@@ -88,7 +104,9 @@ struct Args {
     json: bool,
     device: Device,
     threads: usize,
+    /// Timed steps per implementation, spread over the rounds.
     reps: usize,
+    rounds: usize,
     warmup: usize,
     torch_rows: bool,
     python: String,
@@ -108,19 +126,30 @@ impl Args {
             },
         }
     }
+
+    /// Timed steps of each implementation per round: at least 3, so that the one step per round
+    /// that starts cold (caches and thread pools left to the previous implementation) never
+    /// makes up half of a row's samples.
+    fn steps_per_round(&self) -> usize {
+        (self.reps / self.rounds).max(3)
+    }
 }
 
 const USAGE: &str = "usage: bench_step [--set binarynet|many-small|all] [--json] \
-[--device cpu|cuda] [--threads N] [--reps N] [--warmup N] [--no-torch] [--python PYTHON] [--only SUBSTRING]";
+[--device cpu|cuda] [--threads N] [--rounds N] [--reps N] [--warmup N] [--no-torch] \
+[--python PYTHON] [--only SUBSTRING]";
 
 fn parse_args() -> Result<Args, String> {
+    // Defaults sized so that a full run (both sets, every row) takes about a minute and a half
+    // on the 2-core VM, most of it in the libtorch-ops rows.
     let mut args = Args {
         sets: vec!["binarynet".into(), "many-small".into()],
         json: false,
         device: Device::Cpu,
         threads: 2,
         reps: 20,
-        warmup: 5,
+        rounds: 5,
+        warmup: 3,
         torch_rows: true,
         python: "python".into(),
         only: None,
@@ -150,6 +179,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--threads" => args.threads = number(value("--threads")?, "--threads")?.max(1),
             "--reps" => args.reps = number(value("--reps")?, "--reps")?.max(1),
+            "--rounds" => args.rounds = number(value("--rounds")?, "--rounds")?.max(1),
             "--warmup" => args.warmup = number(value("--warmup")?, "--warmup")?,
             "--no-torch" => args.torch_rows = false,
             "--python" => args.python = value("--python")?,
@@ -165,6 +195,9 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {
@@ -174,57 +207,227 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+fn min(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
 }
 
-/// Median and minimum of `reps` timed calls after `warmup` untimed ones, in ms.
-fn time_it(device: Device, warmup: usize, reps: usize, mut step: impl FnMut()) -> (f64, f64) {
-    for _ in 0..warmup {
-        step();
-    }
-    sync(device);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        step();
-        sync(device);
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    (median(times), min)
+/// Lets the previous implementation's worker threads go idle before the next one is timed.
+///
+/// libtorch's OpenMP workers (in this process and in Python's) spin for some milliseconds after
+/// each parallel region before they sleep; timing the next implementation while they spin would
+/// charge it for two processes' threads sharing two cores.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(10));
 }
 
-/// Streaming bandwidth in bytes/s: `a += b` over two 256 MiB f32 buffers, 3 transfers per
-/// element, median of 15 passes after 2 warm-up passes.
-fn bandwidth(device: Device, threads: usize) -> f64 {
-    const N: usize = 256 * 1024 * 1024 / 4;
-    let bytes = 3.0 * 4.0 * N as f64;
-    let (ms, _) = if device.is_cuda() {
-        let mut a = Tensor::ones([N as i64], (Kind::Float, device));
-        let b = Tensor::ones([N as i64], (Kind::Float, device));
-        time_it(device, 2, 15, || {
-            let _ = a.g_add_(&b);
-        })
-    } else {
-        let mut a = vec![1.0f32; N];
-        let b = vec![1e-9f32; N];
-        let chunk = N.div_ceil(threads);
-        time_it(device, 2, 15, || {
+/// A vector instruction set the bandwidth loop is compiled for.
+#[derive(Clone, Copy)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Baseline,
+}
+
+impl Isa {
+    /// The loops to measure on this CPU: the widest instruction set it has, and AVX2 beside
+    /// AVX-512, because the widest is not always the fastest (on the development VM's AMD EPYC
+    /// the AVX-512 loop streams 10-25% slower than the AVX2 one).
+    fn available() -> Vec<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2");
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+            {
+                return if avx2 { vec![Isa::Avx512, Isa::Avx2] } else { vec![Isa::Avx512] };
+            }
+            if avx2 {
+                return vec![Isa::Avx2];
+            }
+        }
+        vec![Isa::Baseline]
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            Isa::Baseline => "baseline",
+        }
+    }
+
+    /// `a += b` elementwise (`a` and `b` of equal length), in this instruction set.
+    fn add_assign(self, a: &mut [f32], b: &[f32]) {
+        match self {
+            // SAFETY: `available` returns Avx512 only after `is_x86_feature_detected!` reported
+            // avx512f, avx512vl, avx512bw and avx512dq on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { add_assign_avx512(a, b) },
+            // SAFETY: `available` returns Avx2 only after `is_x86_feature_detected!("avx2")`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { add_assign_avx2(a, b) },
+            Isa::Baseline => add_assign(a, b),
+        }
+    }
+}
+
+/// The loop itself, inlined into each `target_feature` wrapper so that it is vectorised for
+/// that wrapper's instruction set.
+#[inline(always)]
+fn add_assign(a: &mut [f32], b: &[f32]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += *y;
+    }
+}
+
+/// # Safety
+/// The CPU must support avx512f, avx512vl, avx512bw and avx512dq.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn add_assign_avx512(a: &mut [f32], b: &[f32]) {
+    add_assign(a, b)
+}
+
+/// # Safety
+/// The CPU must support avx2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_assign_avx2(a: &mut [f32], b: &[f32]) {
+    add_assign(a, b)
+}
+
+/// The bandwidth probes and their buffers, allocated once for the whole run: the Rust loops
+/// (`a += b` split across the threads; none on CUDA, where host memory is not what is bounded),
+/// then libtorch's own vectorised `add_` on its thread pool (or on the device).
+struct Probe {
+    device: Device,
+    threads: usize,
+    loops: Vec<Isa>,
+    host: (Vec<f32>, Vec<f32>),
+    tensors: (Tensor, Tensor),
+}
+
+impl Probe {
+    fn new(device: Device, threads: usize) -> Probe {
+        let cpu = !device.is_cuda();
+        let loops = if cpu { Isa::available() } else { Vec::new() };
+        let len = if cpu { PROBE_LEN } else { 0 };
+        let host = (vec![1.0f32; len], vec![1e-9f32; len]);
+        let a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, device));
+        let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, device));
+        let mut probe = Probe { device, threads, loops, host, tensors: (a, b) };
+        // Untimed passes: page faults, thread start-up.
+        for i in 0..probe.len() {
+            probe.pass(i);
+        }
+        probe
+    }
+
+    fn len(&self) -> usize {
+        self.loops.len() + 1
+    }
+
+    fn name(&self, i: usize) -> String {
+        match self.loops.get(i) {
+            Some(isa) => format!("Rust loop [{}]", isa.name()),
+            None => "libtorch add_".into(),
+        }
+    }
+
+    /// One pass of probe `i`, in bytes/s.
+    fn pass(&mut self, i: usize) -> f64 {
+        let t0 = Instant::now();
+        if let Some(&isa) = self.loops.get(i) {
+            let (a, b) = &mut self.host;
+            let chunk = PROBE_LEN.div_ceil(self.threads);
             std::thread::scope(|s| {
                 for (a, b) in a.chunks_mut(chunk).zip(b.chunks(chunk)) {
-                    s.spawn(move || {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            *x += *y;
-                        }
-                    });
+                    s.spawn(move || isa.add_assign(a, b));
                 }
             });
-        })
-    };
-    bytes / (ms * 1e-3)
+        } else {
+            let (a, b) = &mut self.tensors;
+            let _ = a.g_add_(b);
+            sync(self.device);
+        }
+        PROBE_BYTES / t0.elapsed().as_secs_f64()
+    }
+}
+
+/// Bandwidth passes of one set in bytes/s, per probe, per round.
+#[derive(Default)]
+struct BandwidthSamples {
+    passes: Vec<Vec<Vec<f64>>>,
+}
+
+impl BandwidthSamples {
+    /// One round's passes, the probes taking turns so that all see the same seconds.
+    fn round(&mut self, probe: &mut Probe) {
+        self.passes.resize_with(probe.len(), Vec::new);
+        for rounds in &mut self.passes {
+            rounds.push(Vec::with_capacity(BANDWIDTH_PASSES));
+        }
+        for _ in 0..BANDWIDTH_PASSES {
+            for (i, rounds) in self.passes.iter_mut().enumerate() {
+                let bw = probe.pass(i);
+                rounds.last_mut().expect("pushed above").push(bw);
+            }
+        }
+    }
+
+    fn summary(&self, probe: &Probe) -> Bandwidth {
+        let probes: Vec<(String, f64)> = self
+            .passes
+            .iter()
+            .enumerate()
+            .map(|(i, rounds)| (probe.name(i), median(rounds.concat())))
+            .collect();
+        let best = (0..probes.len()).max_by(|&i, &j| probes[i].1.total_cmp(&probes[j].1));
+        // Rounds are at least 1 and libtorch's probe always runs, so `best` is some probe.
+        let best = best.unwrap_or(0);
+        let chosen = self.passes.get(best).map(Vec::as_slice).unwrap_or(&[]);
+        let per_round: Vec<f64> = chosen.iter().map(|r| median(r.clone())).collect();
+        let (source, bytes_per_s) = probes.get(best).cloned().unwrap_or((String::new(), f64::NAN));
+        Bandwidth {
+            bytes_per_s,
+            source,
+            probes,
+            round_min: min(&per_round),
+            round_max: max(&per_round),
+            passes: chosen.iter().map(Vec::len).sum(),
+        }
+    }
+}
+
+/// One set's bandwidth, in bytes/s.
+struct Bandwidth {
+    /// The bound's: the highest of the probes (median of its passes).
+    bytes_per_s: f64,
+    /// Every probe's name and median.
+    probes: Vec<(String, f64)>,
+    /// Which probe `bytes_per_s` comes from.
+    source: String,
+    /// That probe's lowest and highest round (median of the round's passes).
+    round_min: f64,
+    round_max: f64,
+    /// Passes behind `bytes_per_s`.
+    passes: usize,
 }
 
 /// Parameters of one set in a fresh VarStore, binary ones set to +-1 (and declared 1-bit when
@@ -301,54 +504,62 @@ fn caseopt_adam(vs: &nn::VarStore, backend: Backend, threads: usize) -> caseopt:
     Ok(adam)
 }
 
-/// One measured row.
-struct Row {
-    set: String,
-    imp: String,
-    ms: f64,
-    min_ms: f64,
-    bytes: f64,
+/// One optimizer step of an implementation built in this process.
+type StepFn = Box<dyn FnMut() -> caseopt::Result<()>>;
+
+/// Where an implementation runs.
+enum Runner {
+    /// In this process; the store its optimizer updates is kept alive beside it.
+    Rust { step: StepFn, _store: nn::VarStore },
+    /// In the set's `bench_torch.py --serve` process, under this name.
+    Python(String),
 }
 
-/// The rows timed in this process.
-fn rust_rows(
-    set: &str,
-    specs: &[Spec],
-    args: &Args,
-) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
-    let d = args.device;
+/// One implementation of a set, built once, timed over every round.
+struct Bench {
+    imp: String,
+    bytes: f64,
+    runner: Runner,
+    /// Every timed step, in ms.
+    times: Vec<f64>,
+}
+
+/// Bytes a Bop + Adam step moves (each variable at its own optimizer's rate), and an Adam step.
+fn step_bytes(specs: &[Spec]) -> (f64, f64) {
     let (binary, total) = specs
         .iter()
         .fold((0.0, 0.0), |(b, t), s| (b + if s.binary { s.numel() } else { 0.0 }, t + s.numel()));
-    let router_bytes = binary * BOP_BYTES + (total - binary) * ADAM_BYTES;
-    let adam_bytes = total * ADAM_BYTES;
-    let mut rows = Vec::new();
-    let wanted = |imp: &str| args.wants(imp);
-    let mut row = |imp: &str, bytes: f64, (ms, min_ms): (f64, f64)| {
-        rows.push(Row { set: set.into(), imp: imp.into(), ms, min_ms, bytes });
-    };
-    let (w, r) = (args.warmup, args.reps);
-    let mut failed: Option<caseopt::Error> = None;
-    let mut check = |res: caseopt::Result<()>| {
-        if let Err(e) = res {
-            failed.get_or_insert(e);
-        }
+    (binary * BOP_BYTES + (total - binary) * ADAM_BYTES, total * ADAM_BYTES)
+}
+
+/// The implementations that run in this process, each on a store of its own.
+fn rust_benches(specs: &[Spec], args: &Args) -> Result<Vec<Bench>, Box<dyn std::error::Error>> {
+    let d = args.device;
+    let (router_bytes, adam_bytes) = step_bytes(specs);
+    let mut out = Vec::new();
+    let mut add = |imp: &str, bytes: f64, store: nn::VarStore, step: StepFn| {
+        out.push(Bench {
+            imp: imp.into(),
+            bytes,
+            runner: Runner::Rust { step, _store: store },
+            times: Vec::new(),
+        });
     };
 
     let name = "caseopt router";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut router = case_optimizer! {
             binary => Bop<threshold: 1e-8, gamma: 1e-4>,
             _ => Adam<lr: 0.01>,
         }
         .build(&vs)?;
-        row(name, router_bytes, time_it(d, w, r, || check(router.step())));
+        add(name, router_bytes, vs, Box::new(move || router.step()));
     }
     // The router's step first checks every gradient for NaN and infinity (its default
     // `NonFinitePolicy::Error`); torch.optim does not. The same router without that check:
     let name = "caseopt router, NonFinitePolicy::Proceed";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut router = case_optimizer! {
             binary => Bop<threshold: 1e-8, gamma: 1e-4>,
@@ -356,89 +567,256 @@ fn rust_rows(
         }
         .build(&vs)?;
         router.set_non_finite_policy(NonFinitePolicy::Proceed);
-        row(name, router_bytes, time_it(d, w, r, || check(router.step())));
+        add(name, router_bytes, vs, Box::new(move || router.step()));
     }
     let name = "caseopt Adam";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut adam = caseopt_adam(&vs, Backend::Auto, args.threads)?;
-        row(name, adam_bytes, time_it(d, w, r, || check(adam.step())));
+        add(name, adam_bytes, vs, Box::new(move || adam.step()));
     }
     let name = "caseopt Bop + Adam [libtorch ops]";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut router = ManualRouter::new(&vs, Backend::Torch, args.threads)?;
-        row(name, router_bytes, time_it(d, w, r, || check(router.step())));
+        add(name, router_bytes, vs, Box::new(move || router.step()));
     }
     let name = "caseopt Adam [libtorch ops]";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut adam = caseopt_adam(&vs, Backend::Torch, args.threads)?;
-        row(name, adam_bytes, time_it(d, w, r, || check(adam.step())));
+        add(name, adam_bytes, vs, Box::new(move || adam.step()));
     }
     let name = "tch nn::Adam (libtorch C++)";
-    if wanted(name) {
+    if args.wants(name) {
         let vs = make_store(specs, d, false);
         let mut opt = nn::Adam::default().build(&vs, 0.01)?;
-        row(name, adam_bytes, time_it(d, w, r, || opt.step()));
+        add(
+            name,
+            adam_bytes,
+            vs,
+            Box::new(move || {
+                opt.step();
+                Ok(())
+            }),
+        );
     }
-
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    Ok(rows)
+    Ok(out)
 }
 
-/// The PyTorch rows, from scripts/bench_torch.py run with `args.python`.
-fn torch_rows(set: &str, specs: &[Spec], args: &Args) -> Result<Vec<Row>, String> {
-    // `cargo run` sets CARGO_MANIFEST_DIR at run time too; a binary run elsewhere (e.g. bundled
-    // for another machine) finds the script through it, else where it was built.
-    let root = std::env::var("CARGO_MANIFEST_DIR")
-        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
-    let script = format!("{root}/scripts/bench_torch.py");
-    let device = if args.device.is_cuda() { "cuda" } else { "cpu" };
-    let out = Command::new(&args.python)
-        .arg(&script)
-        .args(["--set", set, "--device", device])
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--reps", &args.reps.to_string(), "--warmup", &args.warmup.to_string()])
-        .stderr(Stdio::inherit())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{}`: {e}", args.python))?;
-    let (binary, total) = specs
-        .iter()
-        .fold((0.0, 0.0), |(b, t), s| (b + if s.binary { s.numel() } else { 0.0 }, t + s.numel()));
-    let mut rows = Vec::new();
-    let mut child = out;
-    let stdout = child.stdout.take().ok_or("no stdout from python")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| format!("bad line from python `{line}`: {e}"))?;
-        let imp = v["impl"].as_str().unwrap_or("?").to_string();
-        let bytes = if imp.contains("Bop") {
-            binary * BOP_BYTES + (total - binary) * ADAM_BYTES
-        } else {
-            total * ADAM_BYTES
-        };
-        let imp = format!("PyTorch {imp}");
-        if !args.wants(&imp) {
-            continue;
+/// A `scripts/bench_torch.py --serve` process: it builds the PyTorch implementations of one set
+/// once and runs steps of them on request, one JSON line each way.
+struct TorchServer {
+    child: Child,
+    /// Taken (closed) on drop: the script exits at the end of its stdin.
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl TorchServer {
+    /// Starts the process; it builds while this process builds its own rows (see `ready`).
+    fn spawn(set: &str, args: &Args) -> Result<TorchServer, String> {
+        // `cargo run` sets CARGO_MANIFEST_DIR at run time too; a binary run elsewhere (e.g.
+        // bundled for another machine) finds the script through it, else where it was built.
+        let root = std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+        let script = format!("{root}/scripts/bench_torch.py");
+        let device = if args.device.is_cuda() { "cuda" } else { "cpu" };
+        let mut child = Command::new(&args.python)
+            .arg(&script)
+            .args(["--serve", "--set", set, "--device", device])
+            .args(["--threads", &args.threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot run `{}`: {e}", args.python))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().map(BufReader::new);
+        match (stdin, stdout) {
+            (Some(stdin), Some(stdout)) => Ok(TorchServer { child, stdin: Some(stdin), stdout }),
+            _ => Err("no pipes to python".into()),
         }
-        rows.push(Row {
+    }
+
+    /// The next line from the script, parsed; an `{"error": ...}` reply is an error.
+    fn read(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).map_err(|e| format!("reading python: {e}"))?;
+        if n == 0 {
+            let status = match self.child.wait() {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(format!("scripts/bench_torch.py exited ({status})"));
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| format!("bad line from python `{}`: {e}", line.trim_end()))?;
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) => Err(format!("scripts/bench_torch.py: {e}")),
+            None => Ok(v),
+        }
+    }
+
+    /// Waits until the script has built its implementations; their names.
+    fn ready(&mut self) -> Result<Vec<String>, String> {
+        let v = self.read()?;
+        let impls = v["impls"].as_array().ok_or(format!("expected the ready line, got {v}"))?;
+        Ok(impls.iter().filter_map(|i| i.as_str().map(String::from)).collect())
+    }
+
+    /// Times `steps` steps of `imp` in the script; each step's time in ms.
+    fn steps(&mut self, imp: &str, steps: usize) -> Result<Vec<f64>, String> {
+        let stdin = self.stdin.as_mut().ok_or("python's stdin is closed")?;
+        let request = serde_json::json!({"impl": imp, "steps": steps});
+        writeln!(stdin, "{request}")
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("writing to python: {e}"))?;
+        let v = self.read()?;
+        let times: Option<Vec<f64>> =
+            v["times_ms"].as_array().map(|a| a.iter().filter_map(|t| t.as_f64()).collect());
+        match times {
+            Some(t) if t.len() == steps && v["impl"] == imp => Ok(t),
+            _ => Err(format!("expected {steps} step times of `{imp}`, got {v}")),
+        }
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        // Closing stdin ends the script's request loop; waiting frees its memory before the
+        // next set is built.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// One measured row.
+struct Row {
+    set: String,
+    imp: String,
+    ms: f64,
+    min_ms: f64,
+    bound_ms: f64,
+    bytes: f64,
+    /// Timed steps behind `ms`.
+    steps: usize,
+}
+
+/// Runs `steps` steps of `bench` and returns their times in ms, or `None` when it is a PyTorch
+/// row and the script is gone (which drops every PyTorch row of the set, with a warning).
+fn run_steps(
+    set: &str,
+    bench: &mut Bench,
+    server: &mut Option<TorchServer>,
+    device: Device,
+    steps: usize,
+) -> caseopt::Result<Option<Vec<f64>>> {
+    match &mut bench.runner {
+        Runner::Rust { step, .. } => {
+            let mut times = Vec::with_capacity(steps);
+            for _ in 0..steps {
+                let t0 = Instant::now();
+                step()?;
+                sync(device);
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(Some(times))
+        }
+        Runner::Python(name) => {
+            let Some(s) = server.as_mut() else { return Ok(None) };
+            match s.steps(name, steps) {
+                Ok(times) => Ok(Some(times)),
+                Err(e) => {
+                    eprintln!("bench_step: dropping the PyTorch rows of {set}: {e}");
+                    *server = None;
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Builds every implementation of a set, then times them in interleaved rounds with the
+/// bandwidth probes (see the module docs). Everything built here is freed on return.
+fn run_set(
+    set: &str,
+    specs: &[Spec],
+    args: &Args,
+    probe: &mut Probe,
+) -> Result<(Vec<Row>, Bandwidth), Box<dyn std::error::Error>> {
+    let d = args.device;
+    // Started first: Python imports torch and builds its rows while the Rust rows are built.
+    let mut server = if args.torch_rows {
+        TorchServer::spawn(set, args)
+            .map_err(|e| eprintln!("bench_step: skipping the PyTorch rows of {set}: {e}"))
+            .ok()
+    } else {
+        None
+    };
+    let mut benches = rust_benches(specs, args)?;
+    if let Some(s) = server.as_mut() {
+        match s.ready() {
+            Ok(impls) => {
+                let (router_bytes, adam_bytes) = step_bytes(specs);
+                for imp in impls {
+                    let name = format!("PyTorch {imp}");
+                    if args.wants(&name) {
+                        let bytes = if imp.contains("Bop") { router_bytes } else { adam_bytes };
+                        benches.push(Bench {
+                            imp: name,
+                            bytes,
+                            runner: Runner::Python(imp),
+                            times: Vec::new(),
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("bench_step: skipping the PyTorch rows of {set}: {e}");
+                server = None;
+            }
+        }
+    }
+
+    if args.warmup > 0 {
+        for b in &mut benches {
+            settle();
+            run_steps(set, b, &mut server, d, args.warmup)?;
+        }
+    }
+    let k = args.steps_per_round();
+    let mut bandwidth = BandwidthSamples::default();
+    for _ in 0..args.rounds {
+        settle();
+        bandwidth.round(probe);
+        for b in &mut benches {
+            settle();
+            if let Some(times) = run_steps(set, b, &mut server, d, k)? {
+                b.times.extend(times);
+            }
+        }
+    }
+    // A script that died mid-run leaves rows timed in some rounds only: none are kept.
+    if server.is_none() {
+        benches.retain(|b| matches!(b.runner, Runner::Rust { .. }));
+    }
+    drop(server);
+
+    let bw = bandwidth.summary(probe);
+    let rows = benches
+        .into_iter()
+        .map(|b| Row {
             set: set.into(),
-            imp,
-            ms: v["ms"].as_f64().unwrap_or(f64::NAN),
-            min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
-            bytes,
-        });
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("{} scripts/bench_torch.py exited with {status}", args.python));
-    }
-    Ok(rows)
+            bound_ms: b.bytes / bw.bytes_per_s * 1e3,
+            ms: median(b.times.clone()),
+            min_ms: min(&b.times),
+            steps: b.times.len(),
+            imp: b.imp,
+            bytes: b.bytes,
+        })
+        .collect();
+    Ok((rows, bw))
 }
 
 fn main() {
@@ -450,86 +828,104 @@ fn main() {
         }
     };
     tch::set_num_threads(args.threads as i32);
-    let bw = bandwidth(args.device, args.threads);
     let device = if args.device.is_cuda() { "cuda" } else { "cpu" };
-    if args.json {
-        let probe = 3.0 * 4.0 * (256.0 * 1024.0 * 1024.0 / 4.0);
-        let ms = probe / bw * 1e3;
+    let mut probe = Probe::new(args.device, args.threads);
+    let k = args.steps_per_round();
+    if !args.json {
         println!(
-            "{}",
-            serde_json::json!({"set": "memory", "impl": "bandwidth: a += b, 2 x 256 MiB f32",
-                "ms": ms, "bound_ms": ms, "ratio": 1.0, "gbps": bw / 1e9, "device": device,
-                "threads": args.threads})
+            "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
+             each bandwidth probe, then {k} timed steps of every implementation in turn",
+            args.threads, args.rounds
         );
-    } else {
         println!(
-            "device {device}, {} threads; streaming bandwidth (a += b, 2 x 256 MiB f32, median of 15): {:.1} GB/s",
-            args.threads,
-            bw / 1e9
+            "times: median of {} steps per implementation ({k} in each round) after {} warm-up \
+             steps; bound: bytes moved / the highest bandwidth probe\n",
+            k * args.rounds,
+            args.warmup
         );
-        println!("times: median of {} steps after {} warm-up steps\n", args.reps, args.warmup);
     }
     let mut all = Vec::new();
     for set in &args.sets {
         let specs = set_named(set).expect("sets are checked when parsed");
-        let mut rows = match rust_rows(set, &specs, &args) {
-            Ok(rows) => rows,
+        let (rows, bw) = match run_set(set, &specs, &args, &mut probe) {
+            Ok(out) => out,
             Err(e) => {
                 eprintln!("bench_step: {set}: {e}");
                 std::process::exit(1);
             }
         };
-        if args.torch_rows {
-            match torch_rows(set, &specs, &args) {
-                Ok(more) => rows.extend(more),
-                Err(e) => eprintln!("bench_step: skipping the PyTorch rows of {set}: {e}"),
-            }
-        }
-        print_rows(set, &rows, bw, &args, device);
+        print_rows(set, &rows, &bw, &args, device);
         all.extend(rows);
     }
     // The issue's targets are for the CPU.
     if !args.json && !args.device.is_cuda() {
-        print_targets(&all, bw);
+        print_targets(&all);
     }
 }
 
-fn print_rows(set: &str, rows: &[Row], bw: f64, args: &Args, device: &str) {
+fn gbps(bytes_per_s: f64) -> f64 {
+    bytes_per_s / 1e9
+}
+
+fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str) {
     if args.json {
+        let ms = PROBE_BYTES / bw.bytes_per_s * 1e3;
+        let probes: serde_json::Map<String, serde_json::Value> =
+            bw.probes.iter().map(|(name, b)| (name.clone(), gbps(*b).into())).collect();
+        println!(
+            "{}",
+            serde_json::json!({"set": "memory", "for_set": set,
+                "impl": "bandwidth: a += b, 2 x 256 MiB f32", "ms": ms, "bound_ms": ms,
+                "ratio": 1.0, "gbps": gbps(bw.bytes_per_s), "source": bw.source, "probes_gbps": probes,
+                "gbps_round_min": gbps(bw.round_min),
+                "gbps_round_max": gbps(bw.round_max), "passes": bw.passes,
+                "rounds": args.rounds, "device": device, "threads": args.threads})
+        );
         for r in rows {
-            let bound_ms = r.bytes / bw * 1e3;
             println!(
                 "{}",
                 serde_json::json!({"set": r.set, "impl": r.imp, "ms": r.ms, "min_ms": r.min_ms,
-                    "bound_ms": bound_ms, "ratio": r.ms / bound_ms, "gbps": r.bytes / (r.ms * 1e-3) / 1e9,
-                    "bytes": r.bytes, "device": device, "threads": args.threads, "reps": args.reps})
+                    "bound_ms": r.bound_ms, "ratio": r.ms / r.bound_ms,
+                    "gbps": r.bytes / (r.ms * 1e-3) / 1e9, "bytes": r.bytes, "device": device,
+                    "threads": args.threads, "reps": r.steps, "rounds": args.rounds})
             );
         }
         return;
     }
     println!("{set}");
+    let probes: Vec<String> =
+        bw.probes.iter().map(|(name, b)| format!("{name} {:.1}", gbps(*b))).collect();
+    println!(
+        "  bandwidth (a += b, 2 x 256 MiB f32, median of {} passes each): {} GB/s; bound from {}; \
+         its rounds ranged {:.1}..{:.1} GB/s",
+        bw.passes,
+        probes.join(", "),
+        bw.source,
+        gbps(bw.round_min),
+        gbps(bw.round_max)
+    );
     println!(
         "  {:<40} {:>10} {:>10} {:>8} {:>8}",
         "implementation", "ms", "bound ms", "x bound", "GB/s"
     );
     for r in rows {
-        let bound_ms = r.bytes / bw * 1e3;
         println!(
             "  {:<40} {:>10.3} {:>10.3} {:>8.2} {:>8.1}",
             r.imp,
             r.ms,
-            bound_ms,
-            r.ms / bound_ms,
+            r.bound_ms,
+            r.ms / r.bound_ms,
             r.bytes / (r.ms * 1e-3) / 1e9
         );
     }
     println!();
 }
 
-/// The issue's targets, computed from this run's rows (where all the rows they need ran).
-fn print_targets(rows: &[Row], bw: f64) {
+/// The issue's targets, computed from this run's rows (where all the rows they need ran); each
+/// ratio compares rows timed in the same rounds.
+fn print_targets(rows: &[Row]) {
     let find = |set: &str, imp: &str| rows.iter().find(|r| r.set == set && r.imp == imp);
-    let ratio = |r: &Row| r.ms / (r.bytes / bw * 1e3);
+    let ratio = |r: &Row| r.ms / r.bound_ms;
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!("targets");
     if let Some(r) = find("binarynet", "caseopt router") {

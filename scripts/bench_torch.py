@@ -2,16 +2,29 @@
 
 Times one optimizer step on design.md's parameter sets with torch.optim.Adam (foreach and fused)
 on every variable, and with a Bop written with torch ops the way a PyTorch user would write it
-(larq's formula, per tensor) for the binary variables plus fused Adam for the rest. Prints one
-JSON object per measurement on stdout: {"set", "impl", "ms" (median), "min_ms", "reps"}; the
-Rust side adds the bandwidth bound.
+(larq's formula, per tensor) for the binary variables plus fused Adam for the rest.
+
+Two modes:
+
+--serve (what bench_step uses): builds every implementation of one set once, prints one line
+    {"ready": true, "impls": [...], "torch": VERSION}, then answers requests on stdin, one JSON
+    line each: {"impl": NAME, "steps": K} runs K steps of that implementation and answers
+    {"impl": NAME, "times_ms": [K step times]} (or {"error": MESSAGE}). It exits at the end of
+    stdin. bench_step interleaves these requests with its own rows and bandwidth passes, so
+    that every row is timed in the same minutes (this VM's bandwidth drifts by up to 2x over
+    tens of seconds).
+
+otherwise (standalone): times each implementation in turn and prints one JSON object per
+    measurement on stdout: {"set", "impl", "ms" (median), "min_ms", "reps", "torch"}.
 
     scripts/env.sh python scripts/bench_torch.py --set binarynet --threads 2 --reps 20
+    scripts/env.sh python scripts/bench_torch.py --serve --set many-small --threads 2
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -65,24 +78,25 @@ class TorchOpsBop:
             p.copy_(torch.sign(torch.sign(-torch.sign(p * m - self.threshold) * p) + 0.1))
 
 
-def timed(step, device, warmup, reps):
+def step_times(step, device, steps):
+    """Wall time of each of `steps` calls of `step`, in ms (the device synchronised after each)."""
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
     sync()
     times = []
-    for _ in range(reps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
+    return times
 
 
 def rows(set_name, device):
+    """(name, make) for each implementation; make() builds it and returns its step function."""
     spec = SETS[set_name]()
 
     def adam(kind):
@@ -109,6 +123,40 @@ def rows(set_name, device):
     yield "torch-ops Bop + fused Adam", bop_plus_adam
 
 
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve(set_name, device):
+    """Build every implementation of `set_name` once, then answer step requests from stdin."""
+    steps = {impl: make() for impl, make in rows(set_name, device)}
+    reply({"ready": True, "impls": list(steps), "torch": torch.__version__})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            impl, k = req["impl"], int(req["steps"])
+            if impl not in steps:
+                raise KeyError(f"unknown impl {impl!r}")
+            reply({"impl": impl, "times_ms": step_times(steps[impl], device, k)})
+        except Exception as e:  # the Rust side reports it and drops the PyTorch rows
+            reply({"error": f"{type(e).__name__}: {e}"})
+
+
+def standalone(sets, device, warmup, reps):
+    for set_name in sets:
+        for impl, make in rows(set_name, device):
+            step = make()
+            step_times(step, device, warmup)
+            times = step_times(step, device, reps)
+            print(json.dumps({"set": set_name, "impl": impl, "ms": statistics.median(times),
+                              "min_ms": min(times), "reps": reps, "torch": torch.__version__}),
+                  flush=True)
+            del step
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", choices=sorted(SETS) + ["all"], default="all")
@@ -116,16 +164,17 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--serve", action="store_true",
+                    help="answer step requests on stdin (one set; --reps and --warmup unused)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sets = sorted(SETS) if args.set == "all" else [args.set]
-    for set_name in sets:
-        for impl, make in rows(set_name, args.device):
-            step = make()
-            ms, min_ms = timed(step, args.device, args.warmup, args.reps)
-            print(json.dumps({"set": set_name, "impl": impl, "ms": ms, "min_ms": min_ms,
-                              "reps": args.reps, "torch": torch.__version__}), flush=True)
-            del step
+    if args.serve:
+        if len(sets) != 1:
+            ap.error("--serve takes one --set")
+        serve(sets[0], args.device)
+    else:
+        standalone(sets, args.device, args.warmup, args.reps)
 
 
 if __name__ == "__main__":
