@@ -192,3 +192,53 @@ fn many_variables_are_named_right() {
     let names: Vec<&str> = params.iter().map(|p| p.info.name.as_str()).collect();
     assert!(names.contains(&"empty") && names.contains(&"empty2"));
 }
+
+/// Two Adam optimizers on the same variables and gradients, one on each backend.
+fn adam_pair(backend: caseopt::Backend) -> (Adam, Vec<Tensor>) {
+    let ws: Vec<Tensor> = (0..3)
+        .map(|i| {
+            Tensor::from_slice(&[0.5f32, -0.25, 1.0, 2.0, 0.125][..3 + i]).set_requires_grad(false)
+        })
+        .collect();
+    let mut adam = Adam::new(AdamConfig { lr: 0.1.into(), ..Default::default() }).unwrap();
+    for (i, w) in ws.iter().enumerate() {
+        adam.add_param(Param::new(VarInfo::of(format!("w{i}"), w), w.shallow_clone())).unwrap();
+    }
+    adam.set_backend(backend);
+    (adam, ws)
+}
+
+fn grads_for(ws: &[Tensor], step: usize) -> Vec<Option<Tensor>> {
+    ws.iter().map(|w| Some(w.ones_like() * (0.01 * (step as f64 + 1.0)))).collect()
+}
+
+/// State tensors handed out by `state()` share memory with the optimizer, as torch.optim's
+/// `optimizer.state[p]` does: an in-place edit (here, resetting the momentum) is what the next
+/// step sees, on the fused path (states in one buffer) exactly as on the libtorch path. A user
+/// resizing their handle must not break the optimizer either.
+#[test]
+fn exported_state_shares_memory_on_every_backend() {
+    let mut results = Vec::new();
+    for backend in [caseopt::Backend::Torch, caseopt::Backend::Fused] {
+        let (mut adam, ws) = adam_pair(backend);
+        adam.step_with_grads(&grads_for(&ws, 0)).unwrap();
+        let exported = adam.state(1);
+        let (_, m) = exported.iter().find(|(n, _)| *n == "exp_avg").unwrap();
+        assert!(values(m).iter().all(|&v| v != 0.0));
+        let _ = m.shallow_clone().zero_();
+        let (_, m_again) = adam.state(1).into_iter().find(|(n, _)| *n == "exp_avg").unwrap();
+        assert!(values(&m_again).iter().all(|&v| v == 0.0), "{backend:?}");
+        // Resizing the handle gives it its own shape; the optimizer's view keeps its own.
+        let _ = m.shallow_clone().resize_([1000]);
+        adam.step_with_grads(&grads_for(&ws, 1)).unwrap();
+        adam.step_with_grads(&grads_for(&ws, 2)).unwrap();
+        let shape: Vec<i64> =
+            adam.state(1).into_iter().find(|(n, _)| *n == "exp_avg").unwrap().1.size();
+        assert_eq!(shape, vec![4], "{backend:?}");
+        results.push(ws.iter().map(values).collect::<Vec<_>>());
+    }
+    // Same arithmetic on both paths (f32 Adam: within an ulp or two).
+    for (a, b) in results[0].iter().flatten().zip(results[1].iter().flatten()) {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{a} vs {b}");
+    }
+}

@@ -133,6 +133,8 @@ pub(crate) struct Workspace {
     written: MetaReader,
     /// Reads the gradients' metadata.
     read: MetaReader,
+    /// Reads the state buffers' metadata.
+    buffers: MetaReader,
 }
 
 impl Workspace {
@@ -186,6 +188,9 @@ pub(crate) struct Operands<'t> {
     pub(crate) param: &'t Tensor,
     pub(crate) grad: &'t Tensor,
     pub(crate) states: [StateOperand<'t>; MAX_STATES],
+    /// When the states live in a state buffer: its index in the `chunks` given to
+    /// [`Batch::queue`] and each state's first element there. `states` are then not read.
+    pub(crate) flat: Option<(usize, [usize; MAX_STATES])>,
 }
 
 /// ATen's scalar type codes of the two element types the kernels take.
@@ -199,24 +204,44 @@ impl<'t> Batch<'_, 't> {
     /// list. Variables that cannot take the fused path are appended to `refused` with the
     /// reason, in order. Nothing is written until [`run`](Self::run); the kernel's per-variable
     /// scalars are zero until [`set_scalars`](Self::set_scalars).
-    pub(crate) fn queue<I>(&mut self, vars: I, refused: &mut Vec<(usize, Unfit)>)
-    where
+    pub(crate) fn queue<I>(
+        &mut self,
+        vars: I,
+        chunks: &'t [Tensor],
+        refused: &mut Vec<(usize, Unfit)>,
+    ) where
         I: Iterator<Item = Operands<'t>> + Clone,
     {
         let states = self.states;
         let ws = &mut *self.ws;
+        // Variables whose states live in a buffer contribute only their parameter here.
+        let own = |v: &Operands<'t>| if v.flat.is_some() { 0 } else { states };
         let written = ws.written.read(
             vars.clone().flat_map(|v| {
                 std::iter::once(Some(v.param))
-                    .chain(v.states.into_iter().take(states).map(|s| s.map(|(_, t)| t)))
+                    .chain(v.states.into_iter().take(own(&v)).map(|s| s.map(|(_, t)| t)))
             }),
             true,
         );
         let read = ws.read.read(vars.clone().map(|v| Some(v.grad)), false);
+        let buffers = ws.buffers.read(chunks.iter().map(Some), true);
+        let mut at = 0;
         for (k, v) in vars.enumerate() {
-            let ops = &written[k * (1 + states)..(k + 1) * (1 + states)];
+            let n = 1 + own(&v);
+            let ops = &written[at..at + n];
+            at += n;
             let names = v.states.map(|s| s.map_or("state", |(name, _)| name));
-            match job(v.index, &ops[0], &read[k], &ops[1..], &names) {
+            let states = match v.flat {
+                None => StateMetas::Own(&ops[1..]),
+                Some((chunk, offsets)) => match buffers.get(chunk) {
+                    Some(buffer) => StateMetas::Flat { buffer, offsets, count: states },
+                    None => {
+                        refused.push((v.index, Unfit::Unsupported("a missing state buffer")));
+                        continue;
+                    }
+                },
+            };
+            match job(v.index, &ops[0], &read[k], states, &names) {
                 Ok((job, true)) => ws.f64_jobs.push(job),
                 Ok((job, false)) => ws.f32_jobs.push(job),
                 Err(unfit) => refused.push((v.index, unfit)),
@@ -272,13 +297,19 @@ impl<'t> Batch<'_, 't> {
     }
 }
 
+/// A variable's state operands: tensors of its own, or runs of a state buffer.
+enum StateMetas<'a> {
+    Own(&'a [Meta]),
+    Flat { buffer: &'a Meta, offsets: [usize; MAX_STATES], count: usize },
+}
+
 /// Validates one variable's operands (parameter `p`, gradient `g`, the kernel's states) and
 /// builds its job; the bool is true for f64.
 fn job(
     index: usize,
     p: &Meta,
     g: &Meta,
-    states: &[Meta],
+    states: StateMetas<'_>,
     names: &[&'static str; MAX_STATES],
 ) -> Result<(Job, bool), Unfit> {
     usable(p)?;
@@ -308,7 +339,8 @@ fn job(
     }
     let len = p.numel();
     let mut addrs = [0usize; MAX_STATES];
-    for ((slot, s), &name) in addrs.iter_mut().zip(states).zip(names) {
+    // Checks a state tensor, or a whole state buffer, against the parameter.
+    let check = |s: &Meta, name: &'static str, min_len: usize| -> Result<(), Unfit> {
         if s.status() == Status::Undefined {
             return Err(Unfit::Unsupported("a state tensor is missing"));
         }
@@ -325,11 +357,33 @@ fn job(
         if !s.contiguous() {
             return Err(Unfit::NotContiguous(name));
         }
-        if s.numel() != len {
-            return Err(Unfit::Length { operand: name, len: s.numel(), expected: len });
+        if s.numel() < min_len {
+            return Err(Unfit::Length { operand: name, len: s.numel(), expected: min_len });
         }
-        if len > 0 {
-            *slot = address(s, name, align)?;
+        Ok(())
+    };
+    match states {
+        StateMetas::Own(metas) => {
+            for ((slot, s), &name) in addrs.iter_mut().zip(metas).zip(names) {
+                check(s, name, len)?;
+                if s.numel() != len {
+                    return Err(Unfit::Length { operand: name, len: s.numel(), expected: len });
+                }
+                if len > 0 {
+                    *slot = address(s, name, align)?;
+                }
+            }
+        }
+        StateMetas::Flat { buffer, offsets, count } => {
+            let end = offsets[..count].iter().max().map_or(0, |&o| o + len);
+            check(buffer, "state buffer", end)?;
+            if len > 0 {
+                let base = address(buffer, "state buffer", align)?;
+                let size = if f64 { size_of::<f64>() } else { size_of::<f32>() };
+                for (slot, &offset) in addrs.iter_mut().zip(&offsets).take(count) {
+                    *slot = base + offset * size;
+                }
+            }
         }
     }
     // An empty variable is queued too (with no addresses), so that `updated` reports it: its

@@ -3,8 +3,8 @@
 use tch::Tensor;
 
 use super::{adjusted_grad, common_methods, exec_methods, fused_step, hyperparameters};
-use super::{step_tensor, take_state, take_step};
-use super::{Backend, Exec, FromConfig, FusedState, Optimizer};
+use super::{new_states, step_tensor, take_state, take_step};
+use super::{Backend, Exec, FlatSlot, FromConfig, FusedState, Optimizer};
 use crate::error::Result;
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -124,6 +124,8 @@ pub(crate) struct AdamState {
     pub(crate) exp_avg: Tensor,
     pub(crate) exp_avg_sq: Tensor,
     pub(crate) max_exp_avg_sq: Option<Tensor>,
+    /// Where the moments live when they were made in a state buffer.
+    pub(crate) flat: Option<FlatSlot>,
 }
 
 impl AdamState {
@@ -133,17 +135,25 @@ impl AdamState {
             exp_avg: p.f_zeros_like()?,
             exp_avg_sq: p.f_zeros_like()?,
             max_exp_avg_sq: if amsgrad { Some(p.f_zeros_like()?) } else { None },
+            flat: None,
         })
+    }
+
+    /// A fresh state from the tensors [`new_states`] made (two, or three with AMSGrad).
+    fn from_new(states: Vec<Tensor>, flat: Option<FlatSlot>) -> Option<Self> {
+        let mut st = states.into_iter();
+        let (exp_avg, exp_avg_sq) = (st.next()?, st.next()?);
+        Some(AdamState { step: 0, exp_avg, exp_avg_sq, max_exp_avg_sq: st.next(), flat })
     }
 
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         let mut out = vec![
             ("step", step_tensor(self.step)),
-            ("exp_avg", self.exp_avg.shallow_clone()),
-            ("exp_avg_sq", self.exp_avg_sq.shallow_clone()),
+            ("exp_avg", self.exp_avg.alias()),
+            ("exp_avg_sq", self.exp_avg_sq.alias()),
         ];
         if let Some(m) = &self.max_exp_avg_sq {
-            out.push(("max_exp_avg_sq", m.shallow_clone()));
+            out.push(("max_exp_avg_sq", m.alias()));
         }
         out
     }
@@ -158,6 +168,7 @@ impl AdamState {
             } else {
                 None
             },
+            flat: None,
         })
     }
 }
@@ -169,6 +180,10 @@ impl FusedState for AdamState {
             Some(("exp_avg_sq", &self.exp_avg_sq)),
             self.max_exp_avg_sq.as_ref().map(|t| ("max_exp_avg_sq", t)),
         ]
+    }
+
+    fn flat(&self) -> Option<FlatSlot> {
+        self.flat
     }
 }
 
@@ -269,11 +284,10 @@ macro_rules! adam_like {
             fn apply(&mut self, grads: &[Option<Tensor>], hp: &$values) -> Result<()> {
                 let amsgrad = self.config.amsgrad;
                 if self.exec.backend != Backend::Torch {
-                    for (i, g) in grads.iter().enumerate() {
-                        if g.is_some() && self.states[i].is_none() {
-                            self.states[i] =
-                                Some(AdamState::zeros(&self.params[i].tensor, amsgrad)?);
-                        }
+                    let missing = |i: usize| grads[i].is_some() && self.states[i].is_none();
+                    let count = if amsgrad { 3 } else { 2 };
+                    for (i, st, flat) in new_states(&mut self.exec, &self.params, missing, count)? {
+                        self.states[i] = AdamState::from_new(st, flat);
                     }
                 }
                 let kernel = self.step_scalars(hp);

@@ -7,8 +7,8 @@
 
 use tch::Tensor;
 
-use super::{common_methods, exec_methods, fused_step, hyperparameters, take_state};
-use super::{Backend, Exec, FromConfig, FusedState, Optimizer};
+use super::{common_methods, exec_methods, fused_step, hyperparameters, new_states, take_state};
+use super::{Backend, Exec, FlatSlot, FromConfig, FusedState, Optimizer};
 use crate::error::Result;
 use crate::kernels::ops::{Bop2Kernel, BopKernel};
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -90,17 +90,23 @@ fn flip(w: &mut Tensor, signal: &Tensor, threshold: f64) -> Result<()> {
 #[derive(Debug)]
 pub(crate) struct BopState {
     pub(crate) m: Tensor,
+    /// Where `m` lives when it was made in a state buffer.
+    pub(crate) flat: Option<FlatSlot>,
 }
 
 impl BopState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("m", self.m.shallow_clone())]
+        vec![("m", self.m.alias())]
     }
 }
 
 impl FusedState for BopState {
     fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
         [Some(("m", &self.m)), None, None]
+    }
+
+    fn flat(&self) -> Option<FlatSlot> {
+        self.flat
     }
 }
 
@@ -145,16 +151,15 @@ impl Bop {
     }
 
     fn import_state(_: &BopConfig, state: &[(String, Tensor)], param: &Param) -> Result<BopState> {
-        Ok(BopState { m: take_state(state, "m", param)? })
+        Ok(BopState { m: take_state(state, "m", param)?, flat: None })
     }
 
     /// One step: the fused kernel over every variable it takes, libtorch ops for the rest.
     fn apply(&mut self, grads: &[Option<Tensor>], hp: &BopValues) -> Result<()> {
         if self.exec.backend != Backend::Torch {
-            for (i, g) in grads.iter().enumerate() {
-                if g.is_some() && self.states[i].is_none() {
-                    self.states[i] = Some(BopState { m: self.params[i].tensor.f_zeros_like()? });
-                }
+            let missing = |i: usize| grads[i].is_some() && self.states[i].is_none();
+            for (i, mut st, flat) in new_states(&mut self.exec, &self.params, missing, 1)? {
+                self.states[i] = st.pop().map(|m| BopState { m, flat });
             }
         }
         let kernel = BopKernel { gamma: hp.gamma, threshold: hp.threshold };
@@ -176,7 +181,7 @@ impl Bop {
         let mut w = self.params[i].tensor.shallow_clone();
         let st = match &mut self.states[i] {
             Some(st) => st,
-            empty => empty.insert(BopState { m: w.f_zeros_like()? }),
+            empty => empty.insert(BopState { m: w.f_zeros_like()?, flat: None }),
         };
         moving_average(&mut st.m, grad, hp.gamma)?;
         let signal = w.f_mul(&st.m)?;
@@ -200,17 +205,23 @@ impl FromConfig for Bop {
 pub(crate) struct Bop2ndOrderState {
     pub(crate) m: Tensor,
     pub(crate) v: Tensor,
+    /// Where `m` and `v` live when they were made in a state buffer.
+    pub(crate) flat: Option<FlatSlot>,
 }
 
 impl Bop2ndOrderState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("m", self.m.shallow_clone()), ("v", self.v.shallow_clone())]
+        vec![("m", self.m.alias()), ("v", self.v.alias())]
     }
 }
 
 impl FusedState for Bop2ndOrderState {
     fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
         [Some(("m", &self.m)), Some(("v", &self.v)), None]
+    }
+
+    fn flat(&self) -> Option<FlatSlot> {
+        self.flat
     }
 }
 
@@ -255,17 +266,18 @@ impl Bop2ndOrder {
         Ok(Bop2ndOrderState {
             m: take_state(state, "m", param)?,
             v: take_state(state, "v", param)?,
+            flat: None,
         })
     }
 
     /// One step: the fused kernel over every variable it takes, libtorch ops for the rest.
     fn apply(&mut self, grads: &[Option<Tensor>], hp: &Bop2ndOrderValues) -> Result<()> {
         if self.exec.backend != Backend::Torch {
-            for (i, g) in grads.iter().enumerate() {
-                if g.is_some() && self.states[i].is_none() {
-                    let w = &self.params[i].tensor;
-                    self.states[i] =
-                        Some(Bop2ndOrderState { m: w.f_zeros_like()?, v: w.f_zeros_like()? });
+            let missing = |i: usize| grads[i].is_some() && self.states[i].is_none();
+            for (i, st, flat) in new_states(&mut self.exec, &self.params, missing, 2)? {
+                let mut st = st.into_iter();
+                if let (Some(m), Some(v)) = (st.next(), st.next()) {
+                    self.states[i] = Some(Bop2ndOrderState { m, v, flat });
                 }
             }
         }
@@ -292,7 +304,11 @@ impl Bop2ndOrder {
         let mut w = self.params[i].tensor.shallow_clone();
         let st = match &mut self.states[i] {
             Some(st) => st,
-            empty => empty.insert(Bop2ndOrderState { m: w.f_zeros_like()?, v: w.f_zeros_like()? }),
+            empty => empty.insert(Bop2ndOrderState {
+                m: w.f_zeros_like()?,
+                v: w.f_zeros_like()?,
+                flat: None,
+            }),
         };
         moving_average(&mut st.m, grad, hp.gamma)?;
         moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
