@@ -4,6 +4,7 @@
 //! ```sh
 //! scripts/env.sh cargo run --release --example bench_step -- [--set binarynet|many-small|all]
 //!     [--json] [--device cpu|cuda] [--threads 2] [--rounds 5] [--reps 20] [--warmup 3]
+//!     [--block-warmup 2]
 //!     [--no-torch] [--python PYTHON] [--only SUBSTRING]
 //! ```
 //!
@@ -17,10 +18,13 @@
 //! The machine this is developed on is a shared VM whose memory bandwidth drifts by up to 2x
 //! over tens of seconds, so nothing is timed in one block: every implementation of a set is
 //! built once and warmed up (`--warmup` steps), then `--rounds` rounds each run a few bandwidth
-//! passes and then `--reps / --rounds` timed steps (at least 3) of every implementation in turn,
-//! Rust and Python alike. A row's time is the median (and min) of all its steps across the
-//! rounds; the bandwidth is the median of all passes across the rounds, and its spread over the
-//! rounds is printed to show how noisy the run was.
+//! passes and then, for every implementation in turn, Rust and Python alike, `--block-warmup`
+//! untimed steps followed by `--reps / --rounds` timed steps (at least 3). The untimed steps
+//! keep what the issue asks for, steps timed back to back after warm-up: without them the first
+//! step of each block pays for caches the bandwidth passes and the other implementations
+//! evicted (on many small tensors, about half again as long). A row's time is the median (and
+//! min) of all its timed steps across the rounds; the bandwidth is the median of all passes
+//! across the rounds, and its spread over the rounds is printed to show how noisy the run was.
 //!
 //! The bound is bytes moved / streaming bandwidth. The bandwidth is that of `a += b` over two
 //! 256 MiB `f32` buffers on `--threads` threads (3 transfers of 4 bytes per element), measured
@@ -108,6 +112,8 @@ struct Args {
     reps: usize,
     rounds: usize,
     warmup: usize,
+    /// Untimed steps before each implementation's timed steps in every round.
+    block_warmup: usize,
     torch_rows: bool,
     python: String,
     /// Only the rows whose name contains this.
@@ -136,8 +142,8 @@ impl Args {
 }
 
 const USAGE: &str = "usage: bench_step [--set binarynet|many-small|all] [--json] \
-[--device cpu|cuda] [--threads N] [--rounds N] [--reps N] [--warmup N] [--no-torch] \
-[--python PYTHON] [--only SUBSTRING]";
+[--device cpu|cuda] [--threads N] [--rounds N] [--reps N] [--warmup N] [--block-warmup N] \
+[--no-torch] [--python PYTHON] [--only SUBSTRING]";
 
 fn parse_args() -> Result<Args, String> {
     // Defaults sized so that a full run (both sets, every row) takes about a minute and a half
@@ -150,6 +156,7 @@ fn parse_args() -> Result<Args, String> {
         reps: 20,
         rounds: 5,
         warmup: 3,
+        block_warmup: 2,
         torch_rows: true,
         python: "python".into(),
         only: None,
@@ -181,6 +188,9 @@ fn parse_args() -> Result<Args, String> {
             "--reps" => args.reps = number(value("--reps")?, "--reps")?.max(1),
             "--rounds" => args.rounds = number(value("--rounds")?, "--rounds")?.max(1),
             "--warmup" => args.warmup = number(value("--warmup")?, "--warmup")?,
+            "--block-warmup" => {
+                args.block_warmup = number(value("--block-warmup")?, "--block-warmup")?
+            }
             "--no-torch" => args.torch_rows = false,
             "--python" => args.python = value("--python")?,
             "--only" => args.only = Some(value("--only")?),
@@ -792,8 +802,9 @@ fn run_set(
         bandwidth.round(probe);
         for b in &mut benches {
             settle();
-            if let Some(times) = run_steps(set, b, &mut server, d, k)? {
-                b.times.extend(times);
+            let warm = args.block_warmup;
+            if let Some(times) = run_steps(set, b, &mut server, d, warm + k)? {
+                b.times.extend(times.into_iter().skip(warm));
             }
         }
     }
@@ -834,8 +845,9 @@ fn main() {
     if !args.json {
         println!(
             "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
-             each bandwidth probe, then {k} timed steps of every implementation in turn",
-            args.threads, args.rounds
+             each bandwidth probe, then for every implementation in turn {} untimed and {k} \
+             timed steps",
+            args.threads, args.rounds, args.block_warmup
         );
         println!(
             "times: median of {} steps per implementation ({k} in each round) after {} warm-up \
@@ -879,7 +891,7 @@ fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str
                 "ratio": 1.0, "gbps": gbps(bw.bytes_per_s), "source": bw.source, "probes_gbps": probes,
                 "gbps_round_min": gbps(bw.round_min),
                 "gbps_round_max": gbps(bw.round_max), "passes": bw.passes,
-                "rounds": args.rounds, "device": device, "threads": args.threads})
+                "rounds": args.rounds, "block_warmup": args.block_warmup, "device": device, "threads": args.threads})
         );
         for r in rows {
             println!(
@@ -887,7 +899,7 @@ fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str
                 serde_json::json!({"set": r.set, "impl": r.imp, "ms": r.ms, "min_ms": r.min_ms,
                     "bound_ms": r.bound_ms, "ratio": r.ms / r.bound_ms,
                     "gbps": r.bytes / (r.ms * 1e-3) / 1e9, "bytes": r.bytes, "device": device,
-                    "threads": args.threads, "reps": r.steps, "rounds": args.rounds})
+                    "threads": args.threads, "reps": r.steps, "rounds": args.rounds, "block_warmup": args.block_warmup})
             );
         }
         return;

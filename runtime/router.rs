@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::meta::{Grads, MetaReader};
 use crate::optim::{FromConfig, Optimizer};
 use crate::predicate::{dtype_name, Predicate};
 use crate::var::{
@@ -418,7 +419,7 @@ pub struct RouterCore {
     binary_checked: HashSet<String>,
     binarised: Vec<String>,
     /// Kept between steps so that reading every variable's metadata allocates nothing.
-    reader: crate::kernels::meta::MetaReader,
+    reader: MetaReader,
 }
 
 impl RouterCore {
@@ -743,13 +744,14 @@ impl<R: RouterParts> Router for R {
             reader: std::mem::take(&mut self.core_mut().reader),
         };
         let collected = self.visit(&mut grads);
-        let CollectGrads { grads, mut reader } = grads;
+        let CollectGrads { grads, reader } = grads;
+        self.core_mut().reader = reader;
         let found = match (collected, self.core().non_finite) {
             (Err(e), _) => Err(e),
             (Ok(()), NonFinitePolicy::Proceed) => Ok(None),
-            (Ok(()), _) => first_non_finite(self, &grads, &mut reader),
+            (Ok(()), _) => first_non_finite(self, &grads),
         };
-        self.core_mut().reader = reader;
+        let grads: Vec<Vec<Option<Tensor>>> = grads.into_iter().map(|g| g.handles).collect();
         // `None` under `NonFinitePolicy::Proceed`, which does not look.
         if let Some(variable) = found? {
             if self.core().non_finite == NonFinitePolicy::SkipStep {
@@ -940,26 +942,20 @@ impl OptimizerVisitor for AddParams {
 /// without a gradient or a frozen one. Fails on a variable whose device, dtype or shape
 /// changed since it was routed.
 struct CollectGrads {
-    grads: Vec<Vec<Option<Tensor>>>,
+    grads: Vec<Grads>,
     /// Reads every variable's metadata and its gradient's in one call per rule.
-    reader: crate::kernels::meta::MetaReader,
+    reader: MetaReader,
 }
 
 impl OptimizerInspector for CollectGrads {
     fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
         let params = optimizer.params();
-        let (metas, grad_metas) =
-            self.reader.read_with_grads(params.iter().map(|p| &p.tensor), false);
-        let mut grads = Vec::with_capacity(params.len());
-        for ((p, m), g) in params.iter().zip(metas).zip(grad_metas) {
+        let (metas, grads) = self.reader.grads(params.iter().map(|p| &p.tensor));
+        for (p, m) in params.iter().zip(metas) {
             if !p.matches(m) {
                 // tch's own accessors name what changed (or find nothing: carry on).
                 p.check_unchanged()?;
             }
-            // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
-            // skip it rather than let momentum move it.
-            let has_grad = g.status() != crate::kernels::meta::Status::Undefined;
-            grads.push(if m.requires_grad() && has_grad { p.grad() } else { None });
         }
         self.grads.push(grads);
         Ok(())
@@ -1026,33 +1022,24 @@ impl SumGroup {
 /// (four bytes per f32 element, no dispatch per tensor); the others (CUDA, half precision,
 /// strided) go through the libtorch search below, and the earlier of the two finds, in rule
 /// order, is reported.
-fn first_non_finite<R: RouterParts>(
-    router: &R,
-    grads: &[Vec<Option<Tensor>>],
-    reader: &mut crate::kernels::meta::MetaReader,
-) -> Result<Option<String>> {
+fn first_non_finite<R: RouterParts>(router: &R, grads: &[Grads]) -> Result<Option<String>> {
+    // The scan's positions count the gradients present, in rule order.
     let present: Vec<(usize, usize)> = grads
         .iter()
         .enumerate()
-        .flat_map(|(r, gs)| {
-            gs.iter().enumerate().filter(|(_, g)| g.is_some()).map(move |(i, _)| (r, i))
-        })
+        .flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i)))
         .collect();
     let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
-    let scan = crate::kernels::finite::scan_finite(
-        present.iter().filter_map(|&(r, i)| grads[r][i].as_ref()),
-        threads,
-        reader,
-    );
+    let scan = crate::kernels::finite::scan_grads(grads, threads);
     let scanned_first = scan.first_non_finite.and_then(|k| present.get(k).copied());
     let torch_first = if scan.unscanned.is_empty() {
         None
     } else {
         let mut rest: Vec<Vec<Option<Tensor>>> =
-            grads.iter().map(|gs| gs.iter().map(|_| None).collect()).collect();
+            grads.iter().map(|gs| gs.handles.iter().map(|_| None).collect()).collect();
         for &k in &scan.unscanned {
             if let Some(&(r, i)) = present.get(k) {
-                rest[r][i] = grads[r][i].as_ref().map(Tensor::shallow_clone);
+                rest[r][i] = grads[r].handles[i].as_ref().map(Tensor::shallow_clone);
             }
         }
         first_non_finite_with_libtorch(&rest)?

@@ -6,9 +6,7 @@
 //! Only contiguous f32/f64 CPU tensors are read here; the others are handed back for the
 //! caller to check its own way.
 
-use tch::Tensor;
-
-use super::meta::{Meta, MetaReader, CPU};
+use super::meta::{Grads, Meta, CPU};
 use super::{address, threads_for, Simd, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
 
 /// The result of [`scan_finite`].
@@ -37,15 +35,29 @@ struct Span {
 /// let scan = scan_finite(grads.iter(), 2, &mut MetaReader::default());
 /// // scan.first_non_finite: the first bad one; scan.unscanned: check these with libtorch ops.
 /// ```
+// The router scans through `scan_grads`; this form, over any tensors, is what the tests drive.
+#[cfg(test)]
 pub(crate) fn scan_finite<'t>(
-    tensors: impl IntoIterator<Item = &'t Tensor>,
+    tensors: impl IntoIterator<Item = &'t tch::Tensor>,
     threads: usize,
-    reader: &mut MetaReader,
+    reader: &mut super::meta::MetaReader,
 ) -> FiniteScan {
+    scan_metas(reader.read(tensors.into_iter().map(Some), false).iter(), threads)
+}
+
+/// [`scan_finite`] over several optimizers' gradients as the router collected them, their
+/// metadata read in the same pass: positions count the gradients present (with a handle), in
+/// order, across `grads`.
+pub(crate) fn scan_grads(grads: &[Grads], threads: usize) -> FiniteScan {
+    scan_metas(grads.iter().flat_map(|g| g.present().map(|(_, m)| m)), threads)
+}
+
+/// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
+/// the call: only [`scan_finite`] and [`scan_grads`] call it, whose arguments guarantee that.
+fn scan_metas<'m>(metas: impl Iterator<Item = &'m Meta>, threads: usize) -> FiniteScan {
     let mut spans = Vec::new();
     let mut out = FiniteScan::default();
-    let metas = reader.read(tensors.into_iter().map(Some), false);
-    for (index, m) in metas.iter().enumerate() {
+    for (index, m) in metas.enumerate() {
         match span(index, m) {
             Some(s) if s.len > 0 => spans.push(s),
             Some(_) => {}
@@ -195,7 +207,9 @@ fn non_finite_f64(xs: &[f64]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::meta::MetaReader;
     use super::*;
+    use tch::Tensor;
     use tch::{Device, Kind};
 
     #[test]

@@ -96,15 +96,17 @@ static inline void caseopt_prefetch_objects(const at::Tensor* t) {
 }
 
 // Reads `n` tensors (libtch handles, that is `at::Tensor*`) into `out`. With `grads` not null,
-// also reads each tensor's `.grad()` into `grads[i]` (undefined when it has none), without
-// creating a handle for it. `writable` picks the mutable data address for the tensors (never
-// for their gradients). Never throws.
+// also reads each tensor's `.grad()` into `grads[i]` (undefined when it has none); with
+// `grad_handles` not null too, stores in `grad_handles[i]` a new handle (`new at::Tensor`, for
+// the caller to free as libtch's `at_free` does) to each defined gradient, else null: the same
+// handle `at_grad` makes, without its dispatch through the autograd hooks. `writable` picks the
+// mutable data address for the tensors (never for their gradients). Never throws.
 //
 // The objects behind a handle are chained (handle -> TensorImpl -> StorageImpl, AutogradMeta),
 // so they are prefetched in stages: the handle 12 tensors ahead, its TensorImpl 8 ahead, the
 // rest 4 ahead, the gradient's TensorImpl 2 ahead.
 void caseopt_read_meta(const at::Tensor* const* tensors, size_t n, int32_t writable,
-                       caseopt_meta* out, caseopt_meta* grads) {
+                       caseopt_meta* out, caseopt_meta* grads, at::Tensor** grad_handles) {
   for (size_t i = 0; i < n; i++) {
     try {
       if (i + 12 < n && tensors[i + 12] != nullptr) {
@@ -129,6 +131,9 @@ void caseopt_read_meta(const at::Tensor* const* tensors, size_t n, int32_t writa
       // Prefetching is only a hint.
     }
     const at::Tensor* t = tensors[i];
+    if (grad_handles != nullptr) {
+      grad_handles[i] = nullptr;
+    }
     if (t == nullptr) {
       out[i] = caseopt_meta{};
       out[i].status = CASEOPT_UNDEFINED;
@@ -141,7 +146,11 @@ void caseopt_read_meta(const at::Tensor* const* tensors, size_t n, int32_t writa
     if (grads != nullptr) {
       try {
         if (t->defined()) {
-          caseopt_read_one(t->unsafeGetTensorImpl()->grad(), false, grads[i]);
+          const at::Tensor& g = t->unsafeGetTensorImpl()->grad();
+          caseopt_read_one(g, false, grads[i]);
+          if (grad_handles != nullptr && g.defined()) {
+            grad_handles[i] = new at::Tensor(g);
+          }
         } else {
           grads[i] = caseopt_meta{};
           grads[i].status = CASEOPT_UNDEFINED;

@@ -54,6 +54,7 @@ extern "C" {
         writable: i32,
         out: *mut RawMeta,
         grads: *mut RawMeta,
+        grad_handles: *mut *mut c_void,
     );
     #[cfg(test)]
     fn caseopt_meta_size() -> usize;
@@ -173,6 +174,28 @@ pub(crate) fn kind_of(code: i32) -> Option<Kind> {
     })
 }
 
+/// One optimizer's gradients for a step, from [`MetaReader::grads`]: a handle per variable
+/// (`None`: no gradient, or a frozen variable) and, aligned with them, the metadata read in the
+/// same pass. The handles keep the gradients' memory alive, so the metadata's addresses stay
+/// valid while this lives (as long as no other handle resizes a gradient meanwhile, the
+/// contract of every tch read).
+#[derive(Debug, Default)]
+pub(crate) struct Grads {
+    pub(crate) handles: Vec<Option<Tensor>>,
+    metas: Vec<Meta>,
+}
+
+impl Grads {
+    /// Metadata of the gradients that have a handle, with their positions.
+    pub(crate) fn present(&self) -> impl Iterator<Item = (usize, &Meta)> {
+        self.handles
+            .iter()
+            .zip(&self.metas)
+            .enumerate()
+            .filter_map(|(i, (h, m))| h.as_ref().map(|_| (i, m)))
+    }
+}
+
 /// Reads the metadata of tensor lists, keeping its buffers between calls so that a step
 /// allocates nothing once they have grown.
 #[derive(Debug, Default)]
@@ -180,6 +203,7 @@ pub(crate) struct MetaReader {
     handles: Vec<*const c_void>,
     out: Vec<RawMeta>,
     grads: Vec<RawMeta>,
+    grad_handles: Vec<*mut c_void>,
 }
 
 // SAFETY: the handle pointers are only scratch between a `read*` call's start and end (they are
@@ -196,21 +220,46 @@ impl MetaReader {
         writable: bool,
     ) -> &'r [Meta] {
         self.fill(tensors);
-        self.call(writable, false);
+        self.call(writable, false, false);
         as_metas(&self.out)
     }
 
     /// Reads `tensors` and each one's `.grad()` (undefined where it has none), without making
     /// a handle for any gradient. Returns (tensors, gradients); addresses as in
     /// [`read`](Self::read), the gradients' read-only.
+    #[cfg(test)]
     pub(crate) fn read_with_grads<'r, 't>(
         &'r mut self,
         tensors: impl IntoIterator<Item = &'t Tensor>,
         writable: bool,
     ) -> (&'r [Meta], &'r [Meta]) {
         self.fill(tensors.into_iter().map(Some));
-        self.call(writable, true);
+        self.call(writable, true, false);
         (as_metas(&self.out), as_metas(&self.grads))
+    }
+
+    /// Reads `params` and their gradients, and makes a handle to each defined gradient of a
+    /// variable that requires one (the handle `Tensor::grad` would make, made in the same
+    /// pass; `None` for the others). Returns the parameters' metadata and the gradients.
+    pub(crate) fn grads<'r, 't>(
+        &'r mut self,
+        params: impl IntoIterator<Item = &'t Tensor>,
+    ) -> (&'r [Meta], Grads) {
+        self.fill(params.into_iter().map(Some));
+        self.call(false, true, true);
+        let metas = as_metas(&self.out);
+        let mut grads = Grads { handles: Vec::with_capacity(metas.len()), metas: Vec::new() };
+        for ((h, p), g) in self.grad_handles.drain(..).zip(metas).zip(as_metas(&self.grads)) {
+            // SAFETY: a non-null entry is a fresh `new at::Tensor` made by `caseopt_read_meta`
+            // for this call and owned by nobody else; tch's `Tensor` takes it over and frees it
+            // with `at_free` (`delete`), as it does the handles libtch makes.
+            let handle = (!h.is_null()).then(|| unsafe { Tensor::from_ptr(h.cast()) });
+            // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
+            // it is skipped rather than moved by momentum.
+            grads.handles.push(handle.filter(|_| p.requires_grad()));
+            grads.metas.push(*g);
+        }
+        (metas, grads)
     }
 
     fn fill<'t>(&mut self, tensors: impl IntoIterator<Item = Option<&'t Tensor>>) {
@@ -220,20 +269,30 @@ impl MetaReader {
         );
     }
 
-    fn call(&mut self, writable: bool, grads: bool) {
+    fn call(&mut self, writable: bool, grads: bool, grad_handles: bool) {
         let n = self.handles.len();
         self.out.clear();
         self.out.resize(n, EMPTY);
         self.grads.clear();
+        self.grad_handles.clear();
         if grads {
             self.grads.resize(n, EMPTY);
+            if grad_handles {
+                self.grad_handles.resize(n, std::ptr::null_mut());
+            }
         }
         if n > 0 {
             let grads_ptr =
                 if grads { self.grads.as_mut_ptr() } else { std::ptr::null_mut::<RawMeta>() };
+            let handles_ptr = if grads && grad_handles {
+                self.grad_handles.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            };
             // SAFETY: every non-null handle is the `at::Tensor*` of a live tch tensor borrowed by
             // the caller for this call (`fill` took them from `&Tensor`s that outlive it); `out`
-            // (and `grads` when asked) hold `n` writable elements of the C++ struct's layout;
+            // (and `grads`, `grad_handles` when asked) hold `n` writable elements of the C++
+            // layout (a pointer for each handle);
             // the C++ function catches every exception and only reads the tensors (a writable
             // read may un-share a copy-on-write storage, as any in-place tch op would).
             unsafe {
@@ -243,6 +302,7 @@ impl MetaReader {
                     i32::from(writable),
                     self.out.as_mut_ptr(),
                     grads_ptr,
+                    handles_ptr,
                 );
             }
         }
@@ -307,6 +367,23 @@ mod tests {
         assert!(gs[0].is_ok() && gs[0].shape() == [4]);
         assert_eq!(gs[0].data(), x.grad().data_ptr() as usize);
         assert_eq!(gs[1].status(), Status::Undefined);
+        let frozen = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (&frozen * 2.0).sum(Kind::Float).backward();
+        let frozen = frozen.set_requires_grad(false);
+        let (ps, grads) = r.grads([&x, &y, &frozen]);
+        assert_eq!(ps.len(), 3);
+        assert_eq!(grads.handles.len(), 3);
+        let g = grads.handles[0].as_ref().expect("x has a gradient");
+        assert_eq!(g.data_ptr(), x.grad().data_ptr());
+        assert_eq!(Vec::<f32>::try_from(g).unwrap(), vec![3.0; 4]);
+        assert!(grads.handles[1].is_none(), "y has no gradient");
+        assert!(grads.handles[2].is_none(), "a frozen variable's stale gradient is skipped");
+        let present: Vec<usize> = grads.present().map(|(i, _)| i).collect();
+        assert_eq!(present, vec![0]);
+        assert_eq!(grads.present().next().unwrap().1.data(), x.grad().data_ptr() as usize);
+        // The handle is a tensor of its own: dropping it leaves x's gradient alone.
+        drop(grads);
+        assert_eq!(Vec::<f32>::try_from(&x.grad()).unwrap(), vec![3.0; 4]);
     }
 
     #[test]
