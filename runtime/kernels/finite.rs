@@ -28,6 +28,20 @@ struct Span {
     f64: bool,
 }
 
+/// Where a readable gradient's elements are: what the scan needs of its metadata, kept by
+/// [`Grads`](super::meta::Grads) between reading it and scanning.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent {
+    addr: usize,
+    len: usize,
+    f64: bool,
+}
+
+/// The extent of a tensor the scan can read (contiguous f32/f64 on the CPU), or `None`.
+pub(crate) fn extent(m: &Meta) -> Option<Extent> {
+    span(0, m).map(|s| Extent { addr: s.addr, len: s.len, f64: s.f64 })
+}
+
 /// Scans `tensors` for NaN and infinity on up to `threads` threads (fewer when there is too
 /// little to read).
 ///
@@ -42,23 +56,23 @@ pub(crate) fn scan_finite<'t>(
     threads: usize,
     reader: &mut super::meta::MetaReader,
 ) -> FiniteScan {
-    scan_metas(reader.read(tensors.into_iter().map(Some), false).iter(), threads)
+    scan_extents(reader.read(tensors.into_iter().map(Some), false).iter().map(extent), threads)
 }
 
 /// [`scan_finite`] over several optimizers' gradients as the router collected them, their
 /// metadata read in the same pass: positions count the gradients present (with a handle), in
 /// order, across `grads`.
 pub(crate) fn scan_grads(grads: &[Grads], threads: usize) -> FiniteScan {
-    scan_metas(grads.iter().flat_map(|g| g.present().map(|(_, m)| m)), threads)
+    scan_extents(grads.iter().flat_map(|g| g.present().map(|(_, e)| e)), threads)
 }
 
 /// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
 /// the call: only [`scan_finite`] and [`scan_grads`] call it, whose arguments guarantee that.
-fn scan_metas<'m>(metas: impl Iterator<Item = &'m Meta>, threads: usize) -> FiniteScan {
+fn scan_extents(extents: impl Iterator<Item = Option<Extent>>, threads: usize) -> FiniteScan {
     let mut spans = Vec::new();
     let mut out = FiniteScan::default();
-    for (index, m) in metas.enumerate() {
-        match span(index, m) {
+    for (index, e) in extents.enumerate() {
+        match e.map(|e| Span { index, addr: e.addr, len: e.len, f64: e.f64 }) {
             Some(s) if s.len > 0 => spans.push(s),
             Some(_) => {}
             None => out.unscanned.push(index),
