@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::finite::ScanScratch;
 use crate::kernels::meta::{Grads, MetaReader};
 use crate::optim::{FromConfig, Optimizer};
 use crate::predicate::{dtype_name, Predicate};
@@ -420,6 +421,8 @@ pub struct RouterCore {
     binarised: Vec<String>,
     /// Kept between steps so that reading every variable's metadata allocates nothing.
     reader: MetaReader,
+    /// Kept between steps for the NaN scan, likewise.
+    scan: ScanScratch,
 }
 
 impl RouterCore {
@@ -612,6 +615,7 @@ impl<R: RouterParts> RouterBuilder<R> {
             binary_checked: HashSet::new(),
             binarised: Vec::new(),
             reader: Default::default(),
+            scan: Default::default(),
         };
         R::assemble(self.configs, Assembly { groups, core })
     }
@@ -749,7 +753,12 @@ impl<R: RouterParts> Router for R {
         let found = match (collected, self.core().non_finite) {
             (Err(e), _) => Err(e),
             (Ok(()), NonFinitePolicy::Proceed) => Ok(None),
-            (Ok(()), _) => first_non_finite(self, &grads),
+            (Ok(()), _) => {
+                let mut scratch = std::mem::take(&mut self.core_mut().scan);
+                let found = first_non_finite(self, &grads, &mut scratch);
+                self.core_mut().scan = scratch;
+                found
+            }
         };
         let grads: Vec<Vec<Option<Tensor>>> = grads.into_iter().map(|g| g.handles).collect();
         // `None` under `NonFinitePolicy::Proceed`, which does not look.
@@ -1022,21 +1031,29 @@ impl SumGroup {
 /// (four bytes per f32 element, no dispatch per tensor); the others (CUDA, half precision,
 /// strided) go through the libtorch search below, and the earlier of the two finds, in rule
 /// order, is reported.
-fn first_non_finite<R: RouterParts>(router: &R, grads: &[Grads]) -> Result<Option<String>> {
-    // The scan's positions count the gradients present, in rule order.
-    let present: Vec<(usize, usize)> = grads
-        .iter()
-        .enumerate()
-        .flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i)))
-        .collect();
+fn first_non_finite<R: RouterParts>(
+    router: &R,
+    grads: &[Grads],
+    scratch: &mut ScanScratch,
+) -> Result<Option<String>> {
+    // The scan's positions count the gradients present, in rule order: (rule, variable) of the
+    // k-th, looked up only for what the scan reports.
+    let nth_present = |k: usize| {
+        grads.iter().enumerate().flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i))).nth(k)
+    };
     let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
-    let scan = crate::kernels::finite::scan_grads(grads, threads);
-    let scanned_first = scan.first_non_finite.and_then(|k| present.get(k).copied());
+    let scan = crate::kernels::finite::scan_grads(grads, threads, scratch);
+    let scanned_first = scan.first_non_finite.and_then(nth_present);
     let torch_first = if scan.unscanned.is_empty() {
         None
     } else {
         let mut rest: Vec<Vec<Option<Tensor>>> =
             grads.iter().map(|gs| gs.handles.iter().map(|_| None).collect()).collect();
+        let present: Vec<(usize, usize)> = grads
+            .iter()
+            .enumerate()
+            .flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i)))
+            .collect();
         for &k in &scan.unscanned {
             if let Some(&(r, i)) = present.get(k) {
                 rest[r][i] = grads[r].handles[i].as_ref().map(Tensor::shallow_clone);

@@ -56,20 +56,31 @@ pub(crate) fn scan_finite<'t>(
     threads: usize,
     reader: &mut super::meta::MetaReader,
 ) -> FiniteScan {
-    scan_extents(reader.read(tensors.into_iter().map(Some), false).iter().map(extent), threads)
+    let metas = reader.read(tensors.into_iter().map(Some), false);
+    scan_extents(metas.iter().map(extent), threads, &mut Vec::new())
 }
 
 /// [`scan_finite`] over several optimizers' gradients as the router collected them, their
 /// metadata read in the same pass: positions count the gradients present (with a handle), in
 /// order, across `grads`.
-pub(crate) fn scan_grads(grads: &[Grads], threads: usize) -> FiniteScan {
-    scan_extents(grads.iter().flat_map(|g| g.present().map(|(_, e)| e)), threads)
+pub(crate) fn scan_grads(grads: &[Grads], threads: usize, scratch: &mut ScanScratch) -> FiniteScan {
+    let extents = grads.iter().flat_map(|g| g.present().map(|(_, e)| e));
+    scan_extents(extents, threads, &mut scratch.0)
 }
+
+/// The scan's list of spans, kept between steps by its caller: built afresh each step, it was a
+/// 64 KB allocation on 2000 gradients, whose free makes glibc consolidate its heap every step.
+#[derive(Debug, Default)]
+pub(crate) struct ScanScratch(Vec<Span>);
 
 /// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
 /// the call: only [`scan_finite`] and [`scan_grads`] call it, whose arguments guarantee that.
-fn scan_extents(extents: impl Iterator<Item = Option<Extent>>, threads: usize) -> FiniteScan {
-    let mut spans = Vec::new();
+fn scan_extents(
+    extents: impl Iterator<Item = Option<Extent>>,
+    threads: usize,
+    spans: &mut Vec<Span>,
+) -> FiniteScan {
+    spans.clear();
     let mut out = FiniteScan::default();
     for (index, e) in extents.enumerate() {
         match e.map(|e| Span { index, addr: e.addr, len: e.len, f64: e.f64 }) {
@@ -78,13 +89,14 @@ fn scan_extents(extents: impl Iterator<Item = Option<Extent>>, threads: usize) -
             None => out.unscanned.push(index),
         }
     }
+    let spans: &[Span] = spans;
     let total: usize = spans.iter().map(|s| s.len).sum();
     // A scan reads 4 bytes per f32 element where an update moves 20 to 28: a thread pays off
     // only over proportionally more elements.
     let threads = threads_for(total, threads, 4 * MIN_ELEMENTS_PER_THREAD);
     let work = |t: usize| -> Option<usize> {
         let (lo, hi) = super::share(total, threads, t);
-        first_in_range(&spans, lo, hi)
+        first_in_range(spans, lo, hi)
     };
     let found = if threads <= 1 {
         work(0)
