@@ -98,16 +98,16 @@ fn scan_extents(
         let (lo, hi) = super::share(total, threads, t);
         first_in_range(spans, lo, hi)
     };
-    let found = if threads <= 1 {
-        work(0)
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..threads).map(|t| scope.spawn(move || work(t))).collect();
-            let mine = work(0);
-            // A scan cannot panic; were one to, its share would count as finite.
-            handles.into_iter().filter_map(|h| h.join().ok().flatten()).chain(mine).min()
-        })
-    };
+    // Each task keeps the first bad span of its share; the earliest of those is the answer.
+    let firsts: Vec<std::sync::atomic::AtomicUsize> =
+        (0..threads).map(|_| std::sync::atomic::AtomicUsize::new(usize::MAX)).collect();
+    super::pool::run(threads, |t| {
+        if let Some(i) = work(t) {
+            firsts[t].store(i, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let found = firsts.iter().map(|f| f.load(std::sync::atomic::Ordering::Relaxed)).min();
+    let found = found.filter(|&i| i != usize::MAX);
     out.first_non_finite = found;
     out
 }

@@ -1,11 +1,13 @@
 //! Fused multi-tensor CPU kernels: one pass over all of an optimizer's variables, each element
-//! read and written once, the work split across threads.
+//! read and written once, the work split across libtorch's own intra-op threads ([`pool`]).
 //!
-//! This is the only module of the crate with `unsafe` code. It turns tensors into slices: an
-//! optimizer queues each variable's tensors in a [`Batch`], which checks every one of them
-//! (CPU, `f32`/`f64`, contiguous, aligned, of the variable's length), and [`Batch::run`] proves
-//! that no memory it will write is touched by another operand before it hands disjoint
-//! sub-slices to the threads. The arithmetic lives in [`math`] and is safe code over slices.
+//! This is the only module of the crate with `unsafe` code, and `meta.cpp` beside it the only
+//! C++ ([`meta`]: tensor metadata in bulk; [`pool`]: `at::parallel_for`). It turns tensors into
+//! slices: an optimizer queues its variables' tensors in a [`Batch`], which reads all their
+//! metadata in one call and checks every one of them (CPU, `f32`/`f64`, contiguous, aligned,
+//! of the variable's length), and [`Batch::run`] proves that no memory it will write is touched
+//! by another operand before it hands disjoint sub-slices to the threads. The arithmetic lives
+//! in [`math`] and is safe code over slices.
 //!
 //! Anything a batch does not accept (CUDA, half precision, a strided view, a gradient that
 //! aliases its parameter, ...) is reported back as [`Unfit`] and the optimizer uses its libtorch
@@ -20,6 +22,7 @@ pub(crate) mod finite;
 pub(crate) mod math;
 pub(crate) mod meta;
 pub(crate) mod ops;
+pub(crate) mod pool;
 
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
@@ -29,8 +32,9 @@ use tch::{Device, Kind, Tensor};
 use math::Real;
 use meta::{Meta, MetaReader, Status, CPU};
 
-/// Below this many elements per thread, a thread costs more to start than it saves
-/// (spawning one measured 50-70 us on the 2-core benchmark VM, the time to stream ~2 MB).
+/// Below this many elements per thread, a second thread does not pay: on 2000 variables of 256
+/// elements (2^19 in all) two threads of libtorch's pool ran the step no faster than one, as
+/// the per-variable work before the kernel dominates there (measured with 2^15 here).
 pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 18;
 
 /// The largest number of state tensors a kernel updates besides the parameter (Adam with
@@ -283,16 +287,7 @@ impl<'t> Batch<'_, 't> {
             // SAFETY: as above, for the f64 jobs.
             unsafe { run_range::<K, f64>(kernel, simd, f64_jobs, states, lo, hi) };
         };
-        if threads <= 1 {
-            work(0);
-        } else {
-            std::thread::scope(|scope| {
-                for t in 1..threads {
-                    scope.spawn(move || work(t));
-                }
-                work(0);
-            });
-        }
+        pool::run(threads, work);
         Ok(())
     }
 }
