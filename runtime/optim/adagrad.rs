@@ -74,7 +74,7 @@ pub(crate) struct AdagradState {
 
 impl AdagradState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("step", step_tensor(self.step)), ("sum", self.sum.shallow_clone())]
+        vec![("step", step_tensor(self.step)), ("sum", self.sum.alias())]
     }
 }
 

@@ -419,8 +419,11 @@ pub trait Optimizer: Send {
     /// Names of the per-variable state tensors this optimizer may keep.
     fn state_names(&self) -> &'static [&'static str];
 
-    /// The state of variable `index` as named tensors (shallow handles); empty before its first
-    /// update. `"step"` is a 0-dim int64 tensor where the optimizer counts per variable.
+    /// The state of variable `index` as named tensors; empty before its first update. Each is
+    /// an alias of the optimizer's own state (shared memory, its own shape and strides), as
+    /// torch.optim's `state` is: in-place edits reach the optimizer, a `resize_` or `set_` of the
+    /// handle does not. `"step"` is a 0-dim int64 tensor (a copy) where the optimizer counts per
+    /// variable.
     fn state(&self, index: usize) -> Vec<(&'static str, Tensor)>;
 
     /// Replaces the state of variable `index` (from [`state`](Self::state) of an identical

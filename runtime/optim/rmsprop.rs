@@ -73,11 +73,11 @@ impl RmsPropState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         let mut out = vec![
             ("step", step_tensor(self.step)),
-            ("square_avg", self.square_avg.shallow_clone()),
-            ("momentum_buffer", self.momentum_buffer.shallow_clone()),
+            ("square_avg", self.square_avg.alias()),
+            ("momentum_buffer", self.momentum_buffer.alias()),
         ];
         if let Some(g) = &self.grad_avg {
-            out.push(("grad_avg", g.shallow_clone()));
+            out.push(("grad_avg", g.alias()));
         }
         out
     }

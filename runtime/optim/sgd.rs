@@ -74,7 +74,7 @@ pub(crate) struct SgdState {
 
 impl SgdState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("momentum_buffer", self.momentum_buffer.shallow_clone())]
+        vec![("momentum_buffer", self.momentum_buffer.alias())]
     }
 }
 
