@@ -107,13 +107,14 @@ const LINE: usize = 16;
 /// Bop then moves 16 bytes per element instead of 20. `new` holds +-1 only (see [`flip`]), so
 /// "equal" means "the same bits" and skipping the store changes nothing.
 #[inline(always)]
-fn store_if_changed<T: Real>(w: &mut [T; LINE], new: &[T; LINE]) {
+fn store_if_changed<T: Real>(w: &mut [T], new: &[T; LINE]) {
+    let w = &mut w[..LINE];
     let mut changed = false;
     for j in 0..LINE {
         changed |= new[j] != w[j];
     }
     if changed {
-        *w = *new;
+        w.copy_from_slice(new);
     }
 }
 
@@ -123,10 +124,12 @@ fn store_if_changed<T: Real>(w: &mut [T; LINE], new: &[T; LINE]) {
 pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) {
     let n = w.len();
     let (g, m) = (&g[..n], &mut m[..n]);
-    let (w_lines, w_rest) = w.as_chunks_mut::<LINE>();
-    let (g_lines, g_rest) = g.as_chunks::<LINE>();
-    let (m_lines, m_rest) = m.as_chunks_mut::<LINE>();
-    for ((wc, gc), mc) in w_lines.iter_mut().zip(g_lines).zip(m_lines) {
+    let lines = n - n % LINE;
+    let chunks =
+        w[..lines].chunks_exact_mut(LINE).zip(g.chunks_exact(LINE)).zip(m.chunks_exact_mut(LINE));
+    for ((wc, gc), mc) in chunks {
+        // Exactly LINE long (`chunks_exact`): the re-slices let the compiler drop bounds checks.
+        let (wc, gc, mc) = (&mut wc[..LINE], &gc[..LINE], &mut mc[..LINE]);
         let mut new = [T::ZERO; LINE];
         for j in 0..LINE {
             let mj = mc[j] + (gc[j] - mc[j]) * s.gamma;
@@ -136,10 +139,11 @@ pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) 
         }
         store_if_changed(wc, &new);
     }
-    for ((wi, gi), mi) in w_rest.iter_mut().zip(g_rest).zip(m_rest) {
-        let m_new = *mi + (*gi - *mi) * s.gamma;
-        *mi = m_new;
-        *wi = flip(*wi, *wi * m_new - s.threshold);
+    for i in lines..n {
+        let mi = m[i] + (g[i] - m[i]) * s.gamma;
+        m[i] = mi;
+        let wi = w[i];
+        w[i] = flip(wi, wi * mi - s.threshold);
     }
 }
 
@@ -166,20 +170,21 @@ pub(crate) fn bop2<T: Real>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s: B
         let signal = wi * mi / (vi.sqrt() + s.eps);
         flip(wi, signal - s.threshold)
     };
-    let (w_lines, w_rest) = w.as_chunks_mut::<LINE>();
-    let (g_lines, g_rest) = g.as_chunks::<LINE>();
-    let (m_lines, m_rest) = m.as_chunks_mut::<LINE>();
-    let (v_lines, v_rest) = v.as_chunks_mut::<LINE>();
-    for ((wc, gc), (mc, vc)) in w_lines.iter_mut().zip(g_lines).zip(m_lines.iter_mut().zip(v_lines))
-    {
+    let lines = n - n % LINE;
+    let chunks = w[..lines]
+        .chunks_exact_mut(LINE)
+        .zip(g.chunks_exact(LINE))
+        .zip(m.chunks_exact_mut(LINE).zip(v.chunks_exact_mut(LINE)));
+    for ((wc, gc), (mc, vc)) in chunks {
+        let (wc, gc, mc, vc) = (&mut wc[..LINE], &gc[..LINE], &mut mc[..LINE], &mut vc[..LINE]);
         let mut new = [T::ZERO; LINE];
         for j in 0..LINE {
             new[j] = step(wc[j], gc[j], &mut mc[j], &mut vc[j]);
         }
         store_if_changed(wc, &new);
     }
-    for ((wi, gi), (mi, vi)) in w_rest.iter_mut().zip(g_rest).zip(m_rest.iter_mut().zip(v_rest)) {
-        *wi = step(*wi, *gi, mi, vi);
+    for i in lines..n {
+        w[i] = step(w[i], g[i], &mut m[i], &mut v[i]);
     }
 }
 
