@@ -19,13 +19,11 @@ pub(crate) struct FiniteScan {
     pub(crate) unscanned: Vec<usize>,
 }
 
-/// One tensor to read: its position, address, length and element width.
+/// One tensor to read: its position and its extent.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     index: usize,
-    addr: usize,
-    len: usize,
-    f64: bool,
+    extent: Extent,
 }
 
 /// Where a readable gradient's elements are: what the scan needs of its metadata, kept by
@@ -39,7 +37,21 @@ pub(crate) struct Extent {
 
 /// The extent of a tensor the scan can read (contiguous f32/f64 on the CPU), or `None`.
 pub(crate) fn extent(m: &Meta) -> Option<Extent> {
-    span(0, m).map(|s| Extent { addr: s.addr, len: s.len, f64: s.f64 })
+    if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {
+        return None;
+    }
+    let f64 = match m.dtype() {
+        FLOAT => false,
+        DOUBLE => true,
+        _ => return None,
+    };
+    let len = m.numel();
+    if len == 0 {
+        return Some(Extent { addr: 0, len, f64 });
+    }
+    let align = if f64 { std::mem::align_of::<f64>() } else { std::mem::align_of::<f32>() };
+    let addr = address(m, "grad", align).ok()?;
+    Some(Extent { addr, len, f64 })
 }
 
 /// Scans `tensors` for NaN and infinity on up to `threads` threads (fewer when there is too
@@ -83,20 +95,21 @@ fn scan_extents(
     spans.clear();
     let mut out = FiniteScan::default();
     for (index, e) in extents.enumerate() {
-        match e.map(|e| Span { index, addr: e.addr, len: e.len, f64: e.f64 }) {
-            Some(s) if s.len > 0 => spans.push(s),
+        match e {
+            Some(extent) if extent.len > 0 => spans.push(Span { index, extent }),
             Some(_) => {}
             None => out.unscanned.push(index),
         }
     }
     let spans: &[Span] = spans;
-    let total: usize = spans.iter().map(|s| s.len).sum();
+    let total: usize = spans.iter().map(|s| s.extent.len).sum();
     // A scan reads 4 bytes per f32 element where an update moves 20 to 28: a thread pays off
     // only over proportionally more elements.
     let threads = threads_for(total, threads, 4 * MIN_ELEMENTS_PER_THREAD);
+    let simd = Simd::detect();
     let work = |t: usize| -> Option<usize> {
         let (lo, hi) = super::share(total, threads, t);
-        first_in_range(spans, lo, hi)
+        first_in_range(spans, lo, hi, simd)
     };
     // Each task keeps the first bad span of its share; the earliest of those is the answer.
     let firsts: Vec<std::sync::atomic::AtomicUsize> =
@@ -112,47 +125,28 @@ fn scan_extents(
     out
 }
 
-/// A tensor the scan can read, or `None`.
-fn span(index: usize, m: &Meta) -> Option<Span> {
-    if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {
-        return None;
-    }
-    let f64 = match m.dtype() {
-        FLOAT => false,
-        DOUBLE => true,
-        _ => return None,
-    };
-    let len = m.numel();
-    if len == 0 {
-        return Some(Span { index, addr: 0, len, f64 });
-    }
-    let align = if f64 { std::mem::align_of::<f64>() } else { std::mem::align_of::<f32>() };
-    let addr = address(m, "grad", align).ok()?;
-    Some(Span { index, addr, len, f64 })
-}
-
 /// The first span holding a non-finite value within elements `[lo, hi)` of the concatenation.
-fn first_in_range(spans: &[Span], lo: usize, hi: usize) -> Option<usize> {
+fn first_in_range(spans: &[Span], lo: usize, hi: usize, simd: Simd) -> Option<usize> {
     let mut offset = 0;
-    for s in spans {
-        let (start, end) = (lo.max(offset), hi.min(offset + s.len));
-        offset += s.len;
+    for &Span { index, extent: Extent { addr, len, f64 } } in spans {
+        let (start, end) = (lo.max(offset), hi.min(offset + len));
+        offset += len;
         if start < end {
-            let (a, n) = (start - (offset - s.len), end - start);
-            let bad = if s.f64 {
-                // SAFETY: `span` took `addr` from the data address of a live, contiguous f64 CPU
+            let (a, n) = (start - (offset - len), end - start);
+            let bad = if f64 {
+                // SAFETY: `extent` took `addr` from the data address of a live, contiguous f64 CPU
                 // tensor of `len` elements, aligned; the caller's borrow (`'t`) keeps it
                 // allocated during the scan; `a + n <= len`. The memory is only read (other
                 // handles must not write it meanwhile: the contract of any tch read).
-                let xs = unsafe { std::slice::from_raw_parts((s.addr as *const f64).add(a), n) };
-                non_finite_f64(xs)
+                let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
+                non_finite(simd, xs)
             } else {
                 // SAFETY: as above, for an f32 tensor.
-                let xs = unsafe { std::slice::from_raw_parts((s.addr as *const f32).add(a), n) };
-                non_finite_f32(xs)
+                let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+                non_finite(simd, xs)
             };
             if bad {
-                return Some(s.index);
+                return Some(index);
             }
         }
         if offset >= hi {
@@ -165,69 +159,70 @@ fn first_in_range(spans: &[Span], lo: usize, hi: usize) -> Option<usize> {
 /// Elements per block between early exits.
 const BLOCK: usize = 4096;
 
-/// Whether any element is NaN or infinite: its exponent bits all set. An integer max over the
-/// masked exponents, which the compiler vectorises (a float test would not).
-#[inline(always)]
-fn any_non_finite_f32(xs: &[f32]) -> bool {
+/// A float's bits, and the mask of its exponent: all exponent bits set means NaN or infinity.
+trait FloatBits: Copy {
+    type Bits: Copy + Ord + Default + std::ops::BitAnd<Output = Self::Bits>;
+    const EXP: Self::Bits;
+    fn bits(self) -> Self::Bits;
+}
+
+impl FloatBits for f32 {
+    type Bits = u32;
     const EXP: u32 = 0x7f80_0000;
-    xs.chunks(BLOCK).any(|b| b.iter().fold(0u32, |acc, x| acc.max(x.to_bits() & EXP)) == EXP)
-}
-
-#[inline(always)]
-fn any_non_finite_f64(xs: &[f64]) -> bool {
-    const EXP: u64 = 0x7ff0_0000_0000_0000;
-    xs.chunks(BLOCK).any(|b| b.iter().fold(0u64, |acc, x| acc.max(x.to_bits() & EXP)) == EXP)
-}
-
-/// The scan loops compiled for one instruction set (the baseline x86-64 has no unsigned
-/// vector max, so the default build of the loops above runs several times slower than the
-/// memory they read).
-macro_rules! scan_for {
-    ($f32:ident, $f64:ident, $features:literal) => {
-        /// # Safety
-        /// The CPU must support the features this function is compiled for.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $f32(xs: &[f32]) -> bool {
-            any_non_finite_f32(xs)
-        }
-
-        /// # Safety
-        /// As above.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $f64(xs: &[f64]) -> bool {
-            any_non_finite_f64(xs)
-        }
-    };
-}
-
-scan_for!(non_finite_f32_avx2, non_finite_f64_avx2, "avx2");
-scan_for!(non_finite_f32_avx512, non_finite_f64_avx512, "avx512f,avx512vl,avx512bw,avx512dq");
-
-/// [`any_non_finite_f32`] with the widest instruction set this CPU has.
-fn non_finite_f32(xs: &[f32]) -> bool {
-    match Simd::detect() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` reports AVX-512 only when the CPU has these features.
-        Simd::Avx512 => unsafe { non_finite_f32_avx512(xs) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` reports AVX2 only when the CPU has it.
-        Simd::Avx2 => unsafe { non_finite_f32_avx2(xs) },
-        Simd::Baseline => any_non_finite_f32(xs),
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self.to_bits()
     }
 }
 
-/// [`any_non_finite_f64`] with the widest instruction set this CPU has.
-fn non_finite_f64(xs: &[f64]) -> bool {
-    match Simd::detect() {
+impl FloatBits for f64 {
+    type Bits = u64;
+    const EXP: u64 = 0x7ff0_0000_0000_0000;
+    #[inline(always)]
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+}
+
+/// Whether any element is NaN or infinite: an integer max over the masked exponents, which
+/// the compiler vectorises (a float test would not).
+#[inline(always)]
+fn any_non_finite<T: FloatBits>(xs: &[T]) -> bool {
+    xs.chunks(BLOCK)
+        .any(|b| b.iter().fold(T::Bits::default(), |acc, x| acc.max(x.bits() & T::EXP)) == T::EXP)
+}
+
+/// [`any_non_finite`] compiled for AVX2 (the baseline x86-64 has no unsigned vector max, so
+/// its build runs several times slower than the memory it reads).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn any_non_finite_avx2<T: FloatBits>(xs: &[T]) -> bool {
+    any_non_finite(xs)
+}
+
+/// [`any_non_finite`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn any_non_finite_avx512<T: FloatBits>(xs: &[T]) -> bool {
+    any_non_finite(xs)
+}
+
+/// [`any_non_finite`] built for `simd`, which must come from [`Simd::detect`].
+fn non_finite<T: FloatBits>(simd: Simd, xs: &[T]) -> bool {
+    match simd {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `non_finite_f32`.
-        Simd::Avx512 => unsafe { non_finite_f64_avx512(xs) },
+        // SAFETY: `detect` reports AVX-512 only when the CPU has these features.
+        Simd::Avx512 => unsafe { any_non_finite_avx512(xs) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `non_finite_f32`.
-        Simd::Avx2 => unsafe { non_finite_f64_avx2(xs) },
-        Simd::Baseline => any_non_finite_f64(xs),
+        // SAFETY: `detect` reports AVX2 only when the CPU has it.
+        Simd::Avx2 => unsafe { any_non_finite_avx2(xs) },
+        Simd::Baseline => any_non_finite(xs),
     }
 }
 
@@ -240,19 +235,21 @@ mod tests {
 
     #[test]
     fn the_bit_tests_find_every_kind_of_non_finite_value() {
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-            let mut xs = vec![1.0f32; 10_000];
-            assert!(!non_finite_f32(&xs));
-            xs[9_999] = bad;
-            assert!(non_finite_f32(&xs), "{bad}");
-            assert!(any_non_finite_f32(&xs), "baseline loop, {bad}");
+        // The baseline loop and the widest build this CPU runs.
+        for simd in [Simd::Baseline, Simd::detect()] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                let mut xs = vec![1.0f32; 10_000];
+                assert!(!non_finite(simd, &xs));
+                xs[9_999] = bad;
+                assert!(non_finite(simd, &xs), "{simd:?} {bad}");
+            }
+            // The largest finite values and subnormals are finite.
+            assert!(!non_finite(simd, &[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]));
+            assert!(!non_finite(simd, &[f64::MAX, f64::MIN, 5e-324]));
+            assert!(non_finite(simd, &[0.0, f64::NAN]));
+            assert!(non_finite(simd, &[f64::NEG_INFINITY]));
+            assert!(non_finite(simd, &[1.0, f64::INFINITY]));
         }
-        // The largest finite values and subnormals are finite.
-        assert!(!non_finite_f32(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]));
-        assert!(!non_finite_f64(&[f64::MAX, f64::MIN, 5e-324]));
-        assert!(non_finite_f64(&[0.0, f64::NAN]));
-        assert!(non_finite_f64(&[f64::NEG_INFINITY]));
-        assert!(any_non_finite_f64(&[1.0, f64::INFINITY]) && !any_non_finite_f64(&[f64::MAX]));
     }
 
     fn cpu(kind: Kind, n: i64) -> Tensor {
