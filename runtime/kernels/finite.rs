@@ -9,7 +9,7 @@
 use super::meta::{Grads, Meta, CPU};
 use super::{address, threads_for, Simd, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
 
-/// The result of [`scan_finite`].
+/// The result of [`scan_grads`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct FiniteScan {
     /// Position (in the input order) of the first scanned tensor holding a NaN or an infinity.
@@ -54,27 +54,10 @@ pub(crate) fn extent(m: &Meta) -> Option<Extent> {
     Some(Extent { addr, len, f64 })
 }
 
-/// Scans `tensors` for NaN and infinity on up to `threads` threads (fewer when there is too
-/// little to read).
-///
-/// ```ignore
-/// let scan = scan_finite(grads.iter(), 2, &mut MetaReader::default());
-/// // scan.first_non_finite: the first bad one; scan.unscanned: check these with libtorch ops.
-/// ```
-// The router scans through `scan_grads`; this form, over any tensors, is what the tests drive.
-#[cfg(test)]
-pub(crate) fn scan_finite<'t>(
-    tensors: impl IntoIterator<Item = &'t tch::Tensor>,
-    threads: usize,
-    reader: &mut super::meta::MetaReader,
-) -> FiniteScan {
-    let metas = reader.read(tensors.into_iter().map(Some), false);
-    scan_extents(metas.iter().map(extent), threads, &mut Vec::new())
-}
-
-/// [`scan_finite`] over several optimizers' gradients as the router collected them, their
-/// metadata read in the same pass: positions count the gradients present (with a handle), in
-/// order, across `grads`.
+/// Scans several optimizers' gradients, as the router collected them with their metadata
+/// read in the same pass, for NaN and infinity on up to `threads` threads (fewer when there is
+/// too little to read): positions count the gradients present (with a handle), in order,
+/// across `grads`.
 pub(crate) fn scan_grads(grads: &[Grads], threads: usize, scratch: &mut ScanScratch) -> FiniteScan {
     let extents = grads.iter().flat_map(|g| g.present().map(|(_, e)| e));
     scan_extents(extents, threads, &mut scratch.0)
@@ -86,7 +69,8 @@ pub(crate) fn scan_grads(grads: &[Grads], threads: usize, scratch: &mut ScanScra
 pub(crate) struct ScanScratch(Vec<Span>);
 
 /// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
-/// the call: only [`scan_finite`] and [`scan_grads`] call it, whose arguments guarantee that.
+/// the call: only [`scan_grads`] (and the tests' `scan_finite`) call it, whose arguments
+/// guarantee that.
 fn scan_extents(
     extents: impl Iterator<Item = Option<Extent>>,
     threads: usize,
@@ -232,6 +216,16 @@ mod tests {
     use super::*;
     use tch::Tensor;
     use tch::{Device, Kind};
+
+    /// The scan over any tensors, reading their metadata first.
+    fn scan_finite<'t>(
+        tensors: impl IntoIterator<Item = &'t Tensor>,
+        threads: usize,
+        reader: &mut MetaReader,
+    ) -> FiniteScan {
+        let metas = reader.read(tensors.into_iter().map(Some), false);
+        scan_extents(metas.iter().map(extent), threads, &mut Vec::new())
+    }
 
     #[test]
     fn the_bit_tests_find_every_kind_of_non_finite_value() {

@@ -223,24 +223,13 @@ impl MetaReader {
         writable: bool,
     ) -> &'r [Meta] {
         self.fill(tensors);
-        self.call(writable, false, false);
+        self.call(writable, false);
         as_metas(&self.out)
     }
 
     /// Reads `tensors` and each one's `.grad()` (undefined where it has none), without making
     /// a handle for any gradient. Returns (tensors, gradients); addresses as in
     /// [`read`](Self::read), the gradients' read-only.
-    #[cfg(test)]
-    pub(crate) fn read_with_grads<'r, 't>(
-        &'r mut self,
-        tensors: impl IntoIterator<Item = &'t Tensor>,
-        writable: bool,
-    ) -> (&'r [Meta], &'r [Meta]) {
-        self.fill(tensors.into_iter().map(Some));
-        self.call(writable, true, false);
-        (as_metas(&self.out), as_metas(&self.grads))
-    }
-
     /// Reads `params` and their gradients, and makes a handle to each defined gradient of a
     /// variable that requires one (the handle `Tensor::grad` would make, made in the same
     /// pass; `None` for the others). Returns the parameters' metadata and the gradients.
@@ -249,7 +238,7 @@ impl MetaReader {
         params: impl IntoIterator<Item = &'t Tensor>,
     ) -> (&'r [Meta], Grads) {
         self.fill(params.into_iter().map(Some));
-        self.call(false, true, true);
+        self.call(false, true);
         let metas = as_metas(&self.out);
         let n = metas.len();
         let mut grads = Grads { handles: Vec::with_capacity(n), extents: Vec::with_capacity(n) };
@@ -273,7 +262,9 @@ impl MetaReader {
         );
     }
 
-    fn call(&mut self, writable: bool, grads: bool, grad_handles: bool) {
+    /// One call of the C++ reader over `handles`; with `grads`, also the gradients' metadata
+    /// and a handle to each.
+    fn call(&mut self, writable: bool, grads: bool) {
         let n = self.handles.len();
         self.out.clear();
         self.out.resize(n, EMPTY);
@@ -281,18 +272,13 @@ impl MetaReader {
         self.grad_handles.clear();
         if grads {
             self.grads.resize(n, EMPTY);
-            if grad_handles {
-                self.grad_handles.resize(n, std::ptr::null_mut());
-            }
+            self.grad_handles.resize(n, std::ptr::null_mut());
         }
         if n > 0 {
             let grads_ptr =
                 if grads { self.grads.as_mut_ptr() } else { std::ptr::null_mut::<RawMeta>() };
-            let handles_ptr = if grads && grad_handles {
-                self.grad_handles.as_mut_ptr()
-            } else {
-                std::ptr::null_mut()
-            };
+            let handles_ptr =
+                if grads { self.grad_handles.as_mut_ptr() } else { std::ptr::null_mut() };
             // SAFETY: every non-null handle is the `at::Tensor*` of a live tch tensor borrowed by
             // the caller for this call (`fill` took them from `&Tensor`s that outlive it); `out`
             // (and `grads`, `grad_handles` when asked) hold `n` writable elements of the C++
@@ -361,24 +347,21 @@ mod tests {
     }
 
     #[test]
-    fn reads_gradients_without_handles() {
+    fn reads_gradients_and_makes_their_handles() {
         let x = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let y = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         (&x * 3.0).sum(Kind::Float).backward();
         let mut r = MetaReader::default();
-        let (ps, gs) = r.read_with_grads([&x, &y], true);
-        assert!(ps[0].is_ok() && ps[1].is_ok());
-        assert!(gs[0].is_ok() && gs[0].shape() == [4]);
-        assert_eq!(gs[0].data(), x.grad().data_ptr() as usize);
-        assert_eq!(gs[1].status(), Status::Undefined);
         let frozen = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         (&frozen * 2.0).sum(Kind::Float).backward();
         let frozen = frozen.set_requires_grad(false);
         let (ps, grads) = r.grads([&x, &y, &frozen]);
         assert_eq!(ps.len(), 3);
+        assert!(ps.iter().all(Meta::is_ok));
         assert_eq!(grads.handles.len(), 3);
         let g = grads.handles[0].as_ref().expect("x has a gradient");
         assert_eq!(g.data_ptr(), x.grad().data_ptr());
+        assert_eq!(g.size(), vec![4]);
         assert_eq!(Vec::<f32>::try_from(g).unwrap(), vec![3.0; 4]);
         assert!(grads.handles[1].is_none(), "y has no gradient");
         assert!(grads.handles[2].is_none(), "a frozen variable's stale gradient is skipped");
