@@ -2,7 +2,8 @@
 //!
 //! 1. Compiles `runtime/kernels/meta.cpp`, a small C++ function that reads the metadata of many
 //!    tensors in one call (see that file and `runtime/kernels/meta.rs`), against libtorch's
-//!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim.
+//!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim, and
+//!    with OpenMP when libtorch uses it (see [`openmp`]).
 //! 2. Makes this package's own tests, examples and benchmarks able to use CUDA. Linkers drop a
 //!    shared library nothing references by symbol (`--as-needed`), and nothing in a Rust binary
 //!    references `libtorch_cuda.so` by symbol: its CUDA kernels register themselves when it is
@@ -49,7 +50,9 @@ fn compile_meta_reader(lib: &Path) {
             lib.display()
         );
     }
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    openmp(lib, &include, &mut build);
+    build
         .cpp(true)
         .file("runtime/kernels/meta.cpp")
         .include(&include)
@@ -63,6 +66,37 @@ fn compile_meta_reader(lib: &Path) {
         .flag_if_supported("-Wno-c++20-extensions")
         .opt_level(2)
         .compile("caseopt_meta");
+}
+
+/// `at::parallel_for` is a header template: under libtorch's OpenMP backend (every Linux wheel
+/// and download) it only runs in parallel where the code that instantiates it is compiled with
+/// OpenMP; compiled without, it quietly runs every task on the calling thread. So `meta.cpp`
+/// is compiled with `-fopenmp` when libtorch's `ATen/Config.h` says OpenMP, and linked against
+/// the very `libgomp` libtorch loads (the one beside it when there is one, by file name, so
+/// that both resolve to the same library at run time; the system's otherwise).
+fn openmp(lib: &Path, include: &Path, build: &mut cc::Build) {
+    let config = std::fs::read_to_string(include.join("ATen/Config.h")).unwrap_or_default();
+    if !config.lines().any(|l| l.split_whitespace().eq(["#define", "AT_PARALLEL_OPENMP", "1"])) {
+        println!(
+            "cargo:warning=caseopt: this libtorch does not use OpenMP; the fused kernels will \
+             run on one thread"
+        );
+        return;
+    }
+    build.flag("-fopenmp");
+    let bundled = std::fs::read_dir(lib).ok().and_then(|dir| {
+        let mut names: Vec<String> = dir
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+            .collect();
+        names.sort();
+        names.into_iter().next()
+    });
+    match bundled {
+        // torch-sys already puts `lib` on the search path.
+        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+        None => println!("cargo:rustc-link-lib=dylib=gomp"),
+    }
 }
 
 /// The `_GLIBCXX_USE_CXX11_ABI` libtorch was built with, found the way torch-sys finds it:

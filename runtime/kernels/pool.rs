@@ -80,6 +80,21 @@ mod tests {
     }
 
     #[test]
+    fn tasks_run_on_different_threads_when_libtorch_has_them() {
+        // `at::parallel_for` is a header template: compiled without OpenMP (build.rs), it runs
+        // every task on the calling thread, silently. This is the check that it does not.
+        if tch::get_num_threads() < 2 {
+            eprintln!("skipped: libtorch has {} intra-op thread(s)", tch::get_num_threads());
+            return;
+        }
+        let ids = Mutex::new(Vec::new());
+        run(2, |_| ids.lock().unwrap().push(std::thread::current().id()));
+        let ids = ids.into_inner().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1], "both tasks ran on one thread");
+    }
+
+    #[test]
     fn a_panicking_task_is_reported_after_the_others_ran() {
         let ran = AtomicUsize::new(0);
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
