@@ -748,15 +748,28 @@ impl<R: RouterParts> Router for R {
             reader: std::mem::take(&mut self.core_mut().reader),
         };
         let collected = self.visit(&mut grads);
-        let CollectGrads { grads, reader } = grads;
+        let CollectGrads { mut grads, reader } = grads;
         self.core_mut().reader = reader;
         let found = match (collected, self.core().non_finite) {
             (Err(e), _) => Err(e),
             (Ok(()), NonFinitePolicy::Proceed) => Ok(None),
             (Ok(()), _) => {
-                let mut scratch = std::mem::take(&mut self.core_mut().scan);
-                let found = first_non_finite(self, &grads, &mut scratch);
-                self.core_mut().scan = scratch;
+                // Optimizers that can compute the step while they check its gradients do so
+                // first, keeping the result aside (not after new variables: their binary
+                // values are checked, and possibly rewritten, only once the step is accepted).
+                let mut stage = StageAll { grads: &mut grads, first: None };
+                let staged =
+                    if self.core().binary_unchecked { Ok(()) } else { self.visit_mut(&mut stage) };
+                let staged_first = stage.first;
+                let found = staged.and_then(|()| {
+                    let mut scratch = std::mem::take(&mut self.core_mut().scan);
+                    let found = first_non_finite(self, &grads, &mut scratch, staged_first);
+                    self.core_mut().scan = scratch;
+                    found
+                });
+                if !matches!(found, Ok(None)) {
+                    let _ = self.visit_mut(&mut DropStaged);
+                }
                 found
             }
         };
@@ -772,7 +785,12 @@ impl<R: RouterParts> Router for R {
         if self.core().binary_unchecked {
             check_binary_values(self)?;
         }
-        self.visit_mut(&mut StepWith(grads))
+        let stepped = self.visit_mut(&mut StepWith(grads));
+        if stepped.is_err() {
+            // Rules after the failing one keep no staged step for a later call to find.
+            let _ = self.visit_mut(&mut DropStaged);
+        }
+        stepped
     }
 
     fn set_non_finite_policy(&mut self, policy: NonFinitePolicy) {
@@ -971,6 +989,42 @@ impl OptimizerInspector for CollectGrads {
     }
 }
 
+/// Asks each optimizer to stage its step ([`Optimizer::stage_step`]) with the collected
+/// gradients; the gradients a staging checked are marked so that the scan skips them.
+struct StageAll<'a> {
+    grads: &'a mut [Grads],
+    /// The first (rule, variable) whose gradient a staging found non-finite.
+    first: Option<(usize, usize)>,
+}
+
+impl OptimizerVisitor for StageAll<'_> {
+    fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
+        let Some(grads) = self.grads.get_mut(rule) else {
+            return Ok(());
+        };
+        if let Some(report) = optimizer.stage_step(&grads.handles)? {
+            for &i in &report.covered {
+                grads.mark_checked(i);
+            }
+            if let Some(i) = report.first_non_finite {
+                let here = (rule, i);
+                self.first = Some(self.first.map_or(here, |f| f.min(here)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops every optimizer's staged step: the step was refused.
+struct DropStaged;
+
+impl OptimizerVisitor for DropStaged {
+    fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
+        optimizer.drop_staged();
+        Ok(())
+    }
+}
+
 /// Steps each optimizer with the collected gradients.
 struct StepWith(Vec<Vec<Option<Tensor>>>);
 
@@ -1031,10 +1085,14 @@ impl SumGroup {
 /// (four bytes per f32 element, no dispatch per tensor); the others (CUDA, half precision,
 /// strided) go through the libtorch search below, and the earlier of the two finds, in rule
 /// order, is reported.
+///
+/// `staged` is the earliest find of the optimizers' staged steps, whose gradients the scan
+/// skips.
 fn first_non_finite<R: RouterParts>(
     router: &R,
     grads: &[Grads],
     scratch: &mut ScanScratch,
+    staged: Option<(usize, usize)>,
 ) -> Result<Option<String>> {
     // The scan's positions count the gradients present, in rule order: (rule, variable) of the
     // k-th, looked up only for what the scan reports.
@@ -1061,10 +1119,7 @@ fn first_non_finite<R: RouterParts>(
         }
         first_non_finite_with_libtorch(&rest)?
     };
-    let first = match (scanned_first, torch_first) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let first = [scanned_first, torch_first, staged].into_iter().flatten().min();
     Ok(first.map(|(rule, index)| {
         router
             .dyn_optimizer(rule)

@@ -35,6 +35,12 @@ pub(crate) struct Extent {
     f64: bool,
 }
 
+impl Extent {
+    /// Nothing to read: a gradient checked another way (a staged step's, see
+    /// [`stage`](super::stage)).
+    pub(crate) const CHECKED: Extent = Extent { addr: 0, len: 0, f64: false };
+}
+
 /// The extent of a tensor the scan can read (contiguous f32/f64 on the CPU), or `None`.
 pub(crate) fn extent(m: &Meta) -> Option<Extent> {
     if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {

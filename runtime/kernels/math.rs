@@ -147,6 +147,68 @@ pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) 
     }
 }
 
+/// A line of weights whose signs a staged Bop step changes ([`bop_stage`]): its first element's
+/// offset in the slice, how many elements it covers (up to [`LINE`]), and the new signs as a
+/// bit mask (bit `j` set: element `j` becomes -1, else +1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FlipLine {
+    pub(crate) offset: usize,
+    pub(crate) count: usize,
+    pub(crate) negative: u16,
+}
+
+/// Whether an f32 is NaN or infinite, from its bits: an exponent of all ones.
+#[inline(always)]
+pub(crate) fn non_finite_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7f80_0000
+}
+
+/// One Bop step computed without writing in place, so that it can still be dropped: the new
+/// moving average goes to `m_out`, and each line of weights whose signs change is reported
+/// through `flip` (`offset` relative to the slices) instead of written. Returns whether `g`
+/// holds a NaN or an infinity. Applying the reported lines and taking `m_out` as the new `m`
+/// gives exactly what [`bop`] computes in place: the same operations in the same order.
+#[inline(always)]
+pub(crate) fn bop_stage(
+    w: &[f32],
+    g: &[f32],
+    m: &[f32],
+    m_out: &mut [f32],
+    s: BopScalars<f32>,
+    mut flip_line: impl FnMut(FlipLine),
+) -> bool {
+    let n = w.len();
+    let (g, m, m_out) = (&g[..n], &m[..n], &mut m_out[..n]);
+    let mut exponents = 0u32;
+    let mut offset = 0;
+    while offset < n {
+        let count = LINE.min(n - offset);
+        let (mut negative, mut changed) = (0u16, false);
+        for j in offset..offset + count {
+            exponents = exponents.max(non_finite_bits(g[j]));
+            let mj = m[j] + (g[j] - m[j]) * s.gamma;
+            m_out[j] = mj;
+            let wj = w[j];
+            let new = flip(wj, wj * mj - s.threshold);
+            negative |= u16::from(new < 0.0) << (j - offset);
+            changed |= new != wj;
+        }
+        if changed {
+            flip_line(FlipLine { offset, count, negative });
+        }
+        offset += count;
+    }
+    exponents == 0x7f80_0000
+}
+
+/// Writes a staged line's new signs over `w` (`w` starts at the line's first element).
+#[inline(always)]
+pub(crate) fn write_line(w: &mut [f32], line: FlipLine) {
+    for (j, x) in w[..line.count].iter_mut().enumerate() {
+        *x = if line.negative >> j & 1 == 1 { -1.0 } else { 1.0 };
+    }
+}
+
 /// Bop2ndOrder's scalars, already rounded to the element type.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bop2Scalars<T> {

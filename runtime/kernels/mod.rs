@@ -23,6 +23,7 @@ pub(crate) mod math;
 pub(crate) mod meta;
 pub(crate) mod ops;
 pub(crate) mod pool;
+pub(crate) mod stage;
 
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
@@ -139,6 +140,10 @@ pub(crate) struct Workspace {
     read: MetaReader,
     /// Reads the state buffers' metadata.
     buffers: MetaReader,
+    /// A staged step's address of each f32 job's second state copy ([`stage`]).
+    alt_addrs: Vec<usize>,
+    /// A staged step's lines of weights to write, per thread, kept between steps.
+    flips: Vec<Vec<stage::Flip>>,
 }
 
 impl Workspace {
@@ -402,7 +407,7 @@ fn usable(m: &Meta) -> Result<(), Unfit> {
 /// The data address of a non-empty tensor, which must be `align`-aligned.
 fn address(m: &Meta, name: &'static str, align: usize) -> Result<usize, Unfit> {
     let addr = m.data();
-    if addr == 0 || addr % align != 0 {
+    if addr == 0 || !addr.is_multiple_of(align) {
         return Err(Unfit::Misaligned(name));
     }
     Ok(addr)

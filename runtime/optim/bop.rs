@@ -8,12 +8,18 @@
 use tch::Tensor;
 
 use super::{common_methods, exec_methods, fused_step, hyperparameters, new_states, take_state};
-use super::{Backend, Exec, FlatSlot, FromConfig, FusedState, Optimizer};
+use super::{Backend, Exec, FlatSlot, FromConfig, FusedState, Optimizer, StageReport, StagedStep};
 use crate::error::Result;
+use crate::kernels::math::BopScalars;
 use crate::kernels::ops::{Bop2Kernel, BopKernel};
-use crate::kernels::{StateOperand, MAX_STATES};
+use crate::kernels::{stage, Operands, StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
+
+/// Elements below which a step is not staged for the router's non-finite check
+/// ([`Optimizer::stage_step`]): the router's separate scan of a few MiB of gradients leaves
+/// them in cache for the update, and staging would cost a second state buffer for no gain.
+const STAGE_MIN_ELEMENTS: i64 = 1 << 20;
 
 /// Denominator guard of Bop2ndOrder's normalised momentum, fixed by the paper.
 pub const BOP2_EPSILON: f64 = 1e-10;
@@ -113,6 +119,11 @@ impl FusedState for BopState {
 /// Bop, the binary optimizer ([Helwegen et al. 2019](https://arxiv.org/abs/1906.02107)), as
 /// larq 0.14's `larq.optimizers.Bop`.
 ///
+/// Under a router's non-finite check (its default policy), a Bop whose f32 variables hold at
+/// least 2^20 elements computes each step in the pass that checks its gradients and commits it
+/// once the whole step is accepted; it then keeps a second copy of its state buffer (4 more
+/// bytes per element) for that. The results are the same bits either way.
+///
 /// ```
 /// use caseopt::{Bop, BopConfig, Optimizer, Param, VarInfo};
 /// use tch::Tensor;
@@ -154,8 +165,111 @@ impl Bop {
         Ok(BopState { m: take_state(state, "m", param)?, flat: None })
     }
 
+    /// Stages the coming step for the router's non-finite check (see [`stage`]): the variables
+    /// whose state already lives in an f32 state buffer, when there are enough of them.
+    fn stage(&mut self, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
+        self.exec.drop_staged();
+        if self.exec.backend == Backend::Torch || grads.len() != self.params.len() {
+            return Ok(None);
+        }
+        let states = &self.states;
+        let eligible =
+            |i: usize| grads[i].is_some() && states[i].as_ref().is_some_and(|s| s.flat.is_some());
+        let elements: i64 = (0..self.params.len())
+            .filter(|&i| eligible(i))
+            .map(|i| self.params[i].info.numel())
+            .sum();
+        if elements < STAGE_MIN_ELEMENTS {
+            return Ok(None);
+        }
+        let hp = self.config.values_at(self.steps)?;
+        let exec = &mut self.exec;
+        exec.alts.resize_with(exec.chunks.len(), || None);
+        for (chunk, alt) in exec.chunks.iter().zip(exec.alts.iter_mut()) {
+            if alt.is_none() && chunk.kind() == tch::Kind::Float {
+                *alt = Some(chunk.f_empty_like()?);
+            }
+        }
+        let threads = exec.threads();
+        let mut refused = std::mem::take(&mut exec.refused);
+        refused.clear();
+        let mut batch = exec.workspace.batch(1);
+        let vars = self.params.iter().zip(grads).zip(states).enumerate().filter_map(
+            |(index, ((p, g), st))| {
+                let st = st.as_ref()?;
+                let flat = st.flat?;
+                Some(Operands {
+                    index,
+                    param: &p.tensor,
+                    grad: g.as_ref()?,
+                    states: st.operands(),
+                    flat: Some((flat.chunk, flat.offsets)),
+                })
+            },
+        );
+        // Refused variables (on another path, or with a mismatched gradient) are simply not
+        // covered: the step handles them as it would without staging.
+        batch.queue(vars, &exec.chunks, &mut refused);
+        refused.clear();
+        exec.refused = refused;
+        // As the kernel rounds them (`BopKernel`).
+        let scalars = BopScalars { gamma: hp.gamma as f32, threshold: hp.threshold as f32 };
+        let Ok(staged) = batch.stage_bop(scalars, &exec.chunks, &exec.alts, threads) else {
+            return Ok(None);
+        };
+        let report = StageReport {
+            covered: staged.covered.clone(),
+            first_non_finite: staged.first_non_finite,
+        };
+        let grads = staged
+            .covered
+            .iter()
+            .filter_map(|&i| grads[i].as_ref().map(|g| (i, g.data_ptr() as usize)))
+            .collect();
+        exec.staged = Some(StagedStep {
+            steps: self.steps,
+            hyperparameters: vec![hp.gamma, hp.threshold],
+            grads,
+            staged,
+        });
+        Ok(Some(report))
+    }
+
+    /// Commits the step staged for exactly these gradients and hyperparameters, if any:
+    /// returns the gradients still to apply (the covered ones removed), or `None` when there
+    /// was nothing to commit (the whole step then runs as usual).
+    fn commit_staged(
+        &mut self,
+        grads: &[Option<Tensor>],
+        hp: &BopValues,
+    ) -> Option<Vec<Option<Tensor>>> {
+        let st = self.exec.take_staged(self.steps, &[hp.gamma, hp.threshold], grads)?;
+        let StagedStep { staged, .. } = st;
+        let params = &self.params;
+        let exec = &mut self.exec;
+        let committed = stage::commit(
+            &staged,
+            &mut exec.workspace,
+            |i| params.get(i).map(|p: &Param| &p.tensor),
+            &exec.chunks,
+            &exec.alts,
+        );
+        let rest = committed.is_ok().then(|| {
+            let mut rest: Vec<Option<Tensor>> =
+                grads.iter().map(|g| g.as_ref().map(Tensor::shallow_clone)).collect();
+            for &i in &staged.covered {
+                rest[i] = None;
+            }
+            rest
+        });
+        staged.recycle(&mut exec.workspace);
+        rest
+    }
+
     /// One step: the fused kernel over every variable it takes, libtorch ops for the rest.
     fn apply(&mut self, grads: &[Option<Tensor>], hp: &BopValues) -> Result<()> {
+        let committed = self.commit_staged(grads, hp);
+        let grads = committed.as_deref().unwrap_or(grads);
         if self.exec.backend != Backend::Torch {
             let missing = |i: usize| grads[i].is_some() && self.states[i].is_none();
             for (i, mut st, flat) in new_states(&mut self.exec, &self.params, missing, 1)? {
@@ -191,6 +305,14 @@ impl Bop {
 
 impl Optimizer for Bop {
     common_methods!("Bop");
+
+    fn stage_step(&mut self, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
+        self.stage(grads)
+    }
+
+    fn drop_staged(&mut self) {
+        self.exec.drop_staged();
+    }
 }
 
 impl FromConfig for Bop {

@@ -76,6 +76,62 @@ pub(crate) struct Exec {
     pub(crate) refused: Vec<(usize, Unfit)>,
     /// State buffers made by [`new_states`]; never removed, so that slots stay valid.
     pub(crate) chunks: Vec<Tensor>,
+    /// A second copy of each f32 state buffer, made when a step is first staged
+    /// ([`Optimizer::stage_step`]): the staged state is written there and exchanged with the
+    /// buffer at commit.
+    pub(crate) alts: Vec<Option<Tensor>>,
+    /// The step staged by the router and not yet committed or dropped.
+    pub(crate) staged: Option<StagedStep>,
+}
+
+/// A staged step as its optimizer keeps it until the step it was staged for.
+#[derive(Debug)]
+pub(crate) struct StagedStep {
+    /// The step count and hyperparameters it was computed with.
+    pub(crate) steps: u64,
+    pub(crate) hyperparameters: Vec<f64>,
+    /// Each covered variable's gradient address.
+    pub(crate) grads: Vec<(usize, usize)>,
+    pub(crate) staged: crate::kernels::stage::Staged,
+}
+
+impl Exec {
+    /// Forgets the staged step, if any (its scratch kept for the next).
+    pub(crate) fn drop_staged(&mut self) {
+        if let Some(st) = self.staged.take() {
+            st.staged.recycle(&mut self.workspace);
+        }
+    }
+
+    /// Takes the staged step if it was staged for exactly this step: the same step count,
+    /// hyperparameters and gradient tensors.
+    pub(crate) fn take_staged(
+        &mut self,
+        steps: u64,
+        hyperparameters: &[f64],
+        grads: &[Option<Tensor>],
+    ) -> Option<StagedStep> {
+        let st = self.staged.take()?;
+        let same_grads = st.grads.iter().all(|&(i, addr)| {
+            grads.get(i).and_then(Option::as_ref).is_some_and(|g| g.data_ptr() as usize == addr)
+        });
+        if st.steps == steps && st.hyperparameters == hyperparameters && same_grads {
+            Some(st)
+        } else {
+            st.staged.recycle(&mut self.workspace);
+            None
+        }
+    }
+}
+
+/// What staging a step found ([`Optimizer::stage_step`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageReport {
+    /// The variables whose gradients the staging checked (their update is staged).
+    pub covered: Vec<usize>,
+    /// The first of them whose gradient holds a NaN or an infinity.
+    pub first_non_finite: Option<usize>,
 }
 
 impl Exec {
@@ -429,6 +485,20 @@ pub trait Optimizer: Send {
     /// Replaces the state of variable `index` (from [`state`](Self::state) of an identical
     /// optimizer); an empty list clears it.
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()>;
+
+    /// For the router's non-finite check: computes the coming step with these gradients
+    /// without changing anything visible, checking the gradients it reads, so that the next
+    /// [`step_with_grads`](Self::step_with_grads) with the same gradients only commits it.
+    /// `None` (the default) stages nothing. Not part of the stable API.
+    #[doc(hidden)]
+    fn stage_step(&mut self, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
+        let _ = grads;
+        Ok(None)
+    }
+
+    /// Drops a staged step (the router refused it). Not part of the stable API.
+    #[doc(hidden)]
+    fn drop_staged(&mut self) {}
 }
 
 /// An optimizer built from a configuration struct; what `case_optimizer!` calls for a rule's
@@ -564,6 +634,7 @@ macro_rules! common_methods {
         }
 
         fn add_param(&mut self, param: $crate::var::Param) -> $crate::error::Result<()> {
+            self.exec.drop_staged();
             self.params.push(param);
             self.states.push(None);
             Ok(())
@@ -619,6 +690,7 @@ macro_rules! common_methods {
                     $opt
                 )));
             };
+            self.exec.drop_staged();
             let new = if state.is_empty() {
                 None
             } else {

@@ -1,0 +1,505 @@
+//! Bop steps staged for the router's non-finite check: the gradient is checked in the same pass
+//! that computes the update, and nothing the user can see changes until every gradient of the
+//! step is known to be finite.
+//!
+//! The router's default promise is that a step with a NaN or an infinity in any gradient
+//! changes nothing. Checked first, in a pass of its own, that costs a read of every gradient
+//! (4 bytes per element, about 0.3x of a Bop step's bandwidth bound on binarynet). Staged, the
+//! pass that reads the gradient also computes the update, but writes it where it can still be
+//! dropped:
+//!
+//! - the new moving average goes to a second state buffer of the same layout, with streaming
+//!   stores (no read of the destination), so that reading `m` and writing `m'` moves the same
+//!   bytes as updating `m` in place;
+//! - a weight's new sign is not written: each line of 16 weights whose signs change is recorded
+//!   (its address and a 16-bit mask), which is few once training has settled.
+//!
+//! [`commit`] then exchanges the two buffers' memory (one pointer swap per buffer, which every
+//! view of the state sees) and writes the recorded lines; dropping a [`Staged`] leaves the
+//! parameters and the state as they were. Both results are bit for bit those of the in-place
+//! kernel ([`math::bop`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tch::Tensor;
+
+use super::math::{self, BopScalars, FlipLine};
+use super::meta::{Status, CPU};
+use super::{pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, FLOAT};
+use super::{Workspace, MIN_ELEMENTS_PER_THREAD};
+
+/// A line of weights to write at commit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Flip {
+    /// Address of its first element (f32).
+    addr: usize,
+    count: usize,
+    negative: u16,
+}
+
+/// A staged Bop step ([`Batch::stage_bop`]): which variables it covers, what their gradients
+/// held, and what [`commit`] will write.
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    /// The variables whose update is staged (and whose gradients were checked), in order.
+    pub(crate) covered: Vec<usize>,
+    /// The first covered variable whose gradient holds a NaN or an infinity.
+    pub(crate) first_non_finite: Option<usize>,
+    /// Each covered non-empty variable's (index, parameter address, length), checked again at
+    /// commit.
+    params: Vec<(usize, usize, usize)>,
+    /// Indices of the state buffers whose staged copy becomes the state at commit.
+    buffers: Vec<usize>,
+    /// The lines of weights to write, one list per thread of the staging pass.
+    flips: Vec<Vec<Flip>>,
+}
+
+impl Staged {
+    /// Gives the staging's scratch back to `ws` for the next step.
+    pub(crate) fn recycle(self, ws: &mut Workspace) {
+        let mut flips = self.flips;
+        flips.iter_mut().for_each(Vec::clear);
+        ws.flips = flips;
+    }
+}
+
+impl<'t> Batch<'_, 't> {
+    /// Stages one Bop step over the queued f32 variables (f64 ones are left out of
+    /// [`Staged::covered`]): every variable's state must be a run of one of `chunks`, and
+    /// `alts[k]` a second buffer of `chunks[k]`'s size and dtype, which receives the new state.
+    /// Nothing any parameter or state tensor shows is written.
+    ///
+    /// Fails, having written nothing, when two operands share memory that one of them writes,
+    /// or a state is not in a buffer with a usable second copy.
+    pub(crate) fn stage_bop(
+        self,
+        s: BopScalars<f32>,
+        chunks: &'t [Tensor],
+        alts: &'t [Option<Tensor>],
+        threads: usize,
+    ) -> Result<Staged, Unfit> {
+        let ws = self.ws;
+        ws.disjoint(1).map_err(Unfit::Overlap)?;
+        let n = chunks.len();
+        let metas =
+            ws.buffers.read(chunks.iter().map(Some).chain(alts.iter().map(Option::as_ref)), true);
+        let (bufs, alt_metas) = metas.split_at(n);
+        // Each buffer's byte range, and its second copy's address (0: none usable).
+        let mut ranges = Vec::with_capacity(n);
+        for (b, a) in bufs.iter().zip(alt_metas) {
+            let ok = |m: &super::Meta| {
+                m.status() == Status::Ok
+                    && m.device_code() == CPU
+                    && m.dtype() == FLOAT
+                    && m.contiguous()
+                    && m.data().is_multiple_of(64)
+            };
+            let usable = ok(b) && ok(a) && a.numel() == b.numel() && b.numel() > 0;
+            let bytes = b.numel() * 4;
+            ranges.push((b.data(), b.data() + bytes, if usable { a.data() } else { 0 }));
+        }
+        ws.alt_addrs.clear();
+        let mut buffers: Vec<usize> = Vec::new();
+        for j in &ws.f32_jobs {
+            if j.len == 0 {
+                ws.alt_addrs.push(0);
+                continue;
+            }
+            let m = j.states[0];
+            let found =
+                ranges.iter().position(|&(lo, hi, alt)| alt != 0 && lo <= m && m + j.len * 4 <= hi);
+            let Some(k) = found else {
+                return Err(Unfit::Unsupported("a state outside a staged buffer"));
+            };
+            let (lo, _, alt) = ranges[k];
+            ws.alt_addrs.push(alt + (m - lo));
+            if !buffers.contains(&k) {
+                buffers.push(k);
+            }
+        }
+        // The second copies are this optimizer's own allocations, never handed out; still, no
+        // byte the staging writes may belong to an operand, a state buffer or another copy.
+        let first_index = ws.f32_jobs.first().map_or(0, |j| j.index);
+        for &k in &buffers {
+            let (lo, hi, alt) = ranges[k];
+            let hits = |a: usize, b: usize| a < alt + (hi - lo) && alt < b;
+            if let Some(r) = ws.verified.iter().find(|r| hits(r.start, r.end)) {
+                return Err(Unfit::Overlap(r.index));
+            }
+            let buffer = ranges.iter().any(|&(a, b, _)| hits(a, b));
+            let copy = buffers.iter().any(|&k2| {
+                let (a, b, alt2) = ranges[k2];
+                k2 != k && hits(alt2, alt2 + (b - a))
+            });
+            if buffer || copy {
+                return Err(Unfit::Overlap(first_index));
+            }
+        }
+        let total: usize = ws.f32_jobs.iter().map(|j| j.len).sum();
+        let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
+        let mut lists = std::mem::take(&mut ws.flips);
+        lists.resize_with(threads.max(lists.len()), Vec::new);
+        lists.iter_mut().for_each(Vec::clear);
+        let lists: Vec<Mutex<Vec<Flip>>> = lists.into_iter().map(Mutex::new).collect();
+        let first_bad = AtomicUsize::new(usize::MAX);
+        let simd = Simd::detect();
+        let (jobs, alt_addrs) = (&ws.f32_jobs[..], &ws.alt_addrs[..]);
+        pool::run(threads, |t| {
+            let (lo, hi) = share(total, threads, t);
+            let mut flips = lists[t].lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: `queue` checked every job's addresses (live, contiguous, aligned f32 CPU
+            // tensors of `len` elements, borrowed by the batch for `'t`), and the loop above
+            // every second copy's (a live f32 CPU buffer of its state buffer's size, borrowed
+            // for `'t`); `disjoint` and the clash check proved that no byte written here (the
+            // second copies only) belongs to any operand or buffer; `share` gives each thread
+            // its own element range.
+            let bad = unsafe { stage_range(jobs, alt_addrs, s, simd, lo, hi, &mut flips) };
+            if let Some(k) = bad {
+                first_bad.fetch_min(k, Ordering::Relaxed);
+            }
+        });
+        let first = first_bad.load(Ordering::Relaxed);
+        let flips =
+            lists.into_iter().map(|l| l.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+        Ok(Staged {
+            covered: jobs.iter().map(|j| j.index).collect(),
+            first_non_finite: jobs.get(first).map(|j| j.index),
+            params: jobs.iter().filter(|j| j.len > 0).map(|j| (j.index, j.p, j.len)).collect(),
+            buffers,
+            flips,
+        })
+    }
+}
+
+/// Stages elements `[lo, hi)` of the concatenation of `jobs`; returns the position in `jobs`
+/// of the first one whose gradient holds a NaN or an infinity there.
+///
+/// # Safety
+/// As `run_range`, for one state; besides, `alts[k]` must point to `jobs[k].len` writable f32
+/// that no operand of any job and nothing else uses while this runs.
+unsafe fn stage_range(
+    jobs: &[Job],
+    alts: &[usize],
+    s: BopScalars<f32>,
+    simd: Simd,
+    lo: usize,
+    hi: usize,
+    flips: &mut Vec<Flip>,
+) -> Option<usize> {
+    let (mut offset, mut bad) = (0, None);
+    for (k, (job, &alt)) in jobs.iter().zip(alts).enumerate() {
+        let (start, end) = (lo.max(offset), hi.min(offset + job.len));
+        offset += job.len;
+        if start >= end {
+            if offset >= hi {
+                break;
+            }
+            continue;
+        }
+        let (a, n) = (start - (offset - job.len), end - start);
+        // SAFETY (the four slices): in bounds (`a + n <= job.len`) of live f32 buffers by the
+        // contract; `w`, `g` and `m` are only read here, and `m_out` is written by this thread
+        // only (its own element range of a copy nothing else uses).
+        let read =
+            |addr: usize| unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+        let (w, g, m) = (read(job.p), read(job.g), read(job.states[0]));
+        // SAFETY: as above.
+        let m_out = unsafe { slice_mut::<f32>(alt, a, n) };
+        let base = job.p + a * 4;
+        let mut record = |l: FlipLine| {
+            flips.push(Flip { addr: base + l.offset * 4, count: l.count, negative: l.negative })
+        };
+        let found = match simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::Avx512` is only chosen when the CPU reports these features.
+            Simd::Avx512 => unsafe { stage_avx512(w, g, m, m_out, s, &mut record) },
+            _ => math::bop_stage(w, g, m, m_out, s, &mut record),
+        };
+        if found && bad.is_none() {
+            bad = Some(k);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 {
+        // SAFETY: SSE is part of x86-64. Streaming stores are weakly ordered: the fence makes
+        // them visible before this task reports done (and so before the commit reads them).
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    bad
+}
+
+/// [`math::bop_stage`] with AVX-512 intrinsics: sixteen elements per iteration, the new state
+/// written with streaming stores once the output is aligned to a cache line; the same
+/// operations as [`math::bop`] (no fused multiply-add), so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, VL, BW and DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+unsafe fn stage_avx512(
+    w: &[f32],
+    g: &[f32],
+    m: &[f32],
+    m_out: &mut [f32],
+    s: BopScalars<f32>,
+    flip: &mut impl FnMut(FlipLine),
+) -> bool {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let (g, m, m_out) = (&g[..n], &m[..n], &mut m_out[..n]);
+    // Elements before the output's first cache line boundary, and the aligned lines after.
+    let head = ((64 - m_out.as_ptr() as usize % 64) % 64 / 4).min(n);
+    let lines = (n - head) / 16;
+    let tail = head + lines * 16;
+    let mut bad =
+        math::bop_stage(&w[..head], &g[..head], &m[..head], &mut m_out[..head], s, &mut *flip);
+    let (gamma, threshold) = (_mm512_set1_ps(s.gamma), _mm512_set1_ps(s.threshold));
+    let (zero, one, minus_one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
+    let exponent = _mm512_set1_epi32(0x7f80_0000);
+    let mut exponents = _mm512_setzero_si512();
+    let (wp, gp, mp, op) = (w.as_ptr(), g.as_ptr(), m.as_ptr(), m_out.as_mut_ptr());
+    for line in 0..lines {
+        let at = head + line * 16;
+        // SAFETY: `at + 16 <= tail <= n`, within every slice; `op.add(at)` is 64-byte aligned
+        // (`head` aligned it and each line adds 64 bytes), as the streaming store requires.
+        unsafe {
+            let gv = _mm512_loadu_ps(gp.add(at));
+            let mv = _mm512_loadu_ps(mp.add(at));
+            let wv = _mm512_loadu_ps(wp.add(at));
+            exponents =
+                _mm512_max_epu32(exponents, _mm512_and_si512(_mm512_castps_si512(gv), exponent));
+            // m + (g - m) * gamma, as math::bop rounds it.
+            let mn = _mm512_add_ps(mv, _mm512_mul_ps(_mm512_sub_ps(gv, mv), gamma));
+            _mm512_stream_ps(op.add(at), mn);
+            // flip(w, w * m - threshold): inner = (x > 0) - (x < 0), NaN giving 0; the new
+            // weight is -1 where -inner * w < 0, else +1.
+            let x = _mm512_sub_ps(_mm512_mul_ps(wv, mn), threshold);
+            let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
+            let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, zero);
+            let inner = _mm512_sub_ps(
+                _mm512_mask_blend_ps(above, zero, one),
+                _mm512_mask_blend_ps(below, zero, one),
+            );
+            let signed = _mm512_mul_ps(_mm512_xor_ps(inner, _mm512_set1_ps(-0.0)), wv);
+            let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(signed, zero);
+            let new = _mm512_mask_blend_ps(negative, one, minus_one);
+            if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(new, wv) != 0 {
+                flip(FlipLine { offset: at, count: 16, negative });
+            }
+        }
+    }
+    bad |= _mm512_reduce_max_epu32(exponents) == 0x7f80_0000;
+    let rest = math::bop_stage(&w[tail..], &g[tail..], &m[tail..], &mut m_out[tail..], s, |l| {
+        flip(FlipLine { offset: l.offset + tail, ..l })
+    });
+    bad | rest
+}
+
+/// Makes a staged step the current one: the staged state buffers take their second copy's
+/// memory and the recorded lines of weights are written. `param(i)` must give the optimizer's
+/// parameter tensor of variable `i`, `chunks` and `alts` those the step was staged with.
+///
+/// Fails, having changed nothing, when a parameter is no longer the memory the step was staged
+/// over or a buffer cannot be exchanged; the caller then runs the step the ordinary way.
+pub(crate) fn commit<'p>(
+    staged: &Staged,
+    ws: &mut Workspace,
+    param: impl Fn(usize) -> Option<&'p Tensor>,
+    chunks: &[Tensor],
+    alts: &[Option<Tensor>],
+) -> Result<(), Unfit> {
+    let metas = ws.written.read(staged.params.iter().map(|&(i, _, _)| param(i)), true);
+    for (m, &(_, addr, len)) in metas.iter().zip(&staged.params) {
+        if m.status() != Status::Ok || m.data() != addr || m.numel() != len || m.dtype() != FLOAT {
+            return Err(Unfit::Unsupported("a parameter changed since the step was staged"));
+        }
+    }
+    let mut pairs = Vec::with_capacity(staged.buffers.len());
+    for &k in &staged.buffers {
+        match (chunks.get(k), alts.get(k).and_then(Option::as_ref)) {
+            (Some(a), Some(b)) => pairs.push((a, b)),
+            _ => return Err(Unfit::Unsupported("a missing state buffer")),
+        }
+    }
+    super::meta::swap_storages(&pairs)
+        .map_err(|()| Unfit::Unsupported("a state buffer libtorch would not exchange"))?;
+    let simd = Simd::detect();
+    let lists = &staged.flips;
+    let work = |t: usize| {
+        for f in lists.get(t).into_iter().flatten() {
+            // SAFETY: each line lies inside a parameter checked just above to be the live,
+            // contiguous f32 CPU memory it was when staged (the optimizer owns the tensors,
+            // and the router runs nothing between staging and commit); threads write disjoint
+            // lines (each was recorded by the one thread that staged its elements).
+            unsafe { write_flip(*f, simd) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Avx512 {
+            // SAFETY: SSE is part of x86-64; orders the streaming stores before the task ends.
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        }
+    };
+    let lines: usize = lists.iter().map(Vec::len).sum();
+    // A few lines are written faster than a thread is woken.
+    if lines < 4096 {
+        (0..lists.len()).for_each(&work);
+    } else {
+        pool::run(lists.len(), work);
+    }
+    Ok(())
+}
+
+/// Writes one staged line.
+///
+/// # Safety
+/// `f.addr` must point to `f.count` f32 that nothing else uses meanwhile.
+unsafe fn write_flip(f: Flip, simd: Simd) {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && f.count == 16 && f.addr.is_multiple_of(64) {
+        // SAFETY: the caller's contract; the CPU has AVX-512 (`simd`), the address is aligned.
+        unsafe { write_line_avx512(f) };
+        return;
+    }
+    let _ = simd;
+    // SAFETY: the caller's contract.
+    let w = unsafe { slice_mut::<f32>(f.addr, 0, f.count) };
+    math::write_line(w, FlipLine { offset: 0, count: f.count, negative: f.negative });
+}
+
+/// A whole aligned line of new signs, with a streaming store (the old line is not read).
+///
+/// # Safety
+/// AVX-512 F; `f.addr` 64-byte aligned, pointing to 16 f32 nothing else uses meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn write_line_avx512(f: Flip) {
+    use std::arch::x86_64::*;
+    let v = _mm512_mask_blend_ps(f.negative, _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
+    // SAFETY: the caller's contract.
+    unsafe { _mm512_stream_ps(f.addr as *mut f32, v) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values: weights of +-1 (some 0.5, binarised by the step), small gradients
+    /// whose moving averages cross the threshold both ways, and moving averages.
+    fn data(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut w = Vec::with_capacity(n);
+        let (mut g, mut m) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n {
+            let r = next();
+            w.push(if i % 97 == 5 {
+                0.5
+            } else if r >= 0.0 {
+                1.0
+            } else {
+                -1.0
+            });
+            g.push(next() * 1e-3);
+            m.push(next() * 1e-4);
+        }
+        (w, g, m)
+    }
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// A buffer holding `n` f32 from `skip` elements past a 64-byte boundary: (buffer, start).
+    fn out_buffer(n: usize, skip: usize) -> (Vec<f32>, usize) {
+        let v = vec![7.0f32; n + skip + 16];
+        let to_boundary = (64 - v.as_ptr() as usize % 64) % 64 / 4;
+        (v, to_boundary + skip)
+    }
+
+    /// Stages with `simd` and applies the result, returning (new weights, new state, bad).
+    fn staged(
+        simd: Simd,
+        w: &[f32],
+        g: &[f32],
+        m: &[f32],
+        skip: usize,
+    ) -> (Vec<f32>, Vec<f32>, bool) {
+        let s = BopScalars { gamma: 0.1, threshold: 1e-6 };
+        let n = w.len();
+        let (mut buffer, start) = out_buffer(n, skip);
+        let out = &mut buffer[start..start + n];
+        let mut lines = Vec::new();
+        let bad = match simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only called with `Simd::Avx512` when the CPU has it.
+            Simd::Avx512 => unsafe { stage_avx512(w, g, m, out, s, &mut |l| lines.push(l)) },
+            _ => math::bop_stage(w, g, m, out, s, |l| lines.push(l)),
+        };
+        let mut new_w = w.to_vec();
+        for l in lines {
+            assert!(l.count >= 1 && l.count <= 16 && l.offset + l.count <= n);
+            math::write_line(&mut new_w[l.offset..], l);
+        }
+        (new_w, out.to_vec(), bad)
+    }
+
+    #[test]
+    fn a_staged_step_applied_equals_the_in_place_step_bit_for_bit() {
+        let mut sets = vec![Simd::Baseline];
+        if Simd::detect() == Simd::Avx512 {
+            sets.push(Simd::Avx512);
+        }
+        eprintln!("instruction sets compared: {sets:?}");
+        for n in [0usize, 1, 15, 16, 17, 100, 1000, 4099] {
+            for skip in [0usize, 1, 5, 15] {
+                for poison in [None, Some(0), Some(n / 2), Some(n.saturating_sub(1))] {
+                    let (mut w, mut g, mut m) = data(n, (n * 31 + skip) as u64);
+                    if let (Some(at), true) = (poison, n > 0) {
+                        g[at] = if at % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+                    }
+                    let (w0, m0) = (w.clone(), m.clone());
+                    math::bop(&mut w, &g, &mut m, BopScalars { gamma: 0.1, threshold: 1e-6 });
+                    for &simd in &sets {
+                        let (sw, sm, bad) = staged(simd, &w0, &g, &m0, skip);
+                        let case = format!("{simd:?} n {n} skip {skip} poison {poison:?}");
+                        assert_eq!(bits(&sw), bits(&w), "weights, {case}");
+                        assert_eq!(bits(&sm), bits(&m), "state, {case}");
+                        assert_eq!(bad, poison.is_some() && n > 0, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_written_whole_or_in_part() {
+        let mut w = vec![0.5f32; 40];
+        let line = FlipLine { offset: 0, count: 16, negative: 0b1000_0000_0000_0001 };
+        // SAFETY: 16 f32 of `w` from element 0, used by nothing else meanwhile.
+        unsafe {
+            write_flip(
+                Flip { addr: w.as_mut_ptr() as usize, count: 16, negative: line.negative },
+                Simd::detect(),
+            )
+        };
+        // SAFETY: as above, 3 f32 from element 20.
+        unsafe {
+            write_flip(
+                Flip { addr: w[20..].as_mut_ptr() as usize, count: 3, negative: 0b010 },
+                Simd::detect(),
+            )
+        };
+        let mut want = vec![0.5f32; 40];
+        want[..16].fill(1.0);
+        want[0] = -1.0;
+        want[15] = -1.0;
+        want[20..23].copy_from_slice(&[1.0, -1.0, 1.0]);
+        assert_eq!(w, want);
+    }
+}
