@@ -34,8 +34,9 @@ use math::Real;
 use meta::{Meta, MetaReader, Status, CPU};
 
 /// Below this many elements per thread, a second thread does not pay: on 2000 variables of 256
-/// elements (2^19 in all) two threads of libtorch's pool ran the step no faster than one, as
-/// the per-variable work before the kernel dominates there (measured with 2^15 here).
+/// elements (2^19 in all) the per-variable work before the kernel dominates the step (reading
+/// metadata: about a fifth of it, the kernels another fifth, in a `perf` profile), and a router
+/// step with 2^16 here ran no faster than with 2^18 (1.06-1.59 vs 0.94-1.63 ms, alternated).
 pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 18;
 
 /// The largest number of state tensors a kernel updates besides the parameter (Adam with
