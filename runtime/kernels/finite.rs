@@ -117,30 +117,22 @@ fn scan_extents(
 
 /// The first span holding a non-finite value within elements `[lo, hi)` of the concatenation.
 fn first_in_range(spans: &[Span], lo: usize, hi: usize, simd: Simd) -> Option<usize> {
-    let mut offset = 0;
-    for &Span { index, extent: Extent { addr, len, f64 } } in spans {
-        let (start, end) = (lo.max(offset), hi.min(offset + len));
-        offset += len;
-        if start < end {
-            let (a, n) = (start - (offset - len), end - start);
-            let bad = if f64 {
-                // SAFETY: `extent` took `addr` from the data address of a live, contiguous f64 CPU
-                // tensor of `len` elements, aligned; the caller's borrow (`'t`) keeps it
-                // allocated during the scan; `a + n <= len`. The memory is only read (other
-                // handles must not write it meanwhile: the contract of any tch read).
-                let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
-                non_finite(simd, xs)
-            } else {
-                // SAFETY: as above, for an f32 tensor.
-                let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
-                non_finite(simd, xs)
-            };
-            if bad {
-                return Some(index);
-            }
-        }
-        if offset >= hi {
-            break;
+    for (k, a, n) in super::pieces(spans.iter().map(|s| s.extent.len), lo, hi) {
+        let Span { index, extent: Extent { addr, f64, .. } } = spans[k];
+        let bad = if f64 {
+            // SAFETY: `extent` took `addr` from the data address of a live, contiguous f64 CPU
+            // tensor of `len` elements, aligned; the caller's borrow (`'t`) keeps it allocated
+            // during the scan; `a + n <= len`. The memory is only read (other handles must not
+            // write it meanwhile: the contract of any tch read).
+            let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
+            non_finite(simd, xs)
+        } else {
+            // SAFETY: as above, for an f32 tensor.
+            let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+            non_finite(simd, xs)
+        };
+        if bad {
+            return Some(index);
         }
     }
     None

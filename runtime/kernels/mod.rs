@@ -465,6 +465,28 @@ fn total_len(jobs: &[Job]) -> usize {
     jobs.iter().map(|j| j.len).sum()
 }
 
+/// The pieces of elements `[lo, hi)` of the concatenation of runs of lengths `lens`, in order:
+/// (run index, first element of the piece within its run, element count), empty pieces left out.
+fn pieces(
+    lens: impl IntoIterator<Item = usize>,
+    lo: usize,
+    hi: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut offset = 0;
+    lens.into_iter()
+        .enumerate()
+        .map_while(move |(k, len)| {
+            if offset >= hi {
+                return None;
+            }
+            let (start, end, base) = (lo.max(offset), hi.min(offset + len), offset);
+            offset += len;
+            Some((k, start, end, base))
+        })
+        .filter(|&(_, start, end, _)| start < end)
+        .map(|(k, start, end, base)| (k, start - base, end - start))
+}
+
 /// How many threads to use for `total` elements: at most `wanted`, and no more than leaves
 /// each `min_per_thread` elements; at least one.
 fn threads_for(total: usize, wanted: usize, min_per_thread: usize) -> usize {
@@ -524,20 +546,11 @@ unsafe fn run_range<K: Kernel, T: Real>(
     lo: usize,
     hi: usize,
 ) {
-    let mut offset = 0;
-    for (k, job) in jobs.iter().enumerate() {
-        let (start, end) = (lo.max(offset), hi.min(offset + job.len));
-        offset += job.len;
-        if start >= end {
-            if offset >= hi {
-                break;
-            }
-            continue;
-        }
+    for (k, a, n) in pieces(jobs.iter().map(|j| j.len), lo, hi) {
+        let job = &jobs[k];
         if let Some(next) = jobs.get(k + 1) {
             prefetch::<T>(next, states);
         }
-        let (a, n) = (start - (offset - job.len), end - start);
         // SAFETY (for the three blocks below): by this function's contract every address
         // points to `job.len` valid, aligned elements of `T` (in practice the data of a live,
         // contiguous CPU tensor that the batch borrows, so its storage stays allocated), and
@@ -630,6 +643,18 @@ unsafe fn apply_avx512<K: Kernel, T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_cut_the_concatenation_at_the_range() {
+        let lens = [3usize, 0, 5, 2];
+        let all = |lo, hi| pieces(lens, lo, hi).collect::<Vec<_>>();
+        assert_eq!(all(0, 10), vec![(0, 0, 3), (2, 0, 5), (3, 0, 2)]);
+        assert_eq!(all(2, 4), vec![(0, 2, 1), (2, 0, 1)]);
+        assert_eq!(all(3, 8), vec![(2, 0, 5)]);
+        assert_eq!(all(9, 10), vec![(3, 1, 1)]);
+        assert_eq!(all(4, 4), vec![]);
+        assert_eq!(all(10, 10), vec![]);
+    }
 
     #[test]
     fn threads_follow_the_work() {

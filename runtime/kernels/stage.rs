@@ -26,7 +26,7 @@ use tch::Tensor;
 
 use super::math::{self, BopScalars, FlipLine};
 use super::meta::{Status, CPU};
-use super::{pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, FLOAT};
+use super::{pieces, pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, FLOAT};
 use super::{Workspace, MIN_ELEMENTS_PER_THREAD};
 
 /// A line of weights to write at commit.
@@ -187,17 +187,9 @@ unsafe fn stage_range(
     hi: usize,
     flips: &mut Vec<Flip>,
 ) -> Option<usize> {
-    let (mut offset, mut bad) = (0, None);
-    for (k, (job, &alt)) in jobs.iter().zip(alts).enumerate() {
-        let (start, end) = (lo.max(offset), hi.min(offset + job.len));
-        offset += job.len;
-        if start >= end {
-            if offset >= hi {
-                break;
-            }
-            continue;
-        }
-        let (a, n) = (start - (offset - job.len), end - start);
+    let mut bad = None;
+    for (k, a, n) in pieces(jobs.iter().map(|j| j.len), lo, hi) {
+        let (job, alt) = (&jobs[k], alts[k]);
         // SAFETY (the four slices): in bounds (`a + n <= job.len`) of live f32 buffers by the
         // contract; `w`, `g` and `m` are only read here, and `m_out` is written by this thread
         // only (its own element range of a copy nothing else uses).
