@@ -423,6 +423,10 @@ pub struct RouterCore {
     reader: MetaReader,
     /// Kept between steps for the NaN scan, likewise.
     scan: ScanScratch,
+    /// The last step's per-rule gradient lists, emptied, whose buffers the next step reuses: on
+    /// 2000 variables they were kilobyte allocations each step, and glibc consolidates its
+    /// small free chunks (the 2000 gradient handles just freed) on every such allocation.
+    spare: Vec<Grads>,
 }
 
 impl RouterCore {
@@ -616,6 +620,7 @@ impl<R: RouterParts> RouterBuilder<R> {
             binarised: Vec::new(),
             reader: Default::default(),
             scan: Default::default(),
+            spare: Vec::new(),
         };
         R::assemble(self.configs, Assembly { groups, core })
     }
@@ -746,9 +751,10 @@ impl<R: RouterParts> Router for R {
         let mut grads = CollectGrads {
             grads: Vec::with_capacity(self.rules().len()),
             reader: std::mem::take(&mut self.core_mut().reader),
+            spare: std::mem::take(&mut self.core_mut().spare),
         };
         let collected = self.visit(&mut grads);
-        let CollectGrads { mut grads, reader } = grads;
+        let CollectGrads { mut grads, reader, .. } = grads;
         self.core_mut().reader = reader;
         let found = match (collected, self.core().non_finite) {
             (Err(e), _) => Err(e),
@@ -773,7 +779,6 @@ impl<R: RouterParts> Router for R {
                 found
             }
         };
-        let grads: Vec<Vec<Option<Tensor>>> = grads.into_iter().map(|g| g.handles).collect();
         // `None` under `NonFinitePolicy::Proceed`, which does not look.
         if let Some(variable) = found? {
             if self.core().non_finite == NonFinitePolicy::SkipStep {
@@ -785,11 +790,16 @@ impl<R: RouterParts> Router for R {
         if self.core().binary_unchecked {
             check_binary_values(self)?;
         }
-        let stepped = self.visit_mut(&mut StepWith(grads));
+        let mut step = StepWith(grads);
+        let stepped = self.visit_mut(&mut step);
         if stepped.is_err() {
             // Rules after the failing one keep no staged step for a later call to find.
             let _ = self.visit_mut(&mut DropStaged);
         }
+        // The handles are dropped here; their lists' buffers serve the next step.
+        let mut grads = step.0;
+        grads.iter_mut().for_each(Grads::clear);
+        self.core_mut().spare = grads;
         stepped
     }
 
@@ -972,12 +982,15 @@ struct CollectGrads {
     grads: Vec<Grads>,
     /// Reads every variable's metadata and its gradient's in one call per rule.
     reader: MetaReader,
+    /// Empty lists whose buffers to reuse, one per rule.
+    spare: Vec<Grads>,
 }
 
 impl OptimizerInspector for CollectGrads {
     fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
         let params = optimizer.params();
-        let (metas, grads) = self.reader.grads(params.iter().map(|p| &p.tensor));
+        let reuse = if self.spare.is_empty() { Grads::default() } else { self.spare.remove(0) };
+        let (metas, grads) = self.reader.grads(params.iter().map(|p| &p.tensor), reuse);
         for (p, m) in params.iter().zip(metas) {
             if !p.matches(m) {
                 // tch's own accessors name what changed (or find nothing: carry on).
@@ -1026,12 +1039,12 @@ impl OptimizerVisitor for DropStaged {
 }
 
 /// Steps each optimizer with the collected gradients.
-struct StepWith(Vec<Vec<Option<Tensor>>>);
+struct StepWith(Vec<Grads>);
 
 impl OptimizerVisitor for StepWith {
     fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
         match self.0.get(rule) {
-            Some(grads) => optimizer.step_with_grads(grads),
+            Some(grads) => optimizer.step_with_grads(&grads.handles),
             None => optimizer.step(),
         }
     }

@@ -216,6 +216,12 @@ impl Grads {
             .filter_map(|(i, (h, e))| h.as_ref().map(|_| (i, *e)))
     }
 
+    /// Empties the lists, keeping their buffers (the handles are dropped).
+    pub(crate) fn clear(&mut self) {
+        self.handles.clear();
+        self.extents.clear();
+    }
+
     /// Marks gradient `i` as already checked: the scan skips it (its position still counts).
     pub(crate) fn mark_checked(&mut self, i: usize) {
         if let Some(e) = self.extents.get_mut(i) {
@@ -255,15 +261,21 @@ impl MetaReader {
     /// Reads `params` and their gradients, and makes a handle to each defined gradient of a
     /// variable that requires one (the handle `Tensor::grad` would make, made in the same
     /// pass; `None` for the others). Returns the parameters' metadata and the gradients.
+    ///
+    /// The lists are built in `reuse`'s buffers (emptied first).
     pub(crate) fn grads<'r, 't>(
         &'r mut self,
         params: impl IntoIterator<Item = &'t Tensor>,
+        reuse: Grads,
     ) -> (&'r [Meta], Grads) {
         self.fill(params.into_iter().map(Some));
         self.call(false, true);
         let metas = as_metas(&self.out);
         let n = metas.len();
-        let mut grads = Grads { handles: Vec::with_capacity(n), extents: Vec::with_capacity(n) };
+        let mut grads = reuse;
+        grads.clear();
+        grads.handles.reserve(n);
+        grads.extents.reserve(n);
         for ((h, p), g) in self.grad_handles.drain(..).zip(metas).zip(as_metas(&self.grads)) {
             // SAFETY: a non-null entry is a fresh `new at::Tensor` made by `caseopt_read_meta`
             // for this call and owned by nobody else; tch's `Tensor` takes it over and frees it
@@ -398,7 +410,7 @@ mod tests {
         let frozen = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         (&frozen * 2.0).sum(Kind::Float).backward();
         let frozen = frozen.set_requires_grad(false);
-        let (ps, grads) = r.grads([&x, &y, &frozen]);
+        let (ps, grads) = r.grads([&x, &y, &frozen], Grads::default());
         assert_eq!(ps.len(), 3);
         assert!(ps.iter().all(Meta::is_ok));
         assert_eq!(grads.handles.len(), 3);
@@ -411,8 +423,13 @@ mod tests {
         let present: Vec<usize> = grads.present().map(|(i, _)| i).collect();
         assert_eq!(present, vec![0]);
         assert!(grads.present().next().unwrap().1.is_some(), "a readable f32 gradient");
+        // Reading again into the same lists replaces what they held.
+        let (_, again) = r.grads([&y, &x], grads);
+        assert_eq!(again.handles.len(), 2);
+        assert!(again.handles[0].is_none() && again.handles[1].is_some());
+        assert_eq!(again.present().map(|(i, _)| i).collect::<Vec<_>>(), vec![1]);
         // The handle is a tensor of its own: dropping it leaves x's gradient alone.
-        drop(grads);
+        drop(again);
         assert_eq!(Vec::<f32>::try_from(&x.grad()).unwrap(), vec![3.0; 4]);
     }
 
