@@ -434,6 +434,33 @@ mod tests {
     }
 
     #[test]
+    fn long_lists_are_read_on_several_threads_in_order() {
+        // Past meta.cpp's CASEOPT_PARALLEL_READ (512), the list is split between threads: every
+        // entry must still land at its own index, gradients and handles included.
+        let params: Vec<Tensor> = (0..1500)
+            .map(|i| Tensor::zeros([1 + i % 7], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        for (i, p) in params.iter().enumerate() {
+            if i % 3 != 0 {
+                (p * (i as f64)).sum(Kind::Float).backward();
+            }
+        }
+        let mut r = MetaReader::default();
+        let (metas, grads) = r.grads(params.iter(), Grads::default());
+        assert_eq!(metas.len(), 1500);
+        for (i, (m, h)) in metas.iter().zip(&grads.handles).enumerate() {
+            assert_eq!(m.numel(), 1 + i % 7, "{i}");
+            assert_eq!(m.data(), params[i].data_ptr() as usize, "{i}");
+            assert_eq!(h.is_some(), i % 3 != 0, "{i}");
+            if let Some(g) = h {
+                assert_eq!(g.data_ptr(), params[i].grad().data_ptr(), "{i}");
+            }
+        }
+        let written = r.read(params.iter().map(Some), true);
+        assert!(written.iter().zip(&params).all(|(m, p)| m.data() == p.data_ptr() as usize));
+    }
+
+    #[test]
     fn a_sparse_tensor_is_reported_not_thrown() {
         let dense = Tensor::eye(3, (Kind::Float, Device::Cpu));
         let sparse = dense.to_sparse_sparse_dim(2);
