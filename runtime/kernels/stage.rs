@@ -26,7 +26,7 @@ use tch::Tensor;
 
 use super::math::{self, BopScalars, FlipLine};
 use super::meta::{Status, CPU};
-use super::{pieces, pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, FLOAT};
+use super::{pieces, pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, DOUBLE, FLOAT};
 use super::{Workspace, MIN_ELEMENTS_PER_THREAD};
 
 /// A line of weights to write at commit.
@@ -96,7 +96,8 @@ impl<'t> Batch<'_, 't> {
                     && m.data().is_multiple_of(64)
             };
             let usable = ok(b) && ok(a) && a.numel() == b.numel() && b.numel() > 0;
-            let bytes = b.numel() * 4;
+            // Every buffer's extent counts for the clash check below, f64 ones included.
+            let bytes = b.numel() * if b.dtype() == DOUBLE { 8 } else { 4 };
             ranges.push((b.data(), b.data() + bytes, if usable { a.data() } else { 0 }));
         }
         ws.alt_addrs.clear();
