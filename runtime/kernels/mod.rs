@@ -36,7 +36,8 @@ use meta::{Meta, MetaReader, Status, CPU};
 /// Below this many elements per thread, a second thread does not pay: on 2000 variables of 256
 /// elements (2^19 in all) the per-variable work before the kernel dominates the step (reading
 /// metadata: about a fifth of it, the kernels another fifth, in a `perf` profile), and a router
-/// step with 2^16 here ran no faster than with 2^18 (1.06-1.59 vs 0.94-1.63 ms, alternated).
+/// step with 2^17 here took 1.00-1.01x the time it takes with 2^18 (medians of 40 paired
+/// in-process rounds of 50 steps).
 pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 18;
 
 /// The largest number of state tensors a kernel updates besides the parameter (Adam with
