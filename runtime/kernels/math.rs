@@ -118,6 +118,15 @@ fn store_if_changed<T: Real>(w: &mut [T], new: &[T; LINE]) {
     }
 }
 
+/// Bop on one element: the new moving average and the new weight,
+/// `m' = m + (g - m) * gamma; w' = flip(w, w * m' - threshold)`. The in-place loop and the staged
+/// one both call it, so that they cannot drift apart.
+#[inline(always)]
+fn bop_element<T: Real>(w: T, g: T, m: T, s: BopScalars<T>) -> (T, T) {
+    let m = m + (g - m) * s.gamma;
+    (m, flip(w, w * m - s.threshold))
+}
+
 /// One Bop step: `m <- m + (g - m) * gamma; w <- flip(w, w * m - threshold)`, the signs of each
 /// cache line written back only when one of them flips ([`store_if_changed`]).
 #[inline(always)]
@@ -132,18 +141,12 @@ pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) 
         let (wc, gc, mc) = (&mut wc[..LINE], &gc[..LINE], &mut mc[..LINE]);
         let mut new = [T::ZERO; LINE];
         for j in 0..LINE {
-            let mj = mc[j] + (gc[j] - mc[j]) * s.gamma;
-            mc[j] = mj;
-            let wj = wc[j];
-            new[j] = flip(wj, wj * mj - s.threshold);
+            (mc[j], new[j]) = bop_element(wc[j], gc[j], mc[j], s);
         }
         store_if_changed(wc, &new);
     }
     for i in lines..n {
-        let mi = m[i] + (g[i] - m[i]) * s.gamma;
-        m[i] = mi;
-        let wi = w[i];
-        w[i] = flip(wi, wi * mi - s.threshold);
+        (m[i], w[i]) = bop_element(w[i], g[i], m[i], s);
     }
 }
 
@@ -186,12 +189,10 @@ pub(crate) fn bop_stage(
         let (mut negative, mut changed) = (0u16, false);
         for j in offset..offset + count {
             exponents = exponents.max(non_finite_bits(g[j]));
-            let mj = m[j] + (g[j] - m[j]) * s.gamma;
-            m_out[j] = mj;
-            let wj = w[j];
-            let new = flip(wj, wj * mj - s.threshold);
+            let new;
+            (m_out[j], new) = bop_element(w[j], g[j], m[j], s);
             negative |= u16::from(new < 0.0) << (j - offset);
-            changed |= new != wj;
+            changed |= new != w[j];
         }
         if changed {
             flip_line(FlipLine { offset, count, negative });
