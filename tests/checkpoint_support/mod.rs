@@ -223,6 +223,18 @@ pub fn snapshot<R: Router + ?Sized>(router: &R) -> Snapshot {
     Snapshot { step_counts: router.step_counts(), rules }
 }
 
+/// Steps `router` and asserts that the step is refused for a non-finite gradient in `variable`
+/// and that it changed nothing.
+pub fn assert_refused_untouched<R: Router + ?Sized>(router: &mut R, variable: &str) {
+    let before = snapshot(router);
+    let err = router.step().unwrap_err();
+    assert!(
+        matches!(&err, caseopt::Error::NonFiniteGradient { variable: v } if v == variable),
+        "{err}"
+    );
+    assert_eq!(snapshot(router), before, "{variable}: a refused step changed something");
+}
+
 /// Every named variable of the model, exactly, sorted by name.
 pub fn model_values(vs: &nn::VarStore) -> Vec<(String, Exact)> {
     let mut out: Vec<(String, Exact)> =
