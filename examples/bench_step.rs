@@ -39,8 +39,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caseopt::{
-    case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, NonFinitePolicy, Optimizer, PathExt,
-    Router,
+    case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, Execution, NonFinitePolicy,
+    Optimizer, PathExt, Router,
 };
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};

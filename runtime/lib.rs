@@ -24,11 +24,10 @@ pub use checkpoint::{
     checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
 };
 pub use error::{Error, Result};
-#[doc(hidden)]
-pub use optim::StageReport;
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, FromConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig,
+    Bop2ndOrderConfig, BopConfig, Execution, FromConfig, Optimizer, RmsProp, RmsPropConfig, Sgd,
+    SgdConfig,
 };
 pub use schedule::Schedule;
 pub use tch;

@@ -16,6 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::kernels::finite::ScanScratch;
 use crate::kernels::meta::{Grads, MetaReader};
+use crate::optim::staging;
 use crate::optim::{FromConfig, Optimizer};
 use crate::predicate::{dtype_name, Predicate};
 use crate::var::{
@@ -1002,7 +1003,7 @@ impl OptimizerInspector for CollectGrads {
     }
 }
 
-/// Asks each optimizer to stage its step ([`Optimizer::stage_step`]) with the collected
+/// Asks each optimizer to stage its step ([`staging::stage`]) with the collected
 /// gradients; the gradients a staging checked are marked so that the scan skips them.
 struct StageAll<'a> {
     grads: &'a mut [Grads],
@@ -1015,7 +1016,7 @@ impl OptimizerVisitor for StageAll<'_> {
         let Some(grads) = self.grads.get_mut(rule) else {
             return Ok(());
         };
-        if let Some(report) = optimizer.stage_step(&grads.handles)? {
+        if let Some(report) = staging::stage(optimizer, &grads.handles)? {
             for &i in &report.covered {
                 grads.mark_checked(i);
             }
@@ -1033,7 +1034,7 @@ struct DropStaged;
 
 impl OptimizerVisitor for DropStaged {
     fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
-        optimizer.drop_staged();
+        staging::drop_staged(optimizer);
         Ok(())
     }
 }

@@ -8,7 +8,7 @@
 
 mod parity_support;
 
-use caseopt::{case_optimizer, Backend, Bop, Error, Optimizer, Param, PathExt, VarInfo};
+use caseopt::{case_optimizer, Backend, Bop, Error, Execution, Optimizer, Param, PathExt, VarInfo};
 use parity_support::run_parity;
 use tch::{nn, Device, Kind, Tensor};
 

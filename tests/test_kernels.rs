@@ -11,7 +11,7 @@
 
 use caseopt::{
     Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig,
-    Error, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
+    Error, Execution, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
 };
 use tch::{Device, Kind, Tensor};
 

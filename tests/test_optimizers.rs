@@ -3,8 +3,8 @@
 //! variable metadata from a VarStore.
 
 use caseopt::{
-    var_infos, Adam, AdamConfig, Bop, BopConfig, Error, Optimizer, Param, PathExt, Schedule, Sgd,
-    SgdConfig, VarInfo,
+    var_infos, Adam, AdamConfig, Bop, BopConfig, Error, Execution, Optimizer, Param, PathExt,
+    Schedule, Sgd, SgdConfig, VarInfo,
 };
 use tch::{nn, Device, Kind, Tensor};
 

@@ -15,7 +15,9 @@
 
 mod parity_support;
 
-use caseopt::{Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Optimizer, Param, VarInfo};
+use caseopt::{
+    Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Execution, Optimizer, Param, VarInfo,
+};
 use parity_support::{run_parity, FUSED};
 use tch::{Device, Tensor};
 

@@ -12,7 +12,7 @@
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 /// The element types the kernels compute in: `f32` and `f64`.
-pub(crate) trait Real:
+pub trait Real:
     Copy
     + PartialOrd
     + Add<Output = Self>

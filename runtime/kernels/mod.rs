@@ -164,7 +164,7 @@ impl Workspace {
 }
 
 /// A kernel: the update of one variable's elements, in either element type.
-pub(crate) trait Kernel: Sync {
+pub trait Kernel: Sync {
     /// Updates one contiguous run of one variable: `p` and `g` are the same length, and so is
     /// each of the first [`states`](Kernel::states) slices of `states` (the rest are empty).
     /// `scalars` are the job's per-variable scalars.
@@ -189,7 +189,7 @@ pub(crate) struct Batch<'w, 't> {
 }
 
 /// A named state tensor of one variable, or nothing in an unused slot.
-pub(crate) type StateOperand<'t> = Option<(&'static str, &'t Tensor)>;
+pub type StateOperand<'t> = Option<(&'static str, &'t Tensor)>;
 
 /// The tensors of one variable's update: parameter, gradient and the kernel's state tensors.
 #[derive(Clone, Copy)]

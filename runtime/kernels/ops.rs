@@ -6,7 +6,7 @@ use super::{Kernel, MAX_STATES};
 
 /// Bop with one step's hyperparameters. State: `m`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct BopKernel {
+pub struct BopKernel {
     pub(crate) gamma: f64,
     pub(crate) threshold: f64,
 }
@@ -23,7 +23,7 @@ impl Kernel for BopKernel {
 
 /// Bop2ndOrder with one step's hyperparameters. States: `m`, `v`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Bop2Kernel {
+pub struct Bop2Kernel {
     pub(crate) gamma: f64,
     pub(crate) sigma: f64,
     pub(crate) threshold: f64,
@@ -48,7 +48,7 @@ impl Kernel for Bop2Kernel {
 /// AMSGrad, `max_exp_avg_sq`. Per-variable scalars (the step counts differ when variables skip
 /// steps): `[step_size, bias_correction2_sqrt]` from [`AdamKernel::scalars`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamKernel {
+pub struct AdamKernel {
     pub(crate) lr: f64,
     pub(crate) beta1: f64,
     pub(crate) beta2: f64,

@@ -2,8 +2,10 @@
 
 use tch::Tensor;
 
-use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
-use super::{exec_methods, Exec, FromConfig, Optimizer};
+use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::grad::adjusted_grad;
+use super::hyper::hyperparameters;
+use super::state::{step_tensor, take_state, take_step};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -46,12 +48,13 @@ hyperparameters!(
         lr_decay: NonNegative,
         weight_decay: NonNegative,
         eps: Positive,
-    }
+    },
+    extra_checks = AdagradConfig::check_initial_accumulator
 );
 
 impl AdagradConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.validate_schedules()?;
+    /// The initial accumulator is a plain number, checked here rather than by the table.
+    fn check_initial_accumulator(&self) -> Result<()> {
         let v = self.initial_accumulator_value;
         if !(v.is_finite() && v >= 0.0) {
             return Err(Error::InvalidHyperparameter {
@@ -67,12 +70,12 @@ impl AdagradConfig {
 
 /// Per-variable state of Adagrad.
 #[derive(Debug)]
-pub(crate) struct AdagradState {
+pub struct AdagradState {
     step: u64,
     sum: Tensor,
 }
 
-impl AdagradState {
+impl VarState for AdagradState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         vec![("step", step_tensor(self.step)), ("sum", self.sum.alias())]
     }
@@ -82,33 +85,38 @@ impl AdagradState {
 /// torch.optim.Adagrad 2.13.
 #[derive(Debug)]
 pub struct Adagrad {
-    config: AdagradConfig,
-    params: Vec<Param>,
-    states: Vec<Option<AdagradState>>,
-    steps: u64,
-    exec: Exec,
+    core: Core<Adagrad>,
 }
 
 impl Adagrad {
-    const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
-
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: AdagradConfig) -> Result<Self> {
-        config.validate()?;
-        Ok(Adagrad {
-            config,
-            params: Vec::new(),
-            states: Vec::new(),
-            steps: 0,
-            exec: Exec::default(),
-        })
+        Core::new(config).map(Self::from_core)
     }
-
-    exec_methods!(Adagrad);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &AdagradConfig {
-        &self.config
+        &self.core.config
+    }
+}
+
+impl Algorithm for Adagrad {
+    const NAME: &'static str = "Adagrad";
+    const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
+    type Config = AdagradConfig;
+    type State = AdagradState;
+    type Kernel = NoKernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        Adagrad { core }
     }
 
     fn import_state(
@@ -119,44 +127,26 @@ impl Adagrad {
         Ok(AdagradState { step: take_step(state, param)?, sum: take_state(state, "sum", param)? })
     }
 
-    /// One step, with libtorch ops (Adagrad has no fused kernel).
-    fn apply(&mut self, grads: &[Option<Tensor>], hp: &AdagradValues) -> Result<()> {
-        self.exec.torch_only("Adagrad", &self.params)?;
-        super::check_grads(&self.params, grads)?;
-        for (i, g) in grads.iter().enumerate() {
-            if let Some(g) = g {
-                self.update(i, g, hp)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One variable's update with libtorch ops.
-    fn update(&mut self, i: usize, grad: &Tensor, hp: &AdagradValues) -> Result<()> {
-        let mut p = self.params[i].tensor.shallow_clone();
-        let init = self.config.initial_accumulator_value;
-        let st = match &mut self.states[i] {
+    fn update(
+        c: &AdagradConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<AdagradState>,
+        hp: &AdagradValues,
+        _: u64,
+    ) -> Result<()> {
+        let init = c.initial_accumulator_value;
+        let st = match state {
             Some(st) => st,
             empty => empty.insert(AdagradState { step: 0, sum: p.f_full_like(init)? }),
         };
         st.step += 1;
-        let grad = adjusted_grad(&p, grad, self.config.maximize, hp.weight_decay)?;
+        let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         let clr = hp.lr / (1.0 + (st.step as f64 - 1.0) * hp.lr_decay);
         let _ = st.sum.f_addcmul_(&grad, &grad)?;
         let mut std = st.sum.f_sqrt()?;
         let _ = std.f_add_scalar_(hp.eps)?;
         let _ = p.f_add_(&grad.f_mul_scalar(-clr)?.f_div(&std)?)?;
         Ok(())
-    }
-}
-
-impl Optimizer for Adagrad {
-    common_methods!("Adagrad");
-}
-
-impl FromConfig for Adagrad {
-    type Config = AdagradConfig;
-    fn from_config(config: AdagradConfig) -> Result<Self> {
-        Self::new(config)
     }
 }

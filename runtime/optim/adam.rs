@@ -1,10 +1,12 @@
-//! Adam and AdamW, torch.optim 2.13 semantics (single-tensor path, same update order).
+//! Adam, torch.optim 2.13 semantics (single-tensor path, same update order), and the state
+//! and update it shares with [`AdamW`](super::AdamW).
 
 use tch::Tensor;
 
-use super::{adjusted_grad, common_methods, exec_methods, fused_step, hyperparameters};
-use super::{new_states, step_tensor, take_state, take_step};
-use super::{Backend, Exec, FlatSlot, FromConfig, FusedState, Optimizer};
+use super::core::{Algorithm, Core, VarState};
+use super::grad::adjusted_grad;
+use super::hyper::hyperparameters;
+use super::state::{step_tensor, take_state, take_step, StateSlot};
 use crate::error::Result;
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -59,73 +61,15 @@ hyperparameters!(
     }
 );
 
-impl AdamConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.validate_schedules()
-    }
-}
-
-/// Configuration of [`AdamW`]; `Default` is torch.optim.AdamW's (weight decay 1e-2).
-#[derive(Debug, Clone)]
-pub struct AdamWConfig {
-    /// Learning rate (>= 0). Default 1e-3.
-    pub lr: Schedule,
-    /// Decay of the first moment, in [0, 1). Default 0.9.
-    pub beta1: Schedule,
-    /// Decay of the second moment, in [0, 1). Default 0.999.
-    pub beta2: Schedule,
-    /// Added to the denominator (> 0). Default 1e-8.
-    pub eps: Schedule,
-    /// Decoupled weight decay: parameters are multiplied by `1 - lr * weight_decay` (>= 0).
-    /// Default 1e-2.
-    pub weight_decay: Schedule,
-    /// Use the maximum of past second moments (AMSGrad). Default false.
-    pub amsgrad: bool,
-    /// Maximize the objective instead of minimizing it. Default false.
-    pub maximize: bool,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3.into(),
-            beta1: 0.9.into(),
-            beta2: 0.999.into(),
-            eps: 1e-8.into(),
-            weight_decay: 1e-2.into(),
-            amsgrad: false,
-            maximize: false,
-        }
-    }
-}
-
-hyperparameters!(
-    "AdamW",
-    AdamWConfig,
-    AdamWValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        eps: Positive,
-        weight_decay: NonNegative,
-    }
-);
-
-impl AdamWConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.validate_schedules()
-    }
-}
-
 /// Per-variable state of Adam and AdamW.
 #[derive(Debug)]
-pub(crate) struct AdamState {
+pub struct AdamState {
     pub(crate) step: u64,
     pub(crate) exp_avg: Tensor,
     pub(crate) exp_avg_sq: Tensor,
     pub(crate) max_exp_avg_sq: Option<Tensor>,
     /// Where the moments live when they were made in a state buffer.
-    pub(crate) flat: Option<FlatSlot>,
+    pub(crate) slot: Option<StateSlot>,
 }
 
 impl AdamState {
@@ -135,17 +79,34 @@ impl AdamState {
             exp_avg: p.f_zeros_like()?,
             exp_avg_sq: p.f_zeros_like()?,
             max_exp_avg_sq: if amsgrad { Some(p.f_zeros_like()?) } else { None },
-            flat: None,
+            slot: None,
         })
     }
 
-    /// A fresh state from the tensors [`new_states`] made (two, or three with AMSGrad).
-    fn from_new(states: Vec<Tensor>, flat: Option<FlatSlot>) -> Option<Self> {
+    /// A fresh state from zero tensors made in a state buffer (two, or three with AMSGrad).
+    pub(crate) fn from_buffer(states: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self> {
         let mut st = states.into_iter();
         let (exp_avg, exp_avg_sq) = (st.next()?, st.next()?);
-        Some(AdamState { step: 0, exp_avg, exp_avg_sq, max_exp_avg_sq: st.next(), flat })
+        Some(AdamState { step: 0, exp_avg, exp_avg_sq, max_exp_avg_sq: st.next(), slot })
     }
 
+    /// A saved state, checked against its variable.
+    pub(crate) fn import(state: &[(String, Tensor)], param: &Param, amsgrad: bool) -> Result<Self> {
+        Ok(AdamState {
+            step: take_step(state, param)?,
+            exp_avg: take_state(state, "exp_avg", param)?,
+            exp_avg_sq: take_state(state, "exp_avg_sq", param)?,
+            max_exp_avg_sq: if amsgrad {
+                Some(take_state(state, "max_exp_avg_sq", param)?)
+            } else {
+                None
+            },
+            slot: None,
+        })
+    }
+}
+
+impl VarState for AdamState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         let mut out = vec![
             ("step", step_tensor(self.step)),
@@ -158,22 +119,6 @@ impl AdamState {
         out
     }
 
-    fn import(state: &[(String, Tensor)], param: &Param, amsgrad: bool) -> Result<Self> {
-        Ok(AdamState {
-            step: take_step(state, param)?,
-            exp_avg: take_state(state, "exp_avg", param)?,
-            exp_avg_sq: take_state(state, "exp_avg_sq", param)?,
-            max_exp_avg_sq: if amsgrad {
-                Some(take_state(state, "max_exp_avg_sq", param)?)
-            } else {
-                None
-            },
-            flat: None,
-        })
-    }
-}
-
-impl FusedState for AdamState {
     fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
         [
             Some(("exp_avg", &self.exp_avg)),
@@ -182,14 +127,23 @@ impl FusedState for AdamState {
         ]
     }
 
-    fn flat(&self) -> Option<FlatSlot> {
-        self.flat
+    fn slot(&self) -> Option<StateSlot> {
+        self.slot
     }
 }
 
-/// torch.optim's `_single_tensor_adam`, op for op.
-/// Takes the same scalars as the fused kernel, [`AdamKernel`].
-fn adam_update(p: &mut Tensor, grad: &Tensor, st: &mut AdamState, h: &AdamKernel) -> Result<()> {
+/// torch.optim's `_single_tensor_adam`, op for op, for Adam and AdamW; creates the state at
+/// the variable's first update. Takes the same scalars as the fused kernel, [`AdamKernel`].
+pub(crate) fn adam_update(
+    p: &mut Tensor,
+    grad: &Tensor,
+    state: &mut Option<AdamState>,
+    h: &AdamKernel,
+) -> Result<()> {
+    let st = match state {
+        Some(st) => st,
+        empty => empty.insert(AdamState::zeros(p, h.amsgrad)?),
+    };
     st.step += 1;
     let grad = if h.decoupled {
         if h.weight_decay != 0.0 {
@@ -221,153 +175,108 @@ fn adam_update(p: &mut Tensor, grad: &Tensor, st: &mut AdamState, h: &AdamKernel
     Ok(())
 }
 
-macro_rules! adam_like {
-    ($ty:ident, $config:ident, $values:ident, $name:literal, $decoupled:literal, $doc:literal) => {
-        #[doc = $doc]
-        #[derive(Debug)]
-        pub struct $ty {
-            config: $config,
-            params: Vec<Param>,
-            states: Vec<Option<AdamState>>,
-            steps: u64,
-            exec: Exec,
-        }
-
-        impl $ty {
-            const STATE_NAMES: &'static [&'static str] =
-                &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
-
-            /// Validates `config` and builds the optimizer with no variables yet.
-            pub fn new(config: $config) -> Result<Self> {
-                config.validate()?;
-                Ok($ty {
-                    config,
-                    params: Vec::new(),
-                    states: Vec::new(),
-                    steps: 0,
-                    exec: Exec::default(),
-                })
-            }
-
-            exec_methods!($ty);
-
-            /// The scalars of one update at this step's hyperparameter values, shared by the
-            /// fused kernel and the libtorch path.
-            fn step_scalars(&self, hp: &$values) -> AdamKernel {
-                AdamKernel {
-                    lr: hp.lr,
-                    beta1: hp.beta1,
-                    beta2: hp.beta2,
-                    eps: hp.eps,
-                    weight_decay: hp.weight_decay,
-                    decoupled: $decoupled,
-                    amsgrad: self.config.amsgrad,
-                    maximize: self.config.maximize,
-                }
-            }
-
-            /// The configuration (hyperparameters as schedules).
-            pub fn config(&self) -> &$config {
-                &self.config
-            }
-
-            fn import_state(
-                config: &$config,
-                state: &[(String, Tensor)],
-                param: &Param,
-            ) -> Result<AdamState> {
-                AdamState::import(state, param, config.amsgrad)
-            }
-
-            /// One step: the fused kernel over every variable it takes, libtorch ops for the
-            /// rest.
-            fn apply(&mut self, grads: &[Option<Tensor>], hp: &$values) -> Result<()> {
-                let amsgrad = self.config.amsgrad;
-                if self.exec.backend != Backend::Torch {
-                    let missing = |i: usize| grads[i].is_some() && self.states[i].is_none();
-                    let count = if amsgrad { 3 } else { 2 };
-                    for (i, st, flat) in new_states(&mut self.exec, &self.params, missing, count)? {
-                        self.states[i] = AdamState::from_new(st, flat);
-                    }
-                }
-                let kernel = self.step_scalars(hp);
-                // Variables mostly share a step count: compute the bias corrections once.
-                let mut last: Option<(u64, [f64; 2])> = None;
-                let scalars = |st: &AdamState| match last {
-                    Some((step, s)) if step == st.step + 1 => s,
-                    _ => {
-                        let s = kernel.scalars(st.step + 1);
-                        last = Some((st.step + 1, s));
-                        s
-                    }
-                };
-                let (params, states) = (&self.params, &self.states);
-                fused_step(
-                    &mut self.exec,
-                    $name,
-                    params,
-                    states,
-                    grads,
-                    &kernel,
-                    kernel.states(),
-                    scalars,
-                )?;
-                for i in self.exec.workspace.updated() {
-                    if let Some(st) = &mut self.states[i] {
-                        st.step += 1;
-                    }
-                }
-                let rest = std::mem::take(&mut self.exec.rest);
-                for &i in &rest {
-                    if let Some(g) = &grads[i] {
-                        self.update(i, g, hp)?;
-                    }
-                }
-                self.exec.rest = rest;
-                Ok(())
-            }
-
-            /// One variable's update with libtorch ops.
-            fn update(&mut self, i: usize, grad: &Tensor, hp: &$values) -> Result<()> {
-                let h = self.step_scalars(hp);
-                let amsgrad = self.config.amsgrad;
-                let mut p = self.params[i].tensor.shallow_clone();
-                let st = match &mut self.states[i] {
-                    Some(st) => st,
-                    empty => empty.insert(AdamState::zeros(&p, amsgrad)?),
-                };
-                adam_update(&mut p, grad, st, &h)
-            }
-        }
-
-        impl Optimizer for $ty {
-            common_methods!($name);
-        }
-
-        impl FromConfig for $ty {
-            type Config = $config;
-            fn from_config(config: $config) -> Result<Self> {
-                Self::new(config)
-            }
-        }
-    };
+/// Adam ([Kingma & Ba 2014](https://arxiv.org/abs/1412.6980)), as torch.optim.Adam 2.13.
+///
+/// ```
+/// use caseopt::{Adam, AdamConfig, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f64, 1.0]);
+/// let mut adam = Adam::new(AdamConfig { lr: 0.1.into(), ..Default::default() })?;
+/// adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+/// adam.step_with_grads(&[Some(Tensor::from_slice(&[1.0f64, -1.0]))])?;
+/// // The first step moves each weight by lr * g / (|g| + eps): just under 0.1.
+/// let w = Vec::<f64>::try_from(&w)?;
+/// assert!((w[0] - 0.9).abs() < 1e-7 && (w[1] - 1.1).abs() < 1e-7);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Adam {
+    core: Core<Adam>,
 }
 
-adam_like!(
-    Adam,
-    AdamConfig,
-    AdamValues,
-    "Adam",
-    false,
-    "Adam ([Kingma & Ba 2014](https://arxiv.org/abs/1412.6980)), as torch.optim.Adam 2.13."
-);
+impl Adam {
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: AdamConfig) -> Result<Self> {
+        Core::new(config).map(Self::from_core)
+    }
 
-adam_like!(
-    AdamW,
-    AdamWConfig,
-    AdamWValues,
-    "AdamW",
-    true,
-    "AdamW ([Loshchilov & Hutter 2017](https://arxiv.org/abs/1711.05101)), as torch.optim.AdamW \
-     2.13: Adam with decoupled weight decay."
-);
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &AdamConfig {
+        &self.core.config
+    }
+}
+
+impl AdamConfig {
+    /// The scalars of one update at this step's values, shared by the fused kernel and the
+    /// libtorch path.
+    fn step_kernel(&self, hp: &AdamValues) -> AdamKernel {
+        let AdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
+        let (decoupled, amsgrad, maximize) = (false, self.amsgrad, self.maximize);
+        AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize }
+    }
+}
+
+impl Algorithm for Adam {
+    const NAME: &'static str = "Adam";
+    const STATE_NAMES: &'static [&'static str] =
+        &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+    type Config = AdamConfig;
+    type State = AdamState;
+    type Kernel = AdamKernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        Adam { core }
+    }
+
+    fn import_state(
+        c: &AdamConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<AdamState> {
+        AdamState::import(state, param, c.amsgrad)
+    }
+
+    fn update(
+        c: &AdamConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<AdamState>,
+        hp: &AdamValues,
+        _: u64,
+    ) -> Result<()> {
+        adam_update(p, grad, state, &c.step_kernel(hp))
+    }
+
+    fn kernel(c: &AdamConfig, hp: &AdamValues) -> Option<AdamKernel> {
+        Some(c.step_kernel(hp))
+    }
+
+    fn kernel_states(kernel: &AdamKernel) -> usize {
+        kernel.states()
+    }
+
+    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<AdamState> {
+        AdamState::from_buffer(tensors, slot)
+    }
+
+    fn scalars_key(state: &AdamState) -> u64 {
+        state.step + 1
+    }
+
+    fn scalars(kernel: &AdamKernel, step: u64) -> [f64; 2] {
+        kernel.scalars(step)
+    }
+
+    fn after_kernel(state: &mut AdamState) {
+        state.step += 1;
+    }
+}

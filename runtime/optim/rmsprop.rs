@@ -2,8 +2,10 @@
 
 use tch::Tensor;
 
-use super::{adjusted_grad, common_methods, hyperparameters, step_tensor, take_state, take_step};
-use super::{exec_methods, Exec, FromConfig, Optimizer};
+use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::grad::adjusted_grad;
+use super::hyper::hyperparameters;
+use super::state::{step_tensor, take_state, take_step};
 use crate::error::Result;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -54,22 +56,16 @@ hyperparameters!(
     }
 );
 
-impl RmsPropConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.validate_schedules()
-    }
-}
-
 /// Per-variable state of RMSprop.
 #[derive(Debug)]
-pub(crate) struct RmsPropState {
+pub struct RmsPropState {
     step: u64,
     square_avg: Tensor,
     momentum_buffer: Tensor,
     grad_avg: Option<Tensor>,
 }
 
-impl RmsPropState {
+impl VarState for RmsPropState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         let mut out = vec![
             ("step", step_tensor(self.step)),
@@ -86,38 +82,43 @@ impl RmsPropState {
 /// RMSprop (Hinton's lecture 6e), as torch.optim.RMSprop 2.13.
 #[derive(Debug)]
 pub struct RmsProp {
-    config: RmsPropConfig,
-    params: Vec<Param>,
-    states: Vec<Option<RmsPropState>>,
-    steps: u64,
-    exec: Exec,
+    core: Core<RmsProp>,
 }
 
 impl RmsProp {
-    const STATE_NAMES: &'static [&'static str] =
-        &["step", "square_avg", "momentum_buffer", "grad_avg"];
-
     /// Validates `config` and builds the optimizer with no variables yet.
     pub fn new(config: RmsPropConfig) -> Result<Self> {
-        config.validate()?;
-        Ok(RmsProp {
-            config,
-            params: Vec::new(),
-            states: Vec::new(),
-            steps: 0,
-            exec: Exec::default(),
-        })
+        Core::new(config).map(Self::from_core)
     }
-
-    exec_methods!(RmsProp);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &RmsPropConfig {
-        &self.config
+        &self.core.config
+    }
+}
+
+impl Algorithm for RmsProp {
+    const NAME: &'static str = "RMSprop";
+    const STATE_NAMES: &'static [&'static str] =
+        &["step", "square_avg", "momentum_buffer", "grad_avg"];
+    type Config = RmsPropConfig;
+    type State = RmsPropState;
+    type Kernel = NoKernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        RmsProp { core }
     }
 
     fn import_state(
-        config: &RmsPropConfig,
+        c: &RmsPropConfig,
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<RmsPropState> {
@@ -125,40 +126,28 @@ impl RmsProp {
             step: take_step(state, param)?,
             square_avg: take_state(state, "square_avg", param)?,
             momentum_buffer: take_state(state, "momentum_buffer", param)?,
-            grad_avg: if config.centered {
-                Some(take_state(state, "grad_avg", param)?)
-            } else {
-                None
-            },
+            grad_avg: if c.centered { Some(take_state(state, "grad_avg", param)?) } else { None },
         })
     }
 
-    /// One step, with libtorch ops (RMSprop has no fused kernel).
-    fn apply(&mut self, grads: &[Option<Tensor>], hp: &RmsPropValues) -> Result<()> {
-        self.exec.torch_only("RMSprop", &self.params)?;
-        super::check_grads(&self.params, grads)?;
-        for (i, g) in grads.iter().enumerate() {
-            if let Some(g) = g {
-                self.update(i, g, hp)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One variable's update with libtorch ops.
-    fn update(&mut self, i: usize, grad: &Tensor, hp: &RmsPropValues) -> Result<()> {
-        let mut p = self.params[i].tensor.shallow_clone();
-        let centered = self.config.centered;
-        let st = match &mut self.states[i] {
+    fn update(
+        c: &RmsPropConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<RmsPropState>,
+        hp: &RmsPropValues,
+        _: u64,
+    ) -> Result<()> {
+        let st = match state {
             Some(st) => st,
             empty => empty.insert(RmsPropState {
                 step: 0,
                 square_avg: p.f_zeros_like()?,
                 momentum_buffer: p.f_zeros_like()?,
-                grad_avg: if centered { Some(p.f_zeros_like()?) } else { None },
+                grad_avg: if c.centered { Some(p.f_zeros_like()?) } else { None },
             }),
         };
-        let grad = adjusted_grad(&p, grad, self.config.maximize, hp.weight_decay)?;
+        let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         st.step += 1;
         let _ = st.square_avg.f_mul_scalar_(hp.alpha)?;
         let _ = st.square_avg.f_add_(&grad.f_mul_scalar(1.0 - hp.alpha)?.f_mul(&grad)?)?;
@@ -179,16 +168,5 @@ impl RmsProp {
             let _ = p.f_add_(&grad.f_mul_scalar(-hp.lr)?.f_div(&avg)?)?;
         }
         Ok(())
-    }
-}
-
-impl Optimizer for RmsProp {
-    common_methods!("RMSprop");
-}
-
-impl FromConfig for RmsProp {
-    type Config = RmsPropConfig;
-    fn from_config(config: RmsPropConfig) -> Result<Self> {
-        Self::new(config)
     }
 }

@@ -2,8 +2,10 @@
 
 use tch::Tensor;
 
-use super::{adjusted_grad, common_methods, hyperparameters, take_state};
-use super::{exec_methods, Exec, FromConfig, Optimizer};
+use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::grad::adjusted_grad;
+use super::hyper::hyperparameters;
+use super::state::take_state;
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -46,12 +48,13 @@ hyperparameters!(
         momentum: NonNegative,
         dampening: NonNegative,
         weight_decay: NonNegative,
-    }
+    },
+    extra_checks = SgdConfig::check_nesterov
 );
 
 impl SgdConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.validate_schedules()?;
+    /// Nesterov momentum needs a momentum > 0 and zero dampening, as far as constants tell.
+    fn check_nesterov(&self) -> Result<()> {
         if self.nesterov {
             let momentum = self.momentum.as_constant();
             let dampening = self.dampening.as_constant();
@@ -68,11 +71,11 @@ impl SgdConfig {
 
 /// Per-variable state: the momentum buffer, created from the first gradient.
 #[derive(Debug)]
-pub(crate) struct SgdState {
+pub struct SgdState {
     momentum_buffer: Tensor,
 }
 
-impl SgdState {
+impl VarState for SgdState {
     fn export(&self) -> Vec<(&'static str, Tensor)> {
         vec![("momentum_buffer", self.momentum_buffer.alias())]
     }
@@ -82,16 +85,10 @@ impl SgdState {
 /// weight decay, maximize).
 #[derive(Debug)]
 pub struct Sgd {
-    config: SgdConfig,
-    params: Vec<Param>,
-    states: Vec<Option<SgdState>>,
-    steps: u64,
-    exec: Exec,
+    core: Core<Sgd>,
 }
 
 impl Sgd {
-    const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
-
     /// Validates `config` and builds the optimizer with no variables yet.
     ///
     /// ```
@@ -100,48 +97,58 @@ impl Sgd {
     /// assert!(bad.is_err()); // nesterov needs momentum
     /// ```
     pub fn new(config: SgdConfig) -> Result<Self> {
-        config.validate()?;
-        Ok(Sgd { config, params: Vec::new(), states: Vec::new(), steps: 0, exec: Exec::default() })
+        Core::new(config).map(Self::from_core)
     }
-
-    exec_methods!(Sgd);
 
     /// The configuration (hyperparameters as schedules).
     pub fn config(&self) -> &SgdConfig {
-        &self.config
+        &self.core.config
+    }
+}
+
+impl Algorithm for Sgd {
+    const NAME: &'static str = "SGD";
+    const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
+    type Config = SgdConfig;
+    type State = SgdState;
+    type Kernel = NoKernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        Sgd { core }
     }
 
     fn import_state(_: &SgdConfig, state: &[(String, Tensor)], param: &Param) -> Result<SgdState> {
         Ok(SgdState { momentum_buffer: take_state(state, "momentum_buffer", param)? })
     }
 
-    /// One step, with libtorch ops (SGD has no fused kernel).
-    fn apply(&mut self, grads: &[Option<Tensor>], hp: &SgdValues) -> Result<()> {
-        self.exec.torch_only("SGD", &self.params)?;
-        super::check_grads(&self.params, grads)?;
-        for (i, g) in grads.iter().enumerate() {
-            if let Some(g) = g {
-                self.update(i, g, hp)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One variable's update with libtorch ops.
-    fn update(&mut self, i: usize, grad: &Tensor, hp: &SgdValues) -> Result<()> {
-        if self.config.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
+    fn update(
+        c: &SgdConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<SgdState>,
+        hp: &SgdValues,
+        step: u64,
+    ) -> Result<()> {
+        if c.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
             return Err(Error::InvalidConfig {
                 optimizer: "SGD",
                 reason: format!(
                     "nesterov momentum requires a momentum > 0 and zero dampening, the schedules give momentum {} and dampening {} at step {}",
-                    hp.momentum, hp.dampening, self.steps
+                    hp.momentum, hp.dampening, step
                 ),
             });
         }
-        let mut p = self.params[i].tensor.shallow_clone();
-        let mut g = adjusted_grad(&p, grad, self.config.maximize, hp.weight_decay)?;
+        let mut g = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         if hp.momentum != 0.0 {
-            let buf = match &mut self.states[i] {
+            let buf = match state {
                 Some(st) => {
                     let _ = st.momentum_buffer.f_mul_scalar_(hp.momentum)?;
                     let _ = st.momentum_buffer.f_add_(&g.f_mul_scalar(1.0 - hp.dampening)?)?;
@@ -152,20 +159,9 @@ impl Sgd {
                     empty.insert(SgdState { momentum_buffer: buf }).momentum_buffer.shallow_clone()
                 }
             };
-            g = if self.config.nesterov { g.f_add(&buf.f_mul_scalar(hp.momentum)?)? } else { buf };
+            g = if c.nesterov { g.f_add(&buf.f_mul_scalar(hp.momentum)?)? } else { buf };
         }
         let _ = p.f_add_(&g.f_mul_scalar(-hp.lr)?)?;
         Ok(())
-    }
-}
-
-impl Optimizer for Sgd {
-    common_methods!("SGD");
-}
-
-impl FromConfig for Sgd {
-    type Config = SgdConfig;
-    fn from_config(config: SgdConfig) -> Result<Self> {
-        Self::new(config)
     }
 }

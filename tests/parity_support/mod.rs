@@ -7,8 +7,8 @@ use std::path::Path;
 
 use caseopt::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Optimizer, Param, RmsProp, RmsPropConfig, Schedule, Sgd,
-    SgdConfig, VarInfo,
+    Bop2ndOrderConfig, BopConfig, Execution, Optimizer, Param, RmsProp, RmsPropConfig, Schedule,
+    Sgd, SgdConfig, VarInfo,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -43,25 +43,10 @@ fn b(config: &Value, key: &str) -> Option<bool> {
 /// The optimizers with fused CPU kernels; the others take `Backend::Fused` as an error.
 pub const FUSED: &[&str] = &["Bop", "Bop2ndOrder", "Adam", "AdamW"];
 
-/// `set_backend` is inherent to each optimizer type; this lets `build` call it on any of them.
-trait WithBackend {
-    fn boxed(self, backend: Backend) -> Box<dyn Optimizer>;
-}
-
-macro_rules! with_backend {
-    ($($ty:ty),*) => {$(
-        impl WithBackend for $ty {
-            fn boxed(mut self, backend: Backend) -> Box<dyn Optimizer> {
-                self.set_backend(backend);
-                Box::new(self)
-            }
-        }
-    )*};
-}
-with_backend!(Sgd, Adam, AdamW, RmsProp, Adagrad, Bop, Bop2ndOrder);
-
-fn boxed(backend: Backend, optimizer: impl WithBackend) -> Box<dyn Optimizer> {
-    optimizer.boxed(backend)
+/// Boxes a built-in optimizer after choosing its backend.
+fn boxed(backend: Backend, mut optimizer: impl Execution + Optimizer) -> Box<dyn Optimizer> {
+    optimizer.set_backend(backend);
+    Box::new(optimizer)
 }
 
 /// Builds the optimizer a fixture case names, from its torch-style keyword arguments, on

@@ -1,0 +1,170 @@
+//! Bop2ndOrder: Bop with a second-order moving average (Suarez-Ramirez et al. 2021).
+
+use tch::Tensor;
+
+use super::bop::{flip, moving_average};
+use super::core::{Algorithm, Core, VarState};
+use super::hyper::hyperparameters;
+use super::state::{take_state, StateSlot};
+use crate::error::Result;
+use crate::kernels::ops::Bop2Kernel;
+use crate::kernels::{StateOperand, MAX_STATES};
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Denominator guard of Bop2ndOrder's normalised momentum, fixed by the paper.
+pub const BOP2_EPSILON: f64 = 1e-10;
+
+/// Configuration of [`Bop2ndOrder`]; `Default` is the paper's code's (threshold 1e-8,
+/// gamma 1e-4, sigma 1e-2).
+#[derive(Debug, Clone)]
+pub struct Bop2ndOrderConfig {
+    /// A weight flips when `w * m / (sqrt(v) + 1e-10)` exceeds it (>= 0). Default 1e-8.
+    pub threshold: Schedule,
+    /// Adaptivity rate of the gradient's moving average, in (0, 1]. Default 1e-4.
+    pub gamma: Schedule,
+    /// Adaptivity rate of the squared gradient's moving average, in (0, 1]. Default 1e-2.
+    pub sigma: Schedule,
+}
+
+impl Default for Bop2ndOrderConfig {
+    fn default() -> Self {
+        Bop2ndOrderConfig { threshold: 1e-8.into(), gamma: 1e-4.into(), sigma: 1e-2.into() }
+    }
+}
+
+hyperparameters!(
+    "Bop2ndOrder",
+    Bop2ndOrderConfig,
+    Bop2ndOrderValues { threshold: NonNegative, gamma: UnitOpenClosed, sigma: UnitOpenClosed }
+);
+
+/// Per-variable state of Bop2ndOrder: moving averages of the gradient and its square.
+#[derive(Debug)]
+pub struct Bop2ndOrderState {
+    pub(crate) m: Tensor,
+    pub(crate) v: Tensor,
+    /// Where `m` and `v` live when they were made in a state buffer.
+    pub(crate) slot: Option<StateSlot>,
+}
+
+impl VarState for Bop2ndOrderState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("m", self.m.alias()), ("v", self.v.alias())]
+    }
+
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [Some(("m", &self.m)), Some(("v", &self.v)), None]
+    }
+
+    fn slot(&self) -> Option<StateSlot> {
+        self.slot
+    }
+}
+
+/// Bop with a second-order moving average (Suarez-Ramirez et al. 2021, "A Bop and beyond"):
+/// the momentum is normalised by `sqrt(v) + 1e-10` before it meets the threshold.
+///
+/// ```
+/// use caseopt::{Bop2ndOrder, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f32, -1.0]);
+/// let mut bop = Bop2ndOrder::new(Default::default())?;
+/// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
+/// // A large gradient along the weight's sign: w * m / sqrt(v) exceeds the threshold.
+/// bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, -1.0]))])?;
+/// assert_eq!(Vec::<f32>::try_from(&w)?, vec![-1.0, 1.0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Bop2ndOrder {
+    core: Core<Bop2ndOrder>,
+}
+
+impl Bop2ndOrder {
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: Bop2ndOrderConfig) -> Result<Self> {
+        Core::new(config).map(Self::from_core)
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &Bop2ndOrderConfig {
+        &self.core.config
+    }
+}
+
+impl Algorithm for Bop2ndOrder {
+    const NAME: &'static str = "Bop2ndOrder";
+    const STATE_NAMES: &'static [&'static str] = &["m", "v"];
+    type Config = Bop2ndOrderConfig;
+    type State = Bop2ndOrderState;
+    type Kernel = Bop2Kernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        Bop2ndOrder { core }
+    }
+
+    fn import_state(
+        _: &Bop2ndOrderConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<Bop2ndOrderState> {
+        Ok(Bop2ndOrderState {
+            m: take_state(state, "m", param)?,
+            v: take_state(state, "v", param)?,
+            slot: None,
+        })
+    }
+
+    fn update(
+        _: &Bop2ndOrderConfig,
+        w: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<Bop2ndOrderState>,
+        hp: &Bop2ndOrderValues,
+        _: u64,
+    ) -> Result<()> {
+        let st = match state {
+            Some(st) => st,
+            empty => empty.insert(Bop2ndOrderState {
+                m: w.f_zeros_like()?,
+                v: w.f_zeros_like()?,
+                slot: None,
+            }),
+        };
+        moving_average(&mut st.m, grad, hp.gamma)?;
+        moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
+        let mut denom = st.v.f_sqrt()?;
+        let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
+        let signal = w.f_mul(&st.m)?.f_div(&denom)?;
+        flip(w, &signal, hp.threshold)
+    }
+
+    fn kernel(_: &Bop2ndOrderConfig, hp: &Bop2ndOrderValues) -> Option<Bop2Kernel> {
+        Some(Bop2Kernel {
+            gamma: hp.gamma,
+            sigma: hp.sigma,
+            threshold: hp.threshold,
+            eps: BOP2_EPSILON,
+        })
+    }
+
+    fn kernel_states(_: &Bop2Kernel) -> usize {
+        2
+    }
+
+    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self::State> {
+        let mut st = tensors.into_iter();
+        let (m, v) = (st.next()?, st.next()?);
+        Some(Bop2ndOrderState { m, v, slot })
+    }
+}

@@ -1,0 +1,359 @@
+//! The bookkeeping every built-in optimizer shares, written once: its variables, their states,
+//! the step counter, the hyperparameters, state import and export, and the choice of backend.
+//!
+//! An optimizer file writes out only its algorithm, as an implementation of [`Algorithm`]:
+//! its config, its per-variable state ([`VarState`]), torch's or larq's update of one variable
+//! with libtorch ops, and, where it has one, its fused kernel. The blanket implementations at
+//! the end of this file make every [`Algorithm`] an [`Optimizer`], a [`FromConfig`] and an
+//! [`Execution`]; the compiler checks that contract, where a macro over field names could not.
+
+use tch::Tensor;
+
+use super::exec::Exec;
+use super::grad::check_grads;
+use super::hyper::Hyperparameters;
+use super::state::StateSlot;
+use super::{Backend, Execution, FromConfig, Optimizer};
+use crate::error::{Error, Result};
+use crate::kernels::{Kernel, StateOperand, MAX_STATES};
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// One step's hyperparameter values of algorithm `A`.
+pub type Values<A> = <<A as Algorithm>::Config as Hyperparameters>::Values;
+
+/// A variable's state in a built-in optimizer.
+pub trait VarState: std::fmt::Debug + Send + 'static {
+    /// The named tensors that describe it, as [`Optimizer::state`] returns them (aliases).
+    fn export(&self) -> Vec<(&'static str, Tensor)>;
+
+    /// Its tensors in the fused kernel's order (for optimizers with a kernel).
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [None, None, None]
+    }
+
+    /// Where its tensors live when they were made in a state buffer.
+    fn slot(&self) -> Option<StateSlot> {
+        None
+    }
+}
+
+/// A built-in optimizer's algorithm; see the module docs.
+///
+/// The trait is public only so that the blanket implementations can name it; it is sealed
+/// (its module is private), so it is not part of the API.
+pub trait Algorithm: Sized + Send + 'static {
+    /// The optimizer's name as torch.optim or larq spell it (`"SGD"`, `"Bop"`).
+    const NAME: &'static str;
+    /// Names of the per-variable state tensors it may keep.
+    const STATE_NAMES: &'static [&'static str];
+    /// Its configuration.
+    type Config: Hyperparameters;
+    /// A variable's state.
+    type State: VarState;
+    /// Its fused kernel ([`NoKernel`] for optimizers updated with libtorch ops only).
+    type Kernel: Kernel;
+
+    /// The shared bookkeeping.
+    fn core(&self) -> &Core<Self>;
+    /// The shared bookkeeping, to change it.
+    fn core_mut(&mut self) -> &mut Core<Self>;
+    /// The optimizer around freshly built bookkeeping.
+    fn from_core(core: Core<Self>) -> Self;
+
+    /// Rebuilds a variable's state from [`VarState::export`]'s tensors, checked against the
+    /// variable.
+    fn import_state(
+        config: &Self::Config,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<Self::State>;
+
+    /// The update of one variable with libtorch ops, op for op as the reference computes it;
+    /// creates the state (`None` before the variable's first update). `step` is the
+    /// optimizer's step count.
+    fn update(
+        config: &Self::Config,
+        param: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<Self::State>,
+        hp: &Values<Self>,
+        step: u64,
+    ) -> Result<()>;
+
+    /// The fused kernel for this step's values, or `None` (the default) when the optimizer
+    /// has none.
+    fn kernel(config: &Self::Config, hp: &Values<Self>) -> Option<Self::Kernel> {
+        let _ = (config, hp);
+        None
+    }
+
+    /// How many state tensors the kernel updates per variable.
+    fn kernel_states(kernel: &Self::Kernel) -> usize {
+        let _ = kernel;
+        0
+    }
+
+    /// A fresh state from zero tensors made in a state buffer (`kernel_states` of them).
+    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self::State> {
+        let _ = (tensors, slot);
+        None
+    }
+
+    /// The key of a variable's per-variable kernel scalars: variables with equal keys share
+    /// them, so the core computes them once per key and step (Adam: the variable's step).
+    fn scalars_key(state: &Self::State) -> u64 {
+        let _ = state;
+        0
+    }
+
+    /// The per-variable kernel scalars for a key (see [`scalars_key`](Self::scalars_key)).
+    fn scalars(kernel: &Self::Kernel, key: u64) -> [f64; 2] {
+        let _ = (kernel, key);
+        [0.0; 2]
+    }
+
+    /// Bookkeeping after the kernel updated a variable (Adam counts the variable's step).
+    fn after_kernel(state: &mut Self::State) {
+        let _ = state;
+    }
+
+    /// The step proper, after the gradients' count was checked and the hyperparameters
+    /// evaluated. The default runs [`Core::run_step`]; Bop also commits a staged step first.
+    fn apply(this: &mut Self, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
+        this.core_mut().run_step(grads, hp)
+    }
+
+    /// Forgets any step computed ahead of time (a variable or a state changed). None by
+    /// default; Bop's staging overrides it.
+    fn forget_staged(this: &mut Self) {
+        let _ = this;
+    }
+}
+
+/// The kernel of optimizers that have none: a type with no values.
+#[derive(Debug, Clone, Copy)]
+pub enum NoKernel {}
+
+impl Kernel for NoKernel {
+    fn apply<T: crate::kernels::math::Real>(
+        &self,
+        _: [f64; 2],
+        _: &mut [T],
+        _: &[T],
+        _: [&mut [T]; MAX_STATES],
+    ) {
+        match *self {}
+    }
+}
+
+/// The bookkeeping of a built-in optimizer with algorithm `A`.
+#[derive(Debug)]
+pub struct Core<A: Algorithm> {
+    pub(crate) config: A::Config,
+    pub(crate) params: Vec<Param>,
+    /// Each variable's state, `None` before its first update.
+    pub(crate) states: Vec<Option<A::State>>,
+    /// Steps taken; schedules are evaluated at this count.
+    pub(crate) steps: u64,
+    pub(crate) exec: Exec,
+}
+
+impl<A: Algorithm> Core<A> {
+    /// Validates `config` and builds empty bookkeeping.
+    pub(crate) fn new(config: A::Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Core { config, params: Vec::new(), states: Vec::new(), steps: 0, exec: Exec::default() })
+    }
+
+    /// One step: the fused kernel over every variable it takes, libtorch ops for the rest, or
+    /// libtorch ops only for optimizers without a kernel.
+    pub(crate) fn run_step(&mut self, grads: &[Option<Tensor>], hp: &Values<A>) -> Result<()> {
+        match A::kernel(&self.config, hp) {
+            Some(kernel) => self.fused_then_libtorch(grads, hp, &kernel),
+            None => {
+                self.exec.refuse_all_under_fused(A::NAME, &self.params)?;
+                check_grads(&self.params, grads)?;
+                self.libtorch(grads, hp, 0..grads.len())
+            }
+        }
+    }
+
+    fn fused_then_libtorch(
+        &mut self,
+        grads: &[Option<Tensor>],
+        hp: &Values<A>,
+        kernel: &A::Kernel,
+    ) -> Result<()> {
+        if self.exec.backend != Backend::Torch {
+            let states = &self.states;
+            let missing = |i: usize| grads[i].is_some() && states[i].is_none();
+            let made = self.exec.new_states(&self.params, missing, A::kernel_states(kernel))?;
+            for (i, tensors, slot) in made {
+                self.states[i] = A::state_from_buffer(tensors, slot);
+            }
+        }
+        // Variables mostly share their kernel scalars: compute them once per key.
+        let mut last: Option<(u64, [f64; 2])> = None;
+        let scalars = |st: &A::State| {
+            let key = A::scalars_key(st);
+            match last {
+                Some((k, s)) if k == key => s,
+                _ => {
+                    let s = A::scalars(kernel, key);
+                    last = Some((key, s));
+                    s
+                }
+            }
+        };
+        let count = A::kernel_states(kernel);
+        self.exec.fused_step(A::NAME, &self.params, &self.states, grads, kernel, count, scalars)?;
+        for i in self.exec.workspace.updated() {
+            if let Some(st) = &mut self.states[i] {
+                A::after_kernel(st);
+            }
+        }
+        let rest = std::mem::take(&mut self.exec.rest);
+        let result = self.libtorch(grads, hp, rest.iter().copied());
+        self.exec.rest = rest;
+        result
+    }
+
+    /// The libtorch update of the variables `which` that have a gradient.
+    fn libtorch(
+        &mut self,
+        grads: &[Option<Tensor>],
+        hp: &Values<A>,
+        which: impl Iterator<Item = usize>,
+    ) -> Result<()> {
+        for i in which {
+            if let Some(g) = &grads[i] {
+                let mut p = self.params[i].tensor.shallow_clone();
+                A::update(&self.config, &mut p, g, &mut self.states[i], hp, self.steps)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<A: Algorithm> Optimizer for A {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn add_param(&mut self, param: Param) -> Result<()> {
+        A::forget_staged(self);
+        let core = self.core_mut();
+        core.params.push(param);
+        core.states.push(None);
+        Ok(())
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.core().params
+    }
+
+    fn step(&mut self) -> Result<()> {
+        // The gradient handles go in a kept vector: no allocation per step for the list.
+        let core = self.core_mut();
+        let mut grads = std::mem::take(&mut core.exec.grads);
+        grads.clear();
+        grads.extend(core.params.iter().map(Param::grad));
+        let result = self.step_with_grads(&grads);
+        grads.clear();
+        self.core_mut().exec.grads = grads;
+        result
+    }
+
+    fn step_with_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        let core = self.core();
+        if grads.len() != core.params.len() {
+            return Err(Error::GradientCount {
+                optimizer: A::NAME,
+                expected: core.params.len(),
+                got: grads.len(),
+            });
+        }
+        // `apply` checks the gradients, together with the fused path's own checks so that
+        // each tensor's metadata is read once per step, before anything changes.
+        let hp = core.config.values_at(core.steps)?;
+        let _guard = tch::no_grad_guard();
+        A::apply(self, grads, &hp)?;
+        self.core_mut().steps += 1;
+        Ok(())
+    }
+
+    fn step_count(&self) -> u64 {
+        self.core().steps
+    }
+
+    fn set_step_count(&mut self, steps: u64) {
+        A::forget_staged(self);
+        self.core_mut().steps = steps;
+    }
+
+    fn hyperparameter_names(&self) -> &'static [&'static str] {
+        <A::Config as Hyperparameters>::NAMES
+    }
+
+    fn schedule(&self, name: &str) -> Result<&Schedule> {
+        self.core().config.schedule(name)
+    }
+
+    fn set_hyperparameter(&mut self, name: &str, value: Schedule) -> Result<()> {
+        self.core_mut().config.set_schedule(name, value)
+    }
+
+    fn state_names(&self) -> &'static [&'static str] {
+        A::STATE_NAMES
+    }
+
+    fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
+        match self.core().states.get(index) {
+            Some(Some(s)) => s.export(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()> {
+        A::forget_staged(self);
+        let core = self.core_mut();
+        let Some(param) = core.params.get(index) else {
+            return Err(Error::Checkpoint(format!("{} has no variable #{index}", A::NAME)));
+        };
+        let new = if state.is_empty() {
+            None
+        } else {
+            Some(A::import_state(&core.config, &state, param)?)
+        };
+        core.states[index] = new;
+        Ok(())
+    }
+}
+
+impl<A: Algorithm> FromConfig for A {
+    type Config = A::Config;
+
+    fn from_config(config: A::Config) -> Result<Self> {
+        Core::new(config).map(A::from_core)
+    }
+}
+
+impl<A: Algorithm> Execution for A {
+    fn set_backend(&mut self, backend: Backend) {
+        A::forget_staged(self);
+        self.core_mut().exec.backend = backend;
+    }
+
+    fn backend(&self) -> Backend {
+        self.core().exec.backend
+    }
+
+    fn set_threads(&mut self, threads: usize) {
+        self.core_mut().exec.threads = threads;
+    }
+
+    fn threads(&self) -> usize {
+        self.core().exec.threads
+    }
+}

@@ -1,0 +1,55 @@
+//! Per-variable state as the optimizers keep and exchange it: where state tensors live in a
+//! state buffer, and the checked reading of saved states (checkpoints, `set_state`).
+
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+use crate::kernels::MAX_STATES;
+use crate::var::Param;
+
+/// Where a variable's state tensors live inside one of its optimizer's state buffers
+/// (`Exec::state_buffers`): buffer `buffer`, state `s` starting at element `offsets[s]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateSlot {
+    pub(crate) buffer: usize,
+    pub(crate) offsets: [usize; MAX_STATES],
+}
+
+/// Takes the named tensor out of a saved state, checking it against its variable.
+pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) -> Result<Tensor> {
+    let t = find_state(state, name, param)?;
+    let p = &param.tensor;
+    if t.size() != p.size() || t.kind() != p.kind() {
+        return Err(Error::Checkpoint(format!(
+            "state `{name}` of `{}` is {:?} {:?}, the variable is {:?} {:?}",
+            param.info.name,
+            t.kind(),
+            t.size(),
+            p.kind(),
+            p.size()
+        )));
+    }
+    Ok(t.f_to_device(p.device())?.f_contiguous()?)
+}
+
+/// The per-variable step counter from a saved state.
+pub(crate) fn take_step(state: &[(String, Tensor)], param: &Param) -> Result<u64> {
+    let t = find_state(state, "step", param)?;
+    let v = t.f_int64_value(&[]).map_err(|e| {
+        Error::Checkpoint(format!("state `step` of `{}` is not a scalar: {e}", param.info.name))
+    })?;
+    u64::try_from(v).map_err(|_| {
+        Error::Checkpoint(format!("state `step` of `{}` is negative", param.info.name))
+    })
+}
+
+/// A per-variable step counter as `state()` exports it: a 0-dim int64 tensor.
+pub(crate) fn step_tensor(step: u64) -> Tensor {
+    Tensor::from(step as i64)
+}
+
+fn find_state<'a>(state: &'a [(String, Tensor)], name: &str, param: &Param) -> Result<&'a Tensor> {
+    state.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| {
+        Error::Checkpoint(format!("state `{name}` of `{}` is missing", param.info.name))
+    })
+}
