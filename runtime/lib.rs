@@ -2,8 +2,8 @@
 //!
 //! larq's `CaseOptimizer` and `Bop` for libtorch, through the `tch` crate.
 //!
-//! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RmsProp`],
-//! [`Adagrad`]) implement one small [`Optimizer`] trait; their hyperparameters are
+//! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`],
+//! [`RmsProp`], [`Adagrad`]) implement one small [`Optimizer`] trait; their hyperparameters are
 //! [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`] marks tch variables as
 //! 1-bit or n-bit.
 
@@ -26,8 +26,8 @@ pub use checkpoint::{
 pub use error::{Error, Result};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Execution, FromConfig, Optimizer, RmsProp, RmsPropConfig, Sgd,
-    SgdConfig,
+    Bop2ndOrderConfig, BopConfig, Execution, FromConfig, NAdam, NAdamConfig, Optimizer, RAdam,
+    RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig,
 };
 pub use schedule::Schedule;
 pub use tch;

@@ -5,7 +5,7 @@
 
 pub use crate::error::{Error, Result};
 pub use crate::optim::{
-    Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, Optimizer, RmsProp, Sgd,
+    Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, NAdam, Optimizer, RAdam, RmsProp, Sgd,
 };
 pub use crate::predicate::{Glob, Predicate};
 pub use crate::router::{

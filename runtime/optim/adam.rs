@@ -73,7 +73,7 @@ pub struct AdamState {
 }
 
 impl AdamState {
-    fn zeros(p: &Tensor, amsgrad: bool) -> Result<Self> {
+    pub(crate) fn zeros(p: &Tensor, amsgrad: bool) -> Result<Self> {
         Ok(AdamState {
             step: 0,
             exp_avg: p.f_zeros_like()?,

@@ -1,5 +1,10 @@
 //! The optimizer traits and the optimizers: [`Bop`] and [`Bop2ndOrder`] (larq), and [`Sgd`],
-//! [`Adam`], [`AdamW`], [`RmsProp`], [`Adagrad`] (torch.optim 2.13 semantics).
+//! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`] (torch.optim 2.13
+//! semantics).
+//!
+//! Each optimizer's file holds its config and its algorithm; the bookkeeping they share
+//! (variables, states, step counts, hyperparameters, checkpoint import and export, backend) is
+//! written once in `core.rs`. docs/design.md's "Adding an optimizer" walks through adding one.
 //!
 //! Every optimizer is built from a `<Name>Config` whose `Default` is the reference default and
 //! whose scalar hyperparameters are [`Schedule`]s, evaluated at the optimizer's own step count
@@ -15,6 +20,8 @@ mod core;
 mod exec;
 mod grad;
 pub(crate) mod hyper;
+mod nadam;
+mod radam;
 mod rmsprop;
 mod sgd;
 pub(crate) mod staging;
@@ -25,6 +32,8 @@ pub use adam::{Adam, AdamConfig};
 pub use adamw::{AdamW, AdamWConfig};
 pub use bop::{Bop, BopConfig};
 pub use bop2nd::{Bop2ndOrder, Bop2ndOrderConfig};
+pub use nadam::{NAdam, NAdamConfig};
+pub use radam::{RAdam, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use sgd::{Sgd, SgdConfig};
 

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use caseopt::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Execution, Optimizer, Param, RmsProp, RmsPropConfig, Schedule,
-    Sgd, SgdConfig, VarInfo,
+    Bop2ndOrderConfig, BopConfig, Execution, NAdam, NAdamConfig, Optimizer, Param, RAdam,
+    RAdamConfig, RmsProp, RmsPropConfig, Schedule, Sgd, SgdConfig, VarInfo,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -111,6 +111,41 @@ pub fn build(optimizer: &str, c: &Value, backend: Backend) -> Box<dyn Optimizer>
                     weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
                     momentum: f(c, "momentum").unwrap_or(d.momentum),
                     centered: b(c, "centered").unwrap_or(d.centered),
+                    maximize: b(c, "maximize").unwrap_or(d.maximize),
+                })
+                .unwrap(),
+            )
+        }
+        "RAdam" => {
+            let d = RAdamConfig::default();
+            boxed(
+                backend,
+                RAdam::new(RAdamConfig {
+                    lr: f(c, "lr").unwrap_or(d.lr),
+                    beta1: f(c, "beta1").unwrap_or(d.beta1),
+                    beta2: f(c, "beta2").unwrap_or(d.beta2),
+                    eps: f(c, "eps").unwrap_or(d.eps),
+                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
+                    decoupled_weight_decay: b(c, "decoupled_weight_decay")
+                        .unwrap_or(d.decoupled_weight_decay),
+                    maximize: b(c, "maximize").unwrap_or(d.maximize),
+                })
+                .unwrap(),
+            )
+        }
+        "NAdam" => {
+            let d = NAdamConfig::default();
+            boxed(
+                backend,
+                NAdam::new(NAdamConfig {
+                    lr: f(c, "lr").unwrap_or(d.lr),
+                    beta1: f(c, "beta1").unwrap_or(d.beta1),
+                    beta2: f(c, "beta2").unwrap_or(d.beta2),
+                    eps: f(c, "eps").unwrap_or(d.eps),
+                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
+                    momentum_decay: f(c, "momentum_decay").unwrap_or(d.momentum_decay),
+                    decoupled_weight_decay: b(c, "decoupled_weight_decay")
+                        .unwrap_or(d.decoupled_weight_decay),
                     maximize: b(c, "maximize").unwrap_or(d.maximize),
                 })
                 .unwrap(),

@@ -1,0 +1,216 @@
+//! NAdam, torch.optim 2.13 semantics (single-tensor path, same update order).
+
+use tch::{Device, Kind, Tensor};
+
+use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::grad::adjusted_grad;
+use super::hyper::hyperparameters;
+use super::state::{step_tensor, take_state, take_step};
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Configuration of [`NAdam`]; `Default` is torch.optim.NAdam's.
+#[derive(Debug, Clone)]
+pub struct NAdamConfig {
+    /// Learning rate (>= 0). Default 2e-3.
+    pub lr: Schedule,
+    /// Decay of the first moment, in [0, 1). Default 0.9.
+    pub beta1: Schedule,
+    /// Decay of the second moment, in [0, 1). Default 0.999.
+    pub beta2: Schedule,
+    /// Added to the denominator (> 0). Default 1e-8.
+    pub eps: Schedule,
+    /// Weight decay (>= 0): an L2 penalty added to the gradient, or decoupled (see
+    /// `decoupled_weight_decay`). Default 0.
+    pub weight_decay: Schedule,
+    /// The momentum schedule's decay, `mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))`
+    /// (>= 0). Default 4e-3.
+    pub momentum_decay: Schedule,
+    /// Decay the parameters by `1 - lr * weight_decay` instead of adding an L2 penalty to the
+    /// gradient (NAdamW). Default false.
+    pub decoupled_weight_decay: bool,
+    /// Maximize the objective instead of minimizing it. Default false.
+    pub maximize: bool,
+}
+
+impl Default for NAdamConfig {
+    fn default() -> Self {
+        NAdamConfig {
+            lr: 2e-3.into(),
+            beta1: 0.9.into(),
+            beta2: 0.999.into(),
+            eps: 1e-8.into(),
+            weight_decay: 0.0.into(),
+            momentum_decay: 4e-3.into(),
+            decoupled_weight_decay: false,
+            maximize: false,
+        }
+    }
+}
+
+hyperparameters!(
+    "NAdam",
+    NAdamConfig,
+    NAdamValues {
+        lr: NonNegative,
+        beta1: UnitClosedOpen,
+        beta2: UnitClosedOpen,
+        eps: Positive,
+        weight_decay: NonNegative,
+        momentum_decay: NonNegative,
+    }
+);
+
+/// Per-variable state of NAdam.
+#[derive(Debug)]
+pub struct NAdamState {
+    step: u64,
+    /// The product of the momentum coefficients so far, a 0-dim f32 tensor: torch keeps it in
+    /// its default dtype (float32) whatever the parameter's, and its rounding is part of the
+    /// result.
+    mu_product: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+impl VarState for NAdamState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("step", step_tensor(self.step)),
+            ("mu_product", self.mu_product.alias()),
+            ("exp_avg", self.exp_avg.alias()),
+            ("exp_avg_sq", self.exp_avg_sq.alias()),
+        ]
+    }
+}
+
+/// NAdam, Adam with Nesterov momentum ([Dozat 2016](https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ)),
+/// as torch.optim.NAdam 2.13.
+///
+/// ```
+/// use caseopt::{NAdam, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f32, 1.0]);
+/// let mut nadam = NAdam::new(Default::default())?;
+/// nadam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+/// nadam.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, -1.0]))])?;
+/// // Each weight moves against its gradient by about lr (2e-3).
+/// let w = Vec::<f32>::try_from(&w)?;
+/// assert!((w[0] - 0.998).abs() < 1e-4 && (w[1] - 1.002).abs() < 1e-4);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct NAdam {
+    core: Core<NAdam>,
+}
+
+impl NAdam {
+    /// Validates `config` and builds the optimizer with no variables yet.
+    pub fn new(config: NAdamConfig) -> Result<Self> {
+        Core::new(config).map(Self::from_core)
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    pub fn config(&self) -> &NAdamConfig {
+        &self.core.config
+    }
+}
+
+/// The momentum coefficient of step `t`: `beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))`.
+fn mu(beta1: f64, momentum_decay: f64, t: f64) -> f64 {
+    beta1 * (1.0 - 0.5 * 0.96f64.powf(t * momentum_decay))
+}
+
+impl Algorithm for NAdam {
+    const NAME: &'static str = "NAdam";
+    const STATE_NAMES: &'static [&'static str] = &["step", "mu_product", "exp_avg", "exp_avg_sq"];
+    type Config = NAdamConfig;
+    type State = NAdamState;
+    type Kernel = NoKernel;
+
+    fn core(&self) -> &Core<Self> {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core<Self> {
+        &mut self.core
+    }
+
+    fn from_core(core: Core<Self>) -> Self {
+        NAdam { core }
+    }
+
+    fn import_state(
+        _: &NAdamConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<NAdamState> {
+        let mu_product = state
+            .iter()
+            .find(|(n, _)| n == "mu_product")
+            .map(|(_, t)| t)
+            .filter(|t| t.dim() == 0 && t.kind() == Kind::Float)
+            .ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "state `mu_product` of `{}` is missing or not a 0-dim f32 tensor",
+                    param.info.name
+                ))
+            })?;
+        Ok(NAdamState {
+            step: take_step(state, param)?,
+            mu_product: mu_product.f_to_device(Device::Cpu)?.f_detach_copy()?,
+            exp_avg: take_state(state, "exp_avg", param)?,
+            exp_avg_sq: take_state(state, "exp_avg_sq", param)?,
+        })
+    }
+
+    /// torch.optim's `_single_tensor_nadam`, op for op.
+    fn update(
+        c: &NAdamConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<NAdamState>,
+        hp: &NAdamValues,
+        _: u64,
+    ) -> Result<()> {
+        let NAdamValues { lr, beta1, beta2, eps, weight_decay, momentum_decay } = *hp;
+        let st = match state {
+            Some(st) => st,
+            empty => empty.insert(NAdamState {
+                step: 0,
+                mu_product: Tensor::f_ones([], (Kind::Float, Device::Cpu))?,
+                exp_avg: p.f_zeros_like()?,
+                exp_avg_sq: p.f_zeros_like()?,
+            }),
+        };
+        st.step += 1;
+        let step = st.step as f64;
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        let grad = if c.decoupled_weight_decay {
+            if weight_decay != 0.0 {
+                let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
+            }
+            adjusted_grad(p, grad, c.maximize, 0.0)?
+        } else {
+            adjusted_grad(p, grad, c.maximize, weight_decay)?
+        };
+        let mu_now = mu(beta1, momentum_decay, step);
+        let mu_next = mu(beta1, momentum_decay, step + 1.0);
+        let _ = st.mu_product.f_mul_scalar_(mu_now)?;
+        let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
+        let _ = st.exp_avg_sq.f_mul_scalar_(beta2)?;
+        let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(&grad)?)?;
+        let mut denom = st.exp_avg_sq.f_div_scalar(bias_correction2)?.f_sqrt()?;
+        let mu_product = st.mu_product.f_double_value(&[])?;
+        let mu_product_next = mu_product * mu_next;
+        let _ = denom.f_add_scalar_(eps)?;
+        // addcdiv_(t, denom, value=v) computes (v * t) / denom, added.
+        let value = -lr * (1.0 - mu_now) / (1.0 - mu_product);
+        let _ = p.f_add_(&grad.f_mul_scalar(value)?.f_div(&denom)?)?;
+        let value = (-lr * mu_next) / (1.0 - mu_product_next);
+        let _ = p.f_add_(&st.exp_avg.f_mul_scalar(value)?.f_div(&denom)?)?;
+        Ok(())
+    }
+}
