@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
@@ -83,41 +83,19 @@ impl VarState for AdagradState {
 
 /// Adagrad ([Duchi et al. 2011](https://jmlr.org/papers/v12/duchi11a.html)), as
 /// torch.optim.Adagrad 2.13.
+pub type Adagrad = Optim<AdagradAlgorithm>;
+
+/// The algorithm behind [`Adagrad`].
 #[derive(Debug)]
-pub struct Adagrad {
-    core: Core<Adagrad>,
-}
+pub enum AdagradAlgorithm {}
 
-impl Adagrad {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: AdagradConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &AdagradConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for Adagrad {
+impl Algorithm for AdagradAlgorithm {
     const NAME: &'static str = "Adagrad";
     const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
     type Config = AdagradConfig;
     type State = AdagradState;
     type Kernel = NoKernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        Adagrad { core }
-    }
+    type Extra = ();
 
     fn import_state(
         _: &AdagradConfig,

@@ -3,9 +3,10 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Core, VarState};
+use super::core::{Algorithm, Optim, Values, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
+use super::hyper::Hyperparameters;
 use super::state::{step_tensor, take_state, take_step, StateSlot};
 use crate::error::Result;
 use crate::kernels::ops::AdamKernel;
@@ -190,74 +191,70 @@ pub(crate) fn adam_update(
 /// assert!((w[0] - 0.9).abs() < 1e-7 && (w[1] - 1.1).abs() < 1e-7);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug)]
-pub struct Adam {
-    core: Core<Adam>,
-}
+pub type Adam = Optim<AdamAlgorithm>;
 
-impl Adam {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: AdamConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &AdamConfig {
-        &self.core.config
-    }
-}
-
-impl AdamConfig {
+/// What sets Adam and AdamW apart: the config, and whether the weight decay is decoupled. The
+/// rest of their algorithm is written once, for both, below.
+pub trait AdamVariant: std::fmt::Debug + Send + 'static {
+    /// The name as torch.optim spells it.
+    const NAME: &'static str;
+    /// The config.
+    type Config: Hyperparameters;
     /// The scalars of one update at this step's values, shared by the fused kernel and the
     /// libtorch path.
-    fn step_kernel(&self, hp: &AdamValues) -> AdamKernel {
+    fn step_kernel(
+        config: &Self::Config,
+        hp: &<Self::Config as Hyperparameters>::Values,
+    ) -> AdamKernel;
+    /// Whether the config asks for AMSGrad (a third state tensor).
+    fn amsgrad(config: &Self::Config) -> bool;
+}
+
+/// The algorithm behind [`Adam`].
+#[derive(Debug)]
+pub enum AdamAlgorithm {}
+
+impl AdamVariant for AdamAlgorithm {
+    const NAME: &'static str = "Adam";
+    type Config = AdamConfig;
+
+    fn step_kernel(c: &AdamConfig, hp: &AdamValues) -> AdamKernel {
         let AdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
-        let (decoupled, amsgrad, maximize) = (false, self.amsgrad, self.maximize);
+        let (decoupled, amsgrad, maximize) = (false, c.amsgrad, c.maximize);
         AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize }
+    }
+
+    fn amsgrad(c: &AdamConfig) -> bool {
+        c.amsgrad
     }
 }
 
-impl Algorithm for Adam {
-    const NAME: &'static str = "Adam";
+impl<V: AdamVariant> Algorithm for V {
+    const NAME: &'static str = V::NAME;
     const STATE_NAMES: &'static [&'static str] =
         &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
-    type Config = AdamConfig;
+    type Config = V::Config;
     type State = AdamState;
     type Kernel = AdamKernel;
+    type Extra = ();
 
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        Adam { core }
-    }
-
-    fn import_state(
-        c: &AdamConfig,
-        state: &[(String, Tensor)],
-        param: &Param,
-    ) -> Result<AdamState> {
-        AdamState::import(state, param, c.amsgrad)
+    fn import_state(c: &V::Config, state: &[(String, Tensor)], param: &Param) -> Result<AdamState> {
+        AdamState::import(state, param, V::amsgrad(c))
     }
 
     fn update(
-        c: &AdamConfig,
+        c: &V::Config,
         p: &mut Tensor,
         grad: &Tensor,
         state: &mut Option<AdamState>,
-        hp: &AdamValues,
+        hp: &Values<V>,
         _: u64,
     ) -> Result<()> {
-        adam_update(p, grad, state, &c.step_kernel(hp))
+        adam_update(p, grad, state, &V::step_kernel(c, hp))
     }
 
-    fn kernel(c: &AdamConfig, hp: &AdamValues) -> Option<AdamKernel> {
-        Some(c.step_kernel(hp))
+    fn kernel(c: &V::Config, hp: &Values<V>) -> Option<AdamKernel> {
+        Some(V::step_kernel(c, hp))
     }
 
     fn kernel_states(kernel: &AdamKernel) -> usize {

@@ -7,7 +7,7 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Core, Values, VarState};
+use super::core::{Algorithm, Optim, Values, VarState};
 use super::hyper::hyperparameters;
 use super::staging::Staging;
 use super::state::{take_state, StateSlot};
@@ -91,43 +91,19 @@ impl VarState for BopState {
 /// assert_eq!(Vec::<f64>::try_from(&w)?, vec![-1.0, -1.0, 1.0, -1.0]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+pub type Bop = Optim<BopAlgorithm>;
+
+/// The algorithm behind [`Bop`].
 #[derive(Debug)]
-pub struct Bop {
-    pub(crate) core: Core<Bop>,
-    /// The step computed ahead for the router's non-finite check, if any.
-    pub(crate) staging: Staging,
-}
+pub enum BopAlgorithm {}
 
-impl Bop {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: BopConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &BopConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for Bop {
+impl Algorithm for BopAlgorithm {
     const NAME: &'static str = "Bop";
     const STATE_NAMES: &'static [&'static str] = &["m"];
     type Config = BopConfig;
     type State = BopState;
     type Kernel = BopKernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        Bop { core, staging: Staging::default() }
-    }
+    type Extra = Staging;
 
     fn import_state(_: &BopConfig, state: &[(String, Tensor)], param: &Param) -> Result<BopState> {
         Ok(BopState { m: take_state(state, "m", param)?, slot: None })
@@ -164,13 +140,13 @@ impl Algorithm for Bop {
 
     /// Commits the step staged for exactly these gradients and hyperparameters, if any, then
     /// runs the rest of the step as usual.
-    fn apply(this: &mut Self, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
-        let committed = this.staging.commit(&mut this.core, grads, hp);
+    fn apply(this: &mut Optim<Self>, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
+        let committed = Staging::commit(this, grads, hp);
         let grads = committed.as_deref().unwrap_or(grads);
-        this.core.run_step(grads, hp)
+        this.run_step(grads, hp)
     }
 
-    fn forget_staged(this: &mut Self) {
-        this.staging.forget(&mut this.core.exec);
+    fn forget_staged(this: &mut Optim<Self>) {
+        this.extra.forget(&mut this.exec.workspace);
     }
 }

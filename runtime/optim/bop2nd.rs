@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::bop::{flip, moving_average};
-use super::core::{Algorithm, Core, VarState};
+use super::core::{Algorithm, Optim, VarState};
 use super::hyper::hyperparameters;
 use super::state::{take_state, StateSlot};
 use crate::error::Result;
@@ -77,41 +77,19 @@ impl VarState for Bop2ndOrderState {
 /// assert_eq!(Vec::<f32>::try_from(&w)?, vec![-1.0, 1.0]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+pub type Bop2ndOrder = Optim<Bop2ndOrderAlgorithm>;
+
+/// The algorithm behind [`Bop2ndOrder`].
 #[derive(Debug)]
-pub struct Bop2ndOrder {
-    core: Core<Bop2ndOrder>,
-}
+pub enum Bop2ndOrderAlgorithm {}
 
-impl Bop2ndOrder {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: Bop2ndOrderConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &Bop2ndOrderConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for Bop2ndOrder {
+impl Algorithm for Bop2ndOrderAlgorithm {
     const NAME: &'static str = "Bop2ndOrder";
     const STATE_NAMES: &'static [&'static str] = &["m", "v"];
     type Config = Bop2ndOrderConfig;
     type State = Bop2ndOrderState;
     type Kernel = Bop2Kernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        Bop2ndOrder { core }
-    }
+    type Extra = ();
 
     fn import_state(
         _: &Bop2ndOrderConfig,

@@ -3,9 +3,10 @@
 //!
 //! An optimizer file writes out only its algorithm, as an implementation of [`Algorithm`]:
 //! its config, its per-variable state ([`VarState`]), torch's or larq's update of one variable
-//! with libtorch ops, and, where it has one, its fused kernel. The blanket implementations at
-//! the end of this file make every [`Algorithm`] an [`Optimizer`], a [`FromConfig`] and an
-//! [`Execution`]; the compiler checks that contract, where a macro over field names could not.
+//! with libtorch ops, and, where it has one, its fused kernel. The optimizer itself is
+//! [`Optim`] over that algorithm (`pub type Adam = Optim<AdamAlgorithm>`), which implements
+//! [`Optimizer`], [`FromConfig`] and [`Execution`] once for all of them; the compiler checks
+//! the contract, where a macro over field names could not.
 
 use tch::Tensor;
 
@@ -40,9 +41,9 @@ pub trait VarState: std::fmt::Debug + Send + 'static {
 
 /// A built-in optimizer's algorithm; see the module docs.
 ///
-/// The trait is public only so that the blanket implementations can name it; it is sealed
-/// (its module is private), so it is not part of the API.
-pub trait Algorithm: Sized + Send + 'static {
+/// The trait is public only so that [`Optim`]'s implementations can name it; it is sealed (its
+/// module is private), so it is not part of the API.
+pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
     /// The optimizer's name as torch.optim or larq spell it (`"SGD"`, `"Bop"`).
     const NAME: &'static str;
     /// Names of the per-variable state tensors it may keep.
@@ -53,13 +54,8 @@ pub trait Algorithm: Sized + Send + 'static {
     type State: VarState;
     /// Its fused kernel ([`NoKernel`] for optimizers updated with libtorch ops only).
     type Kernel: Kernel;
-
-    /// The shared bookkeeping.
-    fn core(&self) -> &Core<Self>;
-    /// The shared bookkeeping, to change it.
-    fn core_mut(&mut self) -> &mut Core<Self>;
-    /// The optimizer around freshly built bookkeeping.
-    fn from_core(core: Core<Self>) -> Self;
+    /// What else the optimizer keeps besides the shared bookkeeping (Bop: its staged step).
+    type Extra: Default + std::fmt::Debug + Send;
 
     /// Rebuilds a variable's state from [`VarState::export`]'s tensors, checked against the
     /// variable.
@@ -119,14 +115,14 @@ pub trait Algorithm: Sized + Send + 'static {
     }
 
     /// The step proper, after the gradients' count was checked and the hyperparameters
-    /// evaluated. The default runs [`Core::run_step`]; Bop also commits a staged step first.
-    fn apply(this: &mut Self, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
-        this.core_mut().run_step(grads, hp)
+    /// evaluated. The default runs [`Optim::run_step`]; Bop also commits a staged step first.
+    fn apply(this: &mut Optim<Self>, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
+        this.run_step(grads, hp)
     }
 
     /// Forgets any step computed ahead of time (a variable or a state changed). None by
     /// default; Bop's staging overrides it.
-    fn forget_staged(this: &mut Self) {
+    fn forget_staged(this: &mut Optim<Self>) {
         let _ = this;
     }
 }
@@ -147,9 +143,13 @@ impl Kernel for NoKernel {
     }
 }
 
-/// The bookkeeping of a built-in optimizer with algorithm `A`.
+/// A built-in optimizer: the bookkeeping every one of them shares (variables, their states,
+/// the step counter, the hyperparameters, the backend) around the algorithm `A`.
+///
+/// Name it through the optimizers' own names, [`Adam`](crate::Adam), [`Bop`](crate::Bop), ...,
+/// which are this type over each algorithm.
 #[derive(Debug)]
-pub struct Core<A: Algorithm> {
+pub struct Optim<A: Algorithm> {
     pub(crate) config: A::Config,
     pub(crate) params: Vec<Param>,
     /// Each variable's state, `None` before its first update.
@@ -157,13 +157,42 @@ pub struct Core<A: Algorithm> {
     /// Steps taken; schedules are evaluated at this count.
     pub(crate) steps: u64,
     pub(crate) exec: Exec,
+    pub(crate) extra: A::Extra,
 }
 
-impl<A: Algorithm> Core<A> {
-    /// Validates `config` and builds empty bookkeeping.
-    pub(crate) fn new(config: A::Config) -> Result<Self> {
+impl<A: Algorithm> Optim<A> {
+    /// Validates `config` and builds the optimizer with no variables yet.
+    ///
+    /// ```
+    /// use caseopt::{Adam, AdamConfig, Sgd, SgdConfig};
+    ///
+    /// let adam = Adam::new(AdamConfig { lr: 0.01.into(), ..Default::default() })?;
+    /// assert!(Adam::new(AdamConfig { lr: (-1.0).into(), ..Default::default() }).is_err());
+    /// // Nesterov momentum needs a momentum.
+    /// assert!(Sgd::new(SgdConfig { nesterov: true, ..Default::default() }).is_err());
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    pub fn new(config: A::Config) -> Result<Self> {
         config.validate()?;
-        Ok(Core { config, params: Vec::new(), states: Vec::new(), steps: 0, exec: Exec::default() })
+        Ok(Optim {
+            config,
+            params: Vec::new(),
+            states: Vec::new(),
+            steps: 0,
+            exec: Exec::default(),
+            extra: A::Extra::default(),
+        })
+    }
+
+    /// The configuration (hyperparameters as schedules).
+    ///
+    /// ```
+    /// let bop = caseopt::Bop::new(Default::default())?;
+    /// assert_eq!(bop.config().gamma.value(0), 1e-4);
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    pub fn config(&self) -> &A::Config {
+        &self.config
     }
 
     /// One step: the fused kernel over every variable it takes, libtorch ops for the rest, or
@@ -236,60 +265,57 @@ impl<A: Algorithm> Core<A> {
     }
 }
 
-impl<A: Algorithm> Optimizer for A {
+impl<A: Algorithm> Optimizer for Optim<A> {
     fn name(&self) -> &'static str {
         A::NAME
     }
 
     fn add_param(&mut self, param: Param) -> Result<()> {
         A::forget_staged(self);
-        let core = self.core_mut();
-        core.params.push(param);
-        core.states.push(None);
+        self.params.push(param);
+        self.states.push(None);
         Ok(())
     }
 
     fn params(&self) -> &[Param] {
-        &self.core().params
+        &self.params
     }
 
     fn step(&mut self) -> Result<()> {
         // The gradient handles go in a kept vector: no allocation per step for the list.
-        let core = self.core_mut();
-        let mut grads = std::mem::take(&mut core.exec.grads);
+        let mut grads = std::mem::take(&mut self.exec.grads);
         grads.clear();
-        grads.extend(core.params.iter().map(Param::grad));
+        grads.extend(self.params.iter().map(Param::grad));
         let result = self.step_with_grads(&grads);
         grads.clear();
-        self.core_mut().exec.grads = grads;
+        self.exec.grads = grads;
         result
     }
 
     fn step_with_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        let core = self.core();
-        if grads.len() != core.params.len() {
+        if grads.len() != self.params.len() {
             return Err(Error::GradientCount {
                 optimizer: A::NAME,
-                expected: core.params.len(),
+                expected: self.params.len(),
                 got: grads.len(),
             });
         }
         // `apply` checks the gradients, together with the fused path's own checks so that
         // each tensor's metadata is read once per step, before anything changes.
-        let hp = core.config.values_at(core.steps)?;
+        let hp = self.config.values_at(self.steps)?;
         let _guard = tch::no_grad_guard();
         A::apply(self, grads, &hp)?;
-        self.core_mut().steps += 1;
+        self.steps += 1;
         Ok(())
     }
 
     fn step_count(&self) -> u64 {
-        self.core().steps
+        self.steps
     }
 
     fn set_step_count(&mut self, steps: u64) {
         A::forget_staged(self);
-        self.core_mut().steps = steps;
+        self.steps = steps;
     }
 
     fn hyperparameter_names(&self) -> &'static [&'static str] {
@@ -297,11 +323,11 @@ impl<A: Algorithm> Optimizer for A {
     }
 
     fn schedule(&self, name: &str) -> Result<&Schedule> {
-        self.core().config.schedule(name)
+        self.config.schedule(name)
     }
 
     fn set_hyperparameter(&mut self, name: &str, value: Schedule) -> Result<()> {
-        self.core_mut().config.set_schedule(name, value)
+        self.config.set_schedule(name, value)
     }
 
     fn state_names(&self) -> &'static [&'static str] {
@@ -309,7 +335,7 @@ impl<A: Algorithm> Optimizer for A {
     }
 
     fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
-        match self.core().states.get(index) {
+        match self.states.get(index) {
             Some(Some(s)) => s.export(),
             _ => Vec::new(),
         }
@@ -317,43 +343,42 @@ impl<A: Algorithm> Optimizer for A {
 
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()> {
         A::forget_staged(self);
-        let core = self.core_mut();
-        let Some(param) = core.params.get(index) else {
+        let Some(param) = self.params.get(index) else {
             return Err(Error::Checkpoint(format!("{} has no variable #{index}", A::NAME)));
         };
         let new = if state.is_empty() {
             None
         } else {
-            Some(A::import_state(&core.config, &state, param)?)
+            Some(A::import_state(&self.config, &state, param)?)
         };
-        core.states[index] = new;
+        self.states[index] = new;
         Ok(())
     }
 }
 
-impl<A: Algorithm> FromConfig for A {
+impl<A: Algorithm> FromConfig for Optim<A> {
     type Config = A::Config;
 
     fn from_config(config: A::Config) -> Result<Self> {
-        Core::new(config).map(A::from_core)
+        Self::new(config)
     }
 }
 
-impl<A: Algorithm> Execution for A {
+impl<A: Algorithm> Execution for Optim<A> {
     fn set_backend(&mut self, backend: Backend) {
         A::forget_staged(self);
-        self.core_mut().exec.backend = backend;
+        self.exec.backend = backend;
     }
 
     fn backend(&self) -> Backend {
-        self.core().exec.backend
+        self.exec.backend
     }
 
     fn set_threads(&mut self, threads: usize) {
-        self.core_mut().exec.threads = threads;
+        self.exec.threads = threads;
     }
 
     fn threads(&self) -> usize {
-        self.core().exec.threads
+        self.exec.threads
     }
 }

@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::adam::AdamState;
-use super::core::{Algorithm, Core, NoKernel};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use crate::error::Result;
@@ -75,41 +75,19 @@ hyperparameters!(
 /// assert!((Vec::<f64>::try_from(&w)?[0] - 0.8).abs() < 1e-12);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+pub type RAdam = Optim<RAdamAlgorithm>;
+
+/// The algorithm behind [`RAdam`].
 #[derive(Debug)]
-pub struct RAdam {
-    core: Core<RAdam>,
-}
+pub enum RAdamAlgorithm {}
 
-impl RAdam {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: RAdamConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &RAdamConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for RAdam {
+impl Algorithm for RAdamAlgorithm {
     const NAME: &'static str = "RAdam";
     const STATE_NAMES: &'static [&'static str] = &["step", "exp_avg", "exp_avg_sq"];
     type Config = RAdamConfig;
     type State = AdamState;
     type Kernel = NoKernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        RAdam { core }
-    }
+    type Extra = ();
 
     fn import_state(
         _: &RAdamConfig,

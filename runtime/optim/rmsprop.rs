@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
@@ -80,42 +80,20 @@ impl VarState for RmsPropState {
 }
 
 /// RMSprop (Hinton's lecture 6e), as torch.optim.RMSprop 2.13.
+pub type RmsProp = Optim<RmsPropAlgorithm>;
+
+/// The algorithm behind [`RmsProp`].
 #[derive(Debug)]
-pub struct RmsProp {
-    core: Core<RmsProp>,
-}
+pub enum RmsPropAlgorithm {}
 
-impl RmsProp {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    pub fn new(config: RmsPropConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &RmsPropConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for RmsProp {
+impl Algorithm for RmsPropAlgorithm {
     const NAME: &'static str = "RMSprop";
     const STATE_NAMES: &'static [&'static str] =
         &["step", "square_avg", "momentum_buffer", "grad_avg"];
     type Config = RmsPropConfig;
     type State = RmsPropState;
     type Kernel = NoKernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        RmsProp { core }
-    }
+    type Extra = ();
 
     fn import_state(
         c: &RmsPropConfig,

@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Core, NoKernel, VarState};
+use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::take_state;
@@ -83,47 +83,19 @@ impl VarState for SgdState {
 
 /// Stochastic gradient descent, as torch.optim.SGD 2.13 (momentum, dampening, Nesterov,
 /// weight decay, maximize).
+pub type Sgd = Optim<SgdAlgorithm>;
+
+/// The algorithm behind [`Sgd`].
 #[derive(Debug)]
-pub struct Sgd {
-    core: Core<Sgd>,
-}
+pub enum SgdAlgorithm {}
 
-impl Sgd {
-    /// Validates `config` and builds the optimizer with no variables yet.
-    ///
-    /// ```
-    /// use caseopt::{Sgd, SgdConfig};
-    /// let bad = Sgd::new(SgdConfig { nesterov: true, ..Default::default() });
-    /// assert!(bad.is_err()); // nesterov needs momentum
-    /// ```
-    pub fn new(config: SgdConfig) -> Result<Self> {
-        Core::new(config).map(Self::from_core)
-    }
-
-    /// The configuration (hyperparameters as schedules).
-    pub fn config(&self) -> &SgdConfig {
-        &self.core.config
-    }
-}
-
-impl Algorithm for Sgd {
+impl Algorithm for SgdAlgorithm {
     const NAME: &'static str = "SGD";
     const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
     type Config = SgdConfig;
     type State = SgdState;
     type Kernel = NoKernel;
-
-    fn core(&self) -> &Core<Self> {
-        &self.core
-    }
-
-    fn core_mut(&mut self) -> &mut Core<Self> {
-        &mut self.core
-    }
-
-    fn from_core(core: Core<Self>) -> Self {
-        Sgd { core }
-    }
+    type Extra = ();
 
     fn import_state(_: &SgdConfig, state: &[(String, Tensor)], param: &Param) -> Result<SgdState> {
         Ok(SgdState { momentum_buffer: take_state(state, "momentum_buffer", param)? })

@@ -10,14 +10,13 @@ use std::any::Any;
 
 use tch::{Kind, Tensor};
 
-use super::bop::{Bop, BopValues};
-use super::core::{Algorithm, Core, VarState};
-use super::exec::Exec;
+use super::bop::{Bop, BopAlgorithm, BopValues};
+use super::core::{Algorithm, Optim, VarState};
 use super::hyper::Hyperparameters;
 use super::{Backend, Optimizer};
 use crate::error::Result;
 use crate::kernels::math::BopScalars;
-use crate::kernels::{stage, Operands};
+use crate::kernels::{stage, Operands, Workspace};
 use crate::var::Param;
 
 /// Elements below which a step is not staged: the router's separate scan of a few MiB of
@@ -49,14 +48,14 @@ pub(crate) fn stage<O: Optimizer>(
 /// Drops the step staged in `optimizer`, if any (the router refused the step).
 pub(crate) fn drop_staged<O: Optimizer>(optimizer: &mut O) {
     if let Some(bop) = (optimizer as &mut dyn Any).downcast_mut::<Bop>() {
-        Bop::forget_staged(bop);
+        BopAlgorithm::forget_staged(bop);
     }
 }
 
 /// A Bop's staging: a second copy of each f32 state buffer, where the staged state is
 /// written and which is exchanged with the buffer at commit, and the staged step itself.
 #[derive(Debug, Default)]
-pub(crate) struct Staging {
+pub struct Staging {
     second_buffers: Vec<Option<Tensor>>,
     staged: Option<StagedStep>,
 }
@@ -74,32 +73,28 @@ struct StagedStep {
 
 impl Staging {
     /// Forgets the staged step, if any (its scratch kept for the next).
-    pub(crate) fn forget(&mut self, exec: &mut Exec) {
+    pub(crate) fn forget(&mut self, workspace: &mut Workspace) {
         if let Some(st) = self.staged.take() {
-            st.staged.recycle(&mut exec.workspace);
+            st.staged.recycle(workspace);
         }
     }
 
     /// Stages the coming step (see the module docs): the variables whose state already lives
     /// in an f32 state buffer, when there are enough of them.
     fn stage(bop: &mut Bop, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
-        let Bop { core, staging } = bop;
-        staging.forget(&mut core.exec);
-        if core.exec.backend == Backend::Torch || grads.len() != core.params.len() {
+        let Optim { config, params, states, steps, exec, extra: staging } = bop;
+        staging.forget(&mut exec.workspace);
+        if exec.backend == Backend::Torch || grads.len() != params.len() {
             return Ok(None);
         }
-        let states = &core.states;
         let eligible =
             |i: usize| grads[i].is_some() && states[i].as_ref().is_some_and(|s| s.slot.is_some());
-        let elements: i64 = (0..core.params.len())
-            .filter(|&i| eligible(i))
-            .map(|i| core.params[i].info.numel())
-            .sum();
+        let elements: i64 =
+            (0..params.len()).filter(|&i| eligible(i)).map(|i| params[i].info.numel()).sum();
         if elements < STAGE_MIN_ELEMENTS {
             return Ok(None);
         }
-        let hp = core.config.values_at(core.steps)?;
-        let exec = &mut core.exec;
+        let hp = config.values_at(*steps)?;
         let seconds = &mut staging.second_buffers;
         seconds.resize_with(exec.state_buffers.len(), || None);
         for (buffer, second) in exec.state_buffers.iter().zip(seconds.iter_mut()) {
@@ -111,7 +106,7 @@ impl Staging {
         let mut refused = std::mem::take(&mut exec.refused);
         refused.clear();
         let mut batch = exec.workspace.batch(1);
-        let vars = core.params.iter().zip(grads).zip(states).enumerate().filter_map(
+        let vars = params.iter().zip(grads).zip(states.iter()).enumerate().filter_map(
             |(index, ((p, g), st))| {
                 let st = st.as_ref()?;
                 let slot = st.slot?;
@@ -144,7 +139,7 @@ impl Staging {
             .filter_map(|&i| grads[i].as_ref().map(|g| (i, g.data_ptr() as usize)))
             .collect();
         staging.staged = Some(StagedStep {
-            steps: core.steps,
+            steps: *steps,
             hyperparameters: [hp.gamma, hp.threshold],
             grads,
             staged,
@@ -152,32 +147,30 @@ impl Staging {
         Ok(Some(report))
     }
 
-    /// Commits the step staged for exactly these gradients and hyperparameters, if any:
-    /// returns the gradients still to apply (the covered ones removed), or `None` when there
-    /// was nothing to commit (the whole step then runs as usual).
+    /// Commits the step staged in `bop` for exactly these gradients and hyperparameters, if
+    /// any: returns the gradients still to apply (the covered ones removed), or `None` when
+    /// there was nothing to commit (the whole step then runs as usual).
     pub(crate) fn commit(
-        &mut self,
-        core: &mut Core<Bop>,
+        bop: &mut Bop,
         grads: &[Option<Tensor>],
         hp: &BopValues,
     ) -> Option<Vec<Option<Tensor>>> {
-        let st = self.staged.take()?;
+        let Optim { params, steps, exec, extra: staging, .. } = bop;
+        let st = staging.staged.take()?;
         let same_grads = st.grads.iter().all(|&(i, addr)| {
             grads.get(i).and_then(Option::as_ref).is_some_and(|g| g.data_ptr() as usize == addr)
         });
-        let exec = &mut core.exec;
-        if st.steps != core.steps || st.hyperparameters != [hp.gamma, hp.threshold] || !same_grads {
+        if st.steps != *steps || st.hyperparameters != [hp.gamma, hp.threshold] || !same_grads {
             st.staged.recycle(&mut exec.workspace);
             return None;
         }
         let staged = st.staged;
-        let params = &core.params;
         let committed = stage::commit(
             &staged,
             &mut exec.workspace,
             |i| params.get(i).map(|p: &Param| &p.tensor),
             &exec.state_buffers,
-            &self.second_buffers,
+            &staging.second_buffers,
         );
         let rest = committed.is_ok().then(|| {
             let mut rest: Vec<Option<Tensor>> =
