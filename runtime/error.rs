@@ -105,9 +105,12 @@ pub enum Error {
     /// A layer built with an impossible shape or setting (e.g. a non-positive channel count).
     #[error("invalid layer: {0}")]
     InvalidLayer(String),
-    /// A checkpoint that cannot be loaded into this router.
+    /// A checkpoint that cannot be written (see [`save_training`](crate::save_training)), or a
+    /// saved state an optimizer refuses ([`Optimizer::set_state`](crate::Optimizer::set_state)).
+    /// Problems with a file being loaded are [`BadCheckpoint`](Self::BadCheckpoint), with its
+    /// path.
     #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    Checkpoint(CheckpointError),
     /// A checkpoint file that cannot be loaded (another file type, damaged, or written for
     /// other rules or variables); nothing was changed. `problem` says what is wrong.
     #[error("checkpoint `{}`: {problem}", path.display())]
@@ -160,9 +163,10 @@ pub enum Error {
 /// `Result` with caseopt's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What is wrong with a checkpoint that could not be loaded. Carried by
-/// [`Error::BadCheckpoint`] together with the file's path; when it is returned, nothing was
-/// changed.
+/// What is wrong with a checkpoint: one that could not be loaded (carried by
+/// [`Error::BadCheckpoint`] together with the file's path; nothing was changed), one that could
+/// not be written, or a saved state an optimizer refuses (both carried by
+/// [`Error::Checkpoint`]).
 ///
 /// ```
 /// use caseopt::CheckpointError;
@@ -290,7 +294,51 @@ pub enum CheckpointError {
     Rejected {
         /// The rule's index.
         rule: usize,
-        /// The optimizer's error.
+        /// The optimizer's error, in words.
+        reason: String,
+        /// The optimizer's error when it was a checkpoint problem (a
+        /// [`StateMissing`](Self::StateMissing), say), to match on.
+        problem: Option<Box<CheckpointError>>,
+    },
+    /// [`Optimizer::set_state`](crate::Optimizer::set_state) for a variable index the
+    /// optimizer does not have.
+    #[error("{optimizer} has no variable #{index}")]
+    NoSuchVariable {
+        /// The optimizer's name.
+        optimizer: String,
+        /// The index given.
+        index: usize,
+    },
+    /// A saved state without a tensor the optimizer needs.
+    #[error("state `{state}` of `{variable}` is missing")]
+    StateMissing {
+        /// The variable's name.
+        variable: String,
+        /// The state's name.
+        state: String,
+    },
+    /// A saved state tensor whose dtype or shape is not its variable's.
+    #[error("state `{state}` of `{variable}` is {found}, the variable is {expected}")]
+    StateMismatch {
+        /// The variable's name.
+        variable: String,
+        /// The state's name.
+        state: String,
+        /// The variable's dtype and shape.
+        expected: String,
+        /// The tensor's dtype and shape.
+        found: String,
+    },
+    /// A saved per-variable step counter that is not a non-negative 0-dim integer.
+    #[error("state `step` of `{variable}` {reason}")]
+    BadStepCounter {
+        /// The variable's name.
+        variable: String,
+        /// What is wrong (`is negative`, `is not a scalar: ...`).
         reason: String,
     },
+    /// A router whose state cannot be written as a checkpoint (two tensors that would be
+    /// stored under one key, a dimension that does not fit, metadata that cannot be encoded).
+    #[error("cannot encode the checkpoint: {0}")]
+    Unencodable(String),
 }

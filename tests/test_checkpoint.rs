@@ -435,3 +435,45 @@ fn a_router_that_never_stepped_round_trips() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn optimizers_refuse_bad_saved_state_with_errors_to_match_on() {
+    use caseopt::{Adam, AdamConfig, Bop, BopConfig, Optimizer, Param, VarInfo};
+    let w = Tensor::from_slice(&[1.0f64, 2.0]);
+    let mut bop = Bop::new(BopConfig::default()).unwrap();
+    bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
+    let zeros = |n: i64| Tensor::zeros([n], (Kind::Double, Device::Cpu));
+    match bop.set_state(0, vec![("m".into(), zeros(3))]) {
+        Err(Error::Checkpoint(CheckpointError::StateMismatch {
+            variable,
+            state,
+            expected,
+            found,
+        })) => {
+            assert_eq!((variable.as_str(), state.as_str()), ("w", "m"));
+            assert_eq!((expected.as_str(), found.as_str()), ("Double [2]", "Double [3]"));
+        }
+        other => panic!("expected StateMismatch, got {other:?}"),
+    }
+    assert!(matches!(
+        bop.set_state(0, vec![("v".into(), zeros(2))]),
+        Err(Error::Checkpoint(CheckpointError::StateMissing { variable, state }))
+            if variable == "w" && state == "m"
+    ));
+    assert!(matches!(
+        bop.set_state(5, vec![]),
+        Err(Error::Checkpoint(CheckpointError::NoSuchVariable { optimizer, index: 5 }))
+            if optimizer == "Bop"
+    ));
+    let mut adam = Adam::new(AdamConfig::default()).unwrap();
+    adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone())).unwrap();
+    let state = vec![
+        ("step".to_string(), Tensor::from(-1i64)),
+        ("exp_avg".to_string(), zeros(2)),
+        ("exp_avg_sq".to_string(), zeros(2)),
+    ];
+    assert!(matches!(
+        adam.set_state(0, state),
+        Err(Error::Checkpoint(CheckpointError::BadStepCounter { variable, .. })) if variable == "w"
+    ));
+}

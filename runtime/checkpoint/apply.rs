@@ -4,7 +4,7 @@
 use tch::Tensor;
 
 use super::plan::Plan;
-use crate::error::CheckpointError;
+use crate::error::{CheckpointError, Error};
 use crate::router::Router;
 use crate::schedule::Schedule;
 
@@ -28,7 +28,8 @@ pub(super) fn apply<R: Router + ?Sized>(
         let rule = op.rule;
         let Some(opt) = router.optimizer_mut(rule) else {
             rollback(router, journal);
-            return Err(CheckpointError::Rejected { rule, reason: "no optimizer".into() });
+            let reason = "no optimizer".to_string();
+            return Err(CheckpointError::Rejected { rule, reason, problem: None });
         };
         let mut undo = Undo {
             rule,
@@ -67,7 +68,7 @@ pub(super) fn apply<R: Router + ?Sized>(
         journal.push(undo);
         if let Err(e) = result {
             rollback(router, journal);
-            return Err(CheckpointError::Rejected { rule, reason: e.to_string() });
+            return Err(rejected(rule, e));
         }
     }
     let _guard = tch::no_grad_guard();
@@ -81,10 +82,21 @@ pub(super) fn apply<R: Router + ?Sized>(
                 reason: format!(
                     "copying a model variable failed ({e}); model variables may be partly restored"
                 ),
+                problem: None,
             });
         }
     }
     Ok(())
+}
+
+/// An optimizer's refusal, kept structured when it is a checkpoint problem.
+fn rejected(rule: usize, error: Error) -> CheckpointError {
+    let reason = error.to_string();
+    let problem = match error {
+        Error::Checkpoint(problem) => Some(Box::new(problem)),
+        _ => None,
+    };
+    CheckpointError::Rejected { rule, reason, problem }
 }
 
 /// Puts every optimizer of the journal back as it was, newest first.

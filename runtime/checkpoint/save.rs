@@ -14,7 +14,7 @@ use super::format::{
     save_schedule, state_key, Meta, SavedModelVar, SavedOptimizer, SavedRoute, SavedTensor,
     SavedVariable, FORMAT, FORMAT_VERSION, METADATA_CRC_KEY, METADATA_KEY, MODEL_PREFIX,
 };
-use crate::error::{Error, Result};
+use crate::error::{CheckpointError, Error, Result};
 use crate::optim::Optimizer;
 use crate::predicate::dtype_name;
 use crate::router::Router;
@@ -37,7 +37,7 @@ fn blob_of(tensor: &Tensor) -> Result<(Blob, SavedTensor)> {
         .iter()
         .map(|&d| usize::try_from(d))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| Error::Checkpoint(format!("negative dimension in shape {size:?}")))?;
+        .map_err(|_| unencodable(format!("negative dimension in shape {size:?}")))?;
     Ok((Blob { dtype, shape, bytes }, saved))
 }
 
@@ -49,9 +49,12 @@ pub(super) fn named_variables(vs: &nn::VarStore) -> HashMap<String, Tensor> {
 }
 
 fn optimizer_of<R: Router + ?Sized>(router: &R, rule: usize) -> Result<&dyn Optimizer> {
-    router
-        .optimizer(rule)
-        .ok_or_else(|| Error::Checkpoint(format!("the router has no optimizer for rule {rule}")))
+    router.optimizer(rule).ok_or_else(|| {
+        Error::Checkpoint(CheckpointError::OptimizerMismatch {
+            rule,
+            reason: "the router has no optimizer for it".into(),
+        })
+    })
 }
 
 pub(super) fn save<R: Router + ?Sized>(
@@ -77,7 +80,7 @@ pub(super) fn save<R: Router + ?Sized>(
     let mut add = |key: String, tensor: &Tensor| -> Result<()> {
         let (blob, saved) = blob_of(tensor)?;
         if blobs.insert(key.clone(), blob).is_some() {
-            return Err(Error::Checkpoint(format!("two tensors would be stored as `{key}`")));
+            return Err(unencodable(format!("two tensors would be stored as `{key}`")));
         }
         tensors.insert(key, saved);
         Ok(())
@@ -96,10 +99,12 @@ pub(super) fn save<R: Router + ?Sized>(
                 // Keys are never parsed back, but a `/` in a state name could make two keys
                 // equal (`a` + `b/m` and `a/b` + `m`).
                 if state.contains('/') {
-                    return Err(Error::Checkpoint(format!(
-                        "{} state name `{state}` contains `/`",
-                        opt.name()
-                    )));
+                    return Err(Error::Checkpoint(CheckpointError::BadState {
+                        rule,
+                        variable: param.info.name.clone(),
+                        state: state.to_string(),
+                        reason: format!("{} names a state with `/`", opt.name()),
+                    }));
                 }
                 add(state_key(rule, &param.info.name, state), &tensor)?;
                 states.push(state.to_string());
@@ -141,8 +146,8 @@ pub(super) fn save<R: Router + ?Sized>(
         model,
         tensors,
     };
-    let json = serde_json::to_string(&meta)
-        .map_err(|e| Error::Checkpoint(format!("cannot encode the metadata: {e}")))?;
+    let json =
+        serde_json::to_string(&meta).map_err(|e| unencodable(format!("the metadata: {e}")))?;
     let crc = crc32fast::hash(json.as_bytes()).to_string();
     let metadata = BTreeMap::from([(METADATA_KEY, json), (METADATA_CRC_KEY, crc)]);
     write_atomically(path, |file| {
@@ -150,4 +155,8 @@ pub(super) fn save<R: Router + ?Sized>(
         write_safetensors(&mut out, &blobs, &metadata)?;
         out.flush()
     })
+}
+
+fn unencodable(reason: String) -> Error {
+    Error::Checkpoint(CheckpointError::Unencodable(reason))
 }
