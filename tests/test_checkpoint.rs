@@ -477,3 +477,42 @@ fn optimizers_refuse_bad_saved_state_with_errors_to_match_on() {
         Err(Error::Checkpoint(CheckpointError::BadStepCounter { variable, .. })) if variable == "w"
     ));
 }
+
+/// The directory's file names, sorted.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_variable_that_changed_is_refused_at_save_and_the_old_file_stays() {
+    // The router's step refuses a variable whose dtype or shape changed since it was routed;
+    // a checkpoint of that state could never be loaded, so saving refuses it too, naming the
+    // variable, and writes nothing.
+    let changes: [(&str, fn(&Tensor) -> Tensor); 2] =
+        [("fc.bias", |t| t.to_kind(Kind::Double)), ("conv.weight", |t| t.reshape([4, 12]))];
+    for (variable, change) in changes {
+        let dir = scratch_dir("changed");
+        let vs = model(&ModelSpec::default());
+        let mut r = bop_adam(&vs);
+        train(&mut r, &vs, 0..2, None);
+        let path = dir.join("training.safetensors");
+        save_training(&path, &vs, &r).unwrap();
+        let before = fs::read(&path).unwrap();
+        let mut var = vs.variables()[variable].shallow_clone();
+        tch::no_grad(|| var.set_data(&change(&var)));
+        let refused = |result: caseopt::Result<()>| match result {
+            Err(Error::VariableChanged { variable: v, .. }) => v == variable,
+            _ => false,
+        };
+        assert!(refused(r.step()), "{variable}: the step is refused");
+        assert!(refused(save_training(&path, &vs, &r)), "{variable}: save_training");
+        assert!(refused(r.save_checkpoint(&path)), "{variable}: save_checkpoint");
+        assert!(refused(r.save_checkpoint(dir.join("new.safetensors"))), "{variable}: new file");
+        assert_eq!(fs::read(&path).unwrap(), before, "{variable}: the old file changed");
+        assert_eq!(file_names(&dir), vec!["training.safetensors"], "{variable}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -21,9 +21,15 @@
 //!
 //! # Writing
 //!
-//! To a temporary file in the destination's directory, which is flushed to disk (`fsync`) and
-//! then renamed over the destination; the directory is synced too. A crash or an error leaves
-//! either the old file or the new one, never a mix; on error the temporary file is removed.
+//! Every checkpoint written can be loaded: a router whose variable changed device, dtype or
+//! shape since it was routed (which its `step` refuses) is refused with
+//! [`Error::VariableChanged`](crate::Error::VariableChanged) naming the variable, and nothing is
+//! written.
+//!
+//! The file is written to a temporary file in the destination's directory, which is flushed
+//! to disk (`fsync`) and then renamed over the destination; the directory is synced too. A
+//! crash or an error leaves either the old file or the new one, never a mix; on error the
+//! temporary file is removed.
 //!
 //! # Loading
 //!
@@ -106,7 +112,9 @@ use save::save;
 /// ```
 pub trait Checkpoint {
     /// Writes every optimizer's state, step counter and hyperparameters, the routing table and
-    /// the rules' fingerprint to `path`, atomically.
+    /// the rules' fingerprint to `path`, atomically. A variable whose device, dtype or shape
+    /// changed since it was routed is [`Error::VariableChanged`](crate::Error::VariableChanged),
+    /// and nothing is written.
     fn save_checkpoint<P: AsRef<Path>>(&self, path: P) -> Result<()>;
 
     /// Restores a checkpoint written by a router with the same rules and variables; on any
@@ -127,7 +135,8 @@ impl<R: Router + ?Sized> Checkpoint for R {
 }
 
 /// Writes the model's variables (every named variable of `vs`, trainable or not, under
-/// `model/<name>`) and the router's whole state to one checkpoint, atomically.
+/// `model/<name>`) and the router's whole state to one checkpoint, atomically; refused as
+/// [`Checkpoint::save_checkpoint`] is.
 ///
 /// ```
 /// use caseopt::{case_optimizer, load_training, save_training};

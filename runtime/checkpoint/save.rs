@@ -57,11 +57,25 @@ fn optimizer_of<R: Router + ?Sized>(router: &R, rule: usize) -> Result<&dyn Opti
     })
 }
 
+/// Every routed variable still has the device, dtype and shape it was routed with, as the
+/// router's `step` requires ([`Param::check_unchanged`](crate::Param::check_unchanged), the
+/// same check): a checkpoint of a changed variable could not be loaded, by this router or any
+/// other.
+fn check_unchanged<R: Router + ?Sized>(router: &R) -> Result<()> {
+    for rule in 0..router.rules().len() {
+        for param in optimizer_of(router, rule)?.params() {
+            param.check_unchanged()?;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn save<R: Router + ?Sized>(
     path: &Path,
     router: &R,
     vs: Option<&nn::VarStore>,
 ) -> Result<()> {
+    check_unchanged(router)?;
     let rules: Vec<String> = router.rules().iter().map(ToString::to_string).collect();
     let routes = router
         .routing_table()
