@@ -516,3 +516,82 @@ fn a_variable_that_changed_is_refused_at_save_and_the_old_file_stays() {
         fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Waits until some other open file description holds the lock on `path`.
+#[cfg(target_os = "linux")]
+fn wait_until_locked(path: &std::path::Path) {
+    let probe = fs::OpenOptions::new().write(true).open(path).unwrap();
+    for _ in 0..1000 {
+        if probe.try_lock().is_err() {
+            return;
+        }
+        probe.unlock().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("nothing locked {}", path.display());
+}
+
+#[test]
+fn the_next_save_removes_the_temporaries_of_dead_writers_only() {
+    let dir = scratch_dir("stale");
+    let vs = model(&ModelSpec::default());
+    let r = trained(bop_adam(&vs), &vs);
+    let path = dir.join("ckpt.safetensors");
+    let write = |name: &str| fs::write(dir.join(name), vec![0u8; 1000]).unwrap();
+    // What a writer killed during a save leaves: its temporary, named as documented, which no
+    // process holds a lock on (the kernel dropped the dead writer's).
+    let stale = [
+        ".ckpt.safetensors.4194000.0.tmp".to_string(),
+        format!(".ckpt.safetensors.{}.999999.tmp", std::process::id()),
+    ];
+    // Not this target's temporaries: left alone.
+    let others = [
+        ".ckpt.safetensors.1.tmp",
+        ".ckpt.safetensors.1.2.3.tmp",
+        "ckpt.safetensors.1.2.tmp",
+        ".ckpt.safetensors.1.2.tmp.bak",
+        ".other.safetensors.1.2.tmp",
+        "notes.txt",
+    ];
+    stale.iter().map(String::as_str).chain(others).for_each(write);
+    // A live writer's temporary (its lock held, here through another open file description,
+    // which `flock` treats as another writer): left alone, removed once the writer is gone.
+    let live = dir.join(".ckpt.safetensors.4194001.0.tmp");
+    fs::write(&live, b"half").unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&live).unwrap();
+    writer.lock().unwrap();
+    r.save_checkpoint(&path).unwrap();
+    let mut expected: Vec<String> = others.iter().map(|s| s.to_string()).collect();
+    expected.extend(["ckpt.safetensors".into(), ".ckpt.safetensors.4194001.0.tmp".into()]);
+    expected.sort();
+    assert_eq!(file_names(&dir), expected);
+    drop(writer);
+    r.save_checkpoint(&path).unwrap();
+    expected.retain(|n| n != ".ckpt.safetensors.4194001.0.tmp");
+    assert_eq!(file_names(&dir), expected);
+
+    // A writer process killed with SIGKILL while holding its temporary's lock (util-linux
+    // `flock` holds it, `cat` waits on its stdin).
+    #[cfg(target_os = "linux")]
+    {
+        use std::process::{Command, Stdio};
+        let killed = dir.join(".ckpt.safetensors.4194002.0.tmp");
+        fs::write(&killed, b"half").unwrap();
+        let spawned =
+            Command::new("flock").arg("-o").arg(&killed).arg("cat").stdin(Stdio::piped()).spawn();
+        match spawned {
+            Err(e) => eprintln!("no `flock` command ({e}): the SIGKILL case is skipped"),
+            Ok(mut child) => {
+                wait_until_locked(&killed);
+                r.save_checkpoint(&path).unwrap();
+                assert!(killed.exists(), "a live writer's temporary was removed");
+                child.kill().unwrap();
+                child.wait().unwrap();
+                r.save_checkpoint(&path).unwrap();
+                assert!(!killed.exists(), "a killed writer's temporary was left");
+            }
+        }
+    }
+    assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![3, 3]);
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -31,6 +31,12 @@
 //! crash or an error leaves either the old file or the new one, never a mix; on error the
 //! temporary file is removed.
 //!
+//! The temporary file of `<name>` is `.<name>.<pid>.<n>.tmp`, locked (`flock`) by its writer
+//! until its rename. A process killed during a save leaves it behind; on Unix the next save to
+//! the same destination removes such stale temporaries: files named exactly so for that
+//! `<name>` that no process holds a lock on (the kernel drops a dead writer's locks), so a
+//! concurrent writer's temporary, in this process or another, is never taken for stale.
+//!
 //! # Loading
 //!
 //! Everything is parsed and checked first: format and version, checksums, the rules'
