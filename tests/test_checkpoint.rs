@@ -595,3 +595,52 @@ fn the_next_save_removes_the_temporaries_of_dead_writers_only() {
     assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![3, 3]);
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_constant_and_a_schedule_never_replace_each_other_in_either_direction() {
+    let dir = scratch_dir("kinds");
+    let vs = model(&ModelSpec::default());
+    let scheduled = |vs: &nn::VarStore| {
+        case_optimizer! {
+            binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+            _ => Adam<lr: (Schedule::cosine(0.01, 100))>,
+        }
+        .build(vs)
+        .unwrap()
+    };
+    let hyperparameter = |problem: CheckpointError| match problem {
+        CheckpointError::Hyperparameter { rule, name, reason, .. } => {
+            assert_eq!((rule, name.as_str()), (1, "lr"));
+            reason
+        }
+        other => panic!("unexpected {other}"),
+    };
+
+    // A constant in the file, a schedule in the router: refused, the router keeps its schedule.
+    let mut constant = bop_adam(&vs);
+    train(&mut constant, &vs, 0..3, None);
+    let constant_file = dir.join("constant.safetensors");
+    constant.save_checkpoint(&constant_file).unwrap();
+    let mut router = trained(scheduled(&vs), &vs);
+    let reason = hyperparameter(assert_refused(&mut router, &constant_file));
+    assert!(reason.contains("constant 0.01") && reason.contains("cosine"), "{reason}");
+
+    // A schedule in the file, a constant in the router: refused as well.
+    let mut schedule = scheduled(&vs);
+    train(&mut schedule, &vs, 0..3, None);
+    let schedule_file = dir.join("schedule.safetensors");
+    schedule.save_checkpoint(&schedule_file).unwrap();
+    let mut router = trained(bop_adam(&vs), &vs);
+    let reason = hyperparameter(assert_refused(&mut router, &schedule_file));
+    assert!(reason.contains("cosine") && reason.contains("`0.01`"), "{reason}");
+
+    // The same kind on both sides loads: constants as saved, schedules kept.
+    let mut router = trained(bop_adam(&vs), &vs);
+    router.optimizer_mut(1).unwrap().set_hyperparameter("lr", 0.5.into()).unwrap();
+    router.load_checkpoint(&constant_file).unwrap();
+    assert_eq!(router.optimizer(1).unwrap().hyperparameter("lr").unwrap(), 0.01);
+    let mut router = trained(scheduled(&vs), &vs);
+    router.load_checkpoint(&schedule_file).unwrap();
+    assert_eq!(router.step_counts(), vec![3, 3]);
+    fs::remove_dir_all(dir).unwrap();
+}

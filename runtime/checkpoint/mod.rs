@@ -44,9 +44,19 @@
 //! optimizer's type, hyperparameters, and each state tensor's name, shape and dtype. The tensors
 //! are then built on the device of the variable they belong to. Only then is anything changed;
 //! an error on the way is a [`CheckpointError`] (inside
-//! [`Error::BadCheckpoint`](crate::Error::BadCheckpoint)) naming the problem, and the router is left exactly as it was. Constant hyperparameters are restored;
-//! for a schedule the router's own schedule must have the same description (closures cannot be
-//! stored), and the restored step counter makes it resume at the same position.
+//! [`Error::BadCheckpoint`](crate::Error::BadCheckpoint)) naming the problem, and the router
+//! is left exactly as it was.
+//!
+//! Hyperparameters follow one rule, the same in both directions:
+//!
+//! - a constant in the checkpoint and a constant in the router: the checkpoint's is restored
+//!   (a learning rate lowered during training resumes lowered);
+//! - a schedule on either side: the other side must hold the same schedule (the same
+//!   description; closures cannot be stored), and the router keeps it; the restored step
+//!   counter makes it resume at the same position. A constant in the file against a schedule
+//!   in the router, or a schedule in the file against a constant in the router, is a
+//!   [`CheckpointError::Hyperparameter`] error: a load never swaps one kind for the other. Set
+//!   the router's hyperparameter to what the run used before loading.
 //!
 //! ```
 //! use caseopt::{case_optimizer, Checkpoint, PathExt, Router};
@@ -127,6 +137,7 @@ pub trait Checkpoint {
     /// error ([`Error::BadCheckpoint`](crate::Error::BadCheckpoint),
     /// [`Error::Io`](crate::Error::Io)) nothing is changed. Model variables in the file (from
     /// [`save_training`]) are checked but not restored; use [`load_training`].
+    /// Hyperparameters: see [`load_training`].
     fn load_checkpoint<P: AsRef<Path>>(&mut self, path: P) -> Result<()>;
 }
 
@@ -174,6 +185,13 @@ pub fn save_training<P: AsRef<Path>, R: Router + ?Sized>(
 /// must match the file's by name, shape and dtype, and the router's as for
 /// [`Checkpoint::load_checkpoint`]. Variables are copied in place, so layers holding them see
 /// the restored values.
+///
+/// Hyperparameters follow one rule, the same in both directions. Where the checkpoint and the
+/// router both hold a constant, the checkpoint's is restored. Where either holds a schedule,
+/// the other must hold the same schedule (same description), which the router keeps: a
+/// constant in the file against a schedule in the router is refused
+/// ([`CheckpointError::Hyperparameter`]), exactly as a schedule in the file against a
+/// constant in the router is; a load never replaces one kind by the other.
 ///
 /// ```
 /// use caseopt::{case_optimizer, load_training, save_training, CheckpointError, Error};

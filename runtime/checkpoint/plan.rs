@@ -254,8 +254,10 @@ fn plan_hyperparameters(
     Ok(constants)
 }
 
-/// One hyperparameter: `Some(value)` for a constant to restore, `None` for a schedule equal to
-/// the router's; `Err` says why it cannot be restored.
+/// One hyperparameter, by the rule documented on [`load_training`](super::load_training): a
+/// constant in the file and in the router is restored as saved (`Some(value)`); a schedule on
+/// either side must be the same schedule on the other (`None`: nothing to restore). `Err` says
+/// why it cannot be restored.
 fn plan_hyperparameter(
     opt: &dyn Optimizer,
     name: &str,
@@ -269,6 +271,13 @@ fn plan_hyperparameter(
                 .ok_or_else(|| format!("bits `{bits}` are not 16 hex digits"))?;
             if format!("{v:?}") != *value {
                 return Err(format!("value `{value}` disagrees with its bits ({v:?})"));
+            }
+            if current.as_constant().is_none() {
+                return Err(format!(
+                    "the checkpoint holds the constant {value}, this router has schedule \
+                     `{current:?}`; a load never replaces a schedule, set the constant before \
+                     loading"
+                ));
             }
             Ok(Some(v))
         }
