@@ -491,7 +491,8 @@ fn a_variable_that_changed_is_refused_at_save_and_the_old_file_stays() {
     // The router's step refuses a variable whose dtype or shape changed since it was routed;
     // a checkpoint of that state could never be loaded, so saving refuses it too, naming the
     // variable, and writes nothing.
-    let changes: [(&str, fn(&Tensor) -> Tensor); 2] =
+    type Change = fn(&Tensor) -> Tensor;
+    let changes: [(&str, Change); 2] =
         [("fc.bias", |t| t.to_kind(Kind::Double)), ("conv.weight", |t| t.reshape([4, 12]))];
     for (variable, change) in changes {
         let dir = scratch_dir("changed");
