@@ -105,9 +105,12 @@ pub enum Error {
     /// A layer built with an impossible shape or setting (e.g. a non-positive channel count).
     #[error("invalid layer: {0}")]
     InvalidLayer(String),
-    /// A checkpoint that cannot be loaded into this router.
+    /// A checkpoint that cannot be written (see [`save_training`](crate::save_training)), or a
+    /// saved state an optimizer refuses ([`Optimizer::set_state`](crate::Optimizer::set_state)).
+    /// Problems with a file being loaded are [`BadCheckpoint`](Self::BadCheckpoint), with its
+    /// path.
     #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    Checkpoint(CheckpointError),
     /// A checkpoint file that cannot be loaded (another file type, damaged, or written for
     /// other rules or variables); nothing was changed. `problem` says what is wrong.
     #[error("checkpoint `{}`: {problem}", path.display())]
@@ -115,7 +118,7 @@ pub enum Error {
         /// The file.
         path: std::path::PathBuf,
         /// What is wrong with it.
-        problem: crate::checkpoint::CheckpointError,
+        problem: CheckpointError,
     },
     /// Reading or writing a file failed.
     #[error("{context}: {source}")]
@@ -159,3 +162,183 @@ pub enum Error {
 
 /// `Result` with caseopt's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What is wrong with a checkpoint: one that could not be loaded (carried by
+/// [`Error::BadCheckpoint`] together with the file's path; nothing was changed), one that could
+/// not be written, or a saved state an optimizer refuses (both carried by
+/// [`Error::Checkpoint`]).
+///
+/// ```
+/// use caseopt::CheckpointError;
+/// let e = CheckpointError::MissingVariable { variable: "fc.weight".into() };
+/// assert_eq!(
+///     e.to_string(),
+///     "variable `fc.weight` is routed by this router but missing from the checkpoint"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// The file is not in the safetensors format (another file type, or a damaged header).
+    #[error("not a safetensors file: {0}")]
+    NotSafetensors(String),
+    /// The file's size or offsets disagree with its header: truncated, extended or damaged.
+    #[error("truncated or damaged file: {0}")]
+    Truncated(String),
+    /// A safetensors file that caseopt did not write.
+    #[error("not a caseopt checkpoint: {0}")]
+    NotACheckpoint(String),
+    /// A checkpoint of a format version this build cannot read.
+    #[error("format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The version in the file.
+        found: u64,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// Bytes that do not match their stored CRC-32: the file is corrupt.
+    #[error("checksum mismatch in {what}: the file is corrupt")]
+    ChecksumMismatch {
+        /// The metadata or the tensor whose bytes changed.
+        what: String,
+    },
+    /// Metadata that is well-formed JSON but inconsistent with itself or with the tensors.
+    #[error("malformed checkpoint metadata: {0}")]
+    Malformed(String),
+    /// The checkpoint was written by a router with other rules.
+    #[error(
+        "written by other rules (fingerprint {saved_fingerprint:016x}: {}); this router's \
+         (fingerprint {current_fingerprint:016x}): {}",
+        saved.join("; "),
+        current.join("; ")
+    )]
+    RulesDiffer {
+        /// The fingerprint in the file.
+        saved_fingerprint: u64,
+        /// This router's fingerprint.
+        current_fingerprint: u64,
+        /// The rules in the file, as written.
+        saved: Vec<String>,
+        /// This router's rules, as written.
+        current: Vec<String>,
+    },
+    /// A variable this router routes that the checkpoint does not have.
+    #[error("variable `{variable}` is routed by this router but missing from the checkpoint")]
+    MissingVariable {
+        /// The variable's name.
+        variable: String,
+    },
+    /// A variable in the checkpoint that this router does not route.
+    #[error("variable `{variable}` is in the checkpoint but not routed by this router")]
+    UnexpectedVariable {
+        /// The variable's name.
+        variable: String,
+    },
+    /// A variable whose shape, dtype, precision or rule differs.
+    #[error("variable `{variable}` differs: checkpoint has {saved}, this router has {current}")]
+    VariableMismatch {
+        /// The variable's name.
+        variable: String,
+        /// What the checkpoint says.
+        saved: String,
+        /// What this router has.
+        current: String,
+    },
+    /// A rule's optimizer of another type, or with other variables.
+    #[error("rule {rule}: {reason}")]
+    OptimizerMismatch {
+        /// The rule's index.
+        rule: usize,
+        /// What differs.
+        reason: String,
+    },
+    /// A state tensor with an unknown name, a wrong shape or dtype, or a bad value.
+    #[error("state `{state}` of variable `{variable}` (rule {rule}): {reason}")]
+    BadState {
+        /// The rule's index.
+        rule: usize,
+        /// The variable's name.
+        variable: String,
+        /// The state's name.
+        state: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A hyperparameter that cannot be restored (a schedule that differs from this router's, a
+    /// name the optimizer does not have, or a value it rejects).
+    #[error("rule {rule} ({optimizer}) hyperparameter `{name}`: {reason}")]
+    Hyperparameter {
+        /// The rule's index.
+        rule: usize,
+        /// The optimizer's name.
+        optimizer: String,
+        /// The hyperparameter's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A model variable that is missing, unexpected, or of another shape or dtype.
+    #[error("model variable `{variable}`: {reason}")]
+    ModelVariable {
+        /// The variable's name.
+        variable: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// [`load_training`](crate::load_training) on a checkpoint written without model variables.
+    #[error("the checkpoint holds no model variables (written by `save_checkpoint`, not `save_training`)")]
+    NoModel,
+    /// An optimizer rejected a restored state or hyperparameter that passed every check; the
+    /// router was rolled back.
+    #[error("restoring rule {rule} failed and was rolled back: {reason}")]
+    Rejected {
+        /// The rule's index.
+        rule: usize,
+        /// The optimizer's error, in words.
+        reason: String,
+        /// The optimizer's error when it was a checkpoint problem (a
+        /// [`StateMissing`](Self::StateMissing), say), to match on.
+        problem: Option<Box<CheckpointError>>,
+    },
+    /// [`Optimizer::set_state`](crate::Optimizer::set_state) for a variable index the
+    /// optimizer does not have.
+    #[error("{optimizer} has no variable #{index}")]
+    NoSuchVariable {
+        /// The optimizer's name.
+        optimizer: String,
+        /// The index given.
+        index: usize,
+    },
+    /// A saved state without a tensor the optimizer needs.
+    #[error("state `{state}` of `{variable}` is missing")]
+    StateMissing {
+        /// The variable's name.
+        variable: String,
+        /// The state's name.
+        state: String,
+    },
+    /// A saved state tensor whose dtype or shape is not its variable's.
+    #[error("state `{state}` of `{variable}` is {found}, the variable is {expected}")]
+    StateMismatch {
+        /// The variable's name.
+        variable: String,
+        /// The state's name.
+        state: String,
+        /// The variable's dtype and shape.
+        expected: String,
+        /// The tensor's dtype and shape.
+        found: String,
+    },
+    /// A saved per-variable step counter that is not a non-negative 0-dim integer.
+    #[error("state `step` of `{variable}` {reason}")]
+    BadStepCounter {
+        /// The variable's name.
+        variable: String,
+        /// What is wrong (`is negative`, `is not a scalar: ...`).
+        reason: String,
+    },
+    /// A router whose state cannot be written as a checkpoint (two tensors that would be
+    /// stored under one key, a dimension that does not fit, metadata that cannot be encoded).
+    #[error("cannot encode the checkpoint: {0}")]
+    Unencodable(String),
+}

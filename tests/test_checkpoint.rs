@@ -435,3 +435,213 @@ fn a_router_that_never_stepped_round_trips() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn optimizers_refuse_bad_saved_state_with_errors_to_match_on() {
+    use caseopt::{Adam, AdamConfig, Bop, BopConfig, Optimizer, Param, VarInfo};
+    let w = Tensor::from_slice(&[1.0f64, 2.0]);
+    let mut bop = Bop::new(BopConfig::default()).unwrap();
+    bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
+    let zeros = |n: i64| Tensor::zeros([n], (Kind::Double, Device::Cpu));
+    match bop.set_state(0, vec![("m".into(), zeros(3))]) {
+        Err(Error::Checkpoint(CheckpointError::StateMismatch {
+            variable,
+            state,
+            expected,
+            found,
+        })) => {
+            assert_eq!((variable.as_str(), state.as_str()), ("w", "m"));
+            assert_eq!((expected.as_str(), found.as_str()), ("Double [2]", "Double [3]"));
+        }
+        other => panic!("expected StateMismatch, got {other:?}"),
+    }
+    assert!(matches!(
+        bop.set_state(0, vec![("v".into(), zeros(2))]),
+        Err(Error::Checkpoint(CheckpointError::StateMissing { variable, state }))
+            if variable == "w" && state == "m"
+    ));
+    assert!(matches!(
+        bop.set_state(5, vec![]),
+        Err(Error::Checkpoint(CheckpointError::NoSuchVariable { optimizer, index: 5 }))
+            if optimizer == "Bop"
+    ));
+    let mut adam = Adam::new(AdamConfig::default()).unwrap();
+    adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone())).unwrap();
+    let state = vec![
+        ("step".to_string(), Tensor::from(-1i64)),
+        ("exp_avg".to_string(), zeros(2)),
+        ("exp_avg_sq".to_string(), zeros(2)),
+    ];
+    assert!(matches!(
+        adam.set_state(0, state),
+        Err(Error::Checkpoint(CheckpointError::BadStepCounter { variable, .. })) if variable == "w"
+    ));
+}
+
+/// The directory's file names, sorted.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_variable_that_changed_is_refused_at_save_and_the_old_file_stays() {
+    // The router's step refuses a variable whose dtype or shape changed since it was routed;
+    // a checkpoint of that state could never be loaded, so saving refuses it too, naming the
+    // variable, and writes nothing.
+    type Change = fn(&Tensor) -> Tensor;
+    let changes: [(&str, Change); 2] =
+        [("fc.bias", |t| t.to_kind(Kind::Double)), ("conv.weight", |t| t.reshape([4, 12]))];
+    for (variable, change) in changes {
+        let dir = scratch_dir("changed");
+        let vs = model(&ModelSpec::default());
+        let mut r = bop_adam(&vs);
+        train(&mut r, &vs, 0..2, None);
+        let path = dir.join("training.safetensors");
+        save_training(&path, &vs, &r).unwrap();
+        let before = fs::read(&path).unwrap();
+        let mut var = vs.variables()[variable].shallow_clone();
+        tch::no_grad(|| var.set_data(&change(&var)));
+        let refused = |result: caseopt::Result<()>| match result {
+            Err(Error::VariableChanged { variable: v, .. }) => v == variable,
+            _ => false,
+        };
+        assert!(refused(r.step()), "{variable}: the step is refused");
+        assert!(refused(save_training(&path, &vs, &r)), "{variable}: save_training");
+        assert!(refused(r.save_checkpoint(&path)), "{variable}: save_checkpoint");
+        assert!(refused(r.save_checkpoint(dir.join("new.safetensors"))), "{variable}: new file");
+        assert_eq!(fs::read(&path).unwrap(), before, "{variable}: the old file changed");
+        assert_eq!(file_names(&dir), vec!["training.safetensors"], "{variable}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Waits until some other open file description holds the lock on `path`.
+#[cfg(target_os = "linux")]
+fn wait_until_locked(path: &std::path::Path) {
+    let probe = fs::OpenOptions::new().write(true).open(path).unwrap();
+    for _ in 0..1000 {
+        if probe.try_lock().is_err() {
+            return;
+        }
+        probe.unlock().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("nothing locked {}", path.display());
+}
+
+#[test]
+fn the_next_save_removes_the_temporaries_of_dead_writers_only() {
+    let dir = scratch_dir("stale");
+    let vs = model(&ModelSpec::default());
+    let r = trained(bop_adam(&vs), &vs);
+    let path = dir.join("ckpt.safetensors");
+    let write = |name: &str| fs::write(dir.join(name), vec![0u8; 1000]).unwrap();
+    // What a writer killed during a save leaves: its temporary, named as documented, which no
+    // process holds a lock on (the kernel dropped the dead writer's).
+    let stale = [
+        ".ckpt.safetensors.4194000.0.tmp".to_string(),
+        format!(".ckpt.safetensors.{}.999999.tmp", std::process::id()),
+    ];
+    // Not this target's temporaries: left alone.
+    let others = [
+        ".ckpt.safetensors.1.tmp",
+        ".ckpt.safetensors.1.2.3.tmp",
+        "ckpt.safetensors.1.2.tmp",
+        ".ckpt.safetensors.1.2.tmp.bak",
+        ".other.safetensors.1.2.tmp",
+        "notes.txt",
+    ];
+    stale.iter().map(String::as_str).chain(others).for_each(write);
+    // A live writer's temporary (its lock held, here through another open file description,
+    // which `flock` treats as another writer): left alone, removed once the writer is gone.
+    let live = dir.join(".ckpt.safetensors.4194001.0.tmp");
+    fs::write(&live, b"half").unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&live).unwrap();
+    writer.lock().unwrap();
+    r.save_checkpoint(&path).unwrap();
+    let mut expected: Vec<String> = others.iter().map(|s| s.to_string()).collect();
+    expected.extend(["ckpt.safetensors".into(), ".ckpt.safetensors.4194001.0.tmp".into()]);
+    expected.sort();
+    assert_eq!(file_names(&dir), expected);
+    drop(writer);
+    r.save_checkpoint(&path).unwrap();
+    expected.retain(|n| n != ".ckpt.safetensors.4194001.0.tmp");
+    assert_eq!(file_names(&dir), expected);
+
+    // A writer process killed with SIGKILL while holding its temporary's lock (util-linux
+    // `flock` holds it, `cat` waits on its stdin).
+    #[cfg(target_os = "linux")]
+    {
+        use std::process::{Command, Stdio};
+        let killed = dir.join(".ckpt.safetensors.4194002.0.tmp");
+        fs::write(&killed, b"half").unwrap();
+        let spawned =
+            Command::new("flock").arg("-o").arg(&killed).arg("cat").stdin(Stdio::piped()).spawn();
+        match spawned {
+            Err(e) => eprintln!("no `flock` command ({e}): the SIGKILL case is skipped"),
+            Ok(mut child) => {
+                wait_until_locked(&killed);
+                r.save_checkpoint(&path).unwrap();
+                assert!(killed.exists(), "a live writer's temporary was removed");
+                child.kill().unwrap();
+                child.wait().unwrap();
+                r.save_checkpoint(&path).unwrap();
+                assert!(!killed.exists(), "a killed writer's temporary was left");
+            }
+        }
+    }
+    assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![3, 3]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_constant_and_a_schedule_never_replace_each_other_in_either_direction() {
+    let dir = scratch_dir("kinds");
+    let vs = model(&ModelSpec::default());
+    let scheduled = |vs: &nn::VarStore| {
+        case_optimizer! {
+            binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+            _ => Adam<lr: (Schedule::cosine(0.01, 100))>,
+        }
+        .build(vs)
+        .unwrap()
+    };
+    let hyperparameter = |problem: CheckpointError| match problem {
+        CheckpointError::Hyperparameter { rule, name, reason, .. } => {
+            assert_eq!((rule, name.as_str()), (1, "lr"));
+            reason
+        }
+        other => panic!("unexpected {other}"),
+    };
+
+    // A constant in the file, a schedule in the router: refused, the router keeps its schedule.
+    let mut constant = bop_adam(&vs);
+    train(&mut constant, &vs, 0..3, None);
+    let constant_file = dir.join("constant.safetensors");
+    constant.save_checkpoint(&constant_file).unwrap();
+    let mut router = trained(scheduled(&vs), &vs);
+    let reason = hyperparameter(assert_refused(&mut router, &constant_file));
+    assert!(reason.contains("constant 0.01") && reason.contains("cosine"), "{reason}");
+
+    // A schedule in the file, a constant in the router: refused as well.
+    let mut schedule = scheduled(&vs);
+    train(&mut schedule, &vs, 0..3, None);
+    let schedule_file = dir.join("schedule.safetensors");
+    schedule.save_checkpoint(&schedule_file).unwrap();
+    let mut router = trained(bop_adam(&vs), &vs);
+    let reason = hyperparameter(assert_refused(&mut router, &schedule_file));
+    assert!(reason.contains("cosine") && reason.contains("`0.01`"), "{reason}");
+
+    // The same kind on both sides loads: constants as saved, schedules kept.
+    let mut router = trained(bop_adam(&vs), &vs);
+    router.optimizer_mut(1).unwrap().set_hyperparameter("lr", 0.5.into()).unwrap();
+    router.load_checkpoint(&constant_file).unwrap();
+    assert_eq!(router.optimizer(1).unwrap().hyperparameter("lr").unwrap(), 0.01);
+    let mut router = trained(scheduled(&vs), &vs);
+    router.load_checkpoint(&schedule_file).unwrap();
+    assert_eq!(router.step_counts(), vec![3, 3]);
+    fs::remove_dir_all(dir).unwrap();
+}

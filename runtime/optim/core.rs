@@ -15,7 +15,7 @@ use super::grad::check_grads;
 use super::hyper::Hyperparameters;
 use super::state::StateSlot;
 use super::{Backend, Execution, FromConfig, Optimizer};
-use crate::error::{Error, Result};
+use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::{Kernel, StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -344,7 +344,8 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()> {
         A::forget_staged(self);
         let Some(param) = self.params.get(index) else {
-            return Err(Error::Checkpoint(format!("{} has no variable #{index}", A::NAME)));
+            let optimizer = A::NAME.to_string();
+            return Err(Error::Checkpoint(CheckpointError::NoSuchVariable { optimizer, index }));
         };
         let new = if state.is_empty() {
             None

@@ -6,7 +6,7 @@ use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
-use crate::error::{Error, Result};
+use crate::error::{CheckpointError, Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -126,17 +126,24 @@ impl Algorithm for NAdamAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<NAdamState> {
-        let mu_product = state
-            .iter()
-            .find(|(n, _)| n == "mu_product")
-            .map(|(_, t)| t)
-            .filter(|t| t.dim() == 0 && t.kind() == Kind::Float)
-            .ok_or_else(|| {
-                Error::Checkpoint(format!(
-                    "state `mu_product` of `{}` is missing or not a 0-dim f32 tensor",
-                    param.info.name
-                ))
-            })?;
+        let name = || param.info.name.clone();
+        let mu_product = state.iter().find(|(n, _)| n == "mu_product").map(|(_, t)| t);
+        let mu_product = match mu_product {
+            None => {
+                let missing =
+                    CheckpointError::StateMissing { variable: name(), state: "mu_product".into() };
+                return Err(Error::Checkpoint(missing));
+            }
+            Some(t) if t.dim() != 0 || t.kind() != Kind::Float => {
+                return Err(Error::Checkpoint(CheckpointError::StateMismatch {
+                    variable: name(),
+                    state: "mu_product".into(),
+                    expected: "Float []".into(),
+                    found: format!("{:?} {:?}", t.kind(), t.size()),
+                }));
+            }
+            Some(t) => t,
+        };
         Ok(NAdamState {
             step: take_step(state, param)?,
             mu_product: mu_product.f_to_device(Device::Cpu)?.f_detach_copy()?,

@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use crate::error::{Error, Result};
+use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::MAX_STATES;
 use crate::var::Param;
 
@@ -20,14 +20,12 @@ pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) 
     let t = find_state(state, name, param)?;
     let p = &param.tensor;
     if t.size() != p.size() || t.kind() != p.kind() {
-        return Err(Error::Checkpoint(format!(
-            "state `{name}` of `{}` is {:?} {:?}, the variable is {:?} {:?}",
-            param.info.name,
-            t.kind(),
-            t.size(),
-            p.kind(),
-            p.size()
-        )));
+        return Err(Error::Checkpoint(CheckpointError::StateMismatch {
+            variable: param.info.name.clone(),
+            state: name.to_string(),
+            expected: format!("{:?} {:?}", p.kind(), p.size()),
+            found: format!("{:?} {:?}", t.kind(), t.size()),
+        }));
     }
     Ok(t.f_to_device(p.device())?.f_contiguous()?)
 }
@@ -35,12 +33,14 @@ pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) 
 /// The per-variable step counter from a saved state.
 pub(crate) fn take_step(state: &[(String, Tensor)], param: &Param) -> Result<u64> {
     let t = find_state(state, "step", param)?;
-    let v = t.f_int64_value(&[]).map_err(|e| {
-        Error::Checkpoint(format!("state `step` of `{}` is not a scalar: {e}", param.info.name))
-    })?;
-    u64::try_from(v).map_err(|_| {
-        Error::Checkpoint(format!("state `step` of `{}` is negative", param.info.name))
-    })
+    let bad = |reason: String| {
+        Error::Checkpoint(CheckpointError::BadStepCounter {
+            variable: param.info.name.clone(),
+            reason,
+        })
+    };
+    let v = t.f_int64_value(&[]).map_err(|e| bad(format!("is not a scalar: {e}")))?;
+    u64::try_from(v).map_err(|_| bad("is negative".into()))
 }
 
 /// A per-variable step counter as `state()` exports it: a 0-dim int64 tensor.
@@ -50,6 +50,9 @@ pub(crate) fn step_tensor(step: u64) -> Tensor {
 
 fn find_state<'a>(state: &'a [(String, Tensor)], name: &str, param: &Param) -> Result<&'a Tensor> {
     state.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| {
-        Error::Checkpoint(format!("state `{name}` of `{}` is missing", param.info.name))
+        Error::Checkpoint(CheckpointError::StateMissing {
+            variable: param.info.name.clone(),
+            state: name.to_string(),
+        })
     })
 }
