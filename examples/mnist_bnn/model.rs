@@ -1,5 +1,6 @@
 //! larq's introductory binarized CNN for MNIST (larq 0.14 docs, "Introduction to BNNs with
-//! Larq"), layer for layer:
+//! Larq"), layer for layer (shown for MNIST's 28x28 images and 10 classes; other IDX data sets
+//! change the spatial sizes, the flattened width and the last layer's width):
 //!
 //! ```text
 //! QuantConv2D(32, 3x3)  binary kernel, real input    28x28x1 -> 26x26x32
@@ -24,6 +25,28 @@ use caseopt::bnn::{
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+/// The smallest image side the three valid 3x3 convolutions and two 2x2 poolings leave at least
+/// one pixel of: 18 -> 16 -> 8 -> 6 -> 3 -> 1.
+pub const MIN_SIDE: u32 = 18;
+
+/// Why the network could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The images are smaller than the convolutions need.
+    #[error("images of {rows}x{cols} pixels are too small for the network, which needs at least {MIN_SIDE}x{MIN_SIDE}")]
+    TooSmall { rows: u32, cols: u32 },
+    /// A layer could not be created.
+    #[error(transparent)]
+    Layer(#[from] caseopt::Error),
+}
+
+/// The side of the last convolution's output for an input side `side` (at least [`MIN_SIDE`]).
+fn last_feature_side(side: u32) -> i64 {
+    let conv = |s: i64| s - 2; // 3x3, no padding
+    let pool = |s: i64| s / 2; // 2x2, stride 2, floor
+    conv(pool(conv(pool(conv(i64::from(side))))))
+}
+
 /// The network; its variables live in the `VarStore` it was built on.
 #[derive(Debug)]
 pub struct Net {
@@ -40,8 +63,14 @@ pub struct Net {
 }
 
 impl Net {
-    /// Creates the layers under `root`.
-    pub fn new(root: &nn::Path) -> caseopt::Result<Net> {
+    /// Creates the layers under `root` for one-channel images of `rows` x `cols` pixels and
+    /// `classes` classes.
+    pub fn new(root: &nn::Path, rows: u32, cols: u32, classes: u32) -> Result<Net, ModelError> {
+        if rows < MIN_SIDE || cols < MIN_SIDE {
+            return Err(ModelError::TooSmall { rows, cols });
+        }
+        let flattened = last_feature_side(rows) * last_feature_side(cols) * 64;
+        let classes = i64::from(classes);
         // Kernels start as random signs: the signs of larq's Glorot-uniform kernels, which is
         // all its forward pass and Bop's first step make of them.
         let init = KernelInit::RandomSign;
@@ -60,10 +89,10 @@ impl Net {
             bn2: bn("bn2", 64)?,
             conv3: bnn::quant_conv2d(root / "conv3", 64, 64, 3, binary)?,
             bn3: bn("bn3", 64)?,
-            dense1: bnn::quant_linear(root / "dense1", 3 * 3 * 64, 64, dense)?,
+            dense1: bnn::quant_linear(root / "dense1", flattened, 64, dense)?,
             bn4: bn("bn4", 64)?,
-            dense2: bnn::quant_linear(root / "dense2", 64, 10, dense)?,
-            bn5: bn("bn5", 10)?,
+            dense2: bnn::quant_linear(root / "dense2", 64, classes, dense)?,
+            bn5: bn("bn5", classes)?,
         })
     }
 }
@@ -76,8 +105,8 @@ impl Net {
 }
 
 impl Net {
-    /// Logits (the pre-softmax batch-norm output), `[N, 10]`, for images `[N, 1, 28, 28]`, or
-    /// libtorch's error.
+    /// Logits (the pre-softmax batch-norm output), `[N, classes]`, for images
+    /// `[N, 1, rows, cols]`, or libtorch's error.
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> caseopt::Result<Tensor> {
         // Channels-last from the start: every later convolution, pooling and batch norm keeps
         // that layout, and CPU max-pooling is much faster in it.
@@ -99,5 +128,18 @@ impl ModuleT for Net {
             Ok(y) => y,
             Err(e) => panic!("Net: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_sides() {
+        assert_eq!(last_feature_side(28), 3); // MNIST: 576 = 3 * 3 * 64
+        assert_eq!(last_feature_side(MIN_SIDE), 1);
+        assert_eq!(last_feature_side(20), 1);
+        assert_eq!(last_feature_side(32), 4);
     }
 }
