@@ -135,7 +135,7 @@ pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> 
         eprintln!("caseopt: warning: {w}");
     }
     let count = core.known_trainable + infos.len();
-    router.visit_mut(&mut AddParams(groups))?;
+    router.for_each_optimizer_mut(&mut AddParams(groups))?;
     let core = router.core_mut();
     core.table = table;
     core.known_trainable = count;

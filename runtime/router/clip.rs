@@ -11,11 +11,11 @@ pub(super) fn clip_grad_norm<R: RouterParts>(router: &mut R, max_norm: f64) -> R
     check_max_norm(max_norm)?;
     route_new_variables(router)?;
     let mut norms = SquaredNorms(Vec::with_capacity(router.core().rules().len()));
-    router.visit(&mut norms)?;
+    router.for_each_optimizer(&mut norms)?;
     let total = norms.0.iter().sum::<f64>().sqrt();
     let factor = clip_factor(max_norm, total);
     if factor < 1.0 {
-        router.visit_mut(&mut ScaleGrads { factor: |_| factor })?;
+        router.for_each_optimizer_mut(&mut ScaleGrads { factor: |_| factor })?;
     }
     Ok(total)
 }
@@ -28,11 +28,11 @@ pub(super) fn clip_grad_norm_per_rule<R: RouterParts>(
     check_max_norm(max_norm)?;
     route_new_variables(router)?;
     let mut norms = SquaredNorms(Vec::with_capacity(router.core().rules().len()));
-    router.visit(&mut norms)?;
+    router.for_each_optimizer(&mut norms)?;
     let norms: Vec<f64> = norms.0.iter().map(|s| s.sqrt()).collect();
     let factors: Vec<f64> = norms.iter().map(|&n| clip_factor(max_norm, n)).collect();
     if factors.iter().any(|&f| f < 1.0) {
-        router.visit_mut(&mut ScaleGrads { factor: |rule| factors[rule] })?;
+        router.for_each_optimizer_mut(&mut ScaleGrads { factor: |rule| factors[rule] })?;
     }
     Ok(norms)
 }

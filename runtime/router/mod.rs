@@ -145,7 +145,7 @@ impl<R: RouterParts> Router for R {
         }
         let mut counts = Counts(Vec::with_capacity(self.rules().len()));
         // The visitor never fails.
-        let _ = self.visit(&mut counts);
+        let _ = self.for_each_optimizer(&mut counts);
         counts.0
     }
 
@@ -177,7 +177,7 @@ impl<R: RouterParts> Router for R {
                 Ok(())
             }
         }
-        let _ = self.visit_mut(&mut ZeroGrad);
+        let _ = self.for_each_optimizer_mut(&mut ZeroGrad);
     }
 
     fn backward_step(&mut self, loss: &Tensor) -> Result<()> {

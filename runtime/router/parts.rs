@@ -122,10 +122,12 @@ pub trait RouterParts: Sized + Send {
     fn core(&self) -> &RouterCore;
     /// The shared part, mutably.
     fn core_mut(&mut self) -> &mut RouterCore;
-    /// Visits the optimizers mutably, in rule order.
-    fn visit_mut<V: OptimizerVisitor>(&mut self, visitor: &mut V) -> Result<()>;
-    /// Visits the optimizers, in rule order.
-    fn visit<V: OptimizerInspector>(&self, visitor: &mut V) -> Result<()>;
+    /// Hands each rule's optimizer, mutably and in rule order, to `visitor`'s
+    /// [`visit`](OptimizerVisitor::visit); stops at the first error.
+    fn for_each_optimizer_mut<V: OptimizerVisitor>(&mut self, visitor: &mut V) -> Result<()>;
+    /// Hands each rule's optimizer, in rule order, to `inspector`'s
+    /// [`inspect`](OptimizerInspector::inspect); stops at the first error.
+    fn for_each_optimizer<I: OptimizerInspector>(&self, inspector: &mut I) -> Result<()>;
     /// Rule `rule`'s optimizer as a trait object.
     fn dyn_optimizer(&self, rule: usize) -> Option<&dyn Optimizer>;
     /// Rule `rule`'s optimizer as a mutable trait object.

@@ -19,7 +19,7 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
         reader: std::mem::take(&mut router.core_mut().reader),
         spare: std::mem::take(&mut router.core_mut().spare),
     };
-    let collected = router.visit(&mut grads);
+    let collected = router.for_each_optimizer(&mut grads);
     let CollectGrads { mut grads, reader, .. } = grads;
     router.core_mut().reader = reader;
     let found = match (collected, router.core().non_finite) {
@@ -30,8 +30,11 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
             // first, keeping the result aside (not after new variables: their binary
             // values are checked, and possibly rewritten, only once the step is accepted).
             let mut stage = StageAll { grads: &mut grads, first: None };
-            let staged =
-                if router.core().binary_unchecked { Ok(()) } else { router.visit_mut(&mut stage) };
+            let staged = if router.core().binary_unchecked {
+                Ok(())
+            } else {
+                router.for_each_optimizer_mut(&mut stage)
+            };
             let staged_first = stage.first;
             let found = staged.and_then(|()| {
                 let mut scratch = std::mem::take(&mut router.core_mut().scan);
@@ -41,7 +44,7 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
                 found
             });
             if !matches!(found, Ok(None)) {
-                let _ = router.visit_mut(&mut DropStaged);
+                let _ = router.for_each_optimizer_mut(&mut DropStaged);
             }
             found
         }
@@ -58,10 +61,10 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
         check_binary_values(router)?;
     }
     let mut step = StepWith(grads);
-    let stepped = router.visit_mut(&mut step);
+    let stepped = router.for_each_optimizer_mut(&mut step);
     if stepped.is_err() {
         // Rules after the failing one keep no staged step for a later call to find.
-        let _ = router.visit_mut(&mut DropStaged);
+        let _ = router.for_each_optimizer_mut(&mut DropStaged);
     }
     // The handles are dropped here; their lists' buffers serve the next step.
     let mut grads = step.0;
