@@ -3,12 +3,14 @@
 //! rest for non-finite values, check 1-bit variables' values, and only then step every
 //! optimizer.
 
+use tch::Tensor;
+
 use super::build::route_new_variables;
 use super::nonfinite::{first_non_finite, NonFinitePolicy};
 use super::parts::{OptimizerInspector, OptimizerVisitor, RouterParts};
 use crate::error::{Error, Result};
 use crate::kernels::meta::{Grads, MetaReader};
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, StageReport};
 
 /// One step of every optimizer with its variables' gradients; see
 /// [`Router::step`](crate::Router::step).
@@ -82,6 +84,18 @@ fn variable_name<R: RouterParts>(router: &R, rule: usize, index: usize) -> Strin
         .unwrap_or_else(|| format!("<rule {rule} variable {index}>"))
 }
 
+/// Computes `optimizer`'s coming step with `grads` and keeps it aside, checking the gradients
+/// it reads; `None` when the optimizer stages nothing. With [`drop_staged`], the only way the
+/// router reaches an optimizer's staging, so that the mechanism can change in one place.
+fn stage<O: Optimizer>(optimizer: &mut O, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
+    optimizer.stage_step(grads)
+}
+
+/// Drops `optimizer`'s staged step, if any: the step was refused.
+fn drop_staged<O: Optimizer>(optimizer: &mut O) {
+    optimizer.drop_staged();
+}
+
 /// Every rule's gradients, aligned with its optimizer's variables: `None` for a variable
 /// without a gradient or a frozen one. Fails on a variable whose device, dtype or shape
 /// changed since it was routed.
@@ -109,7 +123,7 @@ impl OptimizerInspector for CollectGrads {
     }
 }
 
-/// Asks each optimizer to stage its step ([`Optimizer::stage_step`]) with the collected
+/// Asks each optimizer to [`stage`] its step with the collected
 /// gradients; the gradients a staging checked are marked so that the scan skips them.
 struct StageAll<'a> {
     grads: &'a mut [Grads],
@@ -122,7 +136,7 @@ impl OptimizerVisitor for StageAll<'_> {
         let Some(grads) = self.grads.get_mut(rule) else {
             return Ok(());
         };
-        if let Some(report) = optimizer.stage_step(&grads.handles)? {
+        if let Some(report) = stage(optimizer, &grads.handles)? {
             for &i in &report.covered {
                 grads.mark_checked(i);
             }
@@ -140,7 +154,7 @@ struct DropStaged;
 
 impl OptimizerVisitor for DropStaged {
     fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
-        optimizer.drop_staged();
+        drop_staged(optimizer);
         Ok(())
     }
 }
