@@ -486,6 +486,17 @@ pub trait Optimizer: Send {
     /// optimizer); an empty list clears it.
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()>;
 
+    /// Validates the coming step with `grads` without changing anything: a router calls it for
+    /// every rule before any optimizer moves, so that a step one optimizer would refuse is
+    /// refused whole. The router has already checked each gradient's shape, dtype, device and
+    /// layout against its variable; check here what else
+    /// [`step_with_grads`](Self::step_with_grads) would reject. The built-in optimizers check
+    /// every hyperparameter's value at the current step. The default accepts everything.
+    fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
+        let _ = grads;
+        Ok(())
+    }
+
     /// For the router's non-finite check: computes the coming step with these gradients
     /// without changing anything visible, checking the gradients it reads, so that the next
     /// [`step_with_grads`](Self::step_with_grads) with the same gradients only commits it.
@@ -709,6 +720,18 @@ macro_rules! common_methods {
             grads.clear();
             self.exec.grads = grads;
             result
+        }
+
+        fn check_step(&self, grads: &[Option<tch::Tensor>]) -> $crate::error::Result<()> {
+            if grads.len() != self.params.len() {
+                return Err($crate::error::Error::GradientCount {
+                    optimizer: $opt,
+                    expected: self.params.len(),
+                    got: grads.len(),
+                });
+            }
+            // Each gradient's metadata is the router's to check, from its one read per step.
+            self.config.values_at(self.steps).map(drop)
         }
 
         fn step_with_grads(&mut self, grads: &[Option<tch::Tensor>]) -> $crate::error::Result<()> {

@@ -79,14 +79,21 @@ pub trait Router: Send {
     ///   rules and checks (a variable claimed by two rules is an error naming it, every step
     ///   until it is resolved);
     /// - a variable whose device, dtype or shape changed since it was routed is
-    ///   [`Error::VariableChanged`] naming it;
+    ///   [`Error::VariableChanged`](crate::Error::VariableChanged) naming it;
     /// - variables without a gradient, and frozen ones (`requires_grad` false, even with a stale
     ///   gradient), are skipped, as torch does;
-    /// - gradients holding NaN or infinity, searched across all rules before any optimizer
-    ///   moves, are handled by the [`NonFinitePolicy`] (by default an error naming the variable,
-    ///   with every parameter, state and step counter untouched);
+    /// - a gradient whose shape, dtype, device or layout differs from its variable's is
+    ///   [`Error::GradientMismatch`](crate::Error::GradientMismatch) naming it;
+    /// - a step an optimizer would refuse ([`Optimizer::check_step`]: with the built-in
+    ///   optimizers, a schedule whose value at this step is out of range) is
+    ///   [`Error::InvalidHyperparameter`](crate::Error::InvalidHyperparameter);
+    /// - gradients holding NaN or infinity are handled by the [`NonFinitePolicy`] (by default
+    ///   an error naming the variable);
     /// - a 1-bit variable holding values other than +-1 is reported once (a warning on stderr
     ///   and [`binarised_variables`](Self::binarised_variables)); Bop binarises it, as larq does.
+    ///
+    /// Each check covers every rule before any optimizer moves: a refused step leaves every
+    /// parameter, state and step counter as it was.
     fn step(&mut self) -> Result<()>;
     /// What [`step`](Self::step) does with gradients that hold NaN or infinity.
     fn set_non_finite_policy(&mut self, policy: NonFinitePolicy);

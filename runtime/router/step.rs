@@ -9,8 +9,9 @@ use super::build::route_new_variables;
 use super::nonfinite::{first_non_finite, NonFinitePolicy};
 use super::parts::{OptimizerInspector, OptimizerVisitor, RouterParts};
 use crate::error::{Error, Result};
-use crate::kernels::meta::{Grads, MetaReader};
-use crate::optim::{Optimizer, StageReport};
+use crate::kernels::meta::{Grads, Meta, MetaReader, Status};
+use crate::optim::{check_grad, Optimizer, StageReport};
+use crate::var::Param;
 
 /// One step of every optimizer with its variables' gradients; see
 /// [`Router::step`](crate::Router::step).
@@ -97,8 +98,11 @@ fn drop_staged<O: Optimizer>(optimizer: &mut O) {
 }
 
 /// Every rule's gradients, aligned with its optimizer's variables: `None` for a variable
-/// without a gradient or a frozen one. Fails on a variable whose device, dtype or shape
-/// changed since it was routed.
+/// without a gradient or a frozen one. Checks, for every rule before any optimizer moves,
+/// what the optimizers' steps would otherwise refuse one rule at a time: fails on a variable
+/// whose device, dtype or shape changed since it was routed, on a gradient that does not match
+/// its variable, and on a step its optimizer would refuse ([`Optimizer::check_step`], a
+/// hyperparameter whose schedule yields NaN).
 struct CollectGrads {
     grads: Vec<Grads>,
     /// Reads every variable's metadata and its gradient's in one call per rule.
@@ -118,9 +122,53 @@ impl OptimizerInspector for CollectGrads {
                 p.check_unchanged()?;
             }
         }
+        // The gradients' metadata came with the variables' in the same read: a gradient that
+        // matches its variable's route matches the variable, checked just above.
+        let grad_metas = self.reader.grad_metas();
+        for ((p, g), m) in params.iter().zip(&grads.handles).zip(grad_metas) {
+            if let Some(g) = g {
+                if !p.matches(m) {
+                    check_gradient(p, g, m)?;
+                }
+            }
+        }
+        optimizer.check_step(&grads.handles)?;
+        check_hyperparameters(optimizer)?;
         self.grads.push(grads);
         Ok(())
     }
+}
+
+/// The slow path of the gradient check, for a gradient whose metadata does not match its
+/// variable's: tch's own accessors name what differs; a gradient they find nothing wrong with
+/// is in a layout the optimizers cannot use (sparse, ...), or was not readable (then carry on:
+/// the optimizer's step checks it again).
+fn check_gradient(p: &Param, g: &Tensor, m: &Meta) -> Result<()> {
+    check_grad(p, g)?;
+    if m.status() == Status::NotStrided {
+        let reason = "not a dense (strided) tensor: sparse, or another layout".to_string();
+        return Err(Error::GradientMismatch { variable: p.info.name.clone(), reason });
+    }
+    Ok(())
+}
+
+/// Every hyperparameter's value at the optimizer's current step is a number. The ranges are
+/// the optimizer's to check ([`Optimizer::check_step`]); NaN is in none, whatever the
+/// optimizer.
+fn check_hyperparameters<O: Optimizer>(optimizer: &O) -> Result<()> {
+    for &name in optimizer.hyperparameter_names() {
+        let value = optimizer.hyperparameter(name)?;
+        if value.is_nan() {
+            let optimizer = optimizer.name();
+            return Err(Error::InvalidHyperparameter {
+                optimizer,
+                name,
+                value,
+                expected: "a number",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Asks each optimizer to [`stage`] its step with the collected
