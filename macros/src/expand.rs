@@ -144,12 +144,12 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
                 &mut self.__caseopt_core
             }
 
-            fn visit_mut<__CaseoptV: #p::OptimizerVisitor>(&mut self, visitor: &mut __CaseoptV) -> #p::Result<()> {
+            fn for_each_optimizer_mut<__CaseoptV: #p::OptimizerVisitor>(&mut self, visitor: &mut __CaseoptV) -> #p::Result<()> {
                 #(#visits_mut)*
                 ::core::result::Result::Ok(())
             }
 
-            fn visit<__CaseoptV: #p::OptimizerInspector>(&self, visitor: &mut __CaseoptV) -> #p::Result<()> {
+            fn for_each_optimizer<__CaseoptV: #p::OptimizerInspector>(&self, visitor: &mut __CaseoptV) -> #p::Result<()> {
                 #(#visits)*
                 ::core::result::Result::Ok(())
             }

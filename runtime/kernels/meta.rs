@@ -289,6 +289,12 @@ impl MetaReader {
         (metas, grads)
     }
 
+    /// The gradients' metadata read by the last [`grads`](Self::grads), aligned with its
+    /// parameters (undefined for a variable without a gradient).
+    pub(crate) fn grad_metas(&self) -> &[Meta] {
+        as_metas(&self.grads)
+    }
+
     fn fill<'t>(&mut self, tensors: impl IntoIterator<Item = Option<&'t Tensor>>) {
         self.handles.clear();
         self.handles.extend(

@@ -184,6 +184,18 @@ impl<A: Algorithm> Optim<A> {
         })
     }
 
+    /// This step's hyperparameter values, once the gradients' count is checked.
+    fn step_values(&self, grads: &[Option<Tensor>]) -> Result<Values<A>> {
+        if grads.len() != self.params.len() {
+            return Err(Error::GradientCount {
+                optimizer: A::NAME,
+                expected: self.params.len(),
+                got: grads.len(),
+            });
+        }
+        self.config.values_at(self.steps)
+    }
+
     /// The configuration (hyperparameters as schedules).
     ///
     /// ```
@@ -293,20 +305,18 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
 
     fn step_with_grads(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(Error::GradientCount {
-                optimizer: A::NAME,
-                expected: self.params.len(),
-                got: grads.len(),
-            });
-        }
         // `apply` checks the gradients, together with the fused path's own checks so that
         // each tensor's metadata is read once per step, before anything changes.
-        let hp = self.config.values_at(self.steps)?;
+        let hp = self.step_values(grads)?;
         let _guard = tch::no_grad_guard();
         A::apply(self, grads, &hp)?;
         self.steps += 1;
         Ok(())
+    }
+
+    fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
+        // Each gradient's metadata is the router's to check, from its one read per step.
+        self.step_values(grads).map(drop)
     }
 
     fn step_count(&self) -> u64 {

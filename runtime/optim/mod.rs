@@ -18,7 +18,7 @@ mod bop;
 mod bop2nd;
 mod core;
 mod exec;
-mod grad;
+pub(crate) mod grad;
 pub(crate) mod hyper;
 mod nadam;
 mod radam;
@@ -166,6 +166,18 @@ pub trait Optimizer: Send + 'static {
     /// Replaces the state of variable `index` (from [`state`](Self::state) of an identical
     /// optimizer); an empty list clears it.
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()>;
+
+    /// Validates the coming step with `grads` without changing anything: a router calls it for
+    /// every rule before any optimizer moves, so that a step one optimizer would refuse is
+    /// refused whole. The router has already checked each gradient's shape, dtype, device and
+    /// layout against its variable; check here what else
+    /// [`step_with_grads`](Self::step_with_grads) would reject. The built-in optimizers check
+    /// the gradients' count and every hyperparameter's value at the current step. The default
+    /// accepts everything.
+    fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
+        let _ = grads;
+        Ok(())
+    }
 }
 
 /// An optimizer built from a configuration struct; what `case_optimizer!` calls for a rule's
