@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::finite::ScanScratch;
-use crate::kernels::meta::{Grads, MetaReader};
+use crate::kernels::metadata::{Grads, MetaReader};
 use crate::optim::{FromConfig, Optimizer};
 use crate::predicate::{dtype_name, Predicate};
 use crate::var::{

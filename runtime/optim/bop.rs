@@ -203,7 +203,7 @@ impl Bop {
                     param: &p.tensor,
                     grad: g.as_ref()?,
                     states: st.operands(),
-                    flat: Some((flat.chunk, flat.offsets)),
+                    state_buffer: Some((flat.chunk, flat.offsets)),
                 })
             },
         );

@@ -307,7 +307,7 @@ pub(crate) fn fused_step<S: FusedState, K: Kernel>(
                 param: &p.tensor,
                 grad: g.as_ref()?,
                 states: st.operands(),
-                flat,
+                state_buffer: flat,
             })
         });
     batch.queue(vars, &exec.chunks, &mut refused);
