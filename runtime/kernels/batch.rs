@@ -200,7 +200,7 @@ unsafe fn run_range<K: Kernel, T: Real>(
         if let Some(next) = jobs.get(k + 1) {
             prefetch::<T>(next, states);
         }
-        // SAFETY (for the three blocks below): by this function's contract every address
+        // SAFETY: (this block and the two below) by this function's contract every address
         // points to `job.len` valid, aligned elements of `T` (in practice the data of a live,
         // contiguous CPU tensor that the batch borrows, so its storage stays allocated), and
         // `a + n <= job.len`, so the ranges are in bounds. No byte written through one operand

@@ -196,11 +196,13 @@ unsafe fn stage_range(
     let mut bad = None;
     for (k, a, n) in pieces(jobs.iter().map(|j| j.len), lo, hi) {
         let (job, copy) = (&jobs[k], copies[k]);
-        // SAFETY (the four slices): in bounds (`a + n <= job.len`) of live f32 buffers by the
-        // contract; `w`, `g` and `m` are only read here, and `m_out` is written by this thread
-        // only (its own element range of a copy nothing else uses).
-        let read =
-            |addr: usize| unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+        let read = |addr: usize| {
+            // SAFETY: (the four slices: `w`, `g`, `m` here, `m_out` below) in bounds (`a + n <=
+            // job.len`) of live f32 buffers by the contract; `w`, `g` and `m` are only read
+            // here, and `m_out` is written by this thread only (its own element range of a
+            // second copy nothing else uses).
+            unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) }
+        };
         let (w, g, m) = (read(job.p), read(job.g), read(job.states[0]));
         // SAFETY: as above.
         let m_out = unsafe { slice_mut::<f32>(copy, a, n) };
