@@ -275,9 +275,9 @@ pub(crate) struct MetaReader {
     grad_handles: Vec<GradHandle>,
 }
 
-// SAFETY: the handle pointers are only scratch between the start and the end of a `read` or `grads` call (both
-// lists are emptied before the call returns); nothing else in the reader refers to another
-// thread's data.
+// SAFETY: the handle pointers are only scratch between the start and the end of a `read` or
+// `grads` call (both lists are emptied before the call returns); nothing else in the reader
+// refers to another thread's data.
 #[cfg(feature = "fused")]
 unsafe impl Send for MetaReader {}
 
