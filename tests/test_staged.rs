@@ -2,6 +2,10 @@
 //! pass that checks their gradients and kept aside until the whole step is accepted. They must
 //! give the in-place kernel's results bit for bit, and a refused step must change nothing.
 
+// The tests of the fused path itself are `cfg(feature = "fused")`; without it their helpers
+// are unused.
+#![cfg_attr(not(feature = "fused"), allow(dead_code, unused_imports))]
+
 mod checkpoint_support;
 
 use caseopt::{
@@ -63,6 +67,7 @@ fn same_state(a: &Bop, b: &Bop) {
     }
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn staged_steps_equal_in_place_steps_bit_for_bit() {
     let (mut a, mut b, pa, _) = twins();
@@ -97,6 +102,7 @@ fn staged_steps_equal_in_place_steps_bit_for_bit() {
     assert!(flips >= 3, "the steps should flip weights ({flips})");
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn a_dropped_or_mismatched_staging_changes_nothing() {
     let (mut a, mut b, pa, _) = twins();
@@ -125,6 +131,7 @@ fn a_dropped_or_mismatched_staging_changes_nothing() {
     same_state(&a, &b);
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn a_staging_finds_a_single_bad_value_anywhere() {
     let (mut a, _, pa, _) = twins();

@@ -172,3 +172,44 @@ pub(super) fn read_meta(t: Option<&Tensor>, writable: bool) -> RawMeta {
 fn code_of(kind: Kind) -> i32 {
     (0..=26).find(|&c| kind_of(c) == Some(kind)).unwrap_or(-1)
 }
+
+#[cfg(test)]
+mod tests {
+    use tch::Tensor;
+
+    use crate::{Backend, Bop, Error, Optimizer, Param, VarInfo};
+
+    fn bop(backend: Backend) -> (Bop, Tensor) {
+        let w = Tensor::from_slice(&[1.0f32, -1.0, 1.0]);
+        let mut bop = Bop::new(Default::default()).unwrap();
+        bop.set_backend(backend);
+        bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())).unwrap();
+        (bop, w)
+    }
+
+    #[test]
+    fn forced_fused_fails_naming_the_missing_feature_and_changes_nothing() {
+        let (mut bop, w) = bop(Backend::Fused);
+        let g = Tensor::from_slice(&[1.0f32, 1.0, -1.0]);
+        match bop.step_with_grads(&[Some(g)]) {
+            Err(Error::FusedUnavailable { variable, reason, .. }) => {
+                assert_eq!(variable, "w");
+                assert!(reason.contains("without the `fused` feature"), "{reason}");
+            }
+            other => panic!("expected FusedUnavailable, got {other:?}"),
+        }
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), [1.0, -1.0, 1.0]);
+    }
+
+    #[test]
+    fn auto_takes_the_libtorch_path() {
+        let (mut auto, w_auto) = bop(Backend::Auto);
+        let (mut torch, w_torch) = bop(Backend::Torch);
+        for step in 0..3 {
+            let g = Tensor::from_slice(&[1.0f32, 1.0, -1.0]) * (step + 1);
+            auto.step_with_grads(&[Some(g.copy())]).unwrap();
+            torch.step_with_grads(&[Some(g)]).unwrap();
+        }
+        assert_eq!(Vec::<f32>::try_from(&w_auto).unwrap(), Vec::<f32>::try_from(&w_torch).unwrap());
+    }
+}
