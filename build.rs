@@ -1,9 +1,11 @@
 //! Two jobs, both needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
 //!
-//! 1. Compiles `runtime/kernels/meta.cpp`, a small C++ function that reads the metadata of many
-//!    tensors in one call (see that file and `runtime/kernels/meta.rs`), against libtorch's
+//! 1. With the `fused` feature (the default), compiles the fused kernels' C++ shim,
+//!    `runtime/kernels/shim/*.cpp` (tensor metadata in bulk, `at::parallel_for`, the storage
+//!    swap; see those files and their Rust sides in `runtime/kernels/`), against libtorch's
 //!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim, and
-//!    with OpenMP when libtorch uses it (see [`openmp`]).
+//!    with OpenMP when libtorch uses it (see [`openmp`]). Without the feature nothing C++ is
+//!    built: no C++ compiler is needed, and the optimizers run on libtorch's ops.
 //! 2. Makes this package's own tests, examples and benchmarks able to use CUDA. Linkers drop a
 //!    shared library nothing references by symbol (`--as-needed`), and nothing in a Rust binary
 //!    references `libtorch_cuda.so` by symbol: its CUDA kernels register themselves when it is
@@ -14,14 +16,21 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The C++ files of the fused kernels' shim, compiled into one static library.
+const SHIM: [&str; 3] = [
+    "runtime/kernels/shim/metadata.cpp",
+    "runtime/kernels/shim/parallel.cpp",
+    "runtime/kernels/shim/storage.cpp",
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=runtime/kernels/meta.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let fused = std::env::var_os("CARGO_FEATURE_FUSED").is_some();
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        if std::env::var_os("DOCS_RS").is_some() {
-            // torch-sys builds no library for docs.rs: nothing to compile or link against.
+        if !fused || std::env::var_os("DOCS_RS").is_some() {
+            // torch-sys builds no library for docs.rs (or with tch's `doc-only`): without the
+            // shim there is nothing to compile, and linking is not ours to arrange.
             return;
         }
         panic!(
@@ -30,15 +39,21 @@ fn main() {
         );
     };
     let lib = PathBuf::from(lib);
-    compile_meta_reader(&lib);
+    if fused {
+        for file in SHIM {
+            println!("cargo:rerun-if-changed={file}");
+        }
+        println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+        compile_shim(&lib);
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }
 
-/// Builds `meta.cpp` into a static library linked into caseopt (its libtorch symbols are
+/// Builds the shim into a static library linked into caseopt (its libtorch symbols are
 /// resolved by the libraries torch-sys links).
-fn compile_meta_reader(lib: &Path) {
+fn compile_shim(lib: &Path) {
     // Both layouts torch-sys accepts keep the headers next to the libraries: `libtorch/lib` and
     // `libtorch/include`, or the wheel's `torch/lib` and `torch/include`.
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
@@ -54,7 +69,7 @@ fn compile_meta_reader(lib: &Path) {
     openmp(lib, &include, &mut build);
     build
         .cpp(true)
-        .file("runtime/kernels/meta.cpp")
+        .files(SHIM)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -65,12 +80,12 @@ fn compile_meta_reader(lib: &Path) {
         .extra_warnings(false)
         .flag_if_supported("-Wno-c++20-extensions")
         .opt_level(2)
-        .compile("caseopt_meta");
+        .compile("caseopt_shim");
 }
 
 /// `at::parallel_for` is a header template: under libtorch's OpenMP backend (every Linux wheel
 /// and download) it only runs in parallel where the code that instantiates it is compiled with
-/// OpenMP; compiled without, it quietly runs every task on the calling thread. So `meta.cpp`
+/// OpenMP; compiled without, it quietly runs every task on the calling thread. So the shim
 /// is compiled with `-fopenmp` when libtorch's `ATen/Config.h` says OpenMP, and linked against
 /// the very `libgomp` libtorch loads (the one beside it when there is one, by file name, so
 /// that both resolve to the same library at run time; the system's otherwise).

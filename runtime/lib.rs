@@ -7,9 +7,15 @@
 //! [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`] marks tch variables as
 //! 1-bit or n-bit.
 
+// Unsafe code lives in `kernels` alone (see its docs), every block with a SAFETY comment.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bnn;
 pub mod checkpoint;
 pub mod error;
+#[allow(unsafe_code)]
 mod kernels;
 pub mod optim;
 pub mod predicate;

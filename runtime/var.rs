@@ -160,10 +160,10 @@ impl Param {
         g.defined().then_some(g)
     }
 
-    /// Whether metadata read in bulk (see `kernels::meta`) shows the device, dtype and shape
+    /// Whether metadata read in bulk (see `kernels::metadata`) shows the device, dtype and shape
     /// the variable was routed with; `false` sends the caller to
     /// [`check_unchanged`](Self::check_unchanged) for the details.
-    pub(crate) fn matches(&self, m: &crate::kernels::meta::Meta) -> bool {
+    pub(crate) fn matches(&self, m: &crate::kernels::metadata::TensorMeta) -> bool {
         m.is_ok()
             && m.device() == Some(self.info.device)
             && m.kind() == Some(self.info.kind)

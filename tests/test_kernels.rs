@@ -9,6 +9,10 @@
 //! Then: what Auto hands to libtorch (strided views, half precision, aliasing operands), what
 //! Fused refuses, gradient errors on every path, thread counts, and state moving between paths.
 
+// The tests of the fused path itself are `cfg(feature = "fused")`; without it their helpers
+// are unused.
+#![cfg_attr(not(feature = "fused"), allow(dead_code, unused_imports))]
+
 use caseopt::{
     Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig,
     Error, Execution, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
@@ -195,16 +199,19 @@ fn fused_matches_libtorch(kind: Kind) {
     }
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn fused_kernels_match_the_libtorch_path_f32() {
     fused_matches_libtorch(Kind::Float);
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn fused_kernels_match_the_libtorch_path_f64() {
     fused_matches_libtorch(Kind::Double);
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn thread_count_does_not_change_a_single_bit() {
     for config in ["bop2", "adam_everything", "adamw"] {
@@ -216,6 +223,7 @@ fn thread_count_does_not_change_a_single_bit() {
     }
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn f32_and_f64_variables_share_one_fused_step() {
     let vars = [
@@ -338,6 +346,7 @@ fn auto_updates_what_the_kernels_cannot_take_with_libtorch_ops() {
     }
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn forced_fused_refuses_them_and_changes_nothing() {
     for case in awkward_cases() {
@@ -359,6 +368,7 @@ fn forced_fused_refuses_them_and_changes_nothing() {
     }
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn gradient_errors_are_the_same_on_every_path() {
     type MakeGrad = fn() -> Tensor;
@@ -404,6 +414,7 @@ fn optimizers_without_kernels_refuse_only_when_forced() {
     assert_eq!(Vec::<f32>::try_from(&v).unwrap(), vec![0.0; 4]);
 }
 
+#[cfg(feature = "fused")]
 #[test]
 fn state_moves_between_paths_mid_training() {
     // Three fused steps, then the state goes to a libtorch-path optimizer for the last two: the

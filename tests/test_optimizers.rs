@@ -2,6 +2,10 @@
 //! hyperparameters while training, skipped gradients, state round trips, reduced precision,
 //! variable metadata from a VarStore.
 
+// The tests of the fused path itself are `cfg(feature = "fused")`; without it their helpers
+// are unused.
+#![cfg_attr(not(feature = "fused"), allow(dead_code, unused_imports))]
+
 use caseopt::{
     var_infos, Adam, AdamConfig, Bop, BopConfig, Error, Execution, Optimizer, Param, PathExt,
     Schedule, Sgd, SgdConfig, VarInfo,
@@ -216,6 +220,7 @@ fn grads_for(ws: &[Tensor], step: usize) -> Vec<Option<Tensor>> {
 /// `optimizer.state[p]` does: an in-place edit (here, resetting the momentum) is what the next
 /// step sees, on the fused path (states in one buffer) exactly as on the libtorch path. A user
 /// resizing their handle must not break the optimizer either.
+#[cfg(feature = "fused")]
 #[test]
 fn exported_state_shares_memory_on_every_backend() {
     let mut results = Vec::new();

@@ -6,8 +6,12 @@
 //! Only contiguous f32/f64 CPU tensors are read here; the others are handed back for the
 //! caller to check its own way.
 
-use super::meta::{Grads, Meta, CPU};
-use super::{address, threads_for, Simd, DOUBLE, FLOAT, MIN_ELEMENTS_PER_THREAD};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::isa::{Isa, IsaLoop};
+use super::metadata::{Extent, Grads};
+use super::pool;
+use super::split::{pieces, share, threads_for, MIN_ELEMENTS_PER_THREAD};
 
 /// The result of [`scan_grads`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -24,40 +28,6 @@ pub(crate) struct FiniteScan {
 struct Span {
     index: usize,
     extent: Extent,
-}
-
-/// Where a readable gradient's elements are: what the scan needs of its metadata, kept by
-/// [`Grads`](super::meta::Grads) between reading it and scanning.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Extent {
-    addr: usize,
-    len: usize,
-    f64: bool,
-}
-
-impl Extent {
-    /// Nothing to read: a gradient checked another way (a staged step's, see
-    /// [`stage`](super::stage)).
-    pub(crate) const CHECKED: Extent = Extent { addr: 0, len: 0, f64: false };
-}
-
-/// The extent of a tensor the scan can read (contiguous f32/f64 on the CPU), or `None`.
-pub(crate) fn extent(m: &Meta) -> Option<Extent> {
-    if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {
-        return None;
-    }
-    let f64 = match m.dtype() {
-        FLOAT => false,
-        DOUBLE => true,
-        _ => return None,
-    };
-    let len = m.numel();
-    if len == 0 {
-        return Some(Extent { addr: 0, len, f64 });
-    }
-    let align = if f64 { std::mem::align_of::<f64>() } else { std::mem::align_of::<f32>() };
-    let addr = address(m, "grad", align).ok()?;
-    Some(Extent { addr, len, f64 })
 }
 
 /// Scans several optimizers' gradients, as the router collected them with their metadata
@@ -96,40 +66,40 @@ fn scan_extents(
     // A scan reads 4 bytes per f32 element where an update moves 20 to 28: a thread pays off
     // only over proportionally more elements.
     let threads = threads_for(total, threads, 4 * MIN_ELEMENTS_PER_THREAD);
-    let simd = Simd::detect();
+    let isa = Isa::detect();
     let work = |t: usize| -> Option<usize> {
-        let (lo, hi) = super::share(total, threads, t);
-        first_in_range(spans, lo, hi, simd)
+        let (lo, hi) = share(total, threads, t);
+        first_in_range(spans, lo, hi, isa)
     };
     // Each task keeps the first bad span of its share; the earliest of those is the answer.
-    let firsts: Vec<std::sync::atomic::AtomicUsize> =
-        (0..threads).map(|_| std::sync::atomic::AtomicUsize::new(usize::MAX)).collect();
-    super::pool::run(threads, |t| {
+    let firsts: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(usize::MAX)).collect();
+    pool::run(threads, |t| {
         if let Some(i) = work(t) {
-            firsts[t].store(i, std::sync::atomic::Ordering::Relaxed);
+            firsts[t].store(i, Ordering::Relaxed);
         }
     });
-    let found = firsts.iter().map(|f| f.load(std::sync::atomic::Ordering::Relaxed)).min();
+    let found = firsts.iter().map(|f| f.load(Ordering::Relaxed)).min();
     let found = found.filter(|&i| i != usize::MAX);
     out.first_non_finite = found;
     out
 }
 
 /// The first span holding a non-finite value within elements `[lo, hi)` of the concatenation.
-fn first_in_range(spans: &[Span], lo: usize, hi: usize, simd: Simd) -> Option<usize> {
-    for (k, a, n) in super::pieces(spans.iter().map(|s| s.extent.len), lo, hi) {
+fn first_in_range(spans: &[Span], lo: usize, hi: usize, isa: Isa) -> Option<usize> {
+    for (k, a, n) in pieces(spans.iter().map(|s| s.extent.len), lo, hi) {
         let Span { index, extent: Extent { addr, f64, .. } } = spans[k];
         let bad = if f64 {
-            // SAFETY: `extent` took `addr` from the data address of a live, contiguous f64 CPU
-            // tensor of `len` elements, aligned; the caller's borrow (`'t`) keeps it allocated
-            // during the scan; `a + n <= len`. The memory is only read (other handles must not
-            // write it meanwhile: the contract of any tch read).
+            // SAFETY: `metadata::extent` took `addr` from the data address of a contiguous f64
+            // CPU tensor of `len` elements, aligned, which `scan_extents`'s caller keeps alive
+            // for the scan (`scan_grads`: the `Grads` hold a handle to each gradient); `a + n <=
+            // len`. The memory is only read (other handles must not write it meanwhile: the
+            // contract of any tch read).
             let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
-            non_finite(simd, xs)
+            non_finite(isa, xs)
         } else {
             // SAFETY: as above, for an f32 tensor.
             let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
-            non_finite(simd, xs)
+            non_finite(isa, xs)
         };
         if bad {
             return Some(index);
@@ -174,43 +144,26 @@ fn any_non_finite<T: FloatBits>(xs: &[T]) -> bool {
         .any(|b| b.iter().fold(T::Bits::default(), |acc, x| acc.max(x.bits() & T::EXP)) == T::EXP)
 }
 
-/// [`any_non_finite`] compiled for AVX2 (the baseline x86-64 has no unsigned vector max, so
-/// its build runs several times slower than the memory it reads).
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn any_non_finite_avx2<T: FloatBits>(xs: &[T]) -> bool {
-    any_non_finite(xs)
-}
+/// [`any_non_finite`] as a loop for [`Isa::run`] (the baseline x86-64 has no unsigned vector
+/// max, so its build runs several times slower than the memory it reads).
+struct AnyNonFinite<'a, T>(&'a [T]);
 
-/// [`any_non_finite`] compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, VL, BW and DQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-unsafe fn any_non_finite_avx512<T: FloatBits>(xs: &[T]) -> bool {
-    any_non_finite(xs)
-}
-
-/// [`any_non_finite`] built for `simd`, which must come from [`Simd::detect`].
-fn non_finite<T: FloatBits>(simd: Simd, xs: &[T]) -> bool {
-    match simd {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` reports AVX-512 only when the CPU has these features.
-        Simd::Avx512 => unsafe { any_non_finite_avx512(xs) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` reports AVX2 only when the CPU has it.
-        Simd::Avx2 => unsafe { any_non_finite_avx2(xs) },
-        Simd::Baseline => any_non_finite(xs),
+impl<T: FloatBits> IsaLoop for AnyNonFinite<'_, T> {
+    type Output = bool;
+    #[inline(always)]
+    fn run(self) -> bool {
+        any_non_finite(self.0)
     }
+}
+
+/// [`any_non_finite`] built for `isa`.
+fn non_finite<T: FloatBits>(isa: Isa, xs: &[T]) -> bool {
+    isa.run(AnyNonFinite(xs))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::meta::MetaReader;
+    use super::super::metadata::{extent, MetaReader};
     use super::*;
     use tch::Tensor;
     use tch::{Device, Kind};
@@ -227,20 +180,20 @@ mod tests {
 
     #[test]
     fn the_bit_tests_find_every_kind_of_non_finite_value() {
-        // The baseline loop and the widest build this CPU runs.
-        for simd in [Simd::Baseline, Simd::detect()] {
+        // Every build this CPU runs.
+        for isa in Isa::available() {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
                 let mut xs = vec![1.0f32; 10_000];
-                assert!(!non_finite(simd, &xs));
+                assert!(!non_finite(isa, &xs));
                 xs[9_999] = bad;
-                assert!(non_finite(simd, &xs), "{simd:?} {bad}");
+                assert!(non_finite(isa, &xs), "{isa:?} {bad}");
             }
             // The largest finite values and subnormals are finite.
-            assert!(!non_finite(simd, &[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]));
-            assert!(!non_finite(simd, &[f64::MAX, f64::MIN, 5e-324]));
-            assert!(non_finite(simd, &[0.0, f64::NAN]));
-            assert!(non_finite(simd, &[f64::NEG_INFINITY]));
-            assert!(non_finite(simd, &[1.0, f64::INFINITY]));
+            assert!(!non_finite(isa, &[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]));
+            assert!(!non_finite(isa, &[f64::MAX, f64::MIN, 5e-324]));
+            assert!(non_finite(isa, &[0.0, f64::NAN]));
+            assert!(non_finite(isa, &[f64::NEG_INFINITY]));
+            assert!(non_finite(isa, &[1.0, f64::INFINITY]));
         }
     }
 

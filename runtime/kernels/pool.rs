@@ -1,5 +1,5 @@
 //! Runs the kernels' per-thread work on libtorch's intra-op thread pool (`at::parallel_for`,
-//! through `meta.cpp`), instead of threads of our own.
+//! through `shim/parallel.cpp`), instead of threads of our own.
 //!
 //! libtorch's OpenMP workers keep spinning for a while after each parallel op, so on a small
 //! machine a thread spawned for the optimizer step right after the backward pass shares a core
@@ -17,7 +17,7 @@ extern "C" {
 }
 
 /// What the trampoline needs: the work and where to record a panic.
-struct Job<'a, F> {
+struct TaskContext<'a, F> {
     work: &'a F,
     panicked: AtomicBool,
 }
@@ -26,14 +26,14 @@ struct Job<'a, F> {
 /// C++) and recording them.
 ///
 /// # Safety
-/// `ctx` must point to a live `Job<F>`.
+/// `ctx` must point to a live `TaskContext<F>`.
 unsafe extern "C" fn trampoline<F: Fn(usize) + Sync>(ctx: *mut c_void, begin: i64, end: i64) {
-    // SAFETY: `run` passes a pointer to its `Job<F>`, alive until `caseopt_parallel_for`
+    // SAFETY: `run` passes a pointer to its `TaskContext<F>`, alive until `caseopt_parallel_for`
     // returns, which waits for every task.
-    let job = unsafe { &*(ctx as *const Job<'_, F>) };
+    let context = unsafe { &*(ctx as *const TaskContext<'_, F>) };
     for t in begin.max(0)..end.max(0) {
-        if catch_unwind(AssertUnwindSafe(|| (job.work)(t as usize))).is_err() {
-            job.panicked.store(true, Ordering::Relaxed);
+        if catch_unwind(AssertUnwindSafe(|| (context.work)(t as usize))).is_err() {
+            context.panicked.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -47,19 +47,24 @@ pub(crate) fn run<F: Fn(usize) + Sync>(tasks: usize, work: F) {
         (0..tasks).for_each(&work);
         return;
     }
-    let job = Job { work: &work, panicked: AtomicBool::new(false) };
+    let context = TaskContext { work: &work, panicked: AtomicBool::new(false) };
     let n = i64::try_from(tasks).unwrap_or(i64::MAX);
-    // SAFETY: `trampoline::<F>` reads `ctx` as the `Job<F>` above, which outlives the call;
+    // SAFETY: `trampoline::<F>` reads `ctx` as the `TaskContext<F>` above, which outlives the call;
     // `caseopt_parallel_for` returns only after every chunk ran, and catches libtorch's
     // exceptions; the work is `Sync`, so running it from several threads at once is sound.
     let refused = unsafe {
-        caseopt_parallel_for(n, 1, trampoline::<F>, &job as *const Job<'_, F> as *mut c_void)
+        caseopt_parallel_for(
+            n,
+            1,
+            trampoline::<F>,
+            &context as *const TaskContext<'_, F> as *mut c_void,
+        )
     };
     if refused != 0 {
         // libtorch raised before running anything (its pool could not start): run here.
         (0..tasks).for_each(&work);
     }
-    if job.panicked.load(Ordering::Relaxed) {
+    if context.panicked.load(Ordering::Relaxed) {
         panic!("a caseopt kernel task panicked");
     }
 }

@@ -24,10 +24,13 @@ use std::sync::Mutex;
 
 use tch::Tensor;
 
+use super::admit::KernelJob;
+use super::batch::{slice_mut, Batch, Workspace};
+use super::isa::Isa;
 use super::math::{self, BopScalars, FlipLine};
-use super::meta::{Status, CPU};
-use super::{pieces, pool, share, slice_mut, threads_for, Batch, Job, Simd, Unfit, DOUBLE, FLOAT};
-use super::{Workspace, MIN_ELEMENTS_PER_THREAD};
+use super::metadata::{Status, TensorMeta, CPU, DOUBLE, FLOAT};
+use super::split::{pieces, share, threads_for, MIN_ELEMENTS_PER_THREAD};
+use super::{pool, storage, Unfit};
 
 /// A line of weights to write at commit.
 #[derive(Debug, Clone, Copy)]
@@ -66,29 +69,30 @@ impl Staged {
 
 impl<'t> Batch<'_, 't> {
     /// Stages one Bop step over the queued f32 variables (f64 ones are left out of
-    /// [`Staged::covered`]): every variable's state must be a run of one of `chunks`, and
-    /// `alts[k]` a second buffer of `chunks[k]`'s size and dtype, which receives the new state.
-    /// Nothing any parameter or state tensor shows is written.
+    /// [`Staged::covered`]): every variable's state must be a run of one of `state_buffers`,
+    /// and `copies[k]` the second copy of `state_buffers[k]` (same size and dtype), which
+    /// receives the new state. Nothing any parameter or state tensor shows is written.
     ///
     /// Fails, having written nothing, when two operands share memory that one of them writes,
     /// or a state is not in a buffer with a usable second copy.
     pub(crate) fn stage_bop(
         self,
         s: BopScalars<f32>,
-        chunks: &'t [Tensor],
-        alts: &'t [Option<Tensor>],
+        state_buffers: &'t [Tensor],
+        copies: &'t [Option<Tensor>],
         threads: usize,
     ) -> Result<Staged, Unfit> {
         let ws = self.ws;
-        ws.disjoint(1).map_err(Unfit::Overlap)?;
-        let n = chunks.len();
-        let metas =
-            ws.buffers.read(chunks.iter().map(Some).chain(alts.iter().map(Option::as_ref)), true);
-        let (bufs, alt_metas) = metas.split_at(n);
+        ws.prove_disjoint(1).map_err(Unfit::Overlap)?;
+        let n = state_buffers.len();
+        let metas = ws
+            .state_buffers
+            .read(state_buffers.iter().map(Some).chain(copies.iter().map(Option::as_ref)), true);
+        let (bufs, copy_metas) = metas.split_at(n);
         // Each buffer's byte range, and its second copy's address (0: none usable).
         let mut ranges = Vec::with_capacity(n);
-        for (b, a) in bufs.iter().zip(alt_metas) {
-            let ok = |m: &super::Meta| {
+        for (b, a) in bufs.iter().zip(copy_metas) {
+            let ok = |m: &TensorMeta| {
                 m.status() == Status::Ok
                     && m.device_code() == CPU
                     && m.dtype() == FLOAT
@@ -100,21 +104,22 @@ impl<'t> Batch<'_, 't> {
             let bytes = b.numel() * if b.dtype() == DOUBLE { 8 } else { 4 };
             ranges.push((b.data(), b.data() + bytes, if usable { a.data() } else { 0 }));
         }
-        ws.alt_addrs.clear();
+        ws.copy_addrs.clear();
         let mut buffers: Vec<usize> = Vec::new();
         for j in &ws.f32_jobs {
             if j.len == 0 {
-                ws.alt_addrs.push(0);
+                ws.copy_addrs.push(0);
                 continue;
             }
             let m = j.states[0];
-            let found =
-                ranges.iter().position(|&(lo, hi, alt)| alt != 0 && lo <= m && m + j.len * 4 <= hi);
+            let found = ranges
+                .iter()
+                .position(|&(lo, hi, copy)| copy != 0 && lo <= m && m + j.len * 4 <= hi);
             let Some(k) = found else {
                 return Err(Unfit::Unsupported("a state outside a staged buffer"));
             };
-            let (lo, _, alt) = ranges[k];
-            ws.alt_addrs.push(alt + (m - lo));
+            let (lo, _, copy) = ranges[k];
+            ws.copy_addrs.push(copy + (m - lo));
             if !buffers.contains(&k) {
                 buffers.push(k);
             }
@@ -123,15 +128,15 @@ impl<'t> Batch<'_, 't> {
         // byte the staging writes may belong to an operand, a state buffer or another copy.
         let first_index = ws.f32_jobs.first().map_or(0, |j| j.index);
         for &k in &buffers {
-            let (lo, hi, alt) = ranges[k];
-            let hits = |a: usize, b: usize| a < alt + (hi - lo) && alt < b;
-            if let Some(r) = ws.verified.iter().find(|r| hits(r.start, r.end)) {
+            let (lo, hi, copy) = ranges[k];
+            let hits = |a: usize, b: usize| a < copy + (hi - lo) && copy < b;
+            if let Some(r) = ws.alias.verified().iter().find(|r| hits(r.start, r.end)) {
                 return Err(Unfit::Overlap(r.index));
             }
             let buffer = ranges.iter().any(|&(a, b, _)| hits(a, b));
             let copy = buffers.iter().any(|&k2| {
-                let (a, b, alt2) = ranges[k2];
-                k2 != k && hits(alt2, alt2 + (b - a))
+                let (a, b, copy2) = ranges[k2];
+                k2 != k && hits(copy2, copy2 + (b - a))
             });
             if buffer || copy {
                 return Err(Unfit::Overlap(first_index));
@@ -144,18 +149,18 @@ impl<'t> Batch<'_, 't> {
         lists.iter_mut().for_each(Vec::clear);
         let lists: Vec<Mutex<Vec<Flip>>> = lists.into_iter().map(Mutex::new).collect();
         let first_bad = AtomicUsize::new(usize::MAX);
-        let simd = Simd::detect();
-        let (jobs, alt_addrs) = (&ws.f32_jobs[..], &ws.alt_addrs[..]);
+        let isa = Isa::detect();
+        let (jobs, copy_addrs) = (&ws.f32_jobs[..], &ws.copy_addrs[..]);
         pool::run(threads, |t| {
             let (lo, hi) = share(total, threads, t);
             let mut flips = lists[t].lock().unwrap_or_else(|e| e.into_inner());
-            // SAFETY: `queue` checked every job's addresses (live, contiguous, aligned f32 CPU
+            // SAFETY: `queue` admitted every job's addresses (live, contiguous, aligned f32 CPU
             // tensors of `len` elements, borrowed by the batch for `'t`), and the loop above
             // every second copy's (a live f32 CPU buffer of its state buffer's size, borrowed
-            // for `'t`); `disjoint` and the clash check proved that no byte written here (the
-            // second copies only) belongs to any operand or buffer; `share` gives each thread
-            // its own element range.
-            let bad = unsafe { stage_range(jobs, alt_addrs, s, simd, lo, hi, &mut flips) };
+            // for `'t`); `prove_disjoint` and the clash check proved that no byte written here
+            // (the second copies only) belongs to any operand or state buffer; `share` gives
+            // each thread its own element range.
+            let bad = unsafe { stage_range(jobs, copy_addrs, s, isa, lo, hi, &mut flips) };
             if let Some(k) = bad {
                 first_bad.fetch_min(k, Ordering::Relaxed);
             }
@@ -177,36 +182,38 @@ impl<'t> Batch<'_, 't> {
 /// of the first one whose gradient holds a NaN or an infinity there.
 ///
 /// # Safety
-/// As `run_range`, for one state; besides, `alts[k]` must point to `jobs[k].len` writable f32
-/// that no operand of any job and nothing else uses while this runs.
+/// As `batch::run_range`, for one state; besides, `copies[k]` must point to `jobs[k].len`
+/// writable f32 that no operand of any job and nothing else uses while this runs.
 unsafe fn stage_range(
-    jobs: &[Job],
-    alts: &[usize],
+    jobs: &[KernelJob],
+    copies: &[usize],
     s: BopScalars<f32>,
-    simd: Simd,
+    isa: Isa,
     lo: usize,
     hi: usize,
     flips: &mut Vec<Flip>,
 ) -> Option<usize> {
     let mut bad = None;
     for (k, a, n) in pieces(jobs.iter().map(|j| j.len), lo, hi) {
-        let (job, alt) = (&jobs[k], alts[k]);
-        // SAFETY (the four slices): in bounds (`a + n <= job.len`) of live f32 buffers by the
-        // contract; `w`, `g` and `m` are only read here, and `m_out` is written by this thread
-        // only (its own element range of a copy nothing else uses).
-        let read =
-            |addr: usize| unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+        let (job, copy) = (&jobs[k], copies[k]);
+        let read = |addr: usize| {
+            // SAFETY: (the four slices: `w`, `g`, `m` here, `m_out` below) in bounds (`a + n <=
+            // job.len`) of live f32 buffers by the contract; `w`, `g` and `m` are only read
+            // here, and `m_out` is written by this thread only (its own element range of a
+            // second copy nothing else uses).
+            unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) }
+        };
         let (w, g, m) = (read(job.p), read(job.g), read(job.states[0]));
         // SAFETY: as above.
-        let m_out = unsafe { slice_mut::<f32>(alt, a, n) };
+        let m_out = unsafe { slice_mut::<f32>(copy, a, n) };
         let base = job.p + a * 4;
         let mut record = |l: FlipLine| {
             flips.push(Flip { addr: base + l.offset * 4, count: l.count, negative: l.negative })
         };
-        let found = match simd {
+        let found = match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::Avx512` is only chosen when the CPU reports these features.
-            Simd::Avx512 => unsafe { stage_avx512(w, g, m, m_out, s, &mut record) },
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports these features.
+            Isa::Avx512 => unsafe { stage_avx512(w, g, m, m_out, s, &mut record) },
             _ => math::bop_stage(w, g, m, m_out, s, &mut record),
         };
         if found && bad.is_none() {
@@ -214,7 +221,7 @@ unsafe fn stage_range(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 {
+    if isa == Isa::Avx512 {
         // SAFETY: SSE is part of x86-64. Streaming stores are weakly ordered: the fence makes
         // them visible before this task reports done (and so before the commit reads them).
         unsafe { std::arch::x86_64::_mm_sfence() };
@@ -291,7 +298,7 @@ unsafe fn stage_avx512(
 
 /// Makes a staged step the current one: the staged state buffers take their second copy's
 /// memory and the recorded lines of weights are written. `param(i)` must give the optimizer's
-/// parameter tensor of variable `i`, `chunks` and `alts` those the step was staged with.
+/// parameter tensor of variable `i`, `state_buffers` and `copies` those the step was staged with.
 ///
 /// Fails, having changed nothing, when a parameter is no longer the memory the step was staged
 /// over or a buffer cannot be exchanged; the caller then runs the step the ordinary way.
@@ -299,8 +306,8 @@ pub(crate) fn commit<'p>(
     staged: &Staged,
     ws: &mut Workspace,
     param: impl Fn(usize) -> Option<&'p Tensor>,
-    chunks: &[Tensor],
-    alts: &[Option<Tensor>],
+    state_buffers: &[Tensor],
+    copies: &[Option<Tensor>],
 ) -> Result<(), Unfit> {
     let metas = ws.written.read(staged.params.iter().map(|&(i, _, _)| param(i)), true);
     for (m, &(_, addr, len)) in metas.iter().zip(&staged.params) {
@@ -310,14 +317,14 @@ pub(crate) fn commit<'p>(
     }
     let mut pairs = Vec::with_capacity(staged.buffers.len());
     for &k in &staged.buffers {
-        match (chunks.get(k), alts.get(k).and_then(Option::as_ref)) {
+        match (state_buffers.get(k), copies.get(k).and_then(Option::as_ref)) {
             (Some(a), Some(b)) => pairs.push((a, b)),
             _ => return Err(Unfit::Unsupported("a missing state buffer")),
         }
     }
-    super::meta::swap_storages(&pairs)
+    storage::swap_storages(&pairs)
         .map_err(|()| Unfit::Unsupported("a state buffer libtorch would not exchange"))?;
-    let simd = Simd::detect();
+    let isa = Isa::detect();
     let lists = &staged.flips;
     let work = |t: usize| {
         for f in lists.get(t).into_iter().flatten() {
@@ -325,10 +332,10 @@ pub(crate) fn commit<'p>(
             // contiguous f32 CPU memory it was when staged (the optimizer owns the tensors,
             // and the router runs nothing between staging and commit); threads write disjoint
             // lines (each was recorded by the one thread that staged its elements).
-            unsafe { write_flip(*f, simd) };
+            unsafe { write_flip(*f, isa) };
         }
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx512 {
+        if isa == Isa::Avx512 {
             // SAFETY: SSE is part of x86-64; orders the streaming stores before the task ends.
             unsafe { std::arch::x86_64::_mm_sfence() };
         }
@@ -347,14 +354,14 @@ pub(crate) fn commit<'p>(
 ///
 /// # Safety
 /// `f.addr` must point to `f.count` f32 that nothing else uses meanwhile.
-unsafe fn write_flip(f: Flip, simd: Simd) {
+unsafe fn write_flip(f: Flip, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 && f.count == 16 && f.addr.is_multiple_of(64) {
-        // SAFETY: the caller's contract; the CPU has AVX-512 (`simd`), the address is aligned.
+    if isa == Isa::Avx512 && f.count == 16 && f.addr.is_multiple_of(64) {
+        // SAFETY: the caller's contract; the CPU has AVX-512 (`isa`), the address is aligned.
         unsafe { write_line_avx512(f) };
         return;
     }
-    let _ = simd;
+    let _ = isa;
     // SAFETY: the caller's contract.
     let w = unsafe { slice_mut::<f32>(f.addr, 0, f.count) };
     math::write_line(w, FlipLine { offset: 0, count: f.count, negative: f.negative });
@@ -415,9 +422,9 @@ mod tests {
         (v, to_boundary + skip)
     }
 
-    /// Stages with `simd` and applies the result, returning (new weights, new state, bad).
+    /// Stages with `isa` and applies the result, returning (new weights, new state, bad).
     fn staged(
-        simd: Simd,
+        isa: Isa,
         w: &[f32],
         g: &[f32],
         m: &[f32],
@@ -428,10 +435,10 @@ mod tests {
         let (mut buffer, start) = out_buffer(n, skip);
         let out = &mut buffer[start..start + n];
         let mut lines = Vec::new();
-        let bad = match simd {
+        let bad = match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called with `Simd::Avx512` when the CPU has it.
-            Simd::Avx512 => unsafe { stage_avx512(w, g, m, out, s, &mut |l| lines.push(l)) },
+            // SAFETY: only called with `Isa::Avx512` when the CPU has it.
+            Isa::Avx512 => unsafe { stage_avx512(w, g, m, out, s, &mut |l| lines.push(l)) },
             _ => math::bop_stage(w, g, m, out, s, |l| lines.push(l)),
         };
         let mut new_w = w.to_vec();
@@ -444,9 +451,9 @@ mod tests {
 
     #[test]
     fn a_staged_step_applied_equals_the_in_place_step_bit_for_bit() {
-        let mut sets = vec![Simd::Baseline];
-        if Simd::detect() == Simd::Avx512 {
-            sets.push(Simd::Avx512);
+        let mut sets = vec![Isa::Baseline];
+        if Isa::detect() == Isa::Avx512 {
+            sets.push(Isa::Avx512);
         }
         eprintln!("instruction sets compared: {sets:?}");
         for n in [0usize, 1, 15, 16, 17, 100, 1000, 4099] {
@@ -458,9 +465,9 @@ mod tests {
                     }
                     let (w0, m0) = (w.clone(), m.clone());
                     math::bop(&mut w, &g, &mut m, BopScalars { gamma: 0.1, threshold: 1e-6 });
-                    for &simd in &sets {
-                        let (sw, sm, bad) = staged(simd, &w0, &g, &m0, skip);
-                        let case = format!("{simd:?} n {n} skip {skip} poison {poison:?}");
+                    for &isa in &sets {
+                        let (sw, sm, bad) = staged(isa, &w0, &g, &m0, skip);
+                        let case = format!("{isa:?} n {n} skip {skip} poison {poison:?}");
                         assert_eq!(bits(&sw), bits(&w), "weights, {case}");
                         assert_eq!(bits(&sm), bits(&m), "state, {case}");
                         assert_eq!(bad, poison.is_some() && n > 0, "{case}");
@@ -478,14 +485,14 @@ mod tests {
         unsafe {
             write_flip(
                 Flip { addr: w.as_mut_ptr() as usize, count: 16, negative: line.negative },
-                Simd::detect(),
+                Isa::detect(),
             )
         };
         // SAFETY: as above, 3 f32 from element 20.
         unsafe {
             write_flip(
                 Flip { addr: w[20..].as_mut_ptr() as usize, count: 3, negative: 0b010 },
-                Simd::detect(),
+                Isa::detect(),
             )
         };
         let mut want = vec![0.5f32; 40];

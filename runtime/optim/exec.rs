@@ -164,13 +164,13 @@ impl Exec {
         let vars =
             params.iter().zip(grads).zip(states).enumerate().filter_map(|(index, ((p, g), st))| {
                 let st = st.as_ref()?;
-                let flat = st.slot().map(|s| (s.buffer, s.offsets));
+                let state_buffer = st.slot().map(|s| (s.buffer, s.offsets));
                 Some(Operands {
                     index,
                     param: &p.tensor,
                     grad: g.as_ref()?,
                     states: st.operands(),
-                    flat,
+                    state_buffer,
                 })
             });
         batch.queue(vars, &self.state_buffers, &mut refused);

@@ -115,7 +115,7 @@ impl Staging {
                     param: &p.tensor,
                     grad: g.as_ref()?,
                     states: st.operands(),
-                    flat: Some((slot.buffer, slot.offsets)),
+                    state_buffer: Some((slot.buffer, slot.offsets)),
                 })
             },
         );
@@ -185,7 +185,8 @@ impl Staging {
     }
 }
 
-#[cfg(test)]
+// Staging is the fused kernels' (without the `fused` feature nothing is ever staged).
+#[cfg(all(test, feature = "fused"))]
 mod tests {
     //! Staging against Bop's in-place step, bit for bit. The router's side (commit or drop
     //! as the whole step is accepted or refused) is tested in tests/test_staged.rs.

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::kernels::finite::ScanScratch;
-use crate::kernels::meta::Grads;
+use crate::kernels::metadata::Grads;
 
 /// What a router's [`step`](crate::Router::step) does with a gradient that holds NaN or infinity.
 ///

@@ -13,7 +13,7 @@ use super::rules::{RuleInfo, RuleSpec};
 use super::table::RoutingTable;
 use crate::error::{Error, Result};
 use crate::kernels::finite::ScanScratch;
-use crate::kernels::meta::{Grads, MetaReader};
+use crate::kernels::metadata::{Grads, MetaReader};
 use crate::optim::{FromConfig, Optimizer};
 use crate::var::Param;
 

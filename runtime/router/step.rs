@@ -9,7 +9,7 @@ use super::build::route_new_variables;
 use super::nonfinite::{first_non_finite, NonFinitePolicy};
 use super::parts::{OptimizerInspector, OptimizerVisitor, RouterParts};
 use crate::error::{Error, Result};
-use crate::kernels::meta::{Grads, Meta, MetaReader, Status};
+use crate::kernels::metadata::{Grads, MetaReader, Status, TensorMeta};
 use crate::optim::grad::check_grad;
 use crate::optim::staging;
 use crate::optim::Optimizer;
@@ -133,7 +133,7 @@ impl OptimizerInspector for CollectGrads {
 /// variable's: tch's own accessors name what differs; a gradient they find nothing wrong with
 /// is in a layout the optimizers cannot use (sparse, ...), or was not readable (then carry on:
 /// the optimizer's step checks it again).
-fn check_gradient(p: &Param, g: &Tensor, m: &Meta) -> Result<()> {
+fn check_gradient(p: &Param, g: &Tensor, m: &TensorMeta) -> Result<()> {
     check_grad(p, g)?;
     if m.status() == Status::NotStrided {
         let reason = "not a dense (strided) tensor: sparse, or another layout".to_string();

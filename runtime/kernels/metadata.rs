@@ -1,5 +1,6 @@
-//! Tensor metadata for many tensors in one foreign call (the C++ side is `meta.cpp`, compiled
-//! by build.rs against libtorch's headers).
+//! Tensor metadata for many tensors in one foreign call (the C++ side is `shim/metadata.cpp`,
+//! compiled by build.rs against libtorch's headers; without the `fused` feature the same
+//! metadata is read through tch's accessors, see [`unfused`](super::unfused)).
 //!
 //! tch reads each field of a tensor (shape, dtype, device, contiguity, data address) through its
 //! own libtch call followed by a check of libtch's thread-local error, and allocates for the
@@ -7,36 +8,35 @@
 //! step: about 100 foreign calls per variable per step across the router's checks, the NaN scan
 //! and the fused kernels' checks. [`MetaReader`] reads a whole list in one call.
 
+#[cfg(feature = "fused")]
 use std::ffi::c_void;
 
 use tch::{Device, Kind, Tensor};
 
-use super::finite::{extent, Extent};
-
 /// Most dimensions a tensor may have to be described (more is reported, not wrong).
 pub(crate) const MAX_DIMS: usize = 12;
 
-/// `caseopt_meta` of meta.cpp, field for field.
+/// `caseopt_meta` of shim/metadata.cpp, field for field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct RawMeta {
-    numel: i64,
-    data: usize,
-    status: i32,
-    dtype: i32,
-    device: i32,
-    ndim: i32,
-    contiguous: u8,
-    requires_grad: u8,
-    pad: [u8; 6],
-    sizes: [i64; MAX_DIMS],
+pub(super) struct RawMeta {
+    pub(super) numel: i64,
+    pub(super) data: usize,
+    pub(super) status: i32,
+    pub(super) dtype: i32,
+    pub(super) device: i32,
+    pub(super) ndim: i32,
+    pub(super) contiguous: u8,
+    pub(super) requires_grad: u8,
+    pub(super) pad: [u8; 6],
+    pub(super) sizes: [i64; MAX_DIMS],
 }
 
 // The C++ struct has the same fields in the same order, so the same size; `meta_layout_agrees`
 // checks it against the compiled C++ too.
 const _: () = assert!(std::mem::size_of::<RawMeta>() == 136);
 
-const EMPTY: RawMeta = RawMeta {
+pub(super) const EMPTY: RawMeta = RawMeta {
     numel: 0,
     data: 0,
     status: Status::Undefined as i32,
@@ -49,6 +49,7 @@ const EMPTY: RawMeta = RawMeta {
     sizes: [0; MAX_DIMS],
 };
 
+#[cfg(feature = "fused")]
 extern "C" {
     fn caseopt_read_meta(
         tensors: *const *const c_void,
@@ -60,25 +61,11 @@ extern "C" {
     );
     #[cfg(test)]
     fn caseopt_meta_size() -> usize;
-    fn caseopt_swap_storages(a: *const *const c_void, b: *const *const c_void, n: usize) -> i32;
 }
 
-/// Exchanges the memory of the storages of each pair's two tensors (of equal byte size, on
-/// the CPU): every tensor viewing one storage then sees what the other held. Fails, having
-/// changed nothing, when a pair does not qualify or libtorch raised.
-pub(crate) fn swap_storages(pairs: &[(&Tensor, &Tensor)]) -> Result<(), ()> {
-    let a: Vec<*const c_void> = pairs.iter().map(|(x, _)| x.as_ptr() as *const c_void).collect();
-    let b: Vec<*const c_void> = pairs.iter().map(|(_, y)| y.as_ptr() as *const c_void).collect();
-    // SAFETY: every pointer is the `at::Tensor*` of a live tch tensor borrowed for the call;
-    // the C++ side checks every pair before it changes any, catches libtorch's exceptions, and
-    // only exchanges the two storages' allocations (both stay owned by a storage throughout).
-    let status = unsafe { caseopt_swap_storages(a.as_ptr(), b.as_ptr(), pairs.len()) };
-    if status == 0 {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
+/// ATen's scalar type codes of the two element types the kernels take.
+pub(crate) const FLOAT: i32 = 6;
+pub(crate) const DOUBLE: i32 = 7;
 
 /// libtch's device code for the CPU; CUDA devices are their index, -2 anything else.
 pub(crate) const CPU: i32 = -1;
@@ -102,9 +89,9 @@ pub(crate) enum Status {
 /// One tensor's metadata.
 #[derive(Debug, Clone, Copy)]
 #[repr(transparent)]
-pub(crate) struct Meta(RawMeta);
+pub(crate) struct TensorMeta(RawMeta);
 
-impl Meta {
+impl TensorMeta {
     pub(crate) fn status(&self) -> Status {
         match self.0.status {
             0 => Status::Ok,
@@ -165,6 +152,12 @@ impl Meta {
     pub(crate) fn data(&self) -> usize {
         self.0.data
     }
+
+    /// The data address when there is one and it is `align`-aligned.
+    pub(crate) fn aligned_data(&self, align: usize) -> Option<usize> {
+        let addr = self.0.data;
+        (addr != 0 && addr.is_multiple_of(align)).then_some(addr)
+    }
 }
 
 /// tch's `Kind` for ATen's scalar type code (tch's own conversion is private).
@@ -192,6 +185,40 @@ pub(crate) fn kind_of(code: i32) -> Option<Kind> {
         26 => Kind::Float8e4m3fnuz,
         _ => return None,
     })
+}
+
+/// Where a readable gradient's elements are: what the NaN scan ([`finite`](super::finite))
+/// needs of its metadata, kept by [`Grads`] between reading it and scanning.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
+    pub(crate) f64: bool,
+}
+
+impl Extent {
+    /// Nothing to read: a gradient checked another way (a staged step's, see
+    /// [`stage`](super::stage)).
+    pub(crate) const CHECKED: Extent = Extent { addr: 0, len: 0, f64: false };
+}
+
+/// The extent of a tensor the scan can read (contiguous f32/f64 on the CPU), or `None`.
+pub(crate) fn extent(m: &TensorMeta) -> Option<Extent> {
+    if !m.is_ok() || m.device_code() != CPU || !m.contiguous() {
+        return None;
+    }
+    let f64 = match m.dtype() {
+        FLOAT => false,
+        DOUBLE => true,
+        _ => return None,
+    };
+    let len = m.numel();
+    if len == 0 {
+        return Some(Extent { addr: 0, len, f64 });
+    }
+    let align = if f64 { std::mem::align_of::<f64>() } else { std::mem::align_of::<f32>() };
+    let addr = m.aligned_data(align)?;
+    Some(Extent { addr, len, f64 })
 }
 
 /// One optimizer's gradients for a step, from [`MetaReader::grads`]: a handle per variable
@@ -230,18 +257,28 @@ impl Grads {
     }
 }
 
+/// A gradient handle as the reader makes it: the `at::Tensor*` the C++ reader allocated, or
+/// (without the shim) the tch tensor itself.
+#[cfg(feature = "fused")]
+type GradHandle = *mut c_void;
+#[cfg(not(feature = "fused"))]
+type GradHandle = Option<Tensor>;
+
 /// Reads the metadata of tensor lists, keeping its buffers between calls so that a step
 /// allocates nothing once they have grown.
 #[derive(Debug, Default)]
 pub(crate) struct MetaReader {
+    #[cfg(feature = "fused")]
     handles: Vec<*const c_void>,
     out: Vec<RawMeta>,
     grads: Vec<RawMeta>,
-    grad_handles: Vec<*mut c_void>,
+    grad_handles: Vec<GradHandle>,
 }
 
-// SAFETY: the handle pointers are only scratch between a `read*` call's start and end (they are
-// cleared before the call returns); nothing else in the reader refers to another thread's data.
+// SAFETY: the handle pointers are only scratch between the start and the end of a `read` or
+// `grads` call (both lists are emptied before the call returns); nothing else in the reader
+// refers to another thread's data.
+#[cfg(feature = "fused")]
 unsafe impl Send for MetaReader {}
 
 impl MetaReader {
@@ -252,9 +289,8 @@ impl MetaReader {
         &'r mut self,
         tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
         writable: bool,
-    ) -> &'r [Meta] {
-        self.fill(tensors);
-        self.call(writable, false);
+    ) -> &'r [TensorMeta] {
+        self.read_all(tensors, writable, false);
         as_metas(&self.out)
     }
 
@@ -267,9 +303,8 @@ impl MetaReader {
         &'r mut self,
         params: impl IntoIterator<Item = &'t Tensor>,
         reuse: Grads,
-    ) -> (&'r [Meta], Grads) {
-        self.fill(params.into_iter().map(Some));
-        self.call(false, true);
+    ) -> (&'r [TensorMeta], Grads) {
+        self.read_all(params.into_iter().map(Some), false, true);
         let metas = as_metas(&self.out);
         let n = metas.len();
         let mut grads = reuse;
@@ -277,10 +312,7 @@ impl MetaReader {
         grads.handles.reserve(n);
         grads.extents.reserve(n);
         for ((h, p), g) in self.grad_handles.drain(..).zip(metas).zip(as_metas(&self.grads)) {
-            // SAFETY: a non-null entry is a fresh `new at::Tensor` made by `caseopt_read_meta`
-            // for this call and owned by nobody else; tch's `Tensor` takes it over and frees it
-            // with `at_free` (`delete`), as it does the handles libtch makes.
-            let handle = (!h.is_null()).then(|| unsafe { Tensor::from_ptr(h.cast()) });
+            let handle = into_tensor(h);
             // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
             // it is skipped rather than moved by momentum.
             grads.handles.push(handle.filter(|_| p.requires_grad()));
@@ -291,20 +323,23 @@ impl MetaReader {
 
     /// The gradients' metadata read by the last [`grads`](Self::grads), aligned with its
     /// parameters (undefined for a variable without a gradient).
-    pub(crate) fn grad_metas(&self) -> &[Meta] {
+    pub(crate) fn grad_metas(&self) -> &[TensorMeta] {
         as_metas(&self.grads)
     }
 
-    fn fill<'t>(&mut self, tensors: impl IntoIterator<Item = Option<&'t Tensor>>) {
+    /// Reads `tensors` into `out`; with `grads`, also their gradients' metadata into `grads`
+    /// and a handle to each defined gradient into `grad_handles`.
+    #[cfg(feature = "fused")]
+    fn read_all<'t>(
+        &mut self,
+        tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
+        writable: bool,
+        grads: bool,
+    ) {
         self.handles.clear();
         self.handles.extend(
             tensors.into_iter().map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const _)),
         );
-    }
-
-    /// One call of the C++ reader over `handles`; with `grads`, also the gradients' metadata
-    /// and a handle to each.
-    fn call(&mut self, writable: bool, grads: bool) {
         let n = self.handles.len();
         self.out.clear();
         self.out.resize(n, EMPTY);
@@ -320,11 +355,11 @@ impl MetaReader {
             let handles_ptr =
                 if grads { self.grad_handles.as_mut_ptr() } else { std::ptr::null_mut() };
             // SAFETY: every non-null handle is the `at::Tensor*` of a live tch tensor borrowed by
-            // the caller for this call (`fill` took them from `&Tensor`s that outlive it); `out`
+            // the caller for this call (taken just above from `&Tensor`s that outlive it); `out`
             // (and `grads`, `grad_handles` when asked) hold `n` writable elements of the C++
-            // layout (a pointer for each handle);
-            // the C++ function catches every exception and only reads the tensors (a writable
-            // read may un-share a copy-on-write storage, as any in-place tch op would).
+            // layout (a pointer for each handle); the C++ function catches every exception and
+            // only reads the tensors (a writable read may un-share a copy-on-write storage, as
+            // any in-place tch op would).
             unsafe {
                 caseopt_read_meta(
                     self.handles.as_ptr(),
@@ -339,43 +374,59 @@ impl MetaReader {
         // The raw handles are not kept past the call.
         self.handles.clear();
     }
+
+    /// [`read_all`](Self::read_all) through tch's accessors, one tensor at a time.
+    #[cfg(not(feature = "fused"))]
+    fn read_all<'t>(
+        &mut self,
+        tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
+        writable: bool,
+        grads: bool,
+    ) {
+        self.out.clear();
+        self.grads.clear();
+        self.grad_handles.clear();
+        for t in tensors {
+            self.out.push(super::unfused::read_meta(t, writable));
+            if grads {
+                let g = t.filter(|t| t.defined()).map(Tensor::grad).filter(Tensor::defined);
+                self.grads.push(super::unfused::read_meta(g.as_ref(), false));
+                self.grad_handles.push(g);
+            }
+        }
+    }
 }
 
-fn as_metas(raw: &[RawMeta]) -> &[Meta] {
-    // SAFETY: `Meta` is a `#[repr(transparent)]` newtype over `RawMeta`, so a slice of one is
-    // a slice of the other.
-    unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<Meta>(), raw.len()) }
+/// Takes over a gradient handle made by the C++ reader.
+#[cfg(feature = "fused")]
+fn into_tensor(h: GradHandle) -> Option<Tensor> {
+    // SAFETY: a non-null entry is a fresh `new at::Tensor` made by `caseopt_read_meta` for this
+    // call and owned by nobody else; tch's `Tensor` takes it over and frees it with `at_free`
+    // (`delete`), as it does the handles libtch makes.
+    (!h.is_null()).then(|| unsafe { Tensor::from_ptr(h.cast()) })
+}
+
+/// A gradient handle read through tch is already a tensor.
+#[cfg(not(feature = "fused"))]
+fn into_tensor(h: GradHandle) -> Option<Tensor> {
+    h
+}
+
+fn as_metas(raw: &[RawMeta]) -> &[TensorMeta] {
+    // SAFETY: `TensorMeta` is a `#[repr(transparent)]` newtype over `RawMeta`, so a slice of
+    // one is a slice of the other.
+    unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<TensorMeta>(), raw.len()) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[cfg(feature = "fused")]
     #[test]
     fn meta_layout_agrees() {
         // SAFETY: a pure function returning a constant.
         assert_eq!(unsafe { caseopt_meta_size() }, std::mem::size_of::<RawMeta>());
-    }
-
-    #[test]
-    fn swapped_storages_show_through_every_view() {
-        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]);
-        let b = Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0]);
-        let view = a.narrow(0, 1, 2);
-        let alias = a.alias();
-        swap_storages(&[(&a, &b)]).unwrap();
-        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), [5.0, 6.0, 7.0, 8.0]);
-        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(Vec::<f32>::try_from(&view).unwrap(), [6.0, 7.0]);
-        assert_eq!(Vec::<f32>::try_from(&alias).unwrap(), [5.0, 6.0, 7.0, 8.0]);
-        // A pair that does not qualify (sizes differ) changes nothing, even after a good pair.
-        let c = Tensor::from_slice(&[9.0f32]);
-        assert!(swap_storages(&[(&a, &b), (&a, &c)]).is_err());
-        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), [5.0, 6.0, 7.0, 8.0]);
-        // Nor does a tensor paired with itself, or an undefined one.
-        assert!(swap_storages(&[(&a, &a)]).is_err());
-        assert!(swap_storages(&[(&a, &Tensor::new())]).is_err());
-        assert_eq!(Vec::<f32>::try_from(&c).unwrap(), [9.0]);
     }
 
     #[test]
@@ -418,7 +469,7 @@ mod tests {
         let frozen = frozen.set_requires_grad(false);
         let (ps, grads) = r.grads([&x, &y, &frozen], Grads::default());
         assert_eq!(ps.len(), 3);
-        assert!(ps.iter().all(Meta::is_ok));
+        assert!(ps.iter().all(TensorMeta::is_ok));
         assert_eq!(grads.handles.len(), 3);
         let g = grads.handles[0].as_ref().expect("x has a gradient");
         assert_eq!(g.data_ptr(), x.grad().data_ptr());
@@ -441,8 +492,8 @@ mod tests {
 
     #[test]
     fn long_lists_are_read_on_several_threads_in_order() {
-        // Past meta.cpp's CASEOPT_PARALLEL_READ (512), the list is split between threads: every
-        // entry must still land at its own index, gradients and handles included.
+        // Past shim/metadata.cpp's CASEOPT_PARALLEL_READ (512), the list is split between
+        // threads: every entry must still land at its own index, gradients and handles included.
         let params: Vec<Tensor> = (0..1500)
             .map(|i| Tensor::zeros([1 + i % 7], (Kind::Float, Device::Cpu)).set_requires_grad(true))
             .collect();

@@ -1,5 +1,5 @@
 // Reads the metadata of many tensors in one call, for caseopt's fused CPU kernels and its
-// router's checks (runtime/kernels/meta.rs is the Rust side).
+// router's checks (runtime/kernels/metadata.rs is the Rust side).
 //
 // Through libtch every field is its own foreign call plus a check of libtch's thread-local
 // error (ten or more calls per tensor): on 2000 small variables those calls, not the
@@ -16,7 +16,7 @@
 
 extern "C" {
 
-// Keep in sync with `RawMeta` in runtime/kernels/meta.rs.
+// Keep in sync with `RawMeta` in runtime/kernels/metadata.rs.
 enum caseopt_status : int32_t {
   CASEOPT_OK = 0,
   CASEOPT_UNDEFINED = 1,      // an undefined tensor (e.g. no gradient)
@@ -199,76 +199,5 @@ void caseopt_read_meta(const at::Tensor* const* tensors, size_t n, int32_t writa
 
 // The size of `caseopt_meta`, checked by the Rust side once.
 size_t caseopt_meta_size(void) { return sizeof(caseopt_meta); }
-
-}  // extern "C"
-
-// ---------------------------------------------------------------------------------------------
-// Running the fused kernels on libtorch's own intra-op thread pool (runtime/kernels/pool.rs).
-//
-// Threads of our own would compete with libtorch's OpenMP workers, which keep spinning for a
-// while after every parallel op (the forward and backward passes just before a step): on two
-// cores that contention cost more than the threads saved. at::parallel_for hands the tasks to
-// those very workers.
-#include <ATen/Parallel.h>
-
-extern "C" {
-
-typedef void (*caseopt_task)(void* ctx, int64_t begin, int64_t end);
-
-// Runs `task(ctx, begin, end)` over chunks of [0, n) on libtorch's intra-op pool, at least
-// `grain` indices per chunk (ATen's meaning of a grain size). Returns 0, or 1 when
-// libtorch raised (the task itself never throws: it is Rust code that catches its panics).
-int32_t caseopt_parallel_for(int64_t n, int64_t grain, caseopt_task task, void* ctx) {
-  try {
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { task(ctx, begin, end); });
-    return 0;
-  } catch (...) {
-    return 1;
-  }
-}
-
-}  // extern "C"
-
-// ---------------------------------------------------------------------------------------------
-// Committing a staged update (runtime/kernels/stage.rs): the new state was written into a
-// second buffer of the same size, and now becomes the state by exchanging the two storages'
-// memory. Every tensor viewing the state's storage (the optimizer's per-variable views, the
-// aliases `state()` handed out) sees the new values at once, and no byte is copied.
-#include <c10/core/StorageImpl.h>
-
-extern "C" {
-
-// Exchanges the memory of the storages of `a[i]` and `b[i]` for every i < n: 0 on success; 1,
-// having changed nothing, when a pair differs in size or device, is not a pair of distinct
-// plain CPU storages, or libtorch raised while checking.
-int32_t caseopt_swap_storages(const at::Tensor* const* a, const at::Tensor* const* b, size_t n) {
-  try {
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& x = *a[i];
-      const at::Tensor& y = *b[i];
-      if (!x.defined() || !y.defined() || !x.has_storage() || !y.has_storage()) return 1;
-      c10::StorageImpl* sx = x.storage().unsafeGetStorageImpl();
-      c10::StorageImpl* sy = y.storage().unsafeGetStorageImpl();
-      // Gives a copy-on-write storage its own memory first, as any in-place op would.
-      (void)sx->mutable_data_ptr();
-      (void)sy->mutable_data_ptr();
-      if (sx == sy || sx->nbytes() != sy->nbytes() || !sx->device().is_cpu() ||
-          !sy->device().is_cpu() || sx->data() == nullptr || sy->data() == nullptr) {
-        return 1;
-      }
-    }
-  } catch (...) {
-    return 1;
-  }
-  // Moving DataPtrs does not throw.
-  for (size_t i = 0; i < n; ++i) {
-    c10::StorageImpl* sx = a[i]->storage().unsafeGetStorageImpl();
-    c10::StorageImpl* sy = b[i]->storage().unsafeGetStorageImpl();
-    at::DataPtr px = std::move(sx->_mutable_data_ptr_no_checks());
-    sx->set_data_ptr_noswap(std::move(sy->_mutable_data_ptr_no_checks()));
-    sy->set_data_ptr_noswap(std::move(px));
-  }
-  return 0;
-}
 
 }  // extern "C"

@@ -1,0 +1,333 @@
+//! The fused pass: an optimizer queues its variables' tensors in a [`Batch`], which reads all
+//! their metadata in one call and admits each one ([`admit`](super::admit)); [`Batch::run`]
+//! then proves the operands disjoint ([`alias`](super::alias)), splits the elements between
+//! threads ([`split`](super::split)) and runs the kernel over safe slices, compiled for the
+//! processor's instruction set ([`isa`](super::isa)).
+
+use std::marker::PhantomData;
+
+use tch::Tensor;
+
+use super::admit::{admit, KernelJob, StateMetas};
+use super::alias::AliasProof;
+use super::isa::{Isa, IsaLoop};
+use super::math::Real;
+use super::metadata::MetaReader;
+use super::split::{pieces, share, threads_for, MIN_ELEMENTS_PER_THREAD};
+use super::{pool, stage, Kernel, Operands, Unfit, MAX_STATES};
+
+/// Scratch an optimizer keeps between steps, so that a fused step allocates nothing once the
+/// job lists have grown to size, and re-proves disjointness only when an address changed.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    pub(super) f32_jobs: Vec<KernelJob>,
+    pub(super) f64_jobs: Vec<KernelJob>,
+    /// The proof that the queued operands overlap nothing written.
+    pub(super) alias: AliasProof,
+    /// Reads the parameters' and states' metadata (writable addresses).
+    pub(super) written: MetaReader,
+    /// Reads the gradients' metadata.
+    read: MetaReader,
+    /// Reads the state buffers' metadata.
+    pub(super) state_buffers: MetaReader,
+    /// A staged step's address of each f32 job's state in the second copy of its state buffer
+    /// ([`stage`]).
+    pub(super) copy_addrs: Vec<usize>,
+    /// A staged step's lines of weights to write, per thread, kept between steps.
+    pub(super) flips: Vec<Vec<stage::Flip>>,
+}
+
+impl Workspace {
+    /// Starts an empty batch for a kernel with `states` state tensors per variable, whose
+    /// tensors are borrowed for `'t`.
+    pub(crate) fn batch<'t>(&mut self, states: usize) -> Batch<'_, 't> {
+        self.f32_jobs.clear();
+        self.f64_jobs.clear();
+        Batch { ws: self, states: states.min(MAX_STATES), tensors: PhantomData }
+    }
+
+    /// Indices of the variables the last successful [`Batch::run`] updated.
+    pub(crate) fn updated(&self) -> impl Iterator<Item = usize> + '_ {
+        self.f32_jobs.iter().chain(&self.f64_jobs).map(|j| j.index)
+    }
+
+    /// Proves the queued jobs' operands disjoint ([`AliasProof::prove`]).
+    pub(super) fn prove_disjoint(&mut self, states: usize) -> Result<(), usize> {
+        self.alias.prove(&self.f32_jobs, &self.f64_jobs, states)
+    }
+}
+
+/// The tensors of one step, queued variable by variable and then updated in one pass.
+///
+/// Holding shared borrows of every queued tensor for `'t` keeps their handles (and so their
+/// storages) alive until the batch is run or dropped.
+pub(crate) struct Batch<'w, 't> {
+    pub(super) ws: &'w mut Workspace,
+    /// State tensors per variable.
+    states: usize,
+    tensors: PhantomData<&'t Tensor>,
+}
+
+impl<'t> Batch<'_, 't> {
+    /// Queues the update of every variable of `vars`, checking all their tensors (CPU, f32 or
+    /// f64, contiguous, aligned, of the parameter's length; the gradient against the parameter
+    /// as `optim::check_grad` does, [`Unfit::Grad`]) with two metadata reads for the whole
+    /// list. Variables that cannot take the fused path are appended to `refused` with the
+    /// reason, in order. Nothing is written until [`run`](Self::run); the kernel's per-variable
+    /// scalars are zero until [`set_scalars`](Self::set_scalars).
+    pub(crate) fn queue<I>(
+        &mut self,
+        vars: I,
+        state_buffers: &'t [Tensor],
+        refused: &mut Vec<(usize, Unfit)>,
+    ) where
+        I: Iterator<Item = Operands<'t>> + Clone,
+    {
+        let states = self.states;
+        let ws = &mut *self.ws;
+        // Variables whose states live in a state buffer contribute only their parameter here.
+        let own = |v: &Operands<'t>| if v.state_buffer.is_some() { 0 } else { states };
+        let written = ws.written.read(
+            vars.clone().flat_map(|v| {
+                std::iter::once(Some(v.param))
+                    .chain(v.states.into_iter().take(own(&v)).map(|s| s.map(|(_, t)| t)))
+            }),
+            true,
+        );
+        let read = ws.read.read(vars.clone().map(|v| Some(v.grad)), false);
+        let buffers = ws.state_buffers.read(state_buffers.iter().map(Some), true);
+        let mut at = 0;
+        for (k, v) in vars.enumerate() {
+            let n = 1 + own(&v);
+            let ops = &written[at..at + n];
+            at += n;
+            let names = v.states.map(|s| s.map_or("state", |(name, _)| name));
+            let states = match v.state_buffer {
+                None => StateMetas::Own(&ops[1..]),
+                Some((buffer, offsets)) => match buffers.get(buffer) {
+                    Some(buffer) => StateMetas::InStateBuffer { buffer, offsets, count: states },
+                    None => {
+                        refused.push((v.index, Unfit::Unsupported("a missing state buffer")));
+                        continue;
+                    }
+                },
+            };
+            match admit(v.index, &ops[0], &read[k], states, &names) {
+                Ok((job, true)) => ws.f64_jobs.push(job),
+                Ok((job, false)) => ws.f32_jobs.push(job),
+                Err(unfit) => refused.push((v.index, unfit)),
+            }
+        }
+    }
+
+    /// Sets each queued variable's kernel scalars, from its index.
+    pub(crate) fn set_scalars(&mut self, mut scalars: impl FnMut(usize) -> [f64; 2]) {
+        for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
+            j.scalars = scalars(j.index);
+        }
+    }
+
+    /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
+    /// is too little work to pay for them).
+    ///
+    /// Fails, before writing anything, when two operands share memory that one of them writes.
+    pub(crate) fn run<K: Kernel>(self, kernel: &K, threads: usize) -> Result<(), Unfit> {
+        let (ws, states) = (self.ws, self.states);
+        if let Err(index) = ws.prove_disjoint(states) {
+            // Forget the jobs so that `updated` reports nothing.
+            ws.f32_jobs.clear();
+            ws.f64_jobs.clear();
+            return Err(Unfit::Overlap(index));
+        }
+        let total = ws.f32_jobs.iter().chain(&ws.f64_jobs).map(|j| j.len).sum::<usize>();
+        let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
+        let isa = Isa::detect();
+        let (f32_jobs, f64_jobs) = (&ws.f32_jobs[..], &ws.f64_jobs[..]);
+        let work = |t: usize| {
+            let (lo, hi) = share(total_len(f32_jobs), threads, t);
+            // SAFETY: `queue` admitted every address (`admit`: a live CPU tensor of this
+            // element type, contiguous, `len` elements, aligned) and the batch borrows those
+            // tensors until it is consumed here; `prove_disjoint` proved that written operands
+            // share no memory; `share` hands each thread a disjoint element range.
+            unsafe { run_range::<K, f32>(kernel, isa, f32_jobs, states, lo, hi) };
+            let (lo, hi) = share(total_len(f64_jobs), threads, t);
+            // SAFETY: as above, for the f64 jobs.
+            unsafe { run_range::<K, f64>(kernel, isa, f64_jobs, states, lo, hi) };
+        };
+        pool::run(threads, work);
+        Ok(())
+    }
+}
+
+fn total_len(jobs: &[KernelJob]) -> usize {
+    jobs.iter().map(|j| j.len).sum()
+}
+
+/// One run of one variable under [`Kernel::apply`], as a loop for [`Isa::run`].
+struct ApplyKernel<'k, 's, K, T> {
+    kernel: &'k K,
+    scalars: [f64; 2],
+    p: &'s mut [T],
+    g: &'s [T],
+    states: [&'s mut [T]; MAX_STATES],
+}
+
+impl<K: Kernel, T: Real> IsaLoop for ApplyKernel<'_, '_, K, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        self.kernel.apply(self.scalars, self.p, self.g, self.states)
+    }
+}
+
+/// Runs `kernel` over elements `[lo, hi)` of the concatenation of `jobs`.
+///
+/// # Safety
+/// Every job's addresses must point to `len` valid, aligned elements of `T` (its first `states`
+/// state addresses included), no byte written through one operand may belong to another
+/// operand of any job, and nothing else may access elements `[lo, hi)` of the written operands
+/// while this runs: what `admit`, `AliasProof::prove` and `share` establish.
+unsafe fn run_range<K: Kernel, T: Real>(
+    kernel: &K,
+    isa: Isa,
+    jobs: &[KernelJob],
+    states: usize,
+    lo: usize,
+    hi: usize,
+) {
+    for (k, a, n) in pieces(jobs.iter().map(|j| j.len), lo, hi) {
+        let job = &jobs[k];
+        if let Some(next) = jobs.get(k + 1) {
+            prefetch::<T>(next, states);
+        }
+        // SAFETY: (this block and the two below) by this function's contract every address
+        // points to `job.len` valid, aligned elements of `T` (in practice the data of a live,
+        // contiguous CPU tensor that the batch borrows, so its storage stays allocated), and
+        // `a + n <= job.len`, so the ranges are in bounds. No byte written through one operand
+        // belongs to any other operand of any job (gradients, only read, may share memory with
+        // each other), and no other thread touches elements `[lo, hi)`, so each mutable slice
+        // is the only reference to its elements while it lives. (Other tch handles to the same
+        // tensors must not be used from other threads during the step: the same contract as
+        // any in-place tch op.)
+        let p = unsafe { slice_mut::<T>(job.p, a, n) };
+        // SAFETY: as above; the gradient is only read.
+        let g = unsafe { std::slice::from_raw_parts((job.g as *const T).add(a), n) };
+        let mut st: [&mut [T]; MAX_STATES] = [&mut [], &mut [], &mut []];
+        for (slot, &addr) in st.iter_mut().zip(&job.states[..states]) {
+            // SAFETY: as above.
+            *slot = unsafe { slice_mut::<T>(addr, a, n) };
+        }
+        isa.run(ApplyKernel { kernel, scalars: job.scalars, p, g, states: st });
+    }
+}
+
+/// Asks the processor to start loading the first few KiB of `job`'s operands, so that a small
+/// variable's data is on its way while the previous one is computed (the hardware prefetcher
+/// needs a few misses per stream before it helps, and a 1 KiB tensor has only 16 lines).
+fn prefetch<T>(job: &KernelJob, states: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = (job.len * std::mem::size_of::<T>()).min(4096);
+        for &addr in [job.p, job.g].iter().chain(&job.states[..states]) {
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch is a hint: it never faults and changes no memory, whatever
+                // the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(addr.wrapping_add(off) as *const i8) };
+            }
+        }
+    }
+}
+
+/// `n` elements of type `T` from element `offset` of the buffer at `addr`, mutably.
+///
+/// # Safety
+/// `addr` must point to at least `offset + n` initialised, aligned elements of `T` that nothing
+/// else reads or writes while the slice lives.
+pub(super) unsafe fn slice_mut<'a, T>(addr: usize, offset: usize, n: usize) -> &'a mut [T] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut((addr as *mut T).add(offset), n) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::ops::{AdamKernel, Bop2Kernel, BopKernel};
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Runs `kernel` once over fresh buffers of `n` elements with the given instruction set
+    /// and returns every buffer afterwards.
+    fn run_once<K: Kernel>(kernel: &K, states: usize, isa: Isa, n: usize) -> Vec<Vec<f32>> {
+        let mut p: Vec<f32> =
+            noise(n, 1).iter().map(|v| if *v >= 0.0 { 1.0 } else { -1.0 }).collect();
+        p[0] = 0.5; // a non-binary weight
+        let g: Vec<f32> = noise(n, 2).iter().map(|v| v * 1e-3).collect();
+        let mut s: Vec<Vec<f32>> = (0..MAX_STATES)
+            .map(|k| noise(n, 3 + k as u64).iter().map(|v| v.abs() * 1e-3).collect())
+            .collect();
+        let mut addrs = [0usize; MAX_STATES];
+        for (a, buf) in addrs.iter_mut().zip(&mut s) {
+            *a = buf.as_mut_ptr() as usize;
+        }
+        let job = KernelJob {
+            index: 0,
+            len: n,
+            p: p.as_mut_ptr() as usize,
+            g: g.as_ptr() as usize,
+            states: addrs,
+            scalars: [0.01, 0.05],
+        };
+        // SAFETY: every address is a distinct live Vec of `n` f32, used by nothing else here.
+        unsafe { run_range::<K, f32>(kernel, isa, &[job], states, 0, n) };
+        let mut out = vec![p];
+        out.extend(s.into_iter().take(states));
+        out
+    }
+
+    #[test]
+    fn every_instruction_set_agrees_with_the_baseline_bit_for_bit() {
+        let sets = Isa::available();
+        eprintln!("instruction sets compared: {sets:?}");
+        let n = 1003; // not a multiple of any vector width: the scalar tails run too
+        let bop = BopKernel { gamma: 1e-2, threshold: 1e-7 };
+        let base = run_once(&bop, 1, Isa::Baseline, n);
+        assert_ne!(base[1], noise(n, 3).iter().map(|v| v.abs() * 1e-3).collect::<Vec<_>>());
+        let bop2 = Bop2Kernel { gamma: 1e-2, sigma: 1e-1, threshold: 1e-3, eps: 1e-10 };
+        let base2 = run_once(&bop2, 2, Isa::Baseline, n);
+        let adams: Vec<AdamKernel> =
+            [(false, false, false, 0.0), (false, true, true, 0.1), (true, true, false, 0.3)]
+                .into_iter()
+                .map(|(decoupled, amsgrad, maximize, weight_decay)| AdamKernel {
+                    lr: 0.01,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay,
+                    decoupled,
+                    amsgrad,
+                    maximize,
+                })
+                .collect();
+        let adam_base: Vec<_> =
+            adams.iter().map(|a| run_once(a, a.states(), Isa::Baseline, n)).collect();
+        for &isa in &sets[1..] {
+            assert_eq!(base, run_once(&bop, 1, isa, n), "{isa:?}");
+            assert_eq!(base2, run_once(&bop2, 2, isa, n), "{isa:?}");
+            for (adam, want) in adams.iter().zip(&adam_base) {
+                assert_eq!(*want, run_once(adam, adam.states(), isa, n), "{isa:?} {adam:?}");
+            }
+        }
+    }
+}
