@@ -10,9 +10,12 @@ use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::Ident;
 
-use crate::ast::{AtomKind, Form, Input, OptimizerSpec, ParamSpec, Pred, Rule, RulePredicate};
-use crate::builtin::Field;
-use crate::check::{self, Analysis};
+use caseopt_rules::ast::{
+    Atom, Form, HyperparameterArg, Input, OptimizerSpec, Pred, Rule, RulePredicate,
+};
+use caseopt_rules::check::{self, Analysis};
+use caseopt_rules::Field;
+
 use crate::fallback;
 
 /// The whole macro on proc_macro2 types: parse, check, expand; errors become `compile_error!`
@@ -356,18 +359,18 @@ fn rule_spec(rule: &Rule) -> TokenStream {
 fn predicate(pred: &Pred) -> TokenStream {
     let p = private();
     match pred {
-        Pred::Atom(atom) => match &atom.kind {
-            AtomKind::Binary => quote!(#p::Predicate::Bits(1)),
-            AtomKind::Bits(n) => {
+        Pred::Atom(atom) => match atom {
+            Atom::Binary => quote!(#p::Predicate::Bits(1)),
+            Atom::Bits(n) => {
                 let n = Lit::u8_unsuffixed(*n);
                 quote!(#p::Predicate::Bits(#n))
             }
-            AtomKind::Ndim(n) => {
+            Atom::Ndim(n) => {
                 let n = Lit::u64_unsuffixed(*n);
                 quote!(#p::Predicate::Ndim(#n))
             }
-            AtomKind::Name(glob) => quote!(#p::name_predicate(#glob)),
-            AtomKind::Dtype(d) => {
+            Atom::Name(glob) => quote!(#p::name_predicate(#glob)),
+            Atom::Dtype(d) => {
                 let kind = match *d {
                     "f64" => quote!(Double),
                     "f16" => quote!(Half),
@@ -376,12 +379,12 @@ fn predicate(pred: &Pred) -> TokenStream {
                 };
                 quote!(#p::Predicate::Dtype(#p::Kind::#kind))
             }
-            AtomKind::User { expr, text, .. } => {
+            Atom::User { expr, text, .. } => {
                 let span = expr.span();
                 let call = quote_spanned!(span=> ::caseopt::__private::user_predicate);
                 quote!(#call(#text, #expr))
             }
-            AtomKind::Invalid => quote!(#p::Predicate::Or(::std::vec::Vec::new())),
+            Atom::Invalid => quote!(#p::Predicate::Or(::std::vec::Vec::new())),
         },
         Pred::Not(inner) => {
             let inner = predicate(inner);
@@ -418,17 +421,19 @@ fn config_values(
             type #alias = #config_type;
         });
         let spec = &rule.optimizer;
-        let params: Vec<&ParamSpec> = spec
-            .params
+        let hypers: Vec<&HyperparameterArg> = spec
+            .hyperparameters
             .iter()
             .enumerate()
-            .filter(|(position, _)| !analysis.skipped_params.contains(&(rule.index, *position)))
+            .filter(|(position, _)| {
+                !analysis.skipped_hyperparameters.contains(&(rule.index, *position))
+            })
             .map(|(_, p)| p)
             .collect();
-        let value = if params.is_empty() {
+        let value = if hypers.is_empty() {
             quote_spanned!(rule.optimizer.path.span()=> ::core::default::Default::default())
         } else {
-            let fields = params.iter().map(|param| {
+            let fields = hypers.iter().map(|param| {
                 let key = &param.key;
                 let value = value_tokens(spec, param);
                 let span =
@@ -452,7 +457,7 @@ fn config_values(
 
 /// A value's tokens; unsuffixed integer literals for a built-in's numeric fields become float
 /// literals, so `lr: 1` means `1.0` (a `Schedule` converts from floats only).
-fn value_tokens(spec: &OptimizerSpec, param: &ParamSpec) -> TokenStream {
+fn value_tokens(spec: &OptimizerSpec, param: &HyperparameterArg) -> TokenStream {
     let numeric = spec
         .builtin
         .and_then(|b| b.field(&param.key.to_string()))

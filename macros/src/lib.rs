@@ -1,12 +1,11 @@
 //! Implementation detail of `caseopt`: the `case_optimizer!` procedural macro.
 //! Depend on `caseopt`, which re-exports it.
+//!
+//! The rule language (parser and checks) lives in `caseopt-rules`; this crate is the entry
+//! point, the code generation and what to emit on errors.
 
-mod ast;
-mod builtin;
-mod check;
 mod expand;
 mod fallback;
-mod logic;
 #[cfg(test)]
 mod proptests;
 

@@ -5,13 +5,14 @@
 //! Every problem becomes one error spanned at the user's tokens; all are reported together.
 
 use std::collections::HashMap;
+use std::ops::Not;
 
 use proc_macro2::TokenStream;
 use quote::ToTokens;
 
-use crate::ast::{AtomKind, Input, Literal, Pred, Rule, RulePredicate};
-use crate::builtin::{Builtin, Field};
-use crate::logic::{self, Answer, Atom, Formula, Relation};
+use crate::ast::{Atom, Input, Literal, Pred, Rule, RulePredicate};
+use crate::builtin::{Field, OptimizerKind};
+use crate::logic::{self, Answer, Formula, Proposition, Relation};
 
 /// What the checks proved, for the expansion and for tests.
 #[derive(Debug, Default)]
@@ -26,7 +27,7 @@ pub struct Analysis {
     pub named: Vec<usize>,
     /// Hyperparameters `(rule, position)` left out of the expansion because their error is
     /// reported already (duplicates, a literal of the wrong kind).
-    pub skipped_params: Vec<(usize, usize)>,
+    pub skipped_hyperparameters: Vec<(usize, usize)>,
 }
 
 /// Methods every generated router has; a rule name must not shadow them.
@@ -52,14 +53,14 @@ pub fn check(input: &Input) -> (Analysis, Vec<syn::Error>) {
     let mut errors = Vec::new();
     check_default_rule(&input.rules, &mut errors);
     let named = check_rule_names(&input.rules, &mut errors);
-    let mut skipped_params = Vec::new();
+    let mut skipped_hyperparameters = Vec::new();
     for rule in &input.rules {
         let skipped = check_hyperparameters(rule, &mut errors);
-        skipped_params.extend(skipped.into_iter().map(|p| (rule.index, p)));
+        skipped_hyperparameters.extend(skipped.into_iter().map(|p| (rule.index, p)));
     }
     let mut analysis = check_exclusivity(&input.rules, &mut errors);
     analysis.named = named;
-    analysis.skipped_params = skipped_params;
+    analysis.skipped_hyperparameters = skipped_hyperparameters;
     (analysis, errors)
 }
 
@@ -125,7 +126,7 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
     let spec = &rule.optimizer;
     let mut seen: Vec<String> = Vec::new();
     let mut skipped = Vec::new();
-    for (position, param) in spec.params.iter().enumerate() {
+    for (position, param) in spec.hyperparameters.iter().enumerate() {
         let key = param.key.to_string();
         if seen.contains(&key) {
             errors.push(syn::Error::new(
@@ -146,19 +147,19 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
             {
                 format!(
                     "`{key}` of `{}` must be {}, got `{}`",
-                    builtin.name,
+                    builtin.type_name(),
                     range.describe(),
                     compact(&param.value.tokens)
                 )
             }
             (Field::Schedule(_) | Field::Float(_), Some(Literal::Bool(_))) => format!(
                 "`{key}` of `{}` is a number or a schedule, got `{}`",
-                builtin.name,
+                builtin.type_name(),
                 compact(&param.value.tokens)
             ),
             (Field::Bool, Some(Literal::Number { .. })) => format!(
                 "`{key}` of `{}` is `true` or `false`, got `{}`",
-                builtin.name,
+                builtin.type_name(),
                 compact(&param.value.tokens)
             ),
             _ => continue,
@@ -174,11 +175,11 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
 
 /// SGD's one cross-field rule, when the values are literals: Nesterov momentum needs a
 /// momentum above 0 and no dampening (torch raises the same at construction).
-fn check_nesterov(builtin: &Builtin, rule: &Rule, errors: &mut Vec<syn::Error>) {
-    if builtin.name != "Sgd" {
+fn check_nesterov(builtin: OptimizerKind, rule: &Rule, errors: &mut Vec<syn::Error>) {
+    if builtin != OptimizerKind::Sgd {
         return;
     }
-    let find = |k: &str| rule.optimizer.params.iter().find(|p| p.key == k);
+    let find = |k: &str| rule.optimizer.hyperparameters.iter().find(|p| p.key == k);
     let Some(nesterov) = find("nesterov") else { return };
     if nesterov.value.literal != Some(Literal::Bool(true)) {
         return;
@@ -212,14 +213,14 @@ fn compact(tokens: &TokenStream) -> String {
 /// The formula a predicate means, or `None` if an atom in it failed to parse.
 pub fn formula(pred: &Pred) -> Option<Formula> {
     Some(match pred {
-        Pred::Atom(a) => Formula::Atom(match &a.kind {
-            AtomKind::Binary => Atom::Bits(1),
-            AtomKind::Bits(n) => Atom::Bits(*n),
-            AtomKind::Ndim(n) => Atom::Ndim(*n),
-            AtomKind::Name(g) => Atom::Name(g.clone()),
-            AtomKind::Dtype(d) => Atom::Dtype((*d).to_string()),
-            AtomKind::User { key, .. } => Atom::User(key.clone()),
-            AtomKind::Invalid => return None,
+        Pred::Atom(a) => Formula::Proposition(match a {
+            Atom::Binary => Proposition::Bits(1),
+            Atom::Bits(n) => Proposition::Bits(*n),
+            Atom::Ndim(n) => Proposition::Ndim(*n),
+            Atom::Name(g) => Proposition::Name(g.clone()),
+            Atom::Dtype(d) => Proposition::Dtype((*d).to_string()),
+            Atom::User { key, .. } => Proposition::User(key.clone()),
+            Atom::Invalid => return None,
         }),
         Pred::Not(p) => formula(p)?.not(),
         Pred::Paren(p) => formula(p)?,

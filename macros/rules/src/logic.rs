@@ -10,10 +10,11 @@
 //! the router is built), so a budget can cost precision but never soundness.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::ops::Not;
 
-/// An atomic proposition about one variable.
+/// An atomic proposition about one variable: what an atom of a rule means in the theory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Atom {
+pub enum Proposition {
     /// Declared bit width (`binary` is `Bits(1)`).
     Bits(u8),
     /// Number of dimensions.
@@ -29,8 +30,8 @@ pub enum Atom {
 /// A boolean formula over atoms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Formula {
-    /// An atom.
-    Atom(Atom),
+    /// An atomic proposition.
+    Proposition(Proposition),
     /// Negation.
     Not(Box<Formula>),
     /// Conjunction (empty: true).
@@ -39,9 +40,11 @@ pub enum Formula {
     Or(Vec<Formula>),
 }
 
-impl Formula {
+impl std::ops::Not for Formula {
+    type Output = Formula;
+
     /// `!self`.
-    pub fn not(self) -> Formula {
+    fn not(self) -> Formula {
         Formula::Not(Box::new(self))
     }
 }
@@ -91,7 +94,7 @@ const MAX_TERMS: usize = 4096;
 const MAX_GLOB_STATES: usize = 20_000;
 
 /// A conjunction of literals: atoms, each required true or false.
-type Term = Vec<(Atom, bool)>;
+type Term = Vec<(Proposition, bool)>;
 
 /// Satisfiability of `f`; on `Unsat`, the conflict when `f` is a single conjunction.
 pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
@@ -127,7 +130,7 @@ pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
 /// products small.
 fn dnf(f: &Formula, positive: bool, prune: bool) -> Option<Vec<Term>> {
     match f {
-        Formula::Atom(a) => Some(vec![vec![(a.clone(), positive)]]),
+        Formula::Proposition(a) => Some(vec![vec![(a.clone(), positive)]]),
         Formula::Not(g) => dnf(g, !positive, prune),
         Formula::And(gs) | Formula::Or(gs) => {
             let conjunctive = matches!(f, Formula::And(_)) == positive;
@@ -175,7 +178,7 @@ fn obviously_false(term: &Term) -> bool {
     term.iter().enumerate().any(|(i, a)| term[i + 1..].iter().any(|b| clash(a, b)))
 }
 
-fn clash(a: &(Atom, bool), b: &(Atom, bool)) -> bool {
+fn clash(a: &(Proposition, bool), b: &(Proposition, bool)) -> bool {
     if a.0 == b.0 {
         return a.1 != b.1;
     }
@@ -184,9 +187,9 @@ fn clash(a: &(Atom, bool), b: &(Atom, bool)) -> bool {
     }
     matches!(
         (&a.0, &b.0),
-        (Atom::Bits(_), Atom::Bits(_))
-            | (Atom::Ndim(_), Atom::Ndim(_))
-            | (Atom::Dtype(_), Atom::Dtype(_))
+        (Proposition::Bits(_), Proposition::Bits(_))
+            | (Proposition::Ndim(_), Proposition::Ndim(_))
+            | (Proposition::Dtype(_), Proposition::Dtype(_))
     )
 }
 
@@ -199,17 +202,17 @@ fn check_term(term: &Term) -> Result<Answer, Conflict> {
     let (mut globs_pos, mut globs_neg) = (Vec::new(), Vec::new());
     for (atom, positive) in term {
         match atom {
-            Atom::Bits(n) => bits.add(u64::from(*n), *positive),
-            Atom::Ndim(n) => ndim.add(*n, *positive),
-            Atom::Dtype(d) => dtype.add_named(d, *positive),
-            Atom::User(k) => {
+            Proposition::Bits(n) => bits.add(u64::from(*n), *positive),
+            Proposition::Ndim(n) => ndim.add(*n, *positive),
+            Proposition::Dtype(d) => dtype.add_named(d, *positive),
+            Proposition::User(k) => {
                 if *positive {
                     user_pos.insert(k)
                 } else {
                     user_neg.insert(k)
                 };
             }
-            Atom::Name(g) => {
+            Proposition::Name(g) => {
                 if *positive {
                     globs_pos.push(g.as_str())
                 } else {
@@ -398,11 +401,11 @@ pub fn relation(a: &Formula, b: &Formula) -> Relation {
 mod tests {
     use super::*;
 
-    fn atom(a: Atom) -> Formula {
-        Formula::Atom(a)
+    fn atom(a: Proposition) -> Formula {
+        Formula::Proposition(a)
     }
     fn name(g: &str) -> Formula {
-        atom(Atom::Name(g.into()))
+        atom(Proposition::Name(g.into()))
     }
     fn and(fs: Vec<Formula>) -> Formula {
         Formula::And(fs)
@@ -479,9 +482,9 @@ mod tests {
 
     #[test]
     fn single_valued_dimensions() {
-        let bits = |n| atom(Atom::Bits(n));
-        let ndim = |n| atom(Atom::Ndim(n));
-        let dtype = |d: &str| atom(Atom::Dtype(d.into()));
+        let bits = |n| atom(Proposition::Bits(n));
+        let ndim = |n| atom(Proposition::Ndim(n));
+        let dtype = |d: &str| atom(Proposition::Dtype(d.into()));
         assert_eq!(
             satisfiable(&and(vec![bits(1), bits(2)])),
             (Answer::Unsat, Some(Conflict::Bits))
@@ -502,8 +505,8 @@ mod tests {
 
     #[test]
     fn user_functions_are_opaque_but_equal_to_themselves() {
-        let f = atom(Atom::User("is_emb".into()));
-        let g = atom(Atom::User("other".into()));
+        let f = atom(Proposition::User("is_emb".into()));
+        let g = atom(Proposition::User("other".into()));
         assert_eq!(relation(&f, &g), Relation::Unknown);
         assert_eq!(relation(&f, &f.clone().not()), Relation::Disjoint);
         assert_eq!(relation(&and(vec![f.clone(), g.clone()]), &f), Relation::FirstImpliesSecond);
@@ -515,8 +518,8 @@ mod tests {
 
     #[test]
     fn de_morgan_and_distribution() {
-        let b = atom(Atom::Bits(1));
-        let n2 = atom(Atom::Ndim(2));
+        let b = atom(Proposition::Bits(1));
+        let n2 = atom(Proposition::Ndim(2));
         // !(b & n2) is equivalent to !b | !n2.
         let lhs = and(vec![b.clone(), n2.clone()]).not();
         let rhs = or(vec![b.clone().not(), n2.clone().not()]);
@@ -533,7 +536,9 @@ mod tests {
     fn budgets_give_unknown_not_a_wrong_answer() {
         // 13 binary choices expand to 8192 conjunctions, past the term budget.
         let wide = and((0..13u64)
-            .map(|i| or(vec![atom(Atom::Ndim(i)).not(), atom(Atom::User(format!("u{i}")))]))
+            .map(|i| {
+                or(vec![atom(Proposition::Ndim(i)).not(), atom(Proposition::User(format!("u{i}")))])
+            })
             .collect());
         assert_eq!(satisfiable(&wide).0, Answer::Unknown);
     }
