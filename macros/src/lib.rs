@@ -99,10 +99,11 @@ mod proptests;
 /// Every error is spanned at the offending tokens and all are reported together: a rule no
 /// variable can satisfy; two rules of which one implies the other (identical rules included),
 /// because every variable the narrower claims would also be claimed by the wider; `_` twice or
-/// not last; a duplicate hyperparameter; a literal out of a built-in optimizer's range (a
-/// negative `lr`, `gamma` outside (0, 1], ...). A pair of rules proven disjoint is not checked
-/// when the router is built; every other pair is. Unknown keys are reported by rustc at the key
-/// ("struct `BopConfig` has no field named `treshold`").
+/// not last; a duplicate hyperparameter; a key a built-in optimizer does not have (the error
+/// lists the valid ones); a literal out of a built-in optimizer's range (a negative `lr`,
+/// `gamma` outside (0, 1], ...). A pair of rules proven disjoint is not checked when the router
+/// is built; every other pair is. A user optimizer's unknown keys are reported by rustc at the
+/// key ("struct `LionConfig` has no field named `betta`").
 ///
 /// # Checked when built
 ///

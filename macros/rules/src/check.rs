@@ -1,6 +1,6 @@
 //! Checks that look across rules (and the few that need the built-in optimizers' tables):
 //! exclusivity of every pair of rules, unsatisfiable rules, the default rule's place, rule
-//! names, duplicate hyperparameters and literal hyperparameters out of range.
+//! names, duplicate and unknown hyperparameters and literal hyperparameters out of range.
 //!
 //! Every problem becomes one error spanned at the user's tokens; all are reported together.
 
@@ -12,7 +12,7 @@ use quote::ToTokens;
 
 use crate::ast::{Atom, Input, Literal, Pred, Rule, RulePredicate};
 use crate::builtin::{Field, OptimizerKind};
-use crate::logic::{self, Answer, Formula, Proposition, Relation};
+use crate::logic::{self, Answer, Budget, Formula, Proposition, Relation};
 
 /// What the checks proved, for the expansion and for tests.
 #[derive(Debug, Default)]
@@ -25,6 +25,10 @@ pub struct Analysis {
     pub unsatisfiable: Vec<usize>,
     /// Rules whose `as name` is usable (no clash).
     pub named: Vec<usize>,
+    /// Work units the exclusivity checks spent (see [`logic::Budget`]).
+    pub work: u64,
+    /// Whether the work budget left some rule or pair undecided (so checked at build).
+    pub budget_ran_out: bool,
     /// Hyperparameters `(rule, position)` left out of the expansion because their error is
     /// reported already (duplicates, a literal of the wrong kind).
     pub skipped_hyperparameters: Vec<(usize, usize)>,
@@ -138,9 +142,14 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
         }
         seen.push(key.clone());
         let Some(builtin) = spec.builtin else { continue };
-        // Unknown keys are rustc's to report ("struct `BopConfig` has no field named ..."),
-        // at the same tokens.
-        let Some(field) = builtin.field(&key) else { continue };
+        // Reported here rather than by rustc, whose "no field" error for a struct literal
+        // with `..Default::default()` adds a misleading "all struct fields are already
+        // assigned"; a user optimizer's unknown keys are still rustc's to report.
+        let Some(field) = builtin.field(&key) else {
+            errors.push(syn::Error::new(param.key.span(), unknown_hyperparameter(builtin, &key)));
+            skipped.push(position);
+            continue;
+        };
         let message = match (field, param.value.literal) {
             (Field::Schedule(range) | Field::Float(range), Some(Literal::Number { value, .. }))
                 if !range.contains(value) =>
@@ -171,6 +180,16 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
         check_nesterov(builtin, rule, errors);
     }
     skipped
+}
+
+/// "unknown hyperparameter `key` for `Opt`; expected one of: ...", the valid keys in the
+/// config's order.
+fn unknown_hyperparameter(builtin: OptimizerKind, key: &str) -> String {
+    let expected: Vec<String> = builtin.fields().iter().map(|(k, _)| format!("`{k}`")).collect();
+    format!(
+        "unknown hyperparameter `{key}` for `{builtin}`; expected one of: {}",
+        expected.join(", ")
+    )
 }
 
 /// SGD's one cross-field rule, when the values are literals: Nesterov momentum needs a
@@ -230,13 +249,23 @@ pub fn formula(pred: &Pred) -> Option<Formula> {
 }
 
 fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
+    check_exclusivity_within(rules, errors, Budget::default())
+}
+
+/// [`check_exclusivity`] with the given budget: once it is spent, what is left undecided is
+/// checked when the router is built.
+fn check_exclusivity_within(
+    rules: &[Rule],
+    errors: &mut Vec<syn::Error>,
+    mut budget: Budget,
+) -> Analysis {
     let mut analysis = Analysis::default();
     // Non-default rules whose predicate is well formed, with their formulas.
     let mut live: Vec<(&Rule, &Pred, Formula)> = Vec::new();
     for rule in rules {
         let RulePredicate::Formula(pred) = &rule.predicate else { continue };
         let Some(f) = formula(pred) else { continue };
-        match logic::satisfiable(&f) {
+        match logic::satisfiable(&f, &mut budget) {
             (Answer::Unsat, conflict) => {
                 let reason = conflict.map(|c| format!(": {}", c.describe())).unwrap_or_default();
                 errors.push(syn::Error::new_spanned(
@@ -252,7 +281,7 @@ fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
     }
     for (i, (a, pa, fa)) in live.iter().enumerate() {
         for (b, pb, fb) in &live[i + 1..] {
-            let relation = logic::relation(fa, fb);
+            let relation = logic::relation(fa, fb, &mut budget);
             analysis.relations.push((a.index, b.index, relation));
             match relation {
                 Relation::Disjoint => analysis.disjoint.push((a.index, b.index)),
@@ -268,6 +297,8 @@ fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
             }
         }
     }
+    analysis.work = budget.used();
+    analysis.budget_ran_out = budget.ran_out();
     analysis
 }
 
@@ -371,13 +402,72 @@ mod tests {
                 "`lr` of `Adam` is a number or a schedule, got `true`",
             ]
         );
-        // User optimizers are checked for duplicates only.
+        let (_, e) = run("binary => Bop<treshold: 1e-6>, _ => Adam<learning_rate: 0.1, lr: 0.1>");
+        assert_eq!(
+            e,
+            vec![
+                "unknown hyperparameter `treshold` for `Bop`; expected one of: `threshold`, `gamma`",
+                "unknown hyperparameter `learning_rate` for `Adam`; expected one of: `lr`, `beta1`, `beta2`, `eps`, `weight_decay`, `amsgrad`, `maximize`",
+            ]
+        );
+        // User optimizers are checked for duplicates only (rustc reports their unknown keys).
         let (_, e) = run("_ => my::Opt<gamma: 7, gamma: 8>");
         assert_eq!(e, vec!["duplicate hyperparameter `gamma`; remove one of them"]);
         let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true>");
         assert!(e[0].starts_with("`nesterov: true` needs a `momentum` above 0"), "{e:?}");
         let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true, momentum: (m)>");
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    /// `(name("*a*") | name("*b*")) & (name("*c*") | name("*d*")) & ... & !name("*")`: `k` pairs
+    /// multiply out to 2^k conjunctions, each a product automaton of k + 1 globs.
+    fn glob_pairs(k: usize) -> String {
+        let letters: Vec<char> = ('a'..='z').collect();
+        let pairs: Vec<String> = (0..k)
+            .map(|i| {
+                format!(r#"(name("*{}*") | name("*{}*"))"#, letters[2 * i], letters[2 * i + 1])
+            })
+            .collect();
+        format!(r#"{} & !name("*")"#, pairs.join(" & "))
+    }
+
+    #[test]
+    fn the_checkers_work_is_bounded() {
+        // Took 299 s to check before the invocation budget; now one check's share.
+        let src = format!(
+            "{} => Bop, binary => Sgd, !binary & ndim(2) => Adam, _ => Adam",
+            glob_pairs(12)
+        );
+        let (analysis, errors) = run(&src);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(analysis.budget_ran_out);
+        assert!(analysis.work <= logic::INVOCATION_BUDGET, "{}", analysis.work);
+        // The rule is undecided, not judged unsatisfiable; its pairs are left to the build.
+        assert!(analysis.unsatisfiable.is_empty());
+        assert_eq!(
+            analysis.relations,
+            vec![(0, 1, Relation::Unknown), (0, 2, Relation::Unknown), (1, 2, Relation::Disjoint)]
+        );
+        assert_eq!(analysis.disjoint, vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_spent_budget_leaves_every_later_pair_to_the_build() {
+        let input = Input::parse(
+            TokenStream::from_str("binary => Bop, bits(2) => Sgd, bits(3) => Adam, _ => Adam")
+                .expect("lexes"),
+        );
+        let mut errors = Vec::new();
+        let analysis = check_exclusivity_within(&input.rules, &mut errors, Budget::new(40, 40));
+        assert!(errors.is_empty());
+        assert!(analysis.budget_ran_out);
+        assert!(analysis.work <= 40, "{}", analysis.work);
+        assert_eq!(analysis.relations[0], (0, 1, Relation::Disjoint));
+        assert_eq!(analysis.relations[2], (1, 2, Relation::Unknown));
+        // With the default budget the same rules are all proven disjoint.
+        let (analysis, _) = run("binary => Bop, bits(2) => Sgd, bits(3) => Adam, _ => Adam");
+        assert!(!analysis.budget_ran_out);
+        assert_eq!(analysis.disjoint, vec![(0, 1), (0, 2), (1, 2)]);
     }
 
     #[test]
