@@ -97,11 +97,18 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
         let (i, f) = at_user(span, i, f);
         quote_spanned!(span=> visitor.inspect(#i, &self.#f)?;)
     });
-    let builds = indices.iter().zip(&fields).zip(&spans).zip(&types).zip(&config_vars).map(
-        |((((i, f), &span), ty), var)| {
+    // `assemble` keeps the configs not yet used and the optimizers built so far in one tuple
+    // each, so every early return drops two values: with a local per rule, each of the N `?`
+    // would drop every other rule's config or optimizer by name, O(N^2) code (200 rules took
+    // minutes in LLVM).
+    let positions: Vec<syn::Index> = (0..rules.len()).map(syn::Index::from).collect();
+    let builds = indices.iter().zip(&fields).zip(&spans).zip(&types).zip(&positions).map(
+        |((((i, f), &span), ty), at)| {
             let (i, _) = at_user(span, i, f);
-            let call = quote_spanned!(span=> assembly.optimizer::<#ty>);
-            quote!(#f: #call(#i, #var)?,)
+            let call = quote_spanned!(span=> ::caseopt::__private::build_rule::<#ty>);
+            quote! {
+                built.#at = ::core::option::Option::Some(#call(&mut assembly, #i, &mut configs.#at)?);
+            }
         },
     );
 
@@ -128,9 +135,9 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
     };
 
     let parts_impl = quote! {
-        #[allow(unused_variables, unused_mut, clippy::unused_unit)]
+        #[allow(unused_variables, unused_mut, unreachable_patterns, clippy::unused_unit)]
         impl #p::RouterParts for #name {
-            type Configs = ( #(#config_types,)* );
+            type Configs = ( #(::core::option::Option<#config_types>,)* );
 
             fn rule_specs() -> ::std::vec::Vec<#p::RuleSpec> {
                 ::std::vec![ #(#specs),* ]
@@ -141,11 +148,16 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
             }
 
             fn assemble(configs: Self::Configs, mut assembly: #p::Assembly) -> #p::Result<Self> {
-                let ( #(#config_vars,)* ) = configs;
-                ::core::result::Result::Ok(Self {
-                    #(#builds)*
-                    __caseopt_core: assembly.finish(),
-                })
+                let mut configs = configs;
+                let mut built = ( #(::core::option::Option::<#types>::None,)* );
+                #(#builds)*
+                match built {
+                    ( #(::core::option::Option::Some(#fields),)* ) => ::core::result::Result::Ok(Self {
+                        #(#fields,)*
+                        __caseopt_core: assembly.finish(),
+                    }),
+                    _ => ::core::result::Result::Err(#p::rule_not_built()),
+                }
             }
 
             fn core(&self) -> &#p::RouterCore {
@@ -213,7 +225,7 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
     let builder_value = quote! {
         #(#config_items)*
         #(#config_lets)*
-        #p::RouterBuilder::<#name>::new(( #(#config_vars,)* ))
+        #p::RouterBuilder::<#name>::new(( #(::core::option::Option::Some(#config_vars),)* ))
     };
     let constructors = match &input.form {
         Form::Item(_) => quote! {
