@@ -88,11 +88,13 @@ mod proptests;
 /// ```
 ///
 /// Either way the router has one concrete field per rule and dispatches by direct calls. Its
-/// methods: `step`, `zero_grad`, `backward_step(&loss)`, `clip_grad_norm(max)`,
-/// `clip_grad_norm_per_rule(max)`, `step_counts`, `rules`, `routing_table`, `fingerprint`,
-/// `optimizer(i)`/`optimizer_mut(i)` (trait objects), and typed accessors `ruleN()`/`ruleN_mut()`
-/// for rule `N` (plus `name()`/`name_mut()` for a rule written `... as name`). It also
-/// implements the object-safe `caseopt::Router` and `Debug`.
+/// inherent methods, callable without an import: `step`, `zero_grad`, `backward_step(&loss)`,
+/// `clip_grad_norm(max)`, `clip_grad_norm_per_rule(max)`, `step_counts`, `rules`,
+/// `routing_table`, `fingerprint`, `optimizer(i)`/`optimizer_mut(i)` (trait objects), and typed
+/// accessors `ruleN()`/`ruleN_mut()` for rule `N` (plus `name()`/`name_mut()` for a rule
+/// written `... as name`). It also implements `Debug` and the object-safe `caseopt::Router`,
+/// whose other methods (`variable_store`, `set_non_finite_policy`, `non_finite_policy`,
+/// `skipped_steps`, `binarised_variables`) need the trait in scope.
 ///
 /// # Checked at compile time
 ///

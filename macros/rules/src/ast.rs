@@ -52,9 +52,10 @@ pub const ATOMS: &str =
 /// Names `dtype(...)` accepts, in the order messages list them.
 pub const DTYPES: &[&str] = &["f32", "f64", "f16", "bf16"];
 
-/// Deepest nesting of `!` and parentheses accepted; deeper input is an error rather than a
+/// Deepest nesting accepted, where each `!` and each pair of parentheses is one level (so
+/// `!!x` and `((x))` are 2 levels deep, `!(x)` too); deeper input is an error rather than a
 /// stack overflow in the compiler.
-const MAX_DEPTH: usize = 64;
+pub const MAX_DEPTH: usize = 64;
 
 /// A parsed invocation: its form, the rules that parsed, and every error met on the way.
 pub struct Input {
@@ -442,7 +443,9 @@ fn tokens_between(start: ParseStream, input: ParseStream) -> TokenStream {
 
 fn too_deep(input: ParseStream, depth: usize) -> syn::Result<()> {
     if depth > MAX_DEPTH {
-        Err(input.error(format!("predicate nested more than {MAX_DEPTH} levels deep; simplify it")))
+        Err(input.error(format!(
+            "predicate nested more than {MAX_DEPTH} levels deep (each `!` and each `( )` is a level); simplify it"
+        )))
     } else {
         Ok(())
     }
@@ -854,6 +857,23 @@ mod tests {
         assert!(messages(&parse(""))[0].starts_with("expected at least one rule"));
         assert!(messages(&parse("binary => Bop,, _ => Adam"))[0]
             .starts_with("expected a rule before `,`"));
+    }
+
+    /// Whether a predicate nested this way parses.
+    fn nests(open: &str, close: &str, levels: usize) -> bool {
+        let src = format!("{}binary{} => Bop", open.repeat(levels), close.repeat(levels));
+        let input = parse(&src);
+        assert!(input.errors.iter().all(|e| e.to_string().contains("nested more than")));
+        input.errors.is_empty()
+    }
+
+    #[test]
+    fn one_depth_limit_counts_each_not_and_each_parenthesis() {
+        assert!(nests("!", "", MAX_DEPTH) && !nests("!", "", MAX_DEPTH + 1));
+        assert!(nests("(", ")", MAX_DEPTH) && !nests("(", ")", MAX_DEPTH + 1));
+        // `!( )` is two levels: half as many fit.
+        assert!(nests("!(", ")", MAX_DEPTH / 2) && !nests("!(", ")", MAX_DEPTH / 2 + 1));
+        assert!(nests("(!", ")", MAX_DEPTH / 2) && !nests("(!", ")", MAX_DEPTH / 2 + 1));
     }
 
     #[test]

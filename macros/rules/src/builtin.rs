@@ -98,7 +98,7 @@ impl OptimizerKind {
     ];
 
     /// The Rust type's name in `caseopt` (`Sgd`), which a rule names it by.
-    pub fn type_name(self) -> &'static str {
+    pub const fn type_name(self) -> &'static str {
         match self {
             OptimizerKind::Bop => "Bop",
             OptimizerKind::Bop2ndOrder => "Bop2ndOrder",
@@ -112,7 +112,7 @@ impl OptimizerKind {
 
     /// The name torch (or larq) gives it, which the runtime prints and stores in checkpoints
     /// (`SGD`, `RMSprop`).
-    pub fn display_name(self) -> &'static str {
+    pub const fn display_name(self) -> &'static str {
         match self {
             OptimizerKind::Bop => "Bop",
             OptimizerKind::Bop2ndOrder => "Bop2ndOrder",
@@ -135,7 +135,7 @@ impl OptimizerKind {
     }
 
     /// Its config's fields, in declaration order, with what each holds.
-    pub fn fields(self) -> &'static [(&'static str, Field)] {
+    pub const fn fields(self) -> &'static [(&'static str, Field)] {
         match self {
             OptimizerKind::Bop => {
                 &[("threshold", Schedule(NonNegative)), ("gamma", Schedule(UnitOpenClosed))]

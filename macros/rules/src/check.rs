@@ -34,7 +34,8 @@ pub struct Analysis {
     pub skipped_hyperparameters: Vec<(usize, usize)>,
 }
 
-/// Methods every generated router has; a rule name must not shadow them.
+/// Methods every generated router has, inherently or through `caseopt::Router`; a rule name
+/// must not shadow them (an inherent accessor would win over the trait's method).
 pub const ROUTER_METHODS: &[&str] = &[
     "step",
     "zero_grad",
@@ -47,6 +48,11 @@ pub const ROUTER_METHODS: &[&str] = &[
     "step_counts",
     "optimizer",
     "optimizer_mut",
+    "variable_store",
+    "set_non_finite_policy",
+    "non_finite_policy",
+    "skipped_steps",
+    "binarised_variables",
     "builder",
     "build",
     "build_from",

@@ -419,7 +419,7 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str], budget: &mut Budg
         })
     };
     // A positive glob with no live position can never accept again.
-    let dead = |s: &State| s[..n_pos].iter().any(|&live| live == 0);
+    let dead = |s: &State| s[..n_pos].contains(&0);
     let mut seen: HashSet<State> = HashSet::new();
     let mut queue = VecDeque::new();
     if dead(&start) {
