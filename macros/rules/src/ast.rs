@@ -37,7 +37,7 @@ use syn::{token, Attribute, Ident, LitInt, LitStr, Token, Visibility};
 use crate::builtin::OptimizerKind;
 
 /// The keywords of the predicate language that are not Rust keywords (`where` and `_` are).
-pub mod kw {
+mod kw {
     syn::custom_keyword!(binary);
     syn::custom_keyword!(bits);
     syn::custom_keyword!(ndim);
