@@ -31,3 +31,26 @@ pub fn name_predicate(pattern: &str) -> Predicate {
 pub fn not_predicate(p: Predicate) -> Predicate {
     Predicate::Not(::std::boxed::Box::new(p))
 }
+
+/// Builds rule `rule`'s optimizer from the config in `slot`, taking it out. A generated router's
+/// `assemble` keeps its configs in one tuple of slots (and what it built in another), so each
+/// of its early returns drops two values and its code grows linearly with the rules.
+pub fn build_rule<O: FromConfig>(
+    assembly: &mut Assembly,
+    rule: usize,
+    slot: &mut Option<O::Config>,
+) -> Result<O> {
+    match slot.take() {
+        Some(config) => assembly.optimizer::<O>(rule, config),
+        None => Err(rule_not_built()),
+    }
+}
+
+/// The error for a rule whose config was already used: a generated router is assembled once
+/// from fresh configs, so this never happens, but it is an error rather than a panic.
+pub fn rule_not_built() -> Error {
+    Error::InvalidConfig {
+        optimizer: "router",
+        reason: "a rule's configuration was used twice while assembling the router".to_string(),
+    }
+}

@@ -1,26 +1,11 @@
 //! The macro's compile-time verdicts against the runtime's routing.
 //!
-//! The macro's parser and checker are compiled into this test from their sources (a proc-macro
-//! crate exports nothing else), so the verdicts checked here are exactly the ones
-//! `case_optimizer!` acts on. Random rule pairs are printed by the runtime's `Predicate`
+//! The macro's parser and checker live in the `caseopt-rules` library, which `case_optimizer!`
+//! calls too, so the verdicts checked here are exactly the ones the macro acts on. Random rule
+//! pairs are printed by the runtime's `Predicate`
 //! (whose `Display` is the macro's syntax), parsed and judged by the macro's checker, and the
 //! verdict is held against the runtime: whatever the compiler rejects, the build would reject
 //! on any variables; whatever it proves disjoint, no variable set ever overlaps.
-//!
-//! The macro's own unit tests come along with its sources and run here a second time.
-
-#[allow(dead_code)]
-#[path = "../macros/src/ast.rs"]
-mod ast;
-#[allow(dead_code)]
-#[path = "../macros/src/builtin.rs"]
-mod builtin;
-#[allow(dead_code)]
-#[path = "../macros/src/check.rs"]
-mod check;
-#[allow(dead_code)]
-#[path = "../macros/src/logic.rs"]
-mod logic;
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -29,7 +14,8 @@ use caseopt::{
     Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob, Optimizer,
     Predicate, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd, VarInfo,
 };
-use logic::Relation;
+use caseopt_rules::logic::Relation;
+use caseopt_rules::{ast, check, Field, OptimizerKind};
 use proptest::prelude::*;
 use tch::{Device, Kind};
 
@@ -315,26 +301,27 @@ fn the_macros_builtin_table_matches_the_runtime() {
         }
     }
     let probes = [-1.0, 0.0, 1e-9, 0.5, 1.0, 2.0];
-    for b in builtin::BUILTINS {
-        let mut opt = build(b.name);
+    for &b in OptimizerKind::ALL {
+        let mut opt = build(b.type_name());
+        assert_eq!(opt.name(), b.display_name());
         let scheduled: BTreeSet<&str> = b
-            .fields
+            .fields()
             .iter()
-            .filter(|(_, f)| matches!(f, builtin::Field::Schedule(_)))
+            .filter(|(_, f)| matches!(f, Field::Schedule(_)))
             .map(|(k, _)| *k)
             .collect();
         let runtime: BTreeSet<&str> = opt.hyperparameter_names().iter().copied().collect();
-        assert_eq!(scheduled, runtime, "{}", b.name);
-        for (key, field) in b.fields {
-            let builtin::Field::Schedule(range) = field else { continue };
+        assert_eq!(scheduled, runtime, "{b}");
+        for (key, field) in b.fields() {
+            let Field::Schedule(range) = field else { continue };
             for v in probes {
                 let accepted = opt.set_hyperparameter(key, v.into()).is_ok();
-                assert_eq!(accepted, range.contains(v), "{}.{key} = {v}", b.name);
+                assert_eq!(accepted, range.contains(v), "{b}.{key} = {v}");
             }
         }
     }
-    let adagrad = builtin::find("Adagrad").unwrap();
-    let Some(builtin::Field::Float(range)) = adagrad.field("initial_accumulator_value") else {
+    let Some(Field::Float(range)) = OptimizerKind::Adagrad.field("initial_accumulator_value")
+    else {
         panic!("Adagrad's initial_accumulator_value is a plain float")
     };
     for v in probes {

@@ -5,7 +5,7 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-use crate::ast::{Form, Input};
+use caseopt_rules::ast::{Form, Input};
 
 /// `expansion` preceded by `errors`, in a form valid where the invocation stands.
 pub fn with_errors(input: &Input, expansion: TokenStream, errors: Vec<syn::Error>) -> TokenStream {

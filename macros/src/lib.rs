@@ -1,12 +1,11 @@
 //! Implementation detail of `caseopt`: the `case_optimizer!` procedural macro.
 //! Depend on `caseopt`, which re-exports it.
+//!
+//! The rule language (parser and checks) lives in `caseopt-rules`; this crate is the entry
+//! point, the code generation and what to emit on errors.
 
-mod ast;
-mod builtin;
-mod check;
 mod expand;
 mod fallback;
-mod logic;
 #[cfg(test)]
 mod proptests;
 
@@ -89,21 +88,24 @@ mod proptests;
 /// ```
 ///
 /// Either way the router has one concrete field per rule and dispatches by direct calls. Its
-/// methods: `step`, `zero_grad`, `backward_step(&loss)`, `clip_grad_norm(max)`,
-/// `clip_grad_norm_per_rule(max)`, `step_counts`, `rules`, `routing_table`, `fingerprint`,
-/// `optimizer(i)`/`optimizer_mut(i)` (trait objects), and typed accessors `ruleN()`/`ruleN_mut()`
-/// for rule `N` (plus `name()`/`name_mut()` for a rule written `... as name`). It also
-/// implements the object-safe `caseopt::Router` and `Debug`.
+/// inherent methods, callable without an import: `step`, `zero_grad`, `backward_step(&loss)`,
+/// `clip_grad_norm(max)`, `clip_grad_norm_per_rule(max)`, `step_counts`, `rules`,
+/// `routing_table`, `fingerprint`, `optimizer(i)`/`optimizer_mut(i)` (trait objects), and typed
+/// accessors `ruleN()`/`ruleN_mut()` for rule `N` (plus `name()`/`name_mut()` for a rule
+/// written `... as name`). It also implements `Debug` and the object-safe `caseopt::Router`,
+/// whose other methods (`variable_store`, `set_non_finite_policy`, `non_finite_policy`,
+/// `skipped_steps`, `binarised_variables`) need the trait in scope.
 ///
 /// # Checked at compile time
 ///
 /// Every error is spanned at the offending tokens and all are reported together: a rule no
 /// variable can satisfy; two rules of which one implies the other (identical rules included),
 /// because every variable the narrower claims would also be claimed by the wider; `_` twice or
-/// not last; a duplicate hyperparameter; a literal out of a built-in optimizer's range (a
-/// negative `lr`, `gamma` outside (0, 1], ...). A pair of rules proven disjoint is not checked
-/// when the router is built; every other pair is. Unknown keys are reported by rustc at the key
-/// ("struct `BopConfig` has no field named `treshold`").
+/// not last; a duplicate hyperparameter; a key a built-in optimizer does not have (the error
+/// lists the valid ones); a literal out of a built-in optimizer's range (a negative `lr`,
+/// `gamma` outside (0, 1], ...). A pair of rules proven disjoint is not checked when the router
+/// is built; every other pair is. A user optimizer's unknown keys are reported by rustc at the
+/// key ("struct `LionConfig` has no field named `betta`").
 ///
 /// # Checked when built
 ///

@@ -8,12 +8,18 @@
 //! per dimension. Every `Unsat` answer is a proof; when the work would exceed fixed budgets
 //! the answer is `Unknown`, which callers treat like "satisfiable" (the check then happens when
 //! the router is built), so a budget can cost precision but never soundness.
+//!
+//! The budgets are counted in work units (a DNF term produced, an automaton transition, a pair
+//! of rules judged) against one [`Budget`] for the whole invocation, with a smaller share for
+//! any one check, so no input can make a compile slow: the total work is bounded whatever the
+//! number of rules and however their formulas multiply out.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::ops::Not;
 
-/// An atomic proposition about one variable.
+/// An atomic proposition about one variable: what an atom of a rule means in the theory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Atom {
+pub enum Proposition {
     /// Declared bit width (`binary` is `Bits(1)`).
     Bits(u8),
     /// Number of dimensions.
@@ -29,8 +35,8 @@ pub enum Atom {
 /// A boolean formula over atoms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Formula {
-    /// An atom.
-    Atom(Atom),
+    /// An atomic proposition.
+    Proposition(Proposition),
     /// Negation.
     Not(Box<Formula>),
     /// Conjunction (empty: true).
@@ -39,9 +45,11 @@ pub enum Formula {
     Or(Vec<Formula>),
 }
 
-impl Formula {
+impl std::ops::Not for Formula {
+    type Output = Formula;
+
     /// `!self`.
-    pub fn not(self) -> Formula {
+    fn not(self) -> Formula {
         Formula::Not(Box::new(self))
     }
 }
@@ -90,18 +98,93 @@ const MAX_TERMS: usize = 4096;
 /// Most automaton states explored for one conjunction of globs before `Unknown`.
 const MAX_GLOB_STATES: usize = 20_000;
 
-/// A conjunction of literals: atoms, each required true or false.
-type Term = Vec<(Atom, bool)>;
+/// The work one invocation of the checker may do, in units: a DNF term costs one unit per
+/// literal plus one, an automaton transition one unit per glob it advances, a pair of rules
+/// [`PAIR_COST`] units. Calibrated so that spending it all takes well under a second in the
+/// unoptimised build cargo gives proc macros by default (about 0.65 s on a busy 2-core
+/// machine), while 200 disjoint `name` or `bits` rules are all decided (about 0.5 M units).
+pub const INVOCATION_BUDGET: u64 = 1_000_000;
+/// The share of [`INVOCATION_BUDGET`] one satisfiability check may use, so a single
+/// pathological rule leaves the other rules and pairs their chance to be decided.
+pub const CHECK_BUDGET: u64 = 100_000;
+/// The units one pair of rules costs on top of its checks' own: the formulas it builds and
+/// clones cost about as much as that many automaton transitions.
+pub const PAIR_COST: usize = 16;
 
-/// Satisfiability of `f`; on `Unsat`, the conflict when `f` is a single conjunction.
-pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
-    let Some(terms) = dnf(f, true, true) else {
+/// The work left to one invocation of the checker. Once spent, every answer is `Unknown` (left
+/// to the check when the router is built), which keeps soundness and bounds compile time.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    used: u64,
+    limit: u64,
+    per_check: u64,
+    /// Where the current check's share ends (`used` at its start plus `per_check`).
+    check_end: u64,
+    /// Whether some answer was `Unknown` because a share or the whole budget ran out.
+    ran_out: bool,
+}
+
+impl Default for Budget {
+    /// [`INVOCATION_BUDGET`] with [`CHECK_BUDGET`] per check.
+    fn default() -> Self {
+        Budget::new(INVOCATION_BUDGET, CHECK_BUDGET)
+    }
+}
+
+impl Budget {
+    /// `limit` units in all, at most `per_check` of them for any one satisfiability check.
+    pub fn new(limit: u64, per_check: u64) -> Budget {
+        Budget { used: 0, limit, per_check, check_end: limit.min(per_check), ran_out: false }
+    }
+
+    /// The units spent so far.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Whether the whole budget is spent: nothing more will be decided.
+    pub fn exhausted(&self) -> bool {
+        self.used >= self.limit
+    }
+
+    /// Whether some answer was left `Unknown` for want of budget (a check's share or the
+    /// whole), rather than because the theory cannot decide it.
+    pub fn ran_out(&self) -> bool {
+        self.ran_out
+    }
+
+    /// Opens a new check's share of the budget.
+    fn start_check(&mut self) {
+        self.check_end = self.used.saturating_add(self.per_check).min(self.limit);
+    }
+
+    /// Spends `units`, or refuses (false) if they would overrun the current check's share or
+    /// the whole budget; what is spent never exceeds the limit.
+    fn spend(&mut self, units: usize) -> bool {
+        let after = self.used.saturating_add(units as u64);
+        if after > self.check_end {
+            self.ran_out = true;
+            return false;
+        }
+        self.used = after;
+        true
+    }
+}
+
+/// A conjunction of literals: atoms, each required true or false.
+type Term = Vec<(Proposition, bool)>;
+
+/// Satisfiability of `f`, spending from `budget`; on `Unsat`, the conflict when `f` is a single
+/// conjunction.
+pub fn satisfiable(f: &Formula, budget: &mut Budget) -> (Answer, Option<Conflict>) {
+    budget.start_check();
+    let Some(terms) = dnf(f, true, true, budget) else {
         return (Answer::Unknown, None);
     };
     if terms.is_empty() {
         // Every term contradicted on its face; name the conflict when there was just one.
-        let conflict = match dnf(f, true, false).as_deref() {
-            Some([single]) => check_term(single).err(),
+        let conflict = match dnf(f, true, false, budget).as_deref() {
+            Some([single]) => check_term(single, budget).err(),
             _ => None,
         };
         return (Answer::Unsat, conflict);
@@ -109,7 +192,7 @@ pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
     let mut unknown = false;
     let mut conflict = None;
     for term in &terms {
-        match check_term(term) {
+        match check_term(term, budget) {
             Ok(Answer::Sat) => return (Answer::Sat, None),
             Ok(_) => unknown = true,
             Err(c) => conflict = Some(c),
@@ -123,18 +206,18 @@ pub fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
 }
 
 /// Disjunctive normal form of `f` (negated when `positive` is false), or `None` past the
-/// budget. With `prune`, terms that contradict on their face are dropped on the way to keep
+/// budgets. With `prune`, terms that contradict on their face are dropped on the way to keep
 /// products small.
-fn dnf(f: &Formula, positive: bool, prune: bool) -> Option<Vec<Term>> {
+fn dnf(f: &Formula, positive: bool, prune: bool, budget: &mut Budget) -> Option<Vec<Term>> {
     match f {
-        Formula::Atom(a) => Some(vec![vec![(a.clone(), positive)]]),
-        Formula::Not(g) => dnf(g, !positive, prune),
+        Formula::Proposition(a) => budget.spend(1).then(|| vec![vec![(a.clone(), positive)]]),
+        Formula::Not(g) => dnf(g, !positive, prune, budget),
         Formula::And(gs) | Formula::Or(gs) => {
             let conjunctive = matches!(f, Formula::And(_)) == positive;
             if conjunctive {
                 let mut acc: Vec<Term> = vec![Vec::new()];
                 for g in gs {
-                    let terms = dnf(g, positive, prune)?;
+                    let terms = dnf(g, positive, prune, budget)?;
                     let mut next = Vec::new();
                     for a in &acc {
                         for t in &terms {
@@ -143,6 +226,9 @@ fn dnf(f: &Formula, positive: bool, prune: bool) -> Option<Vec<Term>> {
                                 if !merged.contains(lit) {
                                     merged.push(lit.clone());
                                 }
+                            }
+                            if !budget.spend(1 + merged.len()) {
+                                return None;
                             }
                             if !(prune && obviously_false(&merged)) {
                                 next.push(merged);
@@ -158,7 +244,7 @@ fn dnf(f: &Formula, positive: bool, prune: bool) -> Option<Vec<Term>> {
             } else {
                 let mut acc = Vec::new();
                 for g in gs {
-                    acc.extend(dnf(g, positive, prune)?);
+                    acc.extend(dnf(g, positive, prune, budget)?);
                     if acc.len() > MAX_TERMS {
                         return None;
                     }
@@ -175,7 +261,7 @@ fn obviously_false(term: &Term) -> bool {
     term.iter().enumerate().any(|(i, a)| term[i + 1..].iter().any(|b| clash(a, b)))
 }
 
-fn clash(a: &(Atom, bool), b: &(Atom, bool)) -> bool {
+fn clash(a: &(Proposition, bool), b: &(Proposition, bool)) -> bool {
     if a.0 == b.0 {
         return a.1 != b.1;
     }
@@ -184,14 +270,14 @@ fn clash(a: &(Atom, bool), b: &(Atom, bool)) -> bool {
     }
     matches!(
         (&a.0, &b.0),
-        (Atom::Bits(_), Atom::Bits(_))
-            | (Atom::Ndim(_), Atom::Ndim(_))
-            | (Atom::Dtype(_), Atom::Dtype(_))
+        (Proposition::Bits(_), Proposition::Bits(_))
+            | (Proposition::Ndim(_), Proposition::Ndim(_))
+            | (Proposition::Dtype(_), Proposition::Dtype(_))
     )
 }
 
 /// Whether one conjunction is satisfiable; `Err` names the dimension that contradicts.
-fn check_term(term: &Term) -> Result<Answer, Conflict> {
+fn check_term(term: &Term, budget: &mut Budget) -> Result<Answer, Conflict> {
     let mut bits = Dimension::default();
     let mut ndim = Dimension::default();
     let mut dtype = Dimension::default();
@@ -199,17 +285,17 @@ fn check_term(term: &Term) -> Result<Answer, Conflict> {
     let (mut globs_pos, mut globs_neg) = (Vec::new(), Vec::new());
     for (atom, positive) in term {
         match atom {
-            Atom::Bits(n) => bits.add(u64::from(*n), *positive),
-            Atom::Ndim(n) => ndim.add(*n, *positive),
-            Atom::Dtype(d) => dtype.add_named(d, *positive),
-            Atom::User(k) => {
+            Proposition::Bits(n) => bits.add(u64::from(*n), *positive),
+            Proposition::Ndim(n) => ndim.add(*n, *positive),
+            Proposition::Dtype(d) => dtype.add_named(d, *positive),
+            Proposition::User(k) => {
                 if *positive {
                     user_pos.insert(k)
                 } else {
                     user_neg.insert(k)
                 };
             }
-            Atom::Name(g) => {
+            Proposition::Name(g) => {
                 if *positive {
                     globs_pos.push(g.as_str())
                 } else {
@@ -231,7 +317,7 @@ fn check_term(term: &Term) -> Result<Answer, Conflict> {
     if user_pos.intersection(&user_neg).next().is_some() {
         return Err(Conflict::User);
     }
-    match globs_satisfiable(&globs_pos, &globs_neg) {
+    match globs_satisfiable(&globs_pos, &globs_neg, budget) {
         Answer::Unsat => Err(Conflict::Name),
         other => Ok(other),
     }
@@ -282,13 +368,30 @@ impl Dimension {
 /// Whether some name matches every glob in `positive` and none in `negative`: a search over
 /// the product of the globs' automata (subset construction on the fly, so complements are
 /// exact). Characters that appear in no glob behave alike, so one stands for all of them.
-pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
+/// Spends one unit of `budget` per glob for each transition. A glob's set of live positions is
+/// a bit mask, so globs longer than [`MAX_GLOB_LEN`] characters are left `Unknown`.
+pub fn globs_satisfiable(positive: &[&str], negative: &[&str], budget: &mut Budget) -> Answer {
     if positive.is_empty() && negative.is_empty() {
         return Answer::Sat;
     }
     let globs: Vec<Vec<char>> =
         positive.iter().chain(negative).map(|g| g.chars().collect()).collect();
+    if globs.iter().any(|g| g.len() > MAX_GLOB_LEN) {
+        return Answer::Unknown;
+    }
     let n_pos = positive.len();
+    // Most disjoint name rules differ in a literal character before any `*` (`layer1.*`,
+    // `layer2.*`), or after the last one: one comparison instead of a search.
+    for (i, a) in globs[..n_pos].iter().enumerate() {
+        for b in &globs[i + 1..n_pos] {
+            if !budget.spend(1) {
+                return Answer::Unknown;
+            }
+            if literal_clash(a.iter(), b.iter()) || literal_clash(a.iter().rev(), b.iter().rev()) {
+                return Answer::Unsat;
+            }
+        }
+    }
     let mut alphabet: Vec<Option<char>> = globs
         .iter()
         .flatten()
@@ -299,12 +402,15 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
         .map(Some)
         .collect();
     alphabet.push(None);
+    let automata: Vec<GlobAutomaton> =
+        globs.iter().map(|g| GlobAutomaton::new(g, &alphabet)).collect();
 
-    type State = Vec<Vec<usize>>;
-    let start: State = globs.iter().map(|g| closure(g, [0].into_iter())).collect();
+    // One mask of live positions per glob.
+    type State = Vec<u128>;
+    let start: State = automata.iter().map(|a| a.closure(1)).collect();
     let accepting = |s: &State| {
-        s.iter().enumerate().all(|(i, positions)| {
-            let accepts = positions.contains(&globs[i].len());
+        s.iter().zip(&automata).enumerate().all(|(i, (&live, a))| {
+            let accepts = live & a.end != 0;
             if i < n_pos {
                 accepts
             } else {
@@ -313,7 +419,7 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
         })
     };
     // A positive glob with no live position can never accept again.
-    let dead = |s: &State| s[..n_pos].iter().any(Vec::is_empty);
+    let dead = |s: &State| s[..n_pos].contains(&0);
     let mut seen: HashSet<State> = HashSet::new();
     let mut queue = VecDeque::new();
     if dead(&start) {
@@ -325,20 +431,12 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
         if accepting(&state) {
             return Answer::Sat;
         }
-        for c in &alphabet {
-            let next: State = state
-                .iter()
-                .zip(&globs)
-                .map(|(positions, g)| {
-                    let moved = positions.iter().filter_map(|&p| match g.get(p) {
-                        Some('*') => Some(p),
-                        Some('?') => Some(p + 1),
-                        Some(x) if Some(*x) == *c => Some(p + 1),
-                        _ => None,
-                    });
-                    closure(g, moved)
-                })
-                .collect();
+        for symbol in 0..alphabet.len() {
+            if !budget.spend(globs.len()) {
+                return Answer::Unknown;
+            }
+            let next: State =
+                state.iter().zip(&automata).map(|(&live, a)| a.step(live, symbol)).collect();
             if dead(&next) || seen.contains(&next) {
                 continue;
             }
@@ -352,15 +450,63 @@ pub fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
     Answer::Unsat
 }
 
-/// The positions reachable from `positions` by letting `*` match nothing; sorted, unique.
-fn closure(glob: &[char], positions: impl Iterator<Item = usize>) -> Vec<usize> {
-    let mut out = BTreeSet::new();
-    for mut p in positions {
-        while out.insert(p) && glob.get(p) == Some(&'*') {
-            p += 1;
+/// Whether two globs read from one end require different characters at the same position
+/// before either reaches a `*`: then no name matches both.
+fn literal_clash<'a>(a: impl Iterator<Item = &'a char>, b: impl Iterator<Item = &'a char>) -> bool {
+    for (&x, &y) in a.zip(b) {
+        if x == '*' || y == '*' {
+            return false;
+        }
+        if x != '?' && y != '?' && x != y {
+            return true;
         }
     }
-    out.into_iter().collect()
+    false
+}
+
+/// Longest glob the automaton search takes: its positions `0..=len` fit one `u128`.
+pub const MAX_GLOB_LEN: usize = 127;
+
+/// One glob as a nondeterministic automaton over bit masks: bit `p` is position `p` (before
+/// the glob's `p`-th character; bit `len` is the end).
+struct GlobAutomaton {
+    /// Positions holding `*`.
+    stars: u128,
+    /// The end position.
+    end: u128,
+    /// Per alphabet symbol, the positions whose character consumes it (`?` or the character).
+    consumes: Vec<u128>,
+}
+
+impl GlobAutomaton {
+    fn new(glob: &[char], alphabet: &[Option<char>]) -> GlobAutomaton {
+        let mask = |pred: &dyn Fn(char) -> bool| {
+            glob.iter().enumerate().filter(|(_, &c)| pred(c)).fold(0u128, |m, (p, _)| m | 1 << p)
+        };
+        let stars = mask(&|c| c == '*');
+        let consumes = alphabet
+            .iter()
+            .map(|symbol| mask(&|c| c == '?' || (c != '*' && Some(c) == *symbol)))
+            .collect();
+        GlobAutomaton { stars, end: 1 << glob.len(), consumes }
+    }
+
+    /// The positions reachable from `live` by letting `*` match nothing.
+    fn closure(&self, mut live: u128) -> u128 {
+        loop {
+            let next = live | (live & self.stars) << 1;
+            if next == live {
+                return live;
+            }
+            live = next;
+        }
+    }
+
+    /// The live positions after reading alphabet symbol `symbol`.
+    fn step(&self, live: u128, symbol: usize) -> u128 {
+        // A `*` stays; a matching character or `?` advances one position.
+        self.closure((live & self.stars) | (live & self.consumes[symbol]) << 1)
+    }
 }
 
 /// How two rules relate.
@@ -378,15 +524,22 @@ pub enum Relation {
     Unknown,
 }
 
-/// The relation between two satisfiable (or undecided) formulas.
-pub fn relation(a: &Formula, b: &Formula) -> Relation {
+/// The relation between two satisfiable (or undecided) formulas, spending from `budget`;
+/// `Unknown` once it is spent.
+pub fn relation(a: &Formula, b: &Formula, budget: &mut Budget) -> Relation {
+    budget.start_check();
+    if !budget.spend(PAIR_COST) {
+        return Relation::Unknown;
+    }
     let both = Formula::And(vec![a.clone(), b.clone()]);
-    if satisfiable(&both).0 == Answer::Unsat {
+    if satisfiable(&both, budget).0 == Answer::Unsat {
         return Relation::Disjoint;
     }
     let a_only = Formula::And(vec![a.clone(), b.clone().not()]);
     let b_only = Formula::And(vec![b.clone(), a.clone().not()]);
-    match (satisfiable(&a_only).0 == Answer::Unsat, satisfiable(&b_only).0 == Answer::Unsat) {
+    let a_only = satisfiable(&a_only, budget).0 == Answer::Unsat;
+    let b_only = satisfiable(&b_only, budget).0 == Answer::Unsat;
+    match (a_only, b_only) {
         (true, true) => Relation::Equivalent,
         (true, false) => Relation::FirstImpliesSecond,
         (false, true) => Relation::SecondImpliesFirst,
@@ -398,11 +551,22 @@ pub fn relation(a: &Formula, b: &Formula) -> Relation {
 mod tests {
     use super::*;
 
-    fn atom(a: Atom) -> Formula {
-        Formula::Atom(a)
+    // The functions under test with a fresh invocation budget each.
+    fn satisfiable(f: &Formula) -> (Answer, Option<Conflict>) {
+        super::satisfiable(f, &mut Budget::default())
+    }
+    fn relation(a: &Formula, b: &Formula) -> Relation {
+        super::relation(a, b, &mut Budget::default())
+    }
+    fn globs_satisfiable(positive: &[&str], negative: &[&str]) -> Answer {
+        super::globs_satisfiable(positive, negative, &mut Budget::default())
+    }
+
+    fn atom(a: Proposition) -> Formula {
+        Formula::Proposition(a)
     }
     fn name(g: &str) -> Formula {
-        atom(Atom::Name(g.into()))
+        atom(Proposition::Name(g.into()))
     }
     fn and(fs: Vec<Formula>) -> Formula {
         Formula::And(fs)
@@ -479,9 +643,9 @@ mod tests {
 
     #[test]
     fn single_valued_dimensions() {
-        let bits = |n| atom(Atom::Bits(n));
-        let ndim = |n| atom(Atom::Ndim(n));
-        let dtype = |d: &str| atom(Atom::Dtype(d.into()));
+        let bits = |n| atom(Proposition::Bits(n));
+        let ndim = |n| atom(Proposition::Ndim(n));
+        let dtype = |d: &str| atom(Proposition::Dtype(d.into()));
         assert_eq!(
             satisfiable(&and(vec![bits(1), bits(2)])),
             (Answer::Unsat, Some(Conflict::Bits))
@@ -502,8 +666,8 @@ mod tests {
 
     #[test]
     fn user_functions_are_opaque_but_equal_to_themselves() {
-        let f = atom(Atom::User("is_emb".into()));
-        let g = atom(Atom::User("other".into()));
+        let f = atom(Proposition::User("is_emb".into()));
+        let g = atom(Proposition::User("other".into()));
         assert_eq!(relation(&f, &g), Relation::Unknown);
         assert_eq!(relation(&f, &f.clone().not()), Relation::Disjoint);
         assert_eq!(relation(&and(vec![f.clone(), g.clone()]), &f), Relation::FirstImpliesSecond);
@@ -515,8 +679,8 @@ mod tests {
 
     #[test]
     fn de_morgan_and_distribution() {
-        let b = atom(Atom::Bits(1));
-        let n2 = atom(Atom::Ndim(2));
+        let b = atom(Proposition::Bits(1));
+        let n2 = atom(Proposition::Ndim(2));
         // !(b & n2) is equivalent to !b | !n2.
         let lhs = and(vec![b.clone(), n2.clone()]).not();
         let rhs = or(vec![b.clone().not(), n2.clone().not()]);
@@ -533,7 +697,9 @@ mod tests {
     fn budgets_give_unknown_not_a_wrong_answer() {
         // 13 binary choices expand to 8192 conjunctions, past the term budget.
         let wide = and((0..13u64)
-            .map(|i| or(vec![atom(Atom::Ndim(i)).not(), atom(Atom::User(format!("u{i}")))]))
+            .map(|i| {
+                or(vec![atom(Proposition::Ndim(i)).not(), atom(Proposition::User(format!("u{i}")))])
+            })
             .collect());
         assert_eq!(satisfiable(&wide).0, Answer::Unknown);
     }

@@ -1,17 +1,18 @@
 //! Checks that look across rules (and the few that need the built-in optimizers' tables):
 //! exclusivity of every pair of rules, unsatisfiable rules, the default rule's place, rule
-//! names, duplicate hyperparameters and literal hyperparameters out of range.
+//! names, duplicate and unknown hyperparameters and literal hyperparameters out of range.
 //!
 //! Every problem becomes one error spanned at the user's tokens; all are reported together.
 
 use std::collections::HashMap;
+use std::ops::Not;
 
 use proc_macro2::TokenStream;
 use quote::ToTokens;
 
-use crate::ast::{AtomKind, Input, Literal, Pred, Rule, RulePredicate};
-use crate::builtin::{Builtin, Field};
-use crate::logic::{self, Answer, Atom, Formula, Relation};
+use crate::ast::{Atom, Input, Literal, Pred, Rule, RulePredicate};
+use crate::builtin::{Field, OptimizerKind};
+use crate::logic::{self, Answer, Budget, Formula, Proposition, Relation};
 
 /// What the checks proved, for the expansion and for tests.
 #[derive(Debug, Default)]
@@ -24,12 +25,17 @@ pub struct Analysis {
     pub unsatisfiable: Vec<usize>,
     /// Rules whose `as name` is usable (no clash).
     pub named: Vec<usize>,
+    /// Work units the exclusivity checks spent (see [`logic::Budget`]).
+    pub work: u64,
+    /// Whether the work budget left some rule or pair undecided (so checked at build).
+    pub budget_ran_out: bool,
     /// Hyperparameters `(rule, position)` left out of the expansion because their error is
     /// reported already (duplicates, a literal of the wrong kind).
-    pub skipped_params: Vec<(usize, usize)>,
+    pub skipped_hyperparameters: Vec<(usize, usize)>,
 }
 
-/// Methods every generated router has; a rule name must not shadow them.
+/// Methods every generated router has, inherently or through `caseopt::Router`; a rule name
+/// must not shadow them (an inherent accessor would win over the trait's method).
 pub const ROUTER_METHODS: &[&str] = &[
     "step",
     "zero_grad",
@@ -42,6 +48,11 @@ pub const ROUTER_METHODS: &[&str] = &[
     "step_counts",
     "optimizer",
     "optimizer_mut",
+    "variable_store",
+    "set_non_finite_policy",
+    "non_finite_policy",
+    "skipped_steps",
+    "binarised_variables",
     "builder",
     "build",
     "build_from",
@@ -52,14 +63,14 @@ pub fn check(input: &Input) -> (Analysis, Vec<syn::Error>) {
     let mut errors = Vec::new();
     check_default_rule(&input.rules, &mut errors);
     let named = check_rule_names(&input.rules, &mut errors);
-    let mut skipped_params = Vec::new();
+    let mut skipped_hyperparameters = Vec::new();
     for rule in &input.rules {
         let skipped = check_hyperparameters(rule, &mut errors);
-        skipped_params.extend(skipped.into_iter().map(|p| (rule.index, p)));
+        skipped_hyperparameters.extend(skipped.into_iter().map(|p| (rule.index, p)));
     }
     let mut analysis = check_exclusivity(&input.rules, &mut errors);
     analysis.named = named;
-    analysis.skipped_params = skipped_params;
+    analysis.skipped_hyperparameters = skipped_hyperparameters;
     (analysis, errors)
 }
 
@@ -125,7 +136,7 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
     let spec = &rule.optimizer;
     let mut seen: Vec<String> = Vec::new();
     let mut skipped = Vec::new();
-    for (position, param) in spec.params.iter().enumerate() {
+    for (position, param) in spec.hyperparameters.iter().enumerate() {
         let key = param.key.to_string();
         if seen.contains(&key) {
             errors.push(syn::Error::new(
@@ -137,28 +148,33 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
         }
         seen.push(key.clone());
         let Some(builtin) = spec.builtin else { continue };
-        // Unknown keys are rustc's to report ("struct `BopConfig` has no field named ..."),
-        // at the same tokens.
-        let Some(field) = builtin.field(&key) else { continue };
+        // Reported here rather than by rustc, whose "no field" error for a struct literal
+        // with `..Default::default()` adds a misleading "all struct fields are already
+        // assigned"; a user optimizer's unknown keys are still rustc's to report.
+        let Some(field) = builtin.field(&key) else {
+            errors.push(syn::Error::new(param.key.span(), unknown_hyperparameter(builtin, &key)));
+            skipped.push(position);
+            continue;
+        };
         let message = match (field, param.value.literal) {
             (Field::Schedule(range) | Field::Float(range), Some(Literal::Number { value, .. }))
                 if !range.contains(value) =>
             {
                 format!(
                     "`{key}` of `{}` must be {}, got `{}`",
-                    builtin.name,
+                    builtin.type_name(),
                     range.describe(),
                     compact(&param.value.tokens)
                 )
             }
             (Field::Schedule(_) | Field::Float(_), Some(Literal::Bool(_))) => format!(
                 "`{key}` of `{}` is a number or a schedule, got `{}`",
-                builtin.name,
+                builtin.type_name(),
                 compact(&param.value.tokens)
             ),
             (Field::Bool, Some(Literal::Number { .. })) => format!(
                 "`{key}` of `{}` is `true` or `false`, got `{}`",
-                builtin.name,
+                builtin.type_name(),
                 compact(&param.value.tokens)
             ),
             _ => continue,
@@ -172,13 +188,23 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
     skipped
 }
 
+/// "unknown hyperparameter `key` for `Opt`; expected one of: ...", the valid keys in the
+/// config's order.
+fn unknown_hyperparameter(builtin: OptimizerKind, key: &str) -> String {
+    let expected: Vec<String> = builtin.fields().iter().map(|(k, _)| format!("`{k}`")).collect();
+    format!(
+        "unknown hyperparameter `{key}` for `{builtin}`; expected one of: {}",
+        expected.join(", ")
+    )
+}
+
 /// SGD's one cross-field rule, when the values are literals: Nesterov momentum needs a
 /// momentum above 0 and no dampening (torch raises the same at construction).
-fn check_nesterov(builtin: &Builtin, rule: &Rule, errors: &mut Vec<syn::Error>) {
-    if builtin.name != "Sgd" {
+fn check_nesterov(builtin: OptimizerKind, rule: &Rule, errors: &mut Vec<syn::Error>) {
+    if builtin != OptimizerKind::Sgd {
         return;
     }
-    let find = |k: &str| rule.optimizer.params.iter().find(|p| p.key == k);
+    let find = |k: &str| rule.optimizer.hyperparameters.iter().find(|p| p.key == k);
     let Some(nesterov) = find("nesterov") else { return };
     if nesterov.value.literal != Some(Literal::Bool(true)) {
         return;
@@ -212,14 +238,14 @@ fn compact(tokens: &TokenStream) -> String {
 /// The formula a predicate means, or `None` if an atom in it failed to parse.
 pub fn formula(pred: &Pred) -> Option<Formula> {
     Some(match pred {
-        Pred::Atom(a) => Formula::Atom(match &a.kind {
-            AtomKind::Binary => Atom::Bits(1),
-            AtomKind::Bits(n) => Atom::Bits(*n),
-            AtomKind::Ndim(n) => Atom::Ndim(*n),
-            AtomKind::Name(g) => Atom::Name(g.clone()),
-            AtomKind::Dtype(d) => Atom::Dtype((*d).to_string()),
-            AtomKind::User { key, .. } => Atom::User(key.clone()),
-            AtomKind::Invalid => return None,
+        Pred::Atom(a) => Formula::Proposition(match a {
+            Atom::Binary => Proposition::Bits(1),
+            Atom::Bits(n) => Proposition::Bits(*n),
+            Atom::Ndim(n) => Proposition::Ndim(*n),
+            Atom::Name(g) => Proposition::Name(g.clone()),
+            Atom::Dtype(d) => Proposition::Dtype((*d).to_string()),
+            Atom::User { key, .. } => Proposition::User(key.clone()),
+            Atom::Invalid => return None,
         }),
         Pred::Not(p) => formula(p)?.not(),
         Pred::Paren(p) => formula(p)?,
@@ -229,13 +255,23 @@ pub fn formula(pred: &Pred) -> Option<Formula> {
 }
 
 fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
+    check_exclusivity_within(rules, errors, Budget::default())
+}
+
+/// [`check_exclusivity`] with the given budget: once it is spent, what is left undecided is
+/// checked when the router is built.
+fn check_exclusivity_within(
+    rules: &[Rule],
+    errors: &mut Vec<syn::Error>,
+    mut budget: Budget,
+) -> Analysis {
     let mut analysis = Analysis::default();
     // Non-default rules whose predicate is well formed, with their formulas.
     let mut live: Vec<(&Rule, &Pred, Formula)> = Vec::new();
     for rule in rules {
         let RulePredicate::Formula(pred) = &rule.predicate else { continue };
         let Some(f) = formula(pred) else { continue };
-        match logic::satisfiable(&f) {
+        match logic::satisfiable(&f, &mut budget) {
             (Answer::Unsat, conflict) => {
                 let reason = conflict.map(|c| format!(": {}", c.describe())).unwrap_or_default();
                 errors.push(syn::Error::new_spanned(
@@ -251,7 +287,7 @@ fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
     }
     for (i, (a, pa, fa)) in live.iter().enumerate() {
         for (b, pb, fb) in &live[i + 1..] {
-            let relation = logic::relation(fa, fb);
+            let relation = logic::relation(fa, fb, &mut budget);
             analysis.relations.push((a.index, b.index, relation));
             match relation {
                 Relation::Disjoint => analysis.disjoint.push((a.index, b.index)),
@@ -267,6 +303,8 @@ fn check_exclusivity(rules: &[Rule], errors: &mut Vec<syn::Error>) -> Analysis {
             }
         }
     }
+    analysis.work = budget.used();
+    analysis.budget_ran_out = budget.ran_out();
     analysis
 }
 
@@ -370,13 +408,72 @@ mod tests {
                 "`lr` of `Adam` is a number or a schedule, got `true`",
             ]
         );
-        // User optimizers are checked for duplicates only.
+        let (_, e) = run("binary => Bop<treshold: 1e-6>, _ => Adam<learning_rate: 0.1, lr: 0.1>");
+        assert_eq!(
+            e,
+            vec![
+                "unknown hyperparameter `treshold` for `Bop`; expected one of: `threshold`, `gamma`",
+                "unknown hyperparameter `learning_rate` for `Adam`; expected one of: `lr`, `beta1`, `beta2`, `eps`, `weight_decay`, `amsgrad`, `maximize`",
+            ]
+        );
+        // User optimizers are checked for duplicates only (rustc reports their unknown keys).
         let (_, e) = run("_ => my::Opt<gamma: 7, gamma: 8>");
         assert_eq!(e, vec!["duplicate hyperparameter `gamma`; remove one of them"]);
         let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true>");
         assert!(e[0].starts_with("`nesterov: true` needs a `momentum` above 0"), "{e:?}");
         let (_, e) = run("_ => Sgd<lr: 0.1, nesterov: true, momentum: (m)>");
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    /// `(name("*a*") | name("*b*")) & (name("*c*") | name("*d*")) & ... & !name("*")`: `k` pairs
+    /// multiply out to 2^k conjunctions, each a product automaton of k + 1 globs.
+    fn glob_pairs(k: usize) -> String {
+        let letters: Vec<char> = ('a'..='z').collect();
+        let pairs: Vec<String> = (0..k)
+            .map(|i| {
+                format!(r#"(name("*{}*") | name("*{}*"))"#, letters[2 * i], letters[2 * i + 1])
+            })
+            .collect();
+        format!(r#"{} & !name("*")"#, pairs.join(" & "))
+    }
+
+    #[test]
+    fn the_checkers_work_is_bounded() {
+        // Took 299 s to check before the invocation budget; now one check's share.
+        let src = format!(
+            "{} => Bop, binary => Sgd, !binary & ndim(2) => Adam, _ => Adam",
+            glob_pairs(12)
+        );
+        let (analysis, errors) = run(&src);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(analysis.budget_ran_out);
+        assert!(analysis.work <= logic::INVOCATION_BUDGET, "{}", analysis.work);
+        // The rule is undecided, not judged unsatisfiable; its pairs are left to the build.
+        assert!(analysis.unsatisfiable.is_empty());
+        assert_eq!(
+            analysis.relations,
+            vec![(0, 1, Relation::Unknown), (0, 2, Relation::Unknown), (1, 2, Relation::Disjoint)]
+        );
+        assert_eq!(analysis.disjoint, vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_spent_budget_leaves_every_later_pair_to_the_build() {
+        let input = Input::parse(
+            TokenStream::from_str("binary => Bop, bits(2) => Sgd, bits(3) => Adam, _ => Adam")
+                .expect("lexes"),
+        );
+        let mut errors = Vec::new();
+        let analysis = check_exclusivity_within(&input.rules, &mut errors, Budget::new(40, 40));
+        assert!(errors.is_empty());
+        assert!(analysis.budget_ran_out);
+        assert!(analysis.work <= 40, "{}", analysis.work);
+        assert_eq!(analysis.relations[0], (0, 1, Relation::Disjoint));
+        assert_eq!(analysis.relations[2], (1, 2, Relation::Unknown));
+        // With the default budget the same rules are all proven disjoint.
+        let (analysis, _) = run("binary => Bop, bits(2) => Sgd, bits(3) => Adam, _ => Adam");
+        assert!(!analysis.budget_ran_out);
+        assert_eq!(analysis.disjoint, vec![(0, 1), (0, 2), (1, 2)]);
     }
 
     #[test]

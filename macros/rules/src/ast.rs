@@ -19,8 +19,8 @@
 //!            | 'name' '(' STRING ')'    full name matches the glob (`*` any run, `?` one char)
 //!            | 'dtype' '(' ('f32' | 'f64' | 'f16' | 'bf16') ')'
 //!            | 'where' '(' EXPR ')'     a `fn(&VarInfo) -> bool`: a path or a closure
-//! optimizer := PATH ('<' (param (',' param)* ','?)? '>')?
-//! param     := IDENT ':' value
+//! optimizer := PATH ('<' (hyper (',' hyper)* ','?)? '>')?
+//! hyper     := IDENT ':' value            a hyperparameter
 //! value     := '-'? LITERAL | PATH | '(' EXPR ')' | '{' STATEMENTS '}'
 //! ```
 //!
@@ -34,10 +34,10 @@ use quote::ToTokens;
 use syn::parse::{ParseStream, Parser};
 use syn::{token, Attribute, Ident, LitInt, LitStr, Token, Visibility};
 
-use crate::builtin::{self, Builtin};
+use crate::builtin::OptimizerKind;
 
 /// The keywords of the predicate language that are not Rust keywords (`where` and `_` are).
-pub mod kw {
+mod kw {
     syn::custom_keyword!(binary);
     syn::custom_keyword!(bits);
     syn::custom_keyword!(ndim);
@@ -52,9 +52,10 @@ pub const ATOMS: &str =
 /// Names `dtype(...)` accepts, in the order messages list them.
 pub const DTYPES: &[&str] = &["f32", "f64", "f16", "bf16"];
 
-/// Deepest nesting of `!` and parentheses accepted; deeper input is an error rather than a
+/// Deepest nesting accepted, where each `!` and each pair of parentheses is one level (so
+/// `!!x` and `((x))` are 2 levels deep, `!(x)` too); deeper input is an error rather than a
 /// stack overflow in the compiler.
-const MAX_DEPTH: usize = 64;
+pub const MAX_DEPTH: usize = 64;
 
 /// A parsed invocation: its form, the rules that parsed, and every error met on the way.
 pub struct Input {
@@ -144,7 +145,7 @@ pub enum Pred {
 impl fmt::Display for Pred {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Pred::Atom(a) => a.kind.fmt(f),
+            Pred::Atom(a) => a.fmt(f),
             Pred::Not(p) => write!(f, "!{p}"),
             Pred::Paren(p) => write!(f, "({p})"),
             Pred::And(ps) | Pred::Or(ps) => {
@@ -161,14 +162,8 @@ impl fmt::Display for Pred {
     }
 }
 
-/// One atom.
-pub struct Atom {
-    /// What it tests.
-    pub kind: AtomKind,
-}
-
-/// What an atom tests.
-pub enum AtomKind {
+/// One atom, as written: what it tests.
+pub enum Atom {
     /// `binary`.
     Binary,
     /// `bits(N)`.
@@ -192,16 +187,16 @@ pub enum AtomKind {
     Invalid,
 }
 
-impl fmt::Display for AtomKind {
+impl fmt::Display for Atom {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AtomKind::Binary => f.write_str("binary"),
-            AtomKind::Bits(n) => write!(f, "bits({n})"),
-            AtomKind::Ndim(n) => write!(f, "ndim({n})"),
-            AtomKind::Name(g) => write!(f, "name({g:?})"),
-            AtomKind::Dtype(d) => write!(f, "dtype({d})"),
-            AtomKind::User { text, .. } => write!(f, "where({text})"),
-            AtomKind::Invalid => f.write_str("<invalid>"),
+            Atom::Binary => f.write_str("binary"),
+            Atom::Bits(n) => write!(f, "bits({n})"),
+            Atom::Ndim(n) => write!(f, "ndim({n})"),
+            Atom::Name(g) => write!(f, "name({g:?})"),
+            Atom::Dtype(d) => write!(f, "dtype({d})"),
+            Atom::User { text, .. } => write!(f, "where({text})"),
+            Atom::Invalid => f.write_str("<invalid>"),
         }
     }
 }
@@ -211,9 +206,9 @@ pub struct OptimizerSpec {
     /// The type as written.
     pub path: syn::Path,
     /// The built-in optimizer a single-segment name refers to.
-    pub builtin: Option<&'static Builtin>,
+    pub builtin: Option<OptimizerKind>,
     /// The hyperparameters, in order written.
-    pub params: Vec<ParamSpec>,
+    pub hyperparameters: Vec<HyperparameterArg>,
 }
 
 impl OptimizerSpec {
@@ -224,7 +219,7 @@ impl OptimizerSpec {
 }
 
 /// `key: value`.
-pub struct ParamSpec {
+pub struct HyperparameterArg {
     /// The field name, with the user's span.
     pub key: Ident,
     /// The value.
@@ -448,7 +443,9 @@ fn tokens_between(start: ParseStream, input: ParseStream) -> TokenStream {
 
 fn too_deep(input: ParseStream, depth: usize) -> syn::Result<()> {
     if depth > MAX_DEPTH {
-        Err(input.error(format!("predicate nested more than {MAX_DEPTH} levels deep; simplify it")))
+        Err(input.error(format!(
+            "predicate nested more than {MAX_DEPTH} levels deep (each `!` and each `( )` is a level); simplify it"
+        )))
     } else {
         Ok(())
     }
@@ -515,13 +512,9 @@ fn parse_unary(
 }
 
 fn parse_atom(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Result<Atom> {
-    Ok(Atom { kind: parse_atom_kind(input, errors)? })
-}
-
-fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Result<AtomKind> {
     if input.peek(kw::binary) {
         input.parse::<kw::binary>()?;
-        return Ok(AtomKind::Binary);
+        return Ok(Atom::Binary);
     }
     if input.peek(kw::bits) || input.peek(kw::ndim) {
         let is_bits = input.peek(kw::bits);
@@ -531,38 +524,38 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
         let value = lit.base10_parse::<u64>().ok();
         if is_bits {
             return Ok(match value.and_then(|v| u8::try_from(v).ok()).filter(|&v| v > 0) {
-                Some(v) => AtomKind::Bits(v),
+                Some(v) => Atom::Bits(v),
                 None => {
                     errors.push(syn::Error::new(
                         lit.span(),
                         "a bit width must be between 1 and 255; `binary` is `bits(1)`",
                     ));
-                    AtomKind::Invalid
+                    Atom::Invalid
                 }
             });
         }
         return Ok(match value {
-            Some(v) => AtomKind::Ndim(v),
+            Some(v) => Atom::Ndim(v),
             None => {
                 errors.push(syn::Error::new(
                     lit.span(),
                     "expected a number of dimensions, e.g. `ndim(2)`",
                 ));
-                AtomKind::Invalid
+                Atom::Invalid
             }
         });
     }
     if input.peek(kw::name) {
         let keyword: Ident = syn::ext::IdentExt::parse_any(input)?;
         let lit: LitStr = parenthesized_arg(input, &keyword, "`name(\"*.weight\")`")?;
-        return Ok(AtomKind::Name(lit.value()));
+        return Ok(Atom::Name(lit.value()));
     }
     if input.peek(kw::dtype) {
         let keyword: Ident = syn::ext::IdentExt::parse_any(input)?;
         let ty: Ident = parenthesized_arg(input, &keyword, "`dtype(f32)`")?;
         let name = ty.to_string();
         return Ok(match DTYPES.iter().find(|d| **d == name) {
-            Some(d) => AtomKind::Dtype(d),
+            Some(d) => Atom::Dtype(d),
             None => {
                 let expected =
                     DTYPES.iter().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ");
@@ -570,7 +563,7 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
                     ty.span(),
                     format!("unknown dtype `{name}`; expected one of: {expected}"),
                 ));
-                AtomKind::Invalid
+                Atom::Invalid
             }
         });
     }
@@ -601,7 +594,7 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
                 syn::Expr::Path(p) if p.qself.is_none() => path_text(&p.path),
                 _ => key.clone(),
             });
-        return Ok(AtomKind::User { expr: Box::new(expr), key, text });
+        return Ok(Atom::User { expr: Box::new(expr), key, text });
     }
     if input.peek(Token![_]) {
         let underscore: Token![_] = input.parse()?;
@@ -609,7 +602,7 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
             underscore,
             "`_` is the default rule and stands alone: write `_ => Optimizer` as the last rule",
         ));
-        return Ok(AtomKind::Invalid);
+        return Ok(Atom::Invalid);
     }
     if input.peek(syn::Ident) {
         let ident: Ident = syn::ext::IdentExt::parse_any(input)?;
@@ -622,7 +615,7 @@ fn parse_atom_kind(input: ParseStream, errors: &mut Vec<syn::Error>) -> syn::Res
             ident.span(),
             format!("unknown predicate `{ident}`; expected one of: {ATOMS}"),
         ));
-        return Ok(AtomKind::Invalid);
+        return Ok(Atom::Invalid);
     }
     Err(input.error(format!("expected a predicate: one of {ATOMS}, or `_`")))
 }
@@ -657,10 +650,10 @@ fn parse_optimizer(input: ParseStream) -> syn::Result<OptimizerSpec> {
     }
     let path = syn::Path::parse_mod_style(input)?;
     let builtin = match (&path.leading_colon, path.segments.len()) {
-        (None, 1) => builtin::find(&path.segments[0].ident.to_string()),
+        (None, 1) => OptimizerKind::from_type_name(&path.segments[0].ident.to_string()),
         _ => None,
     };
-    let mut params = Vec::new();
+    let mut hyperparameters = Vec::new();
     if input.peek(Token![<]) {
         input.parse::<Token![<]>()?;
         loop {
@@ -675,20 +668,20 @@ fn parse_optimizer(input: ParseStream) -> syn::Result<OptimizerSpec> {
             }
             input.parse::<Token![:]>()?;
             let value = parse_value(input, &key)?;
-            params.push(ParamSpec { key, value });
+            hyperparameters.push(HyperparameterArg { key, value });
             if input.peek(Token![,]) {
                 input.parse::<Token![,]>()?;
             } else if !input.peek(Token![>]) {
                 return Err(input.error(format!(
                     "expected `,` or `>` after the value of `{}`; wrap an expression in parentheses: `{}: (...)`",
-                    params[params.len() - 1].key,
-                    params[params.len() - 1].key,
+                    hyperparameters[hyperparameters.len() - 1].key,
+                    hyperparameters[hyperparameters.len() - 1].key,
                 )));
             }
         }
         input.parse::<Token![>]>()?;
     }
-    Ok(OptimizerSpec { path, builtin, params })
+    Ok(OptimizerSpec { path, builtin, hyperparameters })
 }
 
 fn parse_value(input: ParseStream, key: &Ident) -> syn::Result<Value> {
@@ -773,9 +766,9 @@ mod tests {
         assert_eq!(bop.predicate.to_string(), "binary");
         assert_eq!(bop.optimizer.text(), "Bop");
         assert!(bop.optimizer.builtin.is_some());
-        assert_eq!(bop.optimizer.params.len(), 2);
+        assert_eq!(bop.optimizer.hyperparameters.len(), 2);
         assert_eq!(
-            bop.optimizer.params[0].value.literal,
+            bop.optimizer.hyperparameters[0].value.literal,
             Some(Literal::Number { value: 1e-6, integer: false })
         );
         assert!(input.rules[1].predicate.is_default());
@@ -801,12 +794,12 @@ mod tests {
     fn values_literals_paths_and_groups() {
         let input = parse("_ => Sgd<lr: -1, momentum: (0.5 * 2.0), nesterov: true, dampening: x::Y, weight_decay: { 0.1 }>");
         assert!(input.errors.is_empty(), "{:?}", messages(&input));
-        let params = &input.rules[0].optimizer.params;
-        assert_eq!(params[0].value.literal, Some(Literal::Number { value: -1.0, integer: true }));
-        assert_eq!(params[1].value.literal, None);
-        assert_eq!(params[2].value.literal, Some(Literal::Bool(true)));
-        assert_eq!(params[3].value.tokens.to_string(), "x :: Y");
-        assert_eq!(params[4].value.literal, None);
+        let hypers = &input.rules[0].optimizer.hyperparameters;
+        assert_eq!(hypers[0].value.literal, Some(Literal::Number { value: -1.0, integer: true }));
+        assert_eq!(hypers[1].value.literal, None);
+        assert_eq!(hypers[2].value.literal, Some(Literal::Bool(true)));
+        assert_eq!(hypers[3].value.tokens.to_string(), "x :: Y");
+        assert_eq!(hypers[4].value.literal, None);
     }
 
     #[test]
@@ -864,6 +857,23 @@ mod tests {
         assert!(messages(&parse(""))[0].starts_with("expected at least one rule"));
         assert!(messages(&parse("binary => Bop,, _ => Adam"))[0]
             .starts_with("expected a rule before `,`"));
+    }
+
+    /// Whether a predicate nested this way parses.
+    fn nests(open: &str, close: &str, levels: usize) -> bool {
+        let src = format!("{}binary{} => Bop", open.repeat(levels), close.repeat(levels));
+        let input = parse(&src);
+        assert!(input.errors.iter().all(|e| e.to_string().contains("nested more than")));
+        input.errors.is_empty()
+    }
+
+    #[test]
+    fn one_depth_limit_counts_each_not_and_each_parenthesis() {
+        assert!(nests("!", "", MAX_DEPTH) && !nests("!", "", MAX_DEPTH + 1));
+        assert!(nests("(", ")", MAX_DEPTH) && !nests("(", ")", MAX_DEPTH + 1));
+        // `!( )` is two levels: half as many fit.
+        assert!(nests("!(", ")", MAX_DEPTH / 2) && !nests("!(", ")", MAX_DEPTH / 2 + 1));
+        assert!(nests("(!", ")", MAX_DEPTH / 2) && !nests("(!", ")", MAX_DEPTH / 2 + 1));
     }
 
     #[test]

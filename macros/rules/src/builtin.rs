@@ -1,0 +1,218 @@
+//! The runtime's built-in optimizers as data: their names (the Rust type's and torch's), their
+//! config fields and the literal ranges of their hyperparameters, mirroring the
+//! `hyperparameters!` invocations in runtime/optim/*.rs (tests/test_macro_checker.rs compares
+//! the two). Needs no syntax crates, so the runtime can share this one table.
+
+/// A hyperparameter's accepted range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// `v >= 0`.
+    NonNegative,
+    /// `v > 0`.
+    Positive,
+    /// `0 < v <= 1`.
+    UnitOpenClosed,
+    /// `0 <= v < 1`.
+    UnitClosedOpen,
+}
+
+impl Range {
+    /// Whether `v` is accepted.
+    pub fn contains(self, v: f64) -> bool {
+        match self {
+            Range::NonNegative => v >= 0.0,
+            Range::Positive => v > 0.0,
+            Range::UnitOpenClosed => v > 0.0 && v <= 1.0,
+            Range::UnitClosedOpen => (0.0..1.0).contains(&v),
+        }
+    }
+
+    /// The range in words, as the runtime's errors write it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Range::NonNegative => ">= 0",
+            Range::Positive => "> 0",
+            Range::UnitOpenClosed => "in (0, 1]",
+            Range::UnitClosedOpen => "in [0, 1)",
+        }
+    }
+}
+
+/// What kind of value a config field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// A `Schedule` (a number or a schedule) with its range.
+    Schedule(Range),
+    /// A plain `f64` with its range.
+    Float(Range),
+    /// A `bool`.
+    Bool,
+}
+
+/// One of the runtime's optimizers: the one name a rule's single-segment optimizer path, the
+/// runtime's type, its printed name and its checkpoints all derive from.
+///
+/// Adding an optimizer is one variant here plus one arm in each method below (the compiler
+/// lists them), and one entry in [`OptimizerKind::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    /// `caseopt::Bop`: larq's Bop.
+    Bop,
+    /// `caseopt::Bop2ndOrder`: Bop with a second-moment estimate.
+    Bop2ndOrder,
+    /// `caseopt::Sgd`: torch's SGD.
+    Sgd,
+    /// `caseopt::Adam`: torch's Adam.
+    Adam,
+    /// `caseopt::AdamW`: torch's AdamW.
+    AdamW,
+    /// `caseopt::RmsProp`: torch's RMSprop.
+    RmsProp,
+    /// `caseopt::Adagrad`: torch's Adagrad.
+    Adagrad,
+}
+
+use Field::{Bool, Float, Schedule};
+use Range::{NonNegative, Positive, UnitClosedOpen, UnitOpenClosed};
+
+const ADAM_FIELDS: &[(&str, Field)] = &[
+    ("lr", Schedule(NonNegative)),
+    ("beta1", Schedule(UnitClosedOpen)),
+    ("beta2", Schedule(UnitClosedOpen)),
+    ("eps", Schedule(Positive)),
+    ("weight_decay", Schedule(NonNegative)),
+    ("amsgrad", Bool),
+    ("maximize", Bool),
+];
+
+impl OptimizerKind {
+    /// Every built-in optimizer, in the order the documentation lists them.
+    pub const ALL: &'static [OptimizerKind] = &[
+        OptimizerKind::Bop,
+        OptimizerKind::Bop2ndOrder,
+        OptimizerKind::Sgd,
+        OptimizerKind::Adam,
+        OptimizerKind::AdamW,
+        OptimizerKind::RmsProp,
+        OptimizerKind::Adagrad,
+    ];
+
+    /// The Rust type's name in `caseopt` (`Sgd`), which a rule names it by.
+    pub const fn type_name(self) -> &'static str {
+        match self {
+            OptimizerKind::Bop => "Bop",
+            OptimizerKind::Bop2ndOrder => "Bop2ndOrder",
+            OptimizerKind::Sgd => "Sgd",
+            OptimizerKind::Adam => "Adam",
+            OptimizerKind::AdamW => "AdamW",
+            OptimizerKind::RmsProp => "RmsProp",
+            OptimizerKind::Adagrad => "Adagrad",
+        }
+    }
+
+    /// The name torch (or larq) gives it, which the runtime prints and stores in checkpoints
+    /// (`SGD`, `RMSprop`).
+    pub const fn display_name(self) -> &'static str {
+        match self {
+            OptimizerKind::Bop => "Bop",
+            OptimizerKind::Bop2ndOrder => "Bop2ndOrder",
+            OptimizerKind::Sgd => "SGD",
+            OptimizerKind::Adam => "Adam",
+            OptimizerKind::AdamW => "AdamW",
+            OptimizerKind::RmsProp => "RMSprop",
+            OptimizerKind::Adagrad => "Adagrad",
+        }
+    }
+
+    /// The optimizer whose [`type_name`](Self::type_name) is `name`.
+    pub fn from_type_name(name: &str) -> Option<OptimizerKind> {
+        Self::ALL.iter().copied().find(|k| k.type_name() == name)
+    }
+
+    /// The optimizer whose [`display_name`](Self::display_name) is `name`.
+    pub fn from_display_name(name: &str) -> Option<OptimizerKind> {
+        Self::ALL.iter().copied().find(|k| k.display_name() == name)
+    }
+
+    /// Its config's fields, in declaration order, with what each holds.
+    pub const fn fields(self) -> &'static [(&'static str, Field)] {
+        match self {
+            OptimizerKind::Bop => {
+                &[("threshold", Schedule(NonNegative)), ("gamma", Schedule(UnitOpenClosed))]
+            }
+            OptimizerKind::Bop2ndOrder => &[
+                ("threshold", Schedule(NonNegative)),
+                ("gamma", Schedule(UnitOpenClosed)),
+                ("sigma", Schedule(UnitOpenClosed)),
+            ],
+            OptimizerKind::Sgd => &[
+                ("lr", Schedule(NonNegative)),
+                ("momentum", Schedule(NonNegative)),
+                ("dampening", Schedule(NonNegative)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("nesterov", Bool),
+                ("maximize", Bool),
+            ],
+            OptimizerKind::Adam | OptimizerKind::AdamW => ADAM_FIELDS,
+            OptimizerKind::RmsProp => &[
+                ("lr", Schedule(NonNegative)),
+                ("alpha", Schedule(NonNegative)),
+                ("eps", Schedule(Positive)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("momentum", Schedule(NonNegative)),
+                ("centered", Bool),
+                ("maximize", Bool),
+            ],
+            OptimizerKind::Adagrad => &[
+                ("lr", Schedule(NonNegative)),
+                ("lr_decay", Schedule(NonNegative)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("initial_accumulator_value", Float(NonNegative)),
+                ("eps", Schedule(Positive)),
+                ("maximize", Bool),
+            ],
+        }
+    }
+
+    /// The field named `key`, if the config has it.
+    pub fn field(self, key: &str) -> Option<Field> {
+        self.fields().iter().find(|(k, _)| *k == key).map(|(_, f)| *f)
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    /// The type name, as rules write it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.type_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_match_the_runtime_wording() {
+        assert!(UnitOpenClosed.contains(1.0) && !UnitOpenClosed.contains(0.0));
+        assert!(UnitClosedOpen.contains(0.0) && !UnitClosedOpen.contains(1.0));
+        assert!(!Positive.contains(0.0) && NonNegative.contains(0.0));
+        assert!(!NonNegative.contains(f64::NAN));
+        let find = OptimizerKind::from_type_name;
+        assert_eq!(find("Bop").and_then(|b| b.field("gamma")), Some(Schedule(UnitOpenClosed)));
+        assert_eq!(
+            find("Adagrad").and_then(|b| b.field("initial_accumulator_value")),
+            Some(Float(NonNegative))
+        );
+        assert!(find("SGD").is_none());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for &kind in OptimizerKind::ALL {
+            assert_eq!(OptimizerKind::from_type_name(kind.type_name()), Some(kind));
+            assert_eq!(OptimizerKind::from_display_name(kind.display_name()), Some(kind));
+        }
+        assert_eq!(OptimizerKind::from_display_name("RMSprop"), Some(OptimizerKind::RmsProp));
+        assert_eq!(OptimizerKind::Sgd.display_name(), "SGD");
+    }
+}
