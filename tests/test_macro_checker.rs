@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 
 use caseopt::{
-    Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob, Optimizer,
-    Predicate, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd, VarInfo,
+    Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob, NAdam,
+    Optimizer, Predicate, RAdam, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd, VarInfo,
 };
 use caseopt_rules::logic::Relation;
 use caseopt_rules::{ast, check, Field, OptimizerKind};
@@ -295,6 +295,8 @@ fn the_macros_builtin_table_matches_the_runtime() {
             "Sgd" => Box::new(Sgd::from_config(Default::default()).unwrap()),
             "Adam" => Box::new(Adam::from_config(Default::default()).unwrap()),
             "AdamW" => Box::new(AdamW::from_config(Default::default()).unwrap()),
+            "RAdam" => Box::new(RAdam::from_config(Default::default()).unwrap()),
+            "NAdam" => Box::new(NAdam::from_config(Default::default()).unwrap()),
             "RmsProp" => Box::new(RmsProp::from_config(Default::default()).unwrap()),
             "Adagrad" => Box::new(Adagrad::from_config(Default::default()).unwrap()),
             other => panic!("the macro knows `{other}`, the runtime does not"),

@@ -484,3 +484,30 @@ fn a_configuration_the_optimizer_rejects_names_the_rule() {
         "rule `_ => Adam`: invalid Adam hyperparameter `lr`: -1 (expected >= 0)"
     );
 }
+
+#[test]
+fn radam_and_nadam_are_built_ins_a_rule_can_name() -> Result<()> {
+    let vs = bnn_store();
+    let mut opt = case_optimizer! {
+        ndim(4) => RAdam<lr: 0.01, decoupled_weight_decay: true, weight_decay: 0.1>,
+        _ => NAdam<lr: 0.01, momentum_decay: 4e-3>,
+    }
+    .build(&vs)?;
+    let table = opt.routing_table();
+    assert_eq!(table.rule_of("conv1.weight").map(|r| r.optimizer), Some("RAdam"));
+    assert_eq!(table.rule_of("fc.weight").map(|r| r.optimizer), Some("NAdam"));
+    let names: Vec<_> = (0..2).filter_map(|i| opt.optimizer(i).map(|o| o.name())).collect();
+    assert_eq!(names, vec!["RAdam", "NAdam"]);
+    set_grads(&vs, |_, t| t.ones_like());
+    opt.step()?;
+    // RAdam's first step is momentum SGD on the bias-corrected average (after the decoupled
+    // decay, 1 * (1 - 0.01 * 0.1)); NAdam's moves each weight against its gradient.
+    for w in values(&var(&vs, "conv1.weight")) {
+        assert!((w - (0.999 - 0.01)).abs() < 1e-6, "{w}");
+    }
+    for b in values(&var(&vs, "fc.bias")) {
+        assert!(b < 0.0 && b > -0.02, "{b}");
+    }
+    assert_eq!(opt.step_counts(), vec![1, 1]);
+    Ok(())
+}

@@ -50,7 +50,7 @@ mod proptests;
 ///
 /// Atoms combine with `!`, `&`, `|` (in that order of precedence) and parentheses.
 ///
-/// The optimizer is one of the runtime's (`Bop`, `Bop2ndOrder`, `Sgd`, `Adam`, `AdamW`,
+/// The optimizer is one of the runtime's (`Bop`, `Bop2ndOrder`, `Sgd`, `Adam`, `AdamW`, `RAdam`, `NAdam`,
 /// `RmsProp`, `Adagrad`; a single name always means the built-in one) or any type named by a
 /// path that implements `caseopt::Optimizer` and `caseopt::FromConfig` (its config a struct
 /// with public fields and `Default`). `Opt<k: v>` builds `<Opt as FromConfig>::Config { k: v,

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use caseopt_rules::OptimizerKind;
 use tch::{nn, Kind, Tensor};
 
 use super::format::{
@@ -12,18 +13,17 @@ use super::format::{
 use super::parse::Parsed;
 use super::save::named_variables;
 use crate::error::{CheckpointError, Error};
+use crate::optim::state::{saved_state_layout, StateLayout};
 use crate::optim::Optimizer;
 use crate::predicate::dtype_name;
 use crate::router::Router;
 use crate::var::Param;
 
 /// Whether `optimizer` (an [`Optimizer::name`]) is one of this crate's, whose state tensors
-/// follow the convention the planner checks before applying anything: `step` is a 0-dim int64,
-/// every other state has its variable's shape and dtype. Other optimizers' states are checked
-/// by their own `set_state`, and undone on error. The one place a decision depends on an
-/// optimizer's name.
+/// follow the layout the planner checks before applying anything ([`saved_state_layout`]).
+/// Other optimizers' states are checked by their own `set_state`, and undone on error.
 fn is_built_in(optimizer: &str) -> bool {
-    matches!(optimizer, "Bop" | "Bop2ndOrder" | "SGD" | "Adam" | "AdamW" | "RMSprop" | "Adagrad")
+    OptimizerKind::from_display_name(optimizer).is_some()
 }
 
 /// What a validated checkpoint will do to one rule's optimizer.
@@ -365,8 +365,10 @@ fn plan_states<'a>(
         };
         if built_in {
             let (kind, shape) = (param.tensor.kind(), param.tensor.size());
-            let (want_kind, want_shape) =
-                if state == "step" { (Kind::Int64, Vec::new()) } else { (kind, shape) };
+            let (want_kind, want_shape) = match saved_state_layout(state) {
+                StateLayout::Scalar(kind) => (kind, Vec::new()),
+                StateLayout::LikeVariable => (kind, shape),
+            };
             if saved_tensor.dtype != dtype_name(want_kind) || saved_tensor.shape != want_shape {
                 return Err(bad_state(
                     state,

@@ -4,8 +4,10 @@ use tch::Tensor;
 
 use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
-use super::hyper::hyperparameters;
+use super::hyper::{hyperparameters, Hyperparameters};
 use super::state::{step_tensor, take_state, take_step};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -41,7 +43,7 @@ impl Default for AdagradConfig {
 }
 
 hyperparameters!(
-    "Adagrad",
+    Adagrad,
     AdagradConfig,
     AdagradValues {
         lr: NonNegative,
@@ -58,7 +60,7 @@ impl AdagradConfig {
         let v = self.initial_accumulator_value;
         if !(v.is_finite() && v >= 0.0) {
             return Err(Error::InvalidHyperparameter {
-                optimizer: "Adagrad",
+                optimizer: Self::OPTIMIZER,
                 name: "initial_accumulator_value",
                 value: v,
                 expected: ">= 0",
@@ -90,7 +92,7 @@ pub type Adagrad = Optim<AdagradAlgorithm>;
 pub enum AdagradAlgorithm {}
 
 impl Algorithm for AdagradAlgorithm {
-    const NAME: &'static str = "Adagrad";
+    const KIND: OptimizerKind = OptimizerKind::Adagrad;
     const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
     type Config = AdagradConfig;
     type State = AdagradState;

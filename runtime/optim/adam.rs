@@ -8,6 +8,8 @@ use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::hyper::Hyperparameters;
 use super::state::{step_tensor, take_state, take_step, StateSlot};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::Result;
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -51,7 +53,7 @@ impl Default for AdamConfig {
 }
 
 hyperparameters!(
-    "Adam",
+    Adam,
     AdamConfig,
     AdamValues {
         lr: NonNegative,
@@ -196,8 +198,8 @@ pub type Adam = Optim<AdamAlgorithm>;
 /// What sets Adam and AdamW apart: the config, and whether the weight decay is decoupled. The
 /// rest of their algorithm is written once, for both, below.
 pub trait AdamVariant: std::fmt::Debug + Send + 'static {
-    /// The name as torch.optim spells it.
-    const NAME: &'static str;
+    /// Which of the two it is.
+    const KIND: OptimizerKind;
     /// The config.
     type Config: Hyperparameters;
     /// The scalars of one update at this step's values, shared by the fused kernel and the
@@ -215,7 +217,7 @@ pub trait AdamVariant: std::fmt::Debug + Send + 'static {
 pub enum AdamAlgorithm {}
 
 impl AdamVariant for AdamAlgorithm {
-    const NAME: &'static str = "Adam";
+    const KIND: OptimizerKind = OptimizerKind::Adam;
     type Config = AdamConfig;
 
     fn step_kernel(c: &AdamConfig, hp: &AdamValues) -> AdamKernel {
@@ -230,7 +232,7 @@ impl AdamVariant for AdamAlgorithm {
 }
 
 impl<V: AdamVariant> Algorithm for V {
-    const NAME: &'static str = V::NAME;
+    const KIND: OptimizerKind = V::KIND;
     const STATE_NAMES: &'static [&'static str] =
         &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
     type Config = V::Config;

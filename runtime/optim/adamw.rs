@@ -4,6 +4,8 @@
 use super::adam::AdamVariant;
 use super::core::Optim;
 use super::hyper::hyperparameters;
+use caseopt_rules::OptimizerKind;
+
 use crate::kernels::ops::AdamKernel;
 use crate::schedule::Schedule;
 
@@ -42,7 +44,7 @@ impl Default for AdamWConfig {
 }
 
 hyperparameters!(
-    "AdamW",
+    AdamW,
     AdamWConfig,
     AdamWValues {
         lr: NonNegative,
@@ -76,7 +78,7 @@ pub type AdamW = Optim<AdamWAlgorithm>;
 pub enum AdamWAlgorithm {}
 
 impl AdamVariant for AdamWAlgorithm {
-    const NAME: &'static str = "AdamW";
+    const KIND: OptimizerKind = OptimizerKind::AdamW;
     type Config = AdamWConfig;
 
     fn step_kernel(c: &AdamWConfig, hp: &AdamWValues) -> AdamKernel {

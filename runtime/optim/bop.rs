@@ -11,6 +11,8 @@ use super::core::{Algorithm, Optim, Values, VarState};
 use super::hyper::hyperparameters;
 use super::staging::Staging;
 use super::state::{take_state, StateSlot};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::Result;
 use crate::kernels::ops::BopKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -32,7 +34,7 @@ impl Default for BopConfig {
     }
 }
 
-hyperparameters!("Bop", BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
+hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
 
 /// `m <- m + rate * (x - m)`, as written in the reference.
 pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<()> {
@@ -98,7 +100,7 @@ pub type Bop = Optim<BopAlgorithm>;
 pub enum BopAlgorithm {}
 
 impl Algorithm for BopAlgorithm {
-    const NAME: &'static str = "Bop";
+    const KIND: OptimizerKind = OptimizerKind::Bop;
     const STATE_NAMES: &'static [&'static str] = &["m"];
     type Config = BopConfig;
     type State = BopState;

@@ -6,6 +6,8 @@ use super::bop::{flip, moving_average};
 use super::core::{Algorithm, Optim, VarState};
 use super::hyper::hyperparameters;
 use super::state::{take_state, StateSlot};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::Result;
 use crate::kernels::ops::Bop2Kernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -34,7 +36,7 @@ impl Default for Bop2ndOrderConfig {
 }
 
 hyperparameters!(
-    "Bop2ndOrder",
+    Bop2ndOrder,
     Bop2ndOrderConfig,
     Bop2ndOrderValues { threshold: NonNegative, gamma: UnitOpenClosed, sigma: UnitOpenClosed }
 );
@@ -84,7 +86,7 @@ pub type Bop2ndOrder = Optim<Bop2ndOrderAlgorithm>;
 pub enum Bop2ndOrderAlgorithm {}
 
 impl Algorithm for Bop2ndOrderAlgorithm {
-    const NAME: &'static str = "Bop2ndOrder";
+    const KIND: OptimizerKind = OptimizerKind::Bop2ndOrder;
     const STATE_NAMES: &'static [&'static str] = &["m", "v"];
     type Config = Bop2ndOrderConfig;
     type State = Bop2ndOrderState;

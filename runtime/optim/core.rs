@@ -8,6 +8,7 @@
 //! [`Optimizer`], [`FromConfig`] and [`Execution`] once for all of them; the compiler checks
 //! the contract, where a macro over field names could not.
 
+use caseopt_rules::OptimizerKind;
 use tch::Tensor;
 
 use super::exec::Exec;
@@ -44,8 +45,10 @@ pub trait VarState: std::fmt::Debug + Send + 'static {
 /// The trait is public only so that [`Optim`]'s implementations can name it; it is sealed (its
 /// module is private), so it is not part of the API.
 pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
+    /// Which built-in optimizer this is: its one identity for rules, errors and checkpoints.
+    const KIND: OptimizerKind;
     /// The optimizer's name as torch.optim or larq spell it (`"SGD"`, `"Bop"`).
-    const NAME: &'static str;
+    const NAME: &'static str = Self::KIND.display_name();
     /// Names of the per-variable state tensors it may keep.
     const STATE_NAMES: &'static [&'static str];
     /// Its configuration.

@@ -6,51 +6,21 @@ use std::fmt::Debug;
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 
-/// A hyperparameter's accepted range, checked on construction and on every value a schedule
-/// yields.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Range {
-    /// `v >= 0`.
-    NonNegative,
-    /// `v > 0`.
-    Positive,
-    /// `0 < v <= 1`.
-    UnitOpenClosed,
-    /// `0 <= v < 1`.
-    UnitClosedOpen,
-}
+/// A hyperparameter's accepted range: the one table the macro checks literals against and the
+/// runtime checks every value a schedule yields against.
+pub(crate) use caseopt_rules::Range;
 
-impl Range {
-    fn contains(self, v: f64) -> bool {
-        match self {
-            Range::NonNegative => v >= 0.0,
-            Range::Positive => v > 0.0,
-            Range::UnitOpenClosed => v > 0.0 && v <= 1.0,
-            Range::UnitClosedOpen => (0.0..1.0).contains(&v),
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Range::NonNegative => ">= 0",
-            Range::Positive => "> 0",
-            Range::UnitOpenClosed => "in (0, 1]",
-            Range::UnitClosedOpen => "in [0, 1)",
-        }
-    }
-
-    /// `v` itself when it is finite and in range, else the error naming the hyperparameter.
-    pub(crate) fn check(self, optimizer: &'static str, name: &'static str, v: f64) -> Result<f64> {
-        if v.is_finite() && self.contains(v) {
-            Ok(v)
-        } else {
-            Err(Error::InvalidHyperparameter {
-                optimizer,
-                name,
-                value: v,
-                expected: self.describe(),
-            })
-        }
+/// `v` itself when it is finite and in `range`, else the error naming the hyperparameter.
+pub(crate) fn check(
+    range: Range,
+    optimizer: &'static str,
+    name: &'static str,
+    v: f64,
+) -> Result<f64> {
+    if v.is_finite() && range.contains(v) {
+        Ok(v)
+    } else {
+        Err(Error::InvalidHyperparameter { optimizer, name, value: v, expected: range.describe() })
     }
 }
 
@@ -66,6 +36,8 @@ pub trait Hyperparameters: Clone + Debug + Default + Send + 'static {
     const OPTIMIZER: &'static str;
     /// Names of the scheduled hyperparameters, in declaration order.
     const NAMES: &'static [&'static str];
+    /// Their ranges, aligned with [`NAMES`](Self::NAMES).
+    const RANGES: &'static [Range];
 
     /// Every hyperparameter's value at step `t`, each checked against its range.
     fn values_at(&self, t: u64) -> Result<Self::Values>;
@@ -114,16 +86,16 @@ pub(crate) fn unknown(optimizer: &'static str, name: &str, known: &[&str]) -> Er
 /// step. The contract is the trait's, checked by the compiler; the table only spares writing
 /// each name four times.
 macro_rules! hyperparameters {
-    ($opt:literal, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? }) => {
-        hyperparameters!(@impl $opt, $config, $values, {}, { $($field: $range),* });
+    ($kind:ident, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? }) => {
+        hyperparameters!(@impl $kind, $config, $values, {}, { $($field: $range),* });
     };
-    ($opt:literal, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? },
+    ($kind:ident, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? },
      extra_checks = $extra:path) => {
-        hyperparameters!(@impl $opt, $config, $values,
+        hyperparameters!(@impl $kind, $config, $values,
             { fn extra_checks(&self) -> $crate::error::Result<()> { $extra(self) } },
             { $($field: $range),* });
     };
-    (@impl $opt:literal, $config:ident, $values:ident, { $($extra:tt)* },
+    (@impl $kind:ident, $config:ident, $values:ident, { $($extra:tt)* },
      { $($field:ident : $range:ident),* }) => {
         /// Hyperparameter values at one step.
         #[derive(Debug, Clone, Copy)]
@@ -140,25 +112,27 @@ macro_rules! hyperparameters {
 
         impl $crate::optim::hyper::Hyperparameters for $config {
             type Values = $values;
-            const OPTIMIZER: &'static str = $opt;
+            const OPTIMIZER: &'static str = caseopt_rules::OptimizerKind::$kind.display_name();
             const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+            const RANGES: &'static [$crate::optim::hyper::Range] =
+                &[$($crate::optim::hyper::Range::$range),*];
 
             fn values_at(&self, t: u64) -> $crate::error::Result<$values> {
-                use $crate::optim::hyper::Range;
+                use $crate::optim::hyper::{check, Range};
                 Ok($values {
-                    $($field: Range::$range.check($opt, stringify!($field), self.$field.value(t))?,)*
+                    $($field: check(Range::$range, Self::OPTIMIZER, stringify!($field), self.$field.value(t))?,)*
                 })
             }
 
             fn validate_schedules(&self) -> $crate::error::Result<()> {
-                use $crate::optim::hyper::Range;
+                use $crate::optim::hyper::{check, Range};
                 $(
                     self.$field.validate().map_err(|reason| $crate::error::Error::InvalidSchedule {
-                        optimizer: $opt,
+                        optimizer: Self::OPTIMIZER,
                         name: stringify!($field),
                         reason,
                     })?;
-                    Range::$range.check($opt, stringify!($field), self.$field.value(0))?;
+                    check(Range::$range, Self::OPTIMIZER, stringify!($field), self.$field.value(0))?;
                 )*
                 Ok(())
             }
@@ -166,7 +140,7 @@ macro_rules! hyperparameters {
             fn schedule(&self, name: &str) -> $crate::error::Result<&$crate::schedule::Schedule> {
                 match name {
                     $(stringify!($field) => Ok(&self.$field),)*
-                    _ => Err($crate::optim::hyper::unknown($opt, name, Self::NAMES)),
+                    _ => Err($crate::optim::hyper::unknown(Self::OPTIMIZER, name, Self::NAMES)),
                 }
             }
 
@@ -176,7 +150,7 @@ macro_rules! hyperparameters {
             ) -> $crate::error::Result<&mut $crate::schedule::Schedule> {
                 match name {
                     $(stringify!($field) => Ok(&mut self.$field),)*
-                    _ => Err($crate::optim::hyper::unknown($opt, name, Self::NAMES)),
+                    _ => Err($crate::optim::hyper::unknown(Self::OPTIMIZER, name, Self::NAMES)),
                 }
             }
 
@@ -191,14 +165,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranges_take_their_bounds_as_documented() {
-        assert!(Range::NonNegative.check("X", "lr", 0.0).is_ok());
-        assert!(Range::Positive.check("X", "eps", 0.0).is_err());
-        assert!(Range::UnitOpenClosed.check("X", "gamma", 1.0).is_ok());
-        assert!(Range::UnitOpenClosed.check("X", "gamma", 0.0).is_err());
-        assert!(Range::UnitClosedOpen.check("X", "beta1", 0.0).is_ok());
-        assert!(Range::UnitClosedOpen.check("X", "beta1", 1.0).is_err());
-        assert!(Range::NonNegative.check("X", "lr", f64::NAN).is_err());
-        assert!(Range::NonNegative.check("X", "lr", f64::INFINITY).is_err());
+    fn values_are_checked_against_their_range() {
+        assert_eq!(check(Range::NonNegative, "X", "lr", 0.0).unwrap(), 0.0);
+        assert!(check(Range::Positive, "X", "eps", 0.0).is_err());
+        assert!(check(Range::UnitOpenClosed, "X", "gamma", 1.0).is_ok());
+        assert!(check(Range::UnitClosedOpen, "X", "beta1", 1.0).is_err());
+        assert!(check(Range::NonNegative, "X", "lr", f64::NAN).is_err());
+        assert!(check(Range::NonNegative, "X", "lr", f64::INFINITY).is_err());
     }
 }

@@ -25,7 +25,7 @@ mod radam;
 mod rmsprop;
 mod sgd;
 pub(crate) mod staging;
-mod state;
+pub(crate) mod state;
 
 pub use adagrad::{Adagrad, AdagradConfig};
 pub use adam::{Adam, AdamConfig};

@@ -6,6 +6,8 @@ use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::{CheckpointError, Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -50,7 +52,7 @@ impl Default for NAdamConfig {
 }
 
 hyperparameters!(
-    "NAdam",
+    NAdam,
     NAdamConfig,
     NAdamValues {
         lr: NonNegative,
@@ -114,7 +116,7 @@ fn mu(beta1: f64, momentum_decay: f64, t: f64) -> f64 {
 pub enum NAdamAlgorithm {}
 
 impl Algorithm for NAdamAlgorithm {
-    const NAME: &'static str = "NAdam";
+    const KIND: OptimizerKind = OptimizerKind::NAdam;
     const STATE_NAMES: &'static [&'static str] = &["step", "mu_product", "exp_avg", "exp_avg_sq"];
     type Config = NAdamConfig;
     type State = NAdamState;

@@ -6,6 +6,8 @@ use super::adam::AdamState;
 use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
+use caseopt_rules::OptimizerKind;
+
 use crate::error::Result;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -46,7 +48,7 @@ impl Default for RAdamConfig {
 }
 
 hyperparameters!(
-    "RAdam",
+    RAdam,
     RAdamConfig,
     RAdamValues {
         lr: NonNegative,
@@ -82,7 +84,7 @@ pub type RAdam = Optim<RAdamAlgorithm>;
 pub enum RAdamAlgorithm {}
 
 impl Algorithm for RAdamAlgorithm {
-    const NAME: &'static str = "RAdam";
+    const KIND: OptimizerKind = OptimizerKind::RAdam;
     const STATE_NAMES: &'static [&'static str] = &["step", "exp_avg", "exp_avg_sq"];
     type Config = RAdamConfig;
     type State = AdamState;

@@ -6,6 +6,8 @@ use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
+use caseopt_rules::OptimizerKind;
+
 use crate::error::Result;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -45,7 +47,7 @@ impl Default for RmsPropConfig {
 }
 
 hyperparameters!(
-    "RMSprop",
+    RmsProp,
     RmsPropConfig,
     RmsPropValues {
         lr: NonNegative,
@@ -87,7 +89,7 @@ pub type RmsProp = Optim<RmsPropAlgorithm>;
 pub enum RmsPropAlgorithm {}
 
 impl Algorithm for RmsPropAlgorithm {
-    const NAME: &'static str = "RMSprop";
+    const KIND: OptimizerKind = OptimizerKind::RmsProp;
     const STATE_NAMES: &'static [&'static str] =
         &["step", "square_avg", "momentum_buffer", "grad_avg"];
     type Config = RmsPropConfig;

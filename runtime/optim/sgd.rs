@@ -4,8 +4,10 @@ use tch::Tensor;
 
 use super::core::{Algorithm, NoKernel, Optim, VarState};
 use super::grad::adjusted_grad;
-use super::hyper::hyperparameters;
+use super::hyper::{hyperparameters, Hyperparameters};
 use super::state::take_state;
+use caseopt_rules::OptimizerKind;
+
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -41,7 +43,7 @@ impl Default for SgdConfig {
 }
 
 hyperparameters!(
-    "SGD",
+    Sgd,
     SgdConfig,
     SgdValues {
         lr: NonNegative,
@@ -60,7 +62,7 @@ impl SgdConfig {
             let dampening = self.dampening.as_constant();
             if momentum.is_some_and(|m| m <= 0.0) || dampening.is_some_and(|d| d != 0.0) {
                 return Err(Error::InvalidConfig {
-                    optimizer: "SGD",
+                    optimizer: Self::OPTIMIZER,
                     reason: "nesterov momentum requires a momentum > 0 and zero dampening".into(),
                 });
             }
@@ -90,7 +92,7 @@ pub type Sgd = Optim<SgdAlgorithm>;
 pub enum SgdAlgorithm {}
 
 impl Algorithm for SgdAlgorithm {
-    const NAME: &'static str = "SGD";
+    const KIND: OptimizerKind = OptimizerKind::Sgd;
     const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
     type Config = SgdConfig;
     type State = SgdState;
@@ -111,7 +113,7 @@ impl Algorithm for SgdAlgorithm {
     ) -> Result<()> {
         if c.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
             return Err(Error::InvalidConfig {
-                optimizer: "SGD",
+                optimizer: Self::NAME,
                 reason: format!(
                     "nesterov momentum requires a momentum > 0 and zero dampening, the schedules give momentum {} and dampening {} at step {}",
                     hp.momentum, hp.dampening, step

@@ -1,7 +1,7 @@
 //! Per-variable state as the optimizers keep and exchange it: where state tensors live in a
 //! state buffer, and the checked reading of saved states (checkpoints, `set_state`).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::MAX_STATES;
@@ -13,6 +13,26 @@ use crate::var::Param;
 pub struct StateSlot {
     pub(crate) buffer: usize,
     pub(crate) offsets: [usize; MAX_STATES],
+}
+
+/// How a built-in optimizer's saved state tensor looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateLayout {
+    /// Its variable's shape and dtype.
+    LikeVariable,
+    /// A 0-dim tensor of this dtype.
+    Scalar(Kind),
+}
+
+/// The layout of the built-in optimizers' state `name`: torch's per-variable `step` counters
+/// are 0-dim int64 (as [`step_tensor`] writes them), NAdam's `mu_product` a 0-dim f32 (as
+/// torch keeps it), every other state is shaped like its variable.
+pub(crate) fn saved_state_layout(name: &str) -> StateLayout {
+    match name {
+        "step" => StateLayout::Scalar(Kind::Int64),
+        "mu_product" => StateLayout::Scalar(Kind::Float),
+        _ => StateLayout::LikeVariable,
+    }
 }
 
 /// Takes the named tensor out of a saved state, checking it against its variable.

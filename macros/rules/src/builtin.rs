@@ -66,6 +66,10 @@ pub enum OptimizerKind {
     Adam,
     /// `caseopt::AdamW`: torch's AdamW.
     AdamW,
+    /// `caseopt::RAdam`: torch's RAdam.
+    RAdam,
+    /// `caseopt::NAdam`: torch's NAdam.
+    NAdam,
     /// `caseopt::RmsProp`: torch's RMSprop.
     RmsProp,
     /// `caseopt::Adagrad`: torch's Adagrad.
@@ -93,6 +97,8 @@ impl OptimizerKind {
         OptimizerKind::Sgd,
         OptimizerKind::Adam,
         OptimizerKind::AdamW,
+        OptimizerKind::RAdam,
+        OptimizerKind::NAdam,
         OptimizerKind::RmsProp,
         OptimizerKind::Adagrad,
     ];
@@ -105,6 +111,8 @@ impl OptimizerKind {
             OptimizerKind::Sgd => "Sgd",
             OptimizerKind::Adam => "Adam",
             OptimizerKind::AdamW => "AdamW",
+            OptimizerKind::RAdam => "RAdam",
+            OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RmsProp",
             OptimizerKind::Adagrad => "Adagrad",
         }
@@ -119,6 +127,8 @@ impl OptimizerKind {
             OptimizerKind::Sgd => "SGD",
             OptimizerKind::Adam => "Adam",
             OptimizerKind::AdamW => "AdamW",
+            OptimizerKind::RAdam => "RAdam",
+            OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RMSprop",
             OptimizerKind::Adagrad => "Adagrad",
         }
@@ -154,6 +164,25 @@ impl OptimizerKind {
                 ("maximize", Bool),
             ],
             OptimizerKind::Adam | OptimizerKind::AdamW => ADAM_FIELDS,
+            OptimizerKind::RAdam => &[
+                ("lr", Schedule(NonNegative)),
+                ("beta1", Schedule(UnitClosedOpen)),
+                ("beta2", Schedule(UnitClosedOpen)),
+                ("eps", Schedule(Positive)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("decoupled_weight_decay", Bool),
+                ("maximize", Bool),
+            ],
+            OptimizerKind::NAdam => &[
+                ("lr", Schedule(NonNegative)),
+                ("beta1", Schedule(UnitClosedOpen)),
+                ("beta2", Schedule(UnitClosedOpen)),
+                ("eps", Schedule(Positive)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("momentum_decay", Schedule(NonNegative)),
+                ("decoupled_weight_decay", Bool),
+                ("maximize", Bool),
+            ],
             OptimizerKind::RmsProp => &[
                 ("lr", Schedule(NonNegative)),
                 ("alpha", Schedule(NonNegative)),
