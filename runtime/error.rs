@@ -96,6 +96,18 @@ pub enum Error {
         /// Description now.
         now: String,
     },
+    /// A variable that another live router already trains: both would update it every step.
+    /// Drop the other router first (or route the variable with one of them only).
+    #[error(
+        "variable `{variable}` is already trained by another router (as `{other}`); a variable \
+         belongs to one router at a time, so drop the other router first"
+    )]
+    VariableInAnotherRouter {
+        /// Variable name, as this router's store names it.
+        variable: String,
+        /// Its name in the router that trains it.
+        other: String,
+    },
     /// A gradient holding NaN or infinity, under the `Error` policy.
     #[error("gradient of `{variable}` holds NaN or infinity; the step was not applied")]
     NonFiniteGradient {

@@ -243,6 +243,8 @@ fn a_different_schedule_is_refused_and_constants_are_restored() {
     train(&mut r, &vs, 0..3, None);
     let path = dir.join("ckpt.safetensors");
     r.save_checkpoint(&path).unwrap();
+    // A variable belongs to one router at a time: each router below trains the same model.
+    drop(r);
 
     let mut other = trained(cosine(&vs, 200), &vs);
     match assert_refused(&mut other, &path) {
@@ -252,6 +254,7 @@ fn a_different_schedule_is_refused_and_constants_are_restored() {
         }
         other => panic!("unexpected {other}"),
     }
+    drop(other);
 
     // A constant is restored whatever the router had.
     let mut constant = cosine(&vs, 100);
@@ -423,10 +426,13 @@ fn a_router_that_never_stepped_round_trips() {
     let path = dir.join("fresh.safetensors");
     fresh.save_checkpoint(&path).unwrap();
     assert_eq!(checkpoint_info(&path).unwrap().step_counts, vec![0, 0]);
+    // A variable belongs to one router at a time: the trained router below shares the model.
+    let fresh_snapshot = snapshot(&fresh);
+    drop(fresh);
     let mut trained = trained(bop_adam(&vs), &vs);
-    assert_ne!(snapshot(&trained), snapshot(&fresh));
+    assert_ne!(snapshot(&trained), fresh_snapshot);
     trained.load_checkpoint(&path).unwrap();
-    let (a, b) = (snapshot(&trained), snapshot(&fresh));
+    let (a, b) = (snapshot(&trained), fresh_snapshot);
     // The variables are shared (same model): only the optimizer side is compared.
     assert_eq!(a.step_counts, b.step_counts);
     for (ra, rb) in a.rules.iter().zip(&b.rules) {
@@ -622,24 +628,30 @@ fn a_constant_and_a_schedule_never_replace_each_other_in_either_direction() {
     train(&mut constant, &vs, 0..3, None);
     let constant_file = dir.join("constant.safetensors");
     constant.save_checkpoint(&constant_file).unwrap();
+    // A variable belongs to one router at a time: each router below trains the same model.
+    drop(constant);
     let mut router = trained(scheduled(&vs), &vs);
     let reason = hyperparameter(assert_refused(&mut router, &constant_file));
     assert!(reason.contains("constant 0.01") && reason.contains("cosine"), "{reason}");
+    drop(router);
 
     // A schedule in the file, a constant in the router: refused as well.
     let mut schedule = scheduled(&vs);
     train(&mut schedule, &vs, 0..3, None);
     let schedule_file = dir.join("schedule.safetensors");
     schedule.save_checkpoint(&schedule_file).unwrap();
+    drop(schedule);
     let mut router = trained(bop_adam(&vs), &vs);
     let reason = hyperparameter(assert_refused(&mut router, &schedule_file));
     assert!(reason.contains("cosine") && reason.contains("`0.01`"), "{reason}");
+    drop(router);
 
     // The same kind on both sides loads: constants as saved, schedules kept.
     let mut router = trained(bop_adam(&vs), &vs);
     router.optimizer_mut(1).unwrap().set_hyperparameter("lr", 0.5.into()).unwrap();
     router.load_checkpoint(&constant_file).unwrap();
     assert_eq!(router.optimizer(1).unwrap().hyperparameter("lr").unwrap(), 0.01);
+    drop(router);
     let mut router = trained(scheduled(&vs), &vs);
     router.load_checkpoint(&schedule_file).unwrap();
     assert_eq!(router.step_counts(), vec![3, 3]);

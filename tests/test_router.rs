@@ -204,7 +204,8 @@ fn the_item_form_declares_a_type_that_lives_in_a_struct_field() -> Result<()> {
     assert_eq!(trainer.opt.adam().step_count(), 1);
     assert_eq!(trainer.opt.rules()[0].name, Some("bop"));
     assert_eq!(trainer.opt.rules()[1].to_string(), "_ => Adam");
-    let again = BnnOptimizer::builder().build(&vs)?;
+    // The fingerprint is the rules'; a second router needs a model of its own.
+    let again = BnnOptimizer::builder().build(&bnn_store())?;
     assert_eq!(again.fingerprint(), trainer.opt.fingerprint());
     assert_eq!(trainer.steps, 1);
     Ok(())
@@ -509,5 +510,37 @@ fn radam_and_nadam_are_built_ins_a_rule_can_name() -> Result<()> {
         assert!(b < 0.0 && b > -0.02, "{b}");
     }
     assert_eq!(opt.step_counts(), vec![1, 1]);
+    Ok(())
+}
+
+#[test]
+fn a_variable_belongs_to_one_router_at_a_time() -> Result<()> {
+    let vs = bnn_store();
+    let first = BnnOptimizer::build(&vs)?;
+    // A second router over the same variables would step each of them twice per step.
+    match BnnOptimizer::build(&vs) {
+        Err(Error::VariableInAnotherRouter { variable, other }) => {
+            // The first in rule order.
+            assert_eq!(variable, "conv1.weight");
+            assert_eq!(other, "conv1.weight");
+        }
+        other => panic!("expected VariableInAnotherRouter, got {other:?}"),
+    }
+    // The same through the expression form, and a variable added to the store later is
+    // claimed by the router that routes it.
+    let expression = case_optimizer! { _ => Sgd<lr: 0.1> }.build(&vs);
+    assert!(matches!(expression, Err(Error::VariableInAnotherRouter { .. })));
+    drop(first);
+    let mut second = BnnOptimizer::build(&vs)?;
+    let _ = (vs.root() / "late").var("bias", &[2], nn::Init::Const(0.0));
+    set_grads(&vs, |_, t| t.ones_like());
+    second.step()?;
+    assert!(second.routing_table().route("late.bias").is_some());
+    let shared = vs.variables().remove("late.bias").expect("the late variable");
+    let third = case_optimizer! { _ => Sgd<lr: 0.1> }
+        .build_from(vec![Param::new(VarInfo::of("shared", &shared), shared.shallow_clone())]);
+    assert!(
+        matches!(third, Err(Error::VariableInAnotherRouter { variable, .. }) if variable == "shared")
+    );
     Ok(())
 }

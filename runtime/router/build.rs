@@ -71,7 +71,9 @@ impl<R: RouterParts> RouterBuilder<R> {
             Some(store) => lock(store).trainable_variables.len(),
             None => 0,
         };
-        let core = RouterCore::new(table, fingerprint(&rules), store, known_trainable);
+        let mut core = RouterCore::new(table, fingerprint(&rules), store, known_trainable);
+        // Before any optimizer is built: a variable another router trains is refused here.
+        core.ownership.claim(groups.iter().flatten())?;
         R::assemble(self.configs, Assembly::new(groups, core))
     }
 }
@@ -131,10 +133,12 @@ pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> 
             group.push(param);
         }
     }
+    let count = core.known_trainable + infos.len();
+    router.core_mut().ownership.claim(groups.iter().flatten())?;
+    let core = router.core();
     for w in table.warnings().iter().skip(core.table.warnings().len()) {
         eprintln!("caseopt: warning: {w}");
     }
-    let count = core.known_trainable + infos.len();
     router.for_each_optimizer_mut(&mut AddParams(groups))?;
     let core = router.core_mut();
     core.table = table;

@@ -15,6 +15,7 @@
 mod build;
 mod clip;
 mod nonfinite;
+mod ownership;
 mod parts;
 mod rules;
 mod step;

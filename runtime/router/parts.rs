@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tch::nn;
 
 use super::nonfinite::NonFinitePolicy;
+use super::ownership::Ownership;
 use super::rules::{RuleInfo, RuleSpec};
 use super::table::RoutingTable;
 use crate::error::{Error, Result};
@@ -43,6 +44,8 @@ pub struct RouterCore {
     /// 2000 variables they were kilobyte allocations each step, and glibc consolidates its
     /// small free chunks (the 2000 gradient handles just freed) on every such allocation.
     pub(super) spare: Vec<Grads>,
+    /// The variables this router trains, claimed so that no other router trains them too.
+    pub(super) ownership: Ownership,
 }
 
 impl RouterCore {
@@ -66,6 +69,7 @@ impl RouterCore {
             reader: Default::default(),
             scan: Default::default(),
             spare: Vec::new(),
+            ownership: Ownership::default(),
         }
     }
 

@@ -1,0 +1,123 @@
+//! A variable belongs to one router at a time. Two routers over one `VarStore` would each
+//! update every shared variable, so a training step would step it twice (with two optimizer
+//! states) and nothing would say so. Building a second router over a variable another live
+//! router trains is therefore an error naming it; dropping the first router releases its
+//! variables.
+//!
+//! Variables are known by the address of their first element, the one identity every handle
+//! of the same tensor shares (tch's handles differ per `shallow_clone`). Empty variables have
+//! no data to update twice and are not registered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::var::Param;
+
+/// Which live router trains each registered variable, by data address: (router, name).
+static OWNERS: Mutex<Option<HashMap<usize, (u64, String)>>> = Mutex::new(None);
+
+/// Router ids, unique within the process.
+static NEXT_ROUTER: AtomicU64 = AtomicU64::new(0);
+
+fn owners() -> MutexGuard<'static, Option<HashMap<usize, (u64, String)>>> {
+    // The map stays consistent even if a thread panicked while holding the lock: every
+    // change is one insertion or removal.
+    OWNERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The variables one router has claimed; released when dropped.
+#[derive(Debug)]
+pub(crate) struct Ownership {
+    router: u64,
+    addresses: Vec<usize>,
+}
+
+impl Default for Ownership {
+    fn default() -> Self {
+        Ownership { router: NEXT_ROUTER.fetch_add(1, Ordering::Relaxed), addresses: Vec::new() }
+    }
+}
+
+impl Ownership {
+    /// Claims `params` for this router, all or none: fails naming the first variable another
+    /// live router trains, having claimed nothing.
+    pub(crate) fn claim<'p>(&mut self, params: impl IntoIterator<Item = &'p Param>) -> Result<()> {
+        let mut guard = owners();
+        let map = guard.get_or_insert_with(HashMap::new);
+        let mut new = Vec::new();
+        for p in params {
+            if p.tensor.numel() == 0 {
+                continue;
+            }
+            let address = p.tensor.data_ptr() as usize;
+            match map.get(&address) {
+                Some((owner, _)) if *owner == self.router => {}
+                Some((_, other)) => {
+                    return Err(Error::VariableInAnotherRouter {
+                        variable: p.info.name.clone(),
+                        other: other.clone(),
+                    })
+                }
+                None => new.push((address, p.info.name.clone())),
+            }
+        }
+        for (address, name) in new {
+            map.insert(address, (self.router, name));
+            self.addresses.push(address);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        let mut guard = owners();
+        if let Some(map) = guard.as_mut() {
+            for address in &self.addresses {
+                if map.get(address).is_some_and(|(owner, _)| *owner == self.router) {
+                    map.remove(address);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Tensor;
+
+    use super::*;
+    use crate::var::VarInfo;
+
+    fn param(name: &str, t: &Tensor) -> Param {
+        Param::new(VarInfo::of(name, t), t.shallow_clone())
+    }
+
+    #[test]
+    fn a_variable_is_claimed_by_one_owner_until_it_is_dropped() {
+        let (a, b) =
+            (Tensor::ones([3], tch::kind::FLOAT_CPU), Tensor::ones([2], tch::kind::FLOAT_CPU));
+        let mut first = Ownership::default();
+        first.claim([&param("a", &a)]).unwrap();
+        // Claiming again (routing more variables later) is fine for the same owner.
+        first.claim([&param("a", &a), &param("b", &b)]).unwrap();
+        let mut second = Ownership::default();
+        let err = second.claim([&param("b2", &b.shallow_clone())]).unwrap_err();
+        assert!(
+            matches!(&err, Error::VariableInAnotherRouter { variable, other }
+            if variable == "b2" && other == "b"),
+            "{err}"
+        );
+        // All or none: `c` was not claimed by the refused call.
+        let c = Tensor::ones([1], tch::kind::FLOAT_CPU);
+        assert!(second.claim([&param("c", &c), &param("a", &a)]).is_err());
+        drop(first);
+        second.claim([&param("a", &a), &param("b", &b), &param("c", &c)]).unwrap();
+        // Empty variables are not registered.
+        let empty = Tensor::ones([0], tch::kind::FLOAT_CPU);
+        Ownership::default().claim([&param("e", &empty)]).unwrap();
+        Ownership::default().claim([&param("e", &empty)]).unwrap();
+    }
+}
