@@ -76,6 +76,8 @@
 //! let path = dir.join("optimizer.safetensors");
 //! opt.save_checkpoint(&path)?;
 //!
+//! // A variable belongs to one router at a time: the old one goes before the new one trains.
+//! drop(opt);
 //! let mut resumed = Bnn::build(&vs)?;
 //! resumed.load_checkpoint(&path)?;
 //! assert_eq!(resumed.step_counts(), vec![1, 1]);
