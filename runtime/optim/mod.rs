@@ -59,7 +59,13 @@ use crate::var::Param;
 /// let mut bop = Bop::new(Default::default())?;
 /// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
 /// bop.set_backend(Backend::Fused); // fail rather than fall back
+/// # #[cfg(feature = "fused")]
 /// bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, 1.0]))])?;
+/// # #[cfg(not(feature = "fused"))]
+/// # assert!(matches!(
+/// #     bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, 1.0]))]),
+/// #     Err(caseopt::Error::FusedUnavailable { .. })
+/// # ));
 /// assert_eq!(bop.backend(), Backend::Fused);
 /// # Ok::<(), caseopt::Error>(())
 /// ```
@@ -68,6 +74,7 @@ pub enum Backend {
     /// Fused CPU kernels for every variable they can take (a contiguous `f32` or `f64` CPU
     /// tensor with a contiguous gradient, sharing no memory with other operands), libtorch ops
     /// for the rest (CUDA, half precision, strided views) and for optimizers without kernels.
+    /// Without the `fused` cargo feature, libtorch ops for every variable.
     #[default]
     Auto,
     /// libtorch ops for every variable (one ATen op per term, as torch.optim's single-tensor
@@ -75,7 +82,8 @@ pub enum Backend {
     Torch,
     /// Fused kernels for every variable; a step that meets a variable they cannot take fails
     /// with [`Error::FusedUnavailable`] before changing anything. Optimizers without fused
-    /// kernels (SGD, RMSprop, Adagrad) fail every step.
+    /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad) fail every step, and so does every
+    /// optimizer when caseopt was built without the `fused` cargo feature.
     Fused,
 }
 
