@@ -1,4 +1,4 @@
-//! Times one optimizer step on design.md's benchmark parameter sets, every implementation side
+//! Times one optimizer step on docs/design.md's benchmark parameter sets, every implementation side
 //! by side, against the memory-bandwidth bound measured in the same minutes.
 //!
 //! ```sh
@@ -69,7 +69,7 @@ impl Spec {
     }
 }
 
-/// design.md's BinaryNet for CIFAR-10: 18 tensors, 14,025,866 parameters, 14,008,320 binary.
+/// docs/design.md's BinaryNet for CIFAR-10: 18 tensors, 14,025,866 parameters, 14,008,320 binary.
 fn binarynet() -> Vec<Spec> {
     let mut out = Vec::new();
     let convs = [(3, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)];
@@ -88,7 +88,7 @@ fn binarynet() -> Vec<Spec> {
     out
 }
 
-/// design.md's many-small: 2000 tensors of 256, binary when the index is even.
+/// docs/design.md's many-small: 2000 tensors of 256, binary when the index is even.
 fn many_small() -> Vec<Spec> {
     (0..2000)
         .map(|i| Spec { name: format!("p{i}"), shape: vec![256], binary: i % 2 == 0 })

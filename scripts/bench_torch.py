@@ -1,6 +1,6 @@
 """The PyTorch rows of `cargo run --release --example bench_step` (which runs this script).
 
-Times one optimizer step on design.md's parameter sets with torch.optim.Adam (foreach and fused)
+Times one optimizer step on docs/design.md's parameter sets with torch.optim.Adam (foreach and fused)
 on every variable, and with a Bop written with torch ops the way a PyTorch user would write it
 (larq's formula, per tensor) for the binary variables plus fused Adam for the rest.
 
@@ -33,7 +33,7 @@ GAMMA, THRESHOLD, LR = 1e-4, 1e-8, 0.01
 
 
 def binarynet():
-    """(name, shape, binary) of BinaryNet for CIFAR-10, as design.md lists them."""
+    """(name, shape, binary) of BinaryNet for CIFAR-10, as docs/design.md lists them."""
     out = []
     for i, (cin, cout) in enumerate([(3, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]):
         out.append((f"conv{i}.weight", (cout, cin, 3, 3), i > 0))

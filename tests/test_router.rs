@@ -59,7 +59,7 @@ fn routes_a_bnn_store_like_larq_and_steps_each_optimizer() -> Result<()> {
     assert!(table.untrained().is_empty() && table.warnings().is_empty());
     assert_eq!(table.rule_of("fc.weight").map(|r| r.optimizer), Some("Bop"));
 
-    // design.md's second worked check, on fc.weight (all -1): gamma 1, threshold 0.5,
+    // docs/design.md's second worked check, on fc.weight (all -1): gamma 1, threshold 0.5,
     // w = -1, g = -0.5 -> m = -0.5, w*m = 0.5 = threshold -> +1; with g = -1 it flips too.
     set_grads(&vs, |name, t| match name {
         "fc.weight" => {
