@@ -2,7 +2,7 @@
 //!
 //! 1. With the `fused` feature (the default), compiles the fused kernels' C++ shim,
 //!    `runtime/kernels/shim/*.cpp` (tensor metadata in bulk, `at::parallel_for`, the storage
-//!    swap; see those files and their Rust sides in `runtime/kernels/`), against libtorch's
+//!    swap, the version counters; see those files and their Rust sides in `runtime/kernels/`), against libtorch's
 //!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim, and
 //!    with OpenMP when libtorch uses it (see [`openmp`]). Without the feature nothing C++ is
 //!    built: no C++ compiler is needed, and the optimizers run on libtorch's ops.
@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The C++ files of the fused kernels' shim, compiled into one static library.
-const SHIM: [&str; 3] = [
+const SHIM: [&str; 4] = [
     "runtime/kernels/shim/metadata.cpp",
     "runtime/kernels/shim/parallel.cpp",
     "runtime/kernels/shim/storage.cpp",
+    "runtime/kernels/shim/version.cpp",
 ];
 
 fn main() {

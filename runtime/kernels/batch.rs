@@ -2,7 +2,8 @@
 //! their metadata in one call and admits each one ([`admit`](super::admit)); [`Batch::run`]
 //! then proves the operands disjoint ([`alias`](super::alias)), splits the elements between
 //! threads ([`split`](super::split)) and runs the kernel over safe slices, compiled for the
-//! processor's instruction set ([`isa`](super::isa)).
+//! processor's instruction set ([`isa`](super::isa)), and bumps the version counter of every
+//! tensor it wrote ([`version`](super::version)).
 
 use std::marker::PhantomData;
 
@@ -14,6 +15,7 @@ use super::isa::{Isa, IsaLoop};
 use super::math::Real;
 use super::metadata::MetaReader;
 use super::split::{pieces, share, threads_for, MIN_ELEMENTS_PER_THREAD};
+use super::version::Written;
 use super::{pool, stage, Kernel, Operands, Unfit, MAX_STATES};
 
 /// Scratch an optimizer keeps between steps, so that a fused step allocates nothing once the
@@ -35,6 +37,11 @@ pub(crate) struct Workspace {
     pub(super) copy_addrs: Vec<usize>,
     /// A staged step's lines of weights to write, per thread, kept between steps.
     pub(super) flips: Vec<Vec<stage::Flip>>,
+    /// The tensors the queued jobs write (parameters, own states, state buffers), whose
+    /// version counters a successful run bumps; scratch of one batch.
+    pub(super) to_bump: Written,
+    /// The state buffers already in `to_bump`.
+    bumped_buffers: Vec<usize>,
 }
 
 impl Workspace {
@@ -43,6 +50,9 @@ impl Workspace {
     pub(crate) fn batch<'t>(&mut self, states: usize) -> Batch<'_, 't> {
         self.f32_jobs.clear();
         self.f64_jobs.clear();
+        // A batch dropped without running (refused) leaves its list behind: nothing was written.
+        self.to_bump.clear();
+        self.bumped_buffers.clear();
         Batch { ws: self, states: states.min(MAX_STATES), tensors: PhantomData }
     }
 
@@ -102,7 +112,7 @@ impl<'t> Batch<'_, 't> {
             let ops = &written[at..at + n];
             at += n;
             let names = v.states.map(|s| s.map_or("state", |(name, _)| name));
-            let states = match v.state_buffer {
+            let state_metas = match v.state_buffer {
                 None => StateMetas::Own(&ops[1..]),
                 Some((buffer, offsets)) => match buffers.get(buffer) {
                     Some(buffer) => StateMetas::InStateBuffer { buffer, offsets, count: states },
@@ -112,10 +122,33 @@ impl<'t> Batch<'_, 't> {
                     }
                 },
             };
-            match admit(v.index, &ops[0], &read[k], states, &names) {
-                Ok((job, true)) => ws.f64_jobs.push(job),
-                Ok((job, false)) => ws.f32_jobs.push(job),
-                Err(unfit) => refused.push((v.index, unfit)),
+            let (job, f64) = match admit(v.index, &ops[0], &read[k], state_metas, &names) {
+                Ok(admitted) => admitted,
+                Err(unfit) => {
+                    refused.push((v.index, unfit));
+                    continue;
+                }
+            };
+            if f64 {
+                ws.f64_jobs.push(job);
+            } else {
+                ws.f32_jobs.push(job);
+            }
+            // What the run will write, bumped after it. Every parameter, whether or not the
+            // kernel changes a value (Bop's writes a line only where a sign flipped), as
+            // torch's path bumps every tensor its in-place ops update. States in a state
+            // buffer are views of it, which share its version counter: the buffer is bumped
+            // once for all of them.
+            ws.to_bump.push(v.param);
+            match v.state_buffer {
+                None => v.states.iter().take(own(&v)).flatten().for_each(|(_, t)| {
+                    ws.to_bump.push(t);
+                }),
+                Some((buffer, _)) if !ws.bumped_buffers.contains(&buffer) => {
+                    ws.bumped_buffers.push(buffer);
+                    ws.to_bump.push(&state_buffers[buffer]);
+                }
+                Some(_) => {}
             }
         }
     }
@@ -130,13 +163,18 @@ impl<'t> Batch<'_, 't> {
     /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
     /// is too little work to pay for them).
     ///
-    /// Fails, before writing anything, when two operands share memory that one of them writes.
+    /// Then bumps the version counter of every tensor the queued jobs wrote (parameters, own
+    /// states, state buffers), as in-place libtorch ops do.
+    ///
+    /// Fails, before writing or bumping anything, when two operands share memory that one of
+    /// them writes.
     pub(crate) fn run<K: Kernel>(self, kernel: &K, threads: usize) -> Result<(), Unfit> {
         let (ws, states) = (self.ws, self.states);
         if let Err(index) = ws.prove_disjoint(states) {
-            // Forget the jobs so that `updated` reports nothing.
+            // Forget the jobs so that `updated` reports nothing, and bump nothing.
             ws.f32_jobs.clear();
             ws.f64_jobs.clear();
+            ws.to_bump.clear();
             return Err(Unfit::Overlap(index));
         }
         let total = ws.f32_jobs.iter().chain(&ws.f64_jobs).map(|j| j.len).sum::<usize>();
@@ -155,6 +193,10 @@ impl<'t> Batch<'_, 't> {
             unsafe { run_range::<K, f64>(kernel, isa, f64_jobs, states, lo, hi) };
         };
         pool::run(threads, work);
+        // SAFETY: `queue` recorded tensors borrowed by the batch for `'t`, which outlives this
+        // call. (A tensor ATen will not bump, an inference tensor, keeps its version: it has
+        // been written all the same.)
+        unsafe { ws.to_bump.bump() };
         Ok(())
     }
 }
@@ -294,6 +336,69 @@ mod tests {
         let mut out = vec![p];
         out.extend(s.into_iter().take(states));
         out
+    }
+
+    /// `n` f32 elements of `value`.
+    fn full(n: i64, value: f64) -> Tensor {
+        Tensor::full([n], value, (tch::Kind::Float, tch::Device::Cpu))
+    }
+
+    #[test]
+    fn a_run_bumps_what_it_wrote_once_and_a_failed_run_nothing() {
+        let bop = BopKernel { gamma: 1e-1, threshold: 1e-7 };
+        let (p0, g0, m0) = (full(8, 1.0), full(8, 1e-3), full(8, 0.0));
+        // Variables 1 and 2 keep their state in a state buffer; variable 3 is refused (its
+        // gradient is a strided view).
+        let buffers = [full(64, 0.0)];
+        let (p1, g1, p2, g2) = (full(8, 1.0), full(8, -1e-3), full(4, -1.0), full(4, 1e-3));
+        let (p3, g3, m3) = (full(4, 1.0), full(8, 1e-3).slice(0, 0, 8, 2), full(4, 0.0));
+        let own = |index, param, grad, m| Operands {
+            index,
+            param,
+            grad,
+            states: [Some(("m", m)), None, None],
+            state_buffer: None,
+        };
+        let in_buffer = |index, param, grad, offset| Operands {
+            index,
+            param,
+            grad,
+            states: [None, None, None],
+            state_buffer: Some((0, [offset, 0, 0])),
+        };
+        let all = [&p0, &m0, &p1, &p2, &buffers[0], &p3, &m3];
+        let versions = || all.iter().map(|t| t.internal_version()).collect::<Vec<_>>();
+        let before = versions();
+        let mut ws = Workspace::default();
+        let mut refused = Vec::new();
+        let mut batch = ws.batch(1);
+        let vars = [
+            own(0, &p0, &g0, &m0),
+            in_buffer(1, &p1, &g1, 0),
+            in_buffer(2, &p2, &g2, 16),
+            own(3, &p3, &g3, &m3),
+        ];
+        batch.queue(vars.into_iter(), &buffers, &mut refused);
+        assert_eq!(refused.iter().map(|r| r.0).collect::<Vec<_>>(), [3], "{refused:?}");
+        batch.run(&bop, 1).unwrap();
+        let after = versions();
+        // Each written tensor once, the buffer once for both of its variables; the refused
+        // variable's tensors not at all.
+        let bumped: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(bumped, [1, 1, 1, 1, 1, 0, 0]);
+        // Two variables writing the same parameter: refused before anything is written.
+        let mut batch = ws.batch(1);
+        let m1 = full(8, 0.0);
+        let twice = [own(0, &p0, &g0, &m0), own(1, &p0, &g1, &m1)];
+        refused.clear();
+        batch.queue(twice.into_iter(), &[], &mut refused);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(matches!(batch.run(&bop, 1), Err(Unfit::Overlap(_))));
+        assert_eq!(versions(), after);
+        // Nor does a batch dropped without running (its variables refused by the caller).
+        ws.batch(1).queue([own(0, &p0, &g0, &m0)].into_iter(), &[], &mut refused);
+        let _ = ws.batch(1);
+        assert_eq!(versions(), after);
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //!   kernels built on them;
 //! - [`stage`] and [`storage`]: Bop steps staged for the router's non-finite check and
 //!   committed by exchanging two storages' memory (`shim/storage.cpp`);
+//! - [`version`]: the version counters of the tensors a pass wrote, bumped after it as an
+//!   in-place libtorch op bumps them (`shim/version.cpp`);
 //! - [`finite`]: the router's NaN/infinity scan over many gradients.
 //!
 //! Anything a batch does not accept (CUDA, half precision, a strided view, a gradient that
@@ -30,10 +32,11 @@
 //! gradient, so that every optimizer and the router take their libtorch paths, and metadata is
 //! read through tch's accessors.
 //!
-//! Writes go straight to the tensors' memory, so ATen's version counters are not bumped: the
-//! same as an update under `no_grad` as far as autograd's results go, but a graph that saved a
-//! parameter before the step will not notice that it changed (torch.optim's foreach path bumps
-//! the counter and would raise there).
+//! Writes go straight to the tensors' memory, which ATen does not see; so once a pass has
+//! written, it bumps the version counter of every tensor it wrote ([`version`]), as the in-place
+//! ops of the libtorch path do: a graph that saved a parameter before the step then fails in
+//! `backward` exactly as it does on torch's path, instead of differentiating through the new
+//! values.
 //!
 //! The one buffer that holds many variables' states is called the *state buffer* throughout
 //! (its second copy, written by a staged step, the *second copy*).
@@ -64,6 +67,8 @@ mod split;
 pub(crate) mod stage;
 #[cfg(feature = "fused")]
 mod storage;
+#[cfg(feature = "fused")]
+mod version;
 #[cfg(feature = "fused")]
 pub(crate) use batch::Workspace;
 

@@ -15,8 +15,9 @@
 //!   (its address and a 16-bit mask), which is few once training has settled.
 //!
 //! [`commit`] then exchanges the two buffers' memory (one pointer swap per buffer, which every
-//! view of the state sees) and writes the recorded lines; dropping a [`Staged`] leaves the
-//! parameters and the state as they were. Both results are bit for bit those of the in-place
+//! view of the state sees), writes the recorded lines and bumps the version counters of the
+//! covered parameters and the exchanged state buffers; dropping a [`Staged`] leaves the
+//! parameters and the state (and their versions) as they were. Both results are bit for bit those of the in-place
 //! kernel ([`math::bop`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,6 +84,8 @@ impl<'t> Batch<'_, 't> {
         threads: usize,
     ) -> Result<Staged, Unfit> {
         let ws = self.ws;
+        // Staging writes nothing the user sees: the versions are bumped at commit.
+        ws.to_bump.clear();
         ws.prove_disjoint(1).map_err(Unfit::Overlap)?;
         let n = state_buffers.len();
         let metas = ws
@@ -297,7 +300,9 @@ unsafe fn stage_avx512(
 }
 
 /// Makes a staged step the current one: the staged state buffers take their second copy's
-/// memory and the recorded lines of weights are written. `param(i)` must give the optimizer's
+/// memory, the recorded lines of weights are written, and the version counters of every
+/// covered parameter and every exchanged state buffer (so of every state viewing it) are
+/// bumped. `param(i)` must give the optimizer's
 /// parameter tensor of variable `i`, `state_buffers` and `copies` those the step was staged with.
 ///
 /// Fails, having changed nothing, when a parameter is no longer the memory the step was staged
@@ -347,6 +352,20 @@ pub(crate) fn commit<'p>(
     } else {
         pool::run(lists.len(), work);
     }
+    // Every covered parameter, not only those with a line written: the in-place kernel writes
+    // a line only where a sign flipped, but torch's path (`w.copy_(...)`) bumps the version
+    // of every parameter it updates, changed or not, and a graph that saved one must fail the
+    // same way on both paths.
+    ws.to_bump.clear();
+    for p in staged.covered.iter().filter_map(|&i| param(i)) {
+        ws.to_bump.push(p);
+    }
+    for (a, _) in &pairs {
+        ws.to_bump.push(a);
+    }
+    // SAFETY: the parameters are borrowed from `param` for `'p` and the state buffers from
+    // `state_buffers`, both alive for this call.
+    unsafe { ws.to_bump.bump() };
     Ok(())
 }
 
