@@ -81,7 +81,7 @@ pub enum Backend {
     /// path).
     Torch,
     /// Fused kernels for every variable; a step that meets a variable they cannot take fails
-    /// with [`Error::FusedUnavailable`] before changing anything. Optimizers without fused
+    /// with [`Error::FusedUnavailable`](crate::Error::FusedUnavailable) before changing anything. Optimizers without fused
     /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad) fail every step, and so does every
     /// optimizer when caseopt was built without the `fused` cargo feature.
     Fused,
