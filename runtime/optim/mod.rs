@@ -27,15 +27,16 @@ mod sgd;
 pub(crate) mod staging;
 pub(crate) mod state;
 
-pub use adagrad::{Adagrad, AdagradConfig};
-pub use adam::{Adam, AdamConfig};
-pub use adamw::{AdamW, AdamWConfig};
-pub use bop::{Bop, BopConfig};
-pub use bop2nd::{Bop2ndOrder, Bop2ndOrderConfig};
-pub use nadam::{NAdam, NAdamConfig};
-pub use radam::{RAdam, RAdamConfig};
-pub use rmsprop::{RmsProp, RmsPropConfig};
-pub use sgd::{Sgd, SgdConfig};
+pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
+pub use adam::{Adam, AdamAlgorithm, AdamConfig};
+pub use adamw::{AdamW, AdamWAlgorithm, AdamWConfig};
+pub use bop::{Bop, BopAlgorithm, BopConfig};
+pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
+pub use core::Optim;
+pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
+pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
+pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};
+pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
 
 use tch::Tensor;
 
