@@ -4,7 +4,7 @@
 use tch::Tensor;
 
 use super::core::{Algorithm, Optim, Values, VarState};
-use super::grad::adjusted_grad;
+use super::grad::decayed_grad;
 use super::hyper::hyperparameters;
 use super::hyper::Hyperparameters;
 use super::state::{step_tensor, take_state, take_step, StateSlot};
@@ -148,14 +148,7 @@ pub(crate) fn adam_update(
         empty => empty.insert(AdamState::zeros(p, h.amsgrad)?),
     };
     st.step += 1;
-    let grad = if h.decoupled {
-        if h.weight_decay != 0.0 {
-            let _ = p.f_mul_scalar_(1.0 - h.lr * h.weight_decay)?;
-        }
-        adjusted_grad(p, grad, h.maximize, 0.0)?
-    } else {
-        adjusted_grad(p, grad, h.maximize, h.weight_decay)?
-    };
+    let grad = decayed_grad(p, grad, h.maximize, h.lr, h.weight_decay, h.decoupled)?;
     let _ = st.exp_avg.f_lerp_(&grad, 1.0 - h.beta1)?;
     let _ = st.exp_avg_sq.f_mul_scalar_(h.beta2)?;
     let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - h.beta2)?.f_mul(&grad)?)?;

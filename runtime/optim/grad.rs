@@ -49,3 +49,23 @@ pub(crate) fn adjusted_grad(
     }
     Ok(g)
 }
+
+/// The gradient after weight decay, as torch.optim's Adam family applies it: decoupled, the
+/// parameter is first multiplied by `1 - lr * weight_decay` (AdamW's decay) and the gradient is
+/// only negated when maximizing; otherwise the decay is an L2 term of [`adjusted_grad`].
+pub(crate) fn decayed_grad(
+    param: &mut Tensor,
+    grad: &Tensor,
+    maximize: bool,
+    lr: f64,
+    weight_decay: f64,
+    decoupled: bool,
+) -> Result<Tensor> {
+    if !decoupled {
+        return adjusted_grad(param, grad, maximize, weight_decay);
+    }
+    if weight_decay != 0.0 {
+        let _ = param.f_mul_scalar_(1.0 - lr * weight_decay)?;
+    }
+    adjusted_grad(param, grad, maximize, 0.0)
+}

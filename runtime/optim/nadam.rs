@@ -3,7 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::core::{Algorithm, NoKernel, Optim, VarState};
-use super::grad::adjusted_grad;
+use super::grad::decayed_grad;
 use super::hyper::hyperparameters;
 use super::state::{step_tensor, take_state, take_step};
 use caseopt_rules::OptimizerKind;
@@ -176,14 +176,8 @@ impl Algorithm for NAdamAlgorithm {
         st.step += 1;
         let step = st.step as f64;
         let bias_correction2 = 1.0 - beta2.powf(step);
-        let grad = if c.decoupled_weight_decay {
-            if weight_decay != 0.0 {
-                let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
-            }
-            adjusted_grad(p, grad, c.maximize, 0.0)?
-        } else {
-            adjusted_grad(p, grad, c.maximize, weight_decay)?
-        };
+        let decoupled = c.decoupled_weight_decay;
+        let grad = decayed_grad(p, grad, c.maximize, lr, weight_decay, decoupled)?;
         let mu_now = mu(beta1, momentum_decay, step);
         let mu_next = mu(beta1, momentum_decay, step + 1.0);
         let _ = st.mu_product.f_mul_scalar_(mu_now)?;

@@ -4,7 +4,7 @@ use tch::Tensor;
 
 use super::adam::AdamState;
 use super::core::{Algorithm, NoKernel, Optim};
-use super::grad::adjusted_grad;
+use super::grad::decayed_grad;
 use super::hyper::hyperparameters;
 use caseopt_rules::OptimizerKind;
 
@@ -115,14 +115,8 @@ impl Algorithm for RAdamAlgorithm {
         };
         st.step += 1;
         let step = st.step as f64;
-        let grad = if c.decoupled_weight_decay {
-            if weight_decay != 0.0 {
-                let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
-            }
-            adjusted_grad(p, grad, c.maximize, 0.0)?
-        } else {
-            adjusted_grad(p, grad, c.maximize, weight_decay)?
-        };
+        let decoupled = c.decoupled_weight_decay;
+        let grad = decayed_grad(p, grad, c.maximize, lr, weight_decay, decoupled)?;
         let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
         let _ = st.exp_avg_sq.f_mul_scalar_(beta2)?;
         let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(&grad)?)?;
