@@ -117,6 +117,19 @@ pub enum Error {
     /// A layer built with an impossible shape or setting (e.g. a non-positive channel count).
     #[error("invalid layer: {0}")]
     InvalidLayer(String),
+    /// A quantizer parameter outside the range it has a meaning in (see
+    /// [`Quantizer::validate`](crate::bnn::Quantizer::validate)).
+    #[error("invalid {quantizer} parameter `{name}`: {value} (expected {expected})")]
+    InvalidQuantizer {
+        /// larq's name of the quantizer, e.g. `ste_tern`.
+        quantizer: &'static str,
+        /// Parameter name, e.g. `threshold_value`.
+        name: &'static str,
+        /// The offending value.
+        value: f64,
+        /// The accepted range, in words.
+        expected: &'static str,
+    },
     /// A checkpoint that cannot be written (see [`save_training`](crate::save_training)), or a
     /// saved state an optimizer refuses ([`Optimizer::set_state`](crate::Optimizer::set_state)).
     /// Problems with a file being loaded are [`BadCheckpoint`](Self::BadCheckpoint), with its
