@@ -1,4 +1,4 @@
-//! Two jobs, both needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
+//! Three jobs, all needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
 //!
 //! 1. With the `fused` feature (the default), compiles the fused kernels' C++ shim,
 //!    `runtime/kernels/shim/*.cpp` (tensor metadata in bulk, `at::parallel_for`, the storage
@@ -13,6 +13,8 @@
 //!    cannot pass link arguments to its dependents, so each binary crate asks for it; this does
 //!    it for caseopt's own binaries when the libtorch in use has CUDA. (A binary crate of yours
 //!    that uses CUDA needs the same two lines in its build.rs; see the README.)
+//! 3. With the `distributed` feature (the default), compiles `runtime/distributed/shim/c10d.cpp`
+//!    (c10d's TCPStore and ProcessGroupGloo; see [`compile_c10d`]).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

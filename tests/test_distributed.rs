@@ -416,6 +416,7 @@ fn a_killed_rank_is_a_typed_error_on_the_others() {
     let error = results[0].get("error").map(String::as_str);
     assert!(matches!(error, Some("peer-lost" | "timeout")), "rank 0 reported {error:?}");
     let seconds: f64 = result(&results[0], "seconds").parse().expect("seconds");
+    eprintln!("rank 0 saw the lost peer after {seconds:.2} s");
     assert!(seconds < GROUP_TIMEOUT.as_secs_f64() + 5.0, "took {seconds} s");
     let _ = std::fs::remove_dir_all(&dir);
 }
