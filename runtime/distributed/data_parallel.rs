@@ -8,7 +8,17 @@ use crate::router::Router;
 use crate::var::{trainable_vars, Param};
 
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
+use super::ffi;
 use super::group::{check_communicable, ProcessGroup};
+
+/// A bucket's members with the tensors `of` gives (by variable index), for `ffi::pack`/`unpack`.
+pub(super) fn members<'a>(bucket: &Bucket, of: &'a [Option<Tensor>]) -> ffi::Members<'a> {
+    ffi::Members {
+        tensors: bucket.members.iter().map(|m| of[m.0].as_ref()).collect(),
+        offsets: bucket.members.iter().map(|m| m.1).collect(),
+        lengths: bucket.members.iter().map(|m| m.2).collect(),
+    }
+}
 
 /// A model trained data-parallel over a [`ProcessGroup`], torch DDP's way: at the start every
 /// rank checks that it has the same variables (names, shapes, dtypes, precisions) as rank 0
@@ -173,23 +183,11 @@ impl DataParallel {
             }
         }
         for (bucket, flat) in self.buckets.iter().zip(&self.flats) {
-            for &(index, offset, numel) in &bucket.members {
-                let mut region = flat.f_narrow(0, offset, numel)?;
-                match &grads[index] {
-                    Some(g) => region.f_copy_(&g.f_reshape([numel])?)?,
-                    None => _ = region.f_zero_()?,
-                }
-            }
+            ffi::pack(flat, &members(bucket, &grads))?;
         }
         self.group.all_reduce_sum(&self.flats)?;
-        let scale = 1.0 / world as f64;
         for (bucket, flat) in self.buckets.iter().zip(&self.flats) {
-            for &(index, offset, numel) in &bucket.members {
-                if let Some(g) = &grads[index] {
-                    let mean = flat.f_narrow(0, offset, numel)?.f_mul_scalar(scale)?;
-                    g.shallow_clone().f_copy_(&mean.f_view(g.size().as_slice())?)?;
-                }
-            }
+            ffi::unpack(flat, &members(bucket, &grads), world as f64)?;
         }
         Ok(())
     }

@@ -42,6 +42,26 @@ extern "C" {
         err: *mut c_char,
         err_capacity: usize,
     ) -> i32;
+    fn caseopt_c10d_pack(
+        flat: *const c_void,
+        grads: *const *const c_void,
+        offsets: *const i64,
+        lengths: *const i64,
+        n: usize,
+        err: *mut c_char,
+        err_capacity: usize,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn caseopt_c10d_unpack(
+        flat: *const c_void,
+        grads: *const *const c_void,
+        offsets: *const i64,
+        lengths: *const i64,
+        n: usize,
+        divisor: f64,
+        err: *mut c_char,
+        err_capacity: usize,
+    ) -> i32;
     fn caseopt_c10d_all_gather(
         group: *mut c_void,
         input: *const c_void,
@@ -229,6 +249,75 @@ impl RawGroup {
             0 => Ok(()),
             _ => Err(error_for(status, operation, self.timeout, buffer)),
         }
+    }
+}
+
+/// One bucket's members for [`pack`] and [`unpack`]: each tensor (`None`: no gradient) with its
+/// offset and length in the flat buffer.
+pub(super) struct Members<'a> {
+    pub tensors: Vec<Option<&'a Tensor>>,
+    pub offsets: Vec<i64>,
+    pub lengths: Vec<i64>,
+}
+
+fn member_pointers(members: &Members<'_>) -> Vec<*const c_void> {
+    members
+        .tensors
+        .iter()
+        .map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void))
+        .collect()
+}
+
+/// Copies the members into `flat` (a dense CPU tensor of their dtype, long enough; absent ones
+/// become zeros), in one call.
+pub(super) fn pack(flat: &Tensor, members: &Members<'_>) -> Result<(), DistributedError> {
+    let pointers = member_pointers(members);
+    let mut buffer = vec![0u8; MESSAGE_CAPACITY];
+    // SAFETY: `flat` and every non-null pointer are live tensor handles borrowed for the call;
+    // the three arrays have `pointers.len()` entries; the shim checks nothing else is needed
+    // (it falls back to ATen's copy for tensors that are not dense CPU ones of `flat`'s dtype)
+    // and the caller planned offsets and lengths within `flat`.
+    let status = unsafe {
+        caseopt_c10d_pack(
+            flat.as_ptr() as *const c_void,
+            pointers.as_ptr(),
+            members.offsets.as_ptr(),
+            members.lengths.as_ptr(),
+            pointers.len(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+        )
+    };
+    match status {
+        0 => Ok(()),
+        _ => Err(error_for(status, "packing a bucket", Duration::ZERO, &buffer)),
+    }
+}
+
+/// Copies `flat`'s regions back into the members, each element divided by `divisor`.
+pub(super) fn unpack(
+    flat: &Tensor,
+    members: &Members<'_>,
+    divisor: f64,
+) -> Result<(), DistributedError> {
+    let pointers = member_pointers(members);
+    let mut buffer = vec![0u8; MESSAGE_CAPACITY];
+    // SAFETY: as in `pack`.
+    let status = unsafe {
+        caseopt_c10d_unpack(
+            flat.as_ptr() as *const c_void,
+            pointers.as_ptr(),
+            members.offsets.as_ptr(),
+            members.lengths.as_ptr(),
+            pointers.len(),
+            divisor,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+        )
+    };
+    match status {
+        0 => Ok(()),
+        _ => Err(error_for(status, "unpacking a bucket", Duration::ZERO, &buffer)),
     }
 }
 

@@ -12,7 +12,8 @@ use crate::error::{DistributedError, Result};
 use crate::router::Router;
 
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
-use super::data_parallel::DataParallel;
+use super::data_parallel::{members, DataParallel};
+use super::ffi;
 
 /// Who owns what, and the flat buffers that carry each owner's updated variables.
 #[derive(Debug)]
@@ -143,12 +144,11 @@ impl DataParallel {
             // Every rank stepped every variable (and refused or skipped alike): nothing to send.
             return Ok(());
         }
+        let values: Vec<Option<Tensor>> =
+            self.params.iter().map(|p| Some(p.tensor.shallow_clone())).collect();
         for ((owner, bucket), flat) in sharding.buckets.iter().zip(&sharding.flats) {
             if *owner == rank {
-                for &(index, offset, numel) in &bucket.members {
-                    let value = self.params[index].tensor.f_reshape([numel])?;
-                    flat.f_narrow(0, offset, numel)?.f_copy_(&value)?;
-                }
+                ffi::pack(flat, &members(bucket, &values))?;
             }
         }
         for owner in 0..world {
@@ -165,11 +165,8 @@ impl DataParallel {
         }
         for ((owner, bucket), flat) in sharding.buckets.iter().zip(&sharding.flats) {
             if *owner != rank {
-                for &(index, offset, numel) in &bucket.members {
-                    let p = &self.params[index].tensor;
-                    let value = flat.f_narrow(0, offset, numel)?.f_view(p.size().as_slice())?;
-                    p.shallow_clone().f_copy_(&value)?;
-                }
+                // Division by 1 is exact: the owner's bits.
+                ffi::unpack(flat, &members(bucket, &values), 1.0)?;
             }
         }
         Ok(())

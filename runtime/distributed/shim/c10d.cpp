@@ -9,6 +9,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -178,6 +180,60 @@ int32_t caseopt_c10d_all_gather(void* group, const at::Tensor* input, const at::
     at::Tensor out = *output;
     at::Tensor in = *input;
     g->gloo->_allgather_base(out, in)->wait();
+  });
+}
+
+// Copies `n` gradients into the flat bucket `flat` at `offsets` (in elements), or zeroes the
+// region where a gradient is absent (null): one call per bucket instead of a libtorch op per
+// variable, which on thousands of small tensors cost more than the all-reduce itself.
+int32_t caseopt_c10d_pack(const at::Tensor* flat, const at::Tensor* const* grads,
+                          const int64_t* offsets, const int64_t* lengths, size_t n, char* err,
+                          size_t err_capacity) {
+  return guarded(err, err_capacity, [&] {
+    const at::Tensor& f = *flat;
+    char* base = static_cast<char*>(f.data_ptr());
+    size_t elt = f.element_size();
+    for (size_t i = 0; i < n; ++i) {
+      char* dst = base + offsets[i] * elt;
+      size_t bytes = static_cast<size_t>(lengths[i]) * elt;
+      if (grads[i] == nullptr) {
+        std::memset(dst, 0, bytes);
+        continue;
+      }
+      const at::Tensor& g = *grads[i];
+      if (g.is_contiguous() && g.scalar_type() == f.scalar_type() && g.is_cpu()) {
+        std::memcpy(dst, g.data_ptr(), bytes);
+      } else {
+        f.narrow(0, offsets[i], lengths[i]).copy_(g.reshape({-1}));
+      }
+    }
+  });
+}
+
+// The reverse of `caseopt_c10d_pack`, dividing by `divisor` on the way (the mean over the
+// ranks, as DDP divides by the world size); absent gradients (null) are skipped.
+int32_t caseopt_c10d_unpack(const at::Tensor* flat, const at::Tensor* const* grads,
+                            const int64_t* offsets, const int64_t* lengths, size_t n,
+                            double divisor, char* err, size_t err_capacity) {
+  return guarded(err, err_capacity, [&] {
+    const at::Tensor& f = *flat;
+    for (size_t i = 0; i < n; ++i) {
+      if (grads[i] == nullptr) continue;
+      at::Tensor g = *grads[i];
+      if (g.is_contiguous() && g.scalar_type() == f.scalar_type() && g.is_cpu()) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "unpack", [&] {
+          const scalar_t* src = f.data_ptr<scalar_t>() + offsets[i];
+          scalar_t* dst = g.data_ptr<scalar_t>();
+          using acc_t = at::opmath_type<scalar_t>;
+          acc_t d = static_cast<acc_t>(divisor);
+          for (int64_t k = 0; k < lengths[i]; ++k) {
+            dst[k] = static_cast<scalar_t>(static_cast<acc_t>(src[k]) / d);
+          }
+        });
+      } else {
+        g.copy_(f.narrow(0, offsets[i], lengths[i]).div(divisor).view(g.sizes()));
+      }
+    }
   });
 }
 
