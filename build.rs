@@ -1,4 +1,4 @@
-//! Two jobs, both needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
+//! Three jobs, all needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
 //!
 //! 1. With the `fused` feature (the default), compiles the fused kernels' C++ shim,
 //!    `runtime/kernels/shim/*.cpp` (tensor metadata in bulk, `at::parallel_for`, the storage
@@ -13,6 +13,8 @@
 //!    cannot pass link arguments to its dependents, so each binary crate asks for it; this does
 //!    it for caseopt's own binaries when the libtorch in use has CUDA. (A binary crate of yours
 //!    that uses CUDA needs the same two lines in its build.rs; see the README.)
+//! 3. With the `distributed` feature (the default), compiles `runtime/distributed/shim/c10d.cpp`
+//!    (c10d's TCPStore and ProcessGroupGloo; see [`compile_c10d`]).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,12 +26,17 @@ const SHIM: [&str; 4] = [
     "runtime/kernels/shim/version.cpp",
 ];
 
+/// The distributed module's shim (c10d's TCPStore and ProcessGroupGloo) and the directory of
+/// the gloo declarations it compiles against (see its `gloo/README.md`).
+const C10D_SHIM_DIR: &str = "runtime/distributed/shim";
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let fused = std::env::var_os("CARGO_FEATURE_FUSED").is_some();
+    let distributed = std::env::var_os("CARGO_FEATURE_DISTRIBUTED").is_some();
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        if !fused || std::env::var_os("DOCS_RS").is_some() {
+        if !(fused || distributed) || std::env::var_os("DOCS_RS").is_some() {
             // torch-sys builds no library for docs.rs (or with tch's `doc-only`): without the
             // shim there is nothing to compile, and linking is not ours to arrange.
             return;
@@ -46,6 +53,10 @@ fn main() {
         }
         println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
         compile_shim(&lib);
+    }
+    if distributed {
+        println!("cargo:rerun-if-changed={C10D_SHIM_DIR}");
+        compile_c10d(&lib);
     }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
@@ -82,6 +93,40 @@ fn compile_shim(lib: &Path) {
         .flag_if_supported("-Wno-c++20-extensions")
         .opt_level(2)
         .compile("caseopt_shim");
+}
+
+/// Builds the distributed module's shim (`runtime/distributed/shim/c10d.cpp`) into its own
+/// static library: c10d's headers want C++20 (under C++17 they warn) and `USE_C10D_GLOO`
+/// (without it `ProcessGroupGloo.hpp` is empty), and gloo's own headers, which the wheel does
+/// not ship, are replaced by the declarations under `shim/gloo/`. The symbols resolve in
+/// `libtorch_cpu`, which torch-sys links.
+fn compile_c10d(lib: &Path) {
+    let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
+    if !include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp").exists() {
+        panic!(
+            "caseopt: the `distributed` feature needs libtorch's c10d headers \
+             (torch/csrc/distributed/c10d/ under {}); this libtorch has none. Build without \
+             the feature (`--no-default-features --features fused`)",
+            include.display()
+        );
+    }
+    for file in ["c10d.cpp", "gloo/context.h", "gloo/rendezvous/store.h", "gloo/transport/device.h"]
+    {
+        println!("cargo:rerun-if-changed={C10D_SHIM_DIR}/{file}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file(format!("{C10D_SHIM_DIR}/c10d.cpp"))
+        .include(C10D_SHIM_DIR)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++20")
+        .define("USE_C10D_GLOO", None)
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .warnings(false)
+        .extra_warnings(false)
+        .opt_level(1)
+        .compile("caseopt_c10d");
 }
 
 /// `at::parallel_for` is a header template: under libtorch's OpenMP backend (every Linux wheel

@@ -136,6 +136,10 @@ pub enum Error {
     /// path.
     #[error("checkpoint: {0}")]
     Checkpoint(CheckpointError),
+    /// A data-parallel run that cannot go on (see `caseopt::distributed`, the `distributed`
+    /// feature): a rendezvous or collective that timed out or lost a peer, ranks that disagree.
+    #[error("distributed: {0}")]
+    Distributed(DistributedError),
     /// A checkpoint file that cannot be loaded (another file type, damaged, or written for
     /// other rules or variables); nothing was changed. `problem` says what is wrong.
     #[error("checkpoint `{}`: {problem}", path.display())]
@@ -366,4 +370,98 @@ pub enum CheckpointError {
     /// stored under one key, a dimension that does not fit, metadata that cannot be encoded).
     #[error("cannot encode the checkpoint: {0}")]
     Unencodable(String),
+}
+
+/// What went wrong in a data-parallel run (`caseopt::distributed`, carried by
+/// [`Error::Distributed`]). Every rank that sees the problem gets the same variant; a
+/// disagreement names the first thing that differs.
+///
+/// ```
+/// use caseopt::DistributedError;
+/// let e = DistributedError::Mismatch {
+///     rank: 1,
+///     what: "variable `fc.weight`: [10, 64] f32 there, [10, 32] f32 here".into(),
+/// };
+/// assert_eq!(
+///     e.to_string(),
+///     "rank 1 disagrees with rank 0: variable `fc.weight`: [10, 64] f32 there, [10, 32] f32 here"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DistributedError {
+    /// A launcher variable (`MASTER_ADDR`, `RANK`, ...) that is missing or unreadable.
+    #[error("environment variable {variable}: {reason}")]
+    Environment {
+        /// The variable's name.
+        variable: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Rendezvous settings that cannot describe a group (a rank outside the world, a world of
+    /// zero, a timeout of zero).
+    #[error("invalid rendezvous: {0}")]
+    InvalidRendezvous(String),
+    /// An operation that did not complete within the group's timeout (a peer that never came,
+    /// or stopped answering).
+    #[error("{operation} timed out after {timeout_ms} ms: {message}")]
+    Timeout {
+        /// What was under way (`rendezvous`, `all-reduce`, ...).
+        operation: &'static str,
+        /// The group's timeout.
+        timeout_ms: u64,
+        /// c10d's own message.
+        message: String,
+    },
+    /// A peer that closed its connection mid-operation (it crashed or was killed).
+    #[error("{operation}: a peer left the group: {message}")]
+    PeerLost {
+        /// What was under way.
+        operation: &'static str,
+        /// c10d's own message.
+        message: String,
+    },
+    /// Any other failure c10d reported.
+    #[error("{operation} failed: {message}")]
+    Failed {
+        /// What was under way.
+        operation: &'static str,
+        /// c10d's own message.
+        message: String,
+    },
+    /// Ranks that do not agree on something they must share (variables, their shapes, dtypes
+    /// and precisions, the routing rules): the first difference, from the point of view of the
+    /// rank that reports it.
+    #[error("rank {rank} disagrees with rank 0: {what}")]
+    Mismatch {
+        /// The first rank that differs from rank 0.
+        rank: usize,
+        /// What differs.
+        what: String,
+    },
+    /// A variable with a gradient on some ranks and none on others at the same step (every rank
+    /// must compute every gradient, as torch's DDP requires without `find_unused_parameters`).
+    #[error("variable `{variable}` has a gradient on {with} of {world_size} ranks")]
+    GradientPresence {
+        /// The variable.
+        variable: String,
+        /// How many ranks had a gradient for it.
+        with: usize,
+        /// The world size.
+        world_size: usize,
+    },
+    /// A tensor a collective cannot take (a CUDA tensor on the Gloo backend, a sparse one).
+    #[error("variable `{variable}` cannot be communicated: {reason}")]
+    Unsupported {
+        /// The variable.
+        variable: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<DistributedError> for Error {
+    fn from(e: DistributedError) -> Self {
+        Error::Distributed(e)
+    }
 }

@@ -7,13 +7,16 @@
 //! [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`] marks tch variables as
 //! 1-bit or n-bit.
 
-// Unsafe code lives in `kernels` alone (see its docs), every block with a SAFETY comment.
+// Unsafe code lives in `kernels` and `distributed::ffi` alone (see their docs), every block with
+// a SAFETY comment.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bnn;
 pub mod checkpoint;
+#[cfg(feature = "distributed")]
+pub mod distributed;
 pub mod error;
 #[allow(unsafe_code)]
 mod kernels;
@@ -29,7 +32,7 @@ pub use bnn::{
 pub use checkpoint::{
     checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
 };
-pub use error::{Error, Result};
+pub use error::{DistributedError, Error, Result};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, Execution, FromConfig, NAdam, NAdamConfig, Optimizer, RAdam,
