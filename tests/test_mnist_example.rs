@@ -1,8 +1,9 @@
 //! The MNIST example (`examples/mnist_bnn.rs`) end to end, on a tiny synthetic IDX data set of
 //! its own (256 training and 64 test images of 20x20 pixels, 3 classes, two files gzip'ed):
-//! a resumed run gives the same bits as an uninterrupted one, `metrics.jsonl` holds each epoch
-//! once, resuming with other settings or data is refused by name, and bad output paths fail
-//! before training.
+//! a resumed run gives the same bits as an uninterrupted one (with Bop, and with the
+//! latent-weight recipe, whose clip is configuration and not in the checkpoint),
+//! `metrics.jsonl` holds each epoch once (with Bop's flip ratio), resuming with other settings,
+//! data or recipe is refused by name, and bad output paths fail before training.
 //!
 //! The example binary is the one `cargo test` builds next to this test
 //! (`target/<profile>/examples/mnist_bnn`). The IDX reader's own tests (malformed files) run here
@@ -168,6 +169,19 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Each line's `flip_ratio` field (`None` for `null`); panics when a line lacks the field.
+fn flip_ratios(out_dir: &Path) -> Vec<Option<f64>> {
+    fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let field = v.get("flip_ratio").unwrap_or_else(|| panic!("no flip_ratio: {line}"));
+            field.as_f64()
+        })
+        .collect()
+}
+
 #[test]
 fn resumed_run_is_bit_identical_and_refuses_other_settings() {
     let scratch = Scratch::new_named("resume");
@@ -190,6 +204,12 @@ fn resumed_run_is_bit_identical_and_refuses_other_settings() {
     assert!(!stdout.contains("run."), "{stdout}");
     let full_metrics = metrics(&full_out);
     assert_eq!(full_metrics.iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2]);
+    // Bop flips weights; the epoch's mean flip ratio per step is a fraction.
+    for ratio in flip_ratios(&full_out) {
+        let ratio = ratio.expect("Bop's flip ratio");
+        assert!(ratio > 0.0 && ratio <= 1.0, "{ratio}");
+    }
+    assert!(stdout.contains("flip ratio "), "{stdout}");
 
     // Interrupted after one epoch, then resumed to two.
     let (part_out, part_ck) = (dir.join("part"), dir.join("part.safetensors"));
@@ -251,6 +271,12 @@ fn resumed_run_is_bit_identical_and_refuses_other_settings() {
         &["--epochs", "2", "--out", s(&part_out), "--resume", s(&after_one)],
     ));
     assert!(stderr.contains("`--data` differs"), "{stderr}");
+    let (_, stderr) = other(&["--recipe", "latent-adam"]);
+    assert!(
+        stderr
+            .contains("`--recipe` differs: the checkpoint's run had bop, this run has latent-adam"),
+        "{stderr}"
+    );
     // The refused runs left the metrics alone.
     assert_eq!(metrics(&part_out), full_metrics);
 
@@ -265,6 +291,43 @@ fn resumed_run_is_bit_identical_and_refuses_other_settings() {
         "{stdout}"
     );
     assert_eq!(metrics(&part_out), full_metrics);
+}
+
+#[test]
+fn the_latent_weight_recipe_trains_clipped_kernels_and_resumes_bit_identically() {
+    let scratch = Scratch::new_named("latent");
+    let dir = &scratch.0;
+    let data = dir.join("data");
+    write_data_set(&data, 5);
+    let latent = ["--recipe", "latent-adam"];
+    let (full_out, full_ck) = (dir.join("full"), dir.join("full.safetensors"));
+    let mut args = vec!["--epochs", "2", "--out", s(&full_out), "--checkpoint", s(&full_ck)];
+    args.extend_from_slice(&latent);
+    let stdout = succeeds(run(&data, &args));
+    assert!(stdout.contains("recipe latent-adam"), "{stdout}");
+    assert!(stdout.contains("latent kernels lie in [-1, 1]"), "{stdout}");
+    // Every variable with Adam; no binary optimizer, so no flip ratio.
+    assert!(!stdout.contains("Bop") && !stdout.contains("flip ratio"), "{stdout}");
+    assert_eq!(flip_ratios(&full_out), [None, None]);
+    // Three well separated classes: far above chance after two epochs.
+    let last_test_acc = f64::from_bits(metrics(&full_out)[1].2);
+    assert!(last_test_acc > 0.6, "{last_test_acc}");
+
+    let (part_out, part_ck) = (dir.join("part"), dir.join("part.safetensors"));
+    let mut args = vec!["--epochs", "1", "--out", s(&part_out), "--checkpoint", s(&part_ck)];
+    args.extend_from_slice(&latent);
+    succeeds(run(&data, &args));
+    let mut args = vec!["--epochs", "2", "--out", s(&part_out), "--checkpoint", s(&part_ck)];
+    args.extend_from_slice(&latent);
+    args.extend_from_slice(&["--resume", s(&part_ck)]);
+    succeeds(run(&data, &args));
+    assert_eq!(fs::read(&part_ck).unwrap(), fs::read(&full_ck).unwrap(), "checkpoints differ");
+    assert_eq!(metrics(&part_out), metrics(&full_out));
+
+    // And the other way round: a latent-weight checkpoint refuses Bop.
+    let (_, stderr) =
+        fails(run(&data, &["--epochs", "2", "--out", s(&part_out), "--resume", s(&full_ck)]));
+    assert!(stderr.contains("`--recipe` differs"), "{stderr}");
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub struct EpochRecord {
     pub test_acc: f64,
     /// Test accuracy after re-estimating the batch norms' statistics, when measured.
     pub test_acc_precise_bn: Option<f64>,
+    /// With a binary optimizer (`--recipe bop`): the fraction of binary weights whose sign
+    /// flipped per step, averaged over the epoch's steps (larq's `FlipRatio`, a mean over the
+    /// epoch's batches).
+    pub flip_ratio: Option<f64>,
     /// Wall-clock seconds of the training loop alone.
     pub seconds: f64,
 }
@@ -32,12 +36,13 @@ impl EpochRecord {
     /// them); non-finite numbers become `null` (JSON has no NaN).
     pub fn to_json(self) -> String {
         format!(
-            "{{\"epoch\": {}, \"train_loss\": {}, \"train_acc\": {}, \"test_acc\": {}, \"test_acc_precise_bn\": {}, \"seconds\": {:.3}}}",
+            "{{\"epoch\": {}, \"train_loss\": {}, \"train_acc\": {}, \"test_acc\": {}, \"test_acc_precise_bn\": {}, \"flip_ratio\": {}, \"seconds\": {:.3}}}",
             self.epoch,
             json_number(self.train_loss),
             json_number(self.train_acc),
             json_number(self.test_acc),
             self.test_acc_precise_bn.map_or("null".into(), json_number),
+            self.flip_ratio.map_or("null".into(), json_number),
             self.seconds
         )
     }
@@ -56,6 +61,8 @@ impl EpochRecord {
             train_acc: number("train_acc")?,
             test_acc: number("test_acc")?,
             test_acc_precise_bn: v.get("test_acc_precise_bn")?.as_f64(),
+            // Absent from lines written before the field existed.
+            flip_ratio: v.get("flip_ratio").and_then(serde_json::Value::as_f64),
             seconds: number("seconds")?,
         })
     }
@@ -170,13 +177,18 @@ mod tests {
             train_acc: 0.5,
             test_acc: 0.25,
             test_acc_precise_bn: None,
+            flip_ratio: None,
             seconds: 1.5,
         }
     }
 
     #[test]
     fn lines_round_trip() {
-        let r = EpochRecord { test_acc_precise_bn: Some(0.125), ..record(3, 0.1 + 0.2) };
+        let r = EpochRecord {
+            test_acc_precise_bn: Some(0.125),
+            flip_ratio: Some(3.5e-4),
+            ..record(3, 0.1 + 0.2)
+        };
         assert_eq!(EpochRecord::parse(&r.to_json()), Some(r));
         let nan = EpochRecord::parse(&record(1, f64::NAN).to_json()).unwrap();
         assert!(nan.train_loss.is_nan());

@@ -13,10 +13,12 @@
 //! QuantDense(10)        binary input and kernel, BatchNorm  -> 10, then softmax (in the loss)
 //! ```
 //!
-//! No biases. Kernels start as random +-1: larq starts them Glorot-uniform, but its forward pass
-//! only sees their signs and Bop's first step binarises them, so only the first step's flip
-//! threshold differs (`w * m` against 1e-6 with `|w| = 1` instead of `|w| < 0.5`). Batch norms
-//! have Keras's defaults: momentum 0.99, epsilon 1e-3.
+//! No biases. Every kernel is binarised by `ste_sign` in the forward pass. With Bop the kernels
+//! start as random +-1: larq starts them Glorot-uniform, but its forward pass only sees their
+//! signs and Bop's first step binarises them, so only the first step's flip threshold differs
+//! (`w * m` against 1e-6 with `|w| = 1` instead of `|w| < 0.5`). For latent-weight training
+//! (Adam on real-valued kernels) they start Glorot-uniform, as larq's do. Batch norms have
+//! Keras's defaults: momentum 0.99, epsilon 1e-3.
 
 use caseopt::bnn::{
     self, BatchNorm, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig,
@@ -64,16 +66,19 @@ pub struct Net {
 
 impl Net {
     /// Creates the layers under `root` for one-channel images of `rows` x `cols` pixels and
-    /// `classes` classes.
-    pub fn new(root: &nn::Path, rows: u32, cols: u32, classes: u32) -> Result<Net, ModelError> {
+    /// `classes` classes, the kernels initialised with `init`.
+    pub fn new(
+        root: &nn::Path,
+        rows: u32,
+        cols: u32,
+        classes: u32,
+        init: KernelInit,
+    ) -> Result<Net, ModelError> {
         if rows < MIN_SIDE || cols < MIN_SIDE {
             return Err(ModelError::TooSmall { rows, cols });
         }
         let flattened = last_feature_side(rows) * last_feature_side(cols) * 64;
         let classes = i64::from(classes);
-        // Kernels start as random signs: the signs of larq's Glorot-uniform kernels, which is
-        // all its forward pass and Bop's first step make of them.
-        let init = KernelInit::RandomSign;
         let real_input = QuantConv2dConfig {
             input_quantizer: Quantizer::Identity,
             kernel_init: init,

@@ -1,6 +1,8 @@
 //! The training curves as a PNG: running training loss on the left, running training accuracy
 //! and per-epoch test accuracy (with the batch norms' running statistics as trained and, when
-//! measured, re-estimated) on the right, both against (fractional) epochs.
+//! measured, re-estimated) in the middle, both against (fractional) epochs; with a binary
+//! optimizer, a third panel on the right: the running mean flip ratio (the fraction of binary
+//! weights whose sign a step flipped), on a log scale.
 //!
 //! Text is drawn with a font compiled into the binary (Ubuntu Light from
 //! `epaint_default_fonts`), so the plot needs no system fonts.
@@ -19,6 +21,8 @@ pub struct TrainPoint {
     pub loss: f64,
     /// Accuracy over the epoch so far, in percent.
     pub acc: f64,
+    /// Mean flip ratio per step over the epoch so far (with a binary optimizer).
+    pub flip_ratio: Option<f64>,
 }
 
 const FONT: &str = "sans-serif";
@@ -37,7 +41,7 @@ fn register_font() -> Result<(), String> {
     result
 }
 
-/// Draws the curves into `path` (PNG, 1200x480).
+/// Draws the curves into `path` (PNG, 1200x480, or 1800x480 with the flip-ratio panel).
 pub fn draw(
     path: &Path,
     train: &[TrainPoint],
@@ -46,9 +50,13 @@ pub fn draw(
 ) -> Result<(), String> {
     register_font()?;
     let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
-    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    let flips: Vec<(f64, f64)> =
+        train.iter().filter_map(|p| p.flip_ratio.map(|f| (p.epoch, f))).collect();
+    let width = if flips.is_empty() { 1200 } else { 1800 };
+    let root = BitMapBackend::new(path, (width, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (left, right) = root.split_horizontally(600);
+    let (left, rest) = root.split_horizontally(600);
+    let (right, flip_area) = rest.split_horizontally(600);
 
     let max_epoch = train.iter().map(|p| p.epoch).fold(1.0f64, f64::max).ceil();
     let max_loss = train.iter().map(|p| p.loss).fold(0.0f64, f64::max).max(0.1) * 1.05;
@@ -133,6 +141,36 @@ pub fn draw(
         .border_style(BLACK)
         .draw()
         .map_err(|e| err(&e))?;
+
+    if !flips.is_empty() {
+        // A log scale: the ratio falls by orders of magnitude as training settles. Zero (no
+        // flip at all) is drawn at the bottom of the axis.
+        let positive = flips.iter().map(|f| f.1).filter(|f| *f > 0.0);
+        let low = positive.clone().fold(1.0f64, f64::min).max(1e-9) / 2.0;
+        let high = (positive.fold(low, f64::max) * 2.0).min(1.0).max(low * 10.0);
+        let mut flip_chart = ChartBuilder::on(&flip_area)
+            .caption("flip ratio (running mean per epoch)", (FONT, 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(72)
+            .build_cartesian_2d(0.0..max_epoch, (low..high).log_scale())
+            .map_err(|e| err(&e))?;
+        flip_chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("weights flipped per step")
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .label_style((FONT, 15))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let orange = RGBColor(220, 120, 0);
+        flip_chart
+            .draw_series(LineSeries::new(
+                flips.iter().map(|&(x, f)| (x, f.max(low))),
+                orange.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+    }
 
     root.present().map_err(|e| err(&e))?;
     Ok(())

@@ -11,19 +11,21 @@
 //! That needs the seed, the data (which fixes the model's shapes: image size and classes), the
 //! number of training images (the length of each permutation) and the finished epochs, all
 //! stored here, so a resumed run continues with the very numbers an uninterrupted one would
-//! have used.
+//! have used. The recipe is stored too: a run is never continued with another optimizer.
 
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 use tch::{nn, Kind, Tensor};
 
+use crate::recipe::Recipe;
+
 /// The variable's name in the `VarStore` (and `model/run.state` in the checkpoint file).
 pub const VARIABLE: &str = "run.state";
-/// Bumped whenever the layout of the stored integers changes.
-const LAYOUT_VERSION: i64 = 1;
-/// Number of stored integers: the layout version and the seven fields of [`RunState`].
-const LEN: usize = 8;
+/// Bumped whenever the layout of the stored integers changes (2: the recipe was added).
+const LAYOUT_VERSION: i64 = 2;
+/// Number of stored integers: the layout version and the eight fields of [`RunState`].
+const LEN: usize = 9;
 
 /// The settings a run's results depend on, and how far it got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub struct RunState {
     pub seed: i64,
     /// FNV-1a 64 of the data set's four files (see `idx::IdxSet::identity`).
     pub data: u64,
+    /// How the binary kernels are trained (`--recipe`).
+    pub recipe: Recipe,
 }
 
 /// Why a run cannot resume from a checkpoint.
@@ -101,11 +105,13 @@ impl RunState {
             self.seed,
             // The bit pattern: an i64 holds every u64 hash exactly.
             self.data as i64,
+            self.recipe.code(),
         ]
     }
 
     fn from_values(v: &[i64]) -> Result<RunState, String> {
-        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data] = v
+        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data, recipe] =
+            v
         else {
             return Err(format!("{} integers, expected {LEN}", v.len()));
         };
@@ -115,6 +121,7 @@ impl RunState {
         let epochs_done =
             u32::try_from(epochs_done).map_err(|_| format!("epoch count {epochs_done}"))?;
         let classes = u32::try_from(classes).map_err(|_| format!("class count {classes}"))?;
+        let recipe = Recipe::from_code(recipe).ok_or_else(|| format!("recipe code {recipe}"))?;
         Ok(RunState {
             epochs_done,
             batch_size,
@@ -123,6 +130,7 @@ impl RunState {
             precise_bn_batches: precise,
             seed,
             data: data as u64,
+            recipe,
         })
     }
 
@@ -140,6 +148,8 @@ impl RunState {
                 mismatches.push(Mismatch { setting, checkpoint, now: current });
             }
         };
+        let (a, b) = (self.recipe, now.recipe);
+        differ("--recipe", a == b, a.name().to_string(), b.name().to_string());
         let hash = |h: u64| format!("data with FNV-1a {h:#018x}");
         differ("--data", self.data == now.data, hash(self.data), hash(now.data));
         let (a, b) = (self.classes, now.classes);
@@ -250,6 +260,7 @@ mod tests {
             precise_bn_batches: 100,
             seed: -42,
             data: 0xfedc_ba98_7654_3210,
+            recipe: Recipe::LatentAdam,
         }
     }
 
@@ -258,19 +269,26 @@ mod tests {
         let s = state();
         assert_eq!(RunState::from_values(&s.to_values()), Ok(s));
         let mut v = s.to_values();
-        v[0] = 2;
-        assert!(RunState::from_values(&v).unwrap_err().contains("layout version 2"));
+        v[0] = 1;
+        assert!(RunState::from_values(&v).unwrap_err().contains("layout version 1"));
         assert!(RunState::from_values(&v[..3]).is_err());
     }
 
     #[test]
     fn every_differing_setting_is_named() {
         let saved = state();
-        let now = RunState { batch_size: 32, seed: 7, epochs_done: 0, ..saved };
+        let now =
+            RunState { batch_size: 32, seed: 7, epochs_done: 0, recipe: Recipe::Bop, ..saved };
         let e = saved.check_resumable(Path::new("ck"), &now, 3).unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains("`--batch-size` differs") && text.contains("`--seed` differs"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "`--recipe` differs: the checkpoint's run had latent-adam, this run has bop"
+            ),
             "{text}"
         );
         assert!(!text.contains("--data"), "{text}");

@@ -19,6 +19,8 @@ pub(crate) struct KernelJob {
     pub(crate) states: [usize; MAX_STATES],
     /// Per-variable scalars the kernel interprets (e.g. Adam's step size).
     pub(crate) scalars: [f64; 2],
+    /// The variable's constraint: new values clamped to `[-clip, clip]` (infinity: none).
+    pub(crate) clip: f64,
 }
 
 /// A variable's state operands: tensors of its own, or runs of a state buffer.
@@ -114,7 +116,7 @@ pub(crate) fn admit(
     // optimizer still counts the step for it, as torch.optim does.
     let (p, g) =
         if len == 0 { (0, 0) } else { (address(p, "param", align)?, address(g, "grad", align)?) };
-    Ok((KernelJob { index, len, p, g, states: addrs, scalars: [0.0; 2] }, f64))
+    Ok((KernelJob { index, len, p, g, states: addrs, scalars: [0.0; 2], clip: f64::INFINITY }, f64))
 }
 
 /// Refuses a tensor whose metadata could not be read.

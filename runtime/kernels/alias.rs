@@ -97,6 +97,7 @@ mod tests {
                 g,
                 states: [m, 0, 0],
                 scalars: [0.0; 2],
+                clip: f64::INFINITY,
             })
             .collect()
     }

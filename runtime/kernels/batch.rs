@@ -6,6 +6,7 @@
 //! tensor it wrote ([`version`](super::version)).
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::Tensor;
 
@@ -42,6 +43,9 @@ pub(crate) struct Workspace {
     pub(super) to_bump: Written,
     /// The state buffers already in `to_bump`.
     bumped_buffers: Vec<usize>,
+    /// The weights whose sign the last run changed, per job (the f32 jobs, then the f64
+    /// ones), as the kernels count them.
+    pub(super) flipped: Vec<AtomicUsize>,
 }
 
 impl Workspace {
@@ -59,6 +63,13 @@ impl Workspace {
     /// Indices of the variables the last successful [`Batch::run`] updated.
     pub(crate) fn updated(&self) -> impl Iterator<Item = usize> + '_ {
         self.f32_jobs.iter().chain(&self.f64_jobs).map(|j| j.index)
+    }
+
+    /// Each variable the last successful [`Batch::run`] updated, with the weights whose sign
+    /// it changed (Bop's kernels count them; the others report 0).
+    pub(crate) fn flipped(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let counts = self.flipped.iter().map(|n| n.load(Ordering::Relaxed));
+        self.updated().zip(counts)
     }
 
     /// Proves the queued jobs' operands disjoint ([`AliasProof::prove`]).
@@ -160,6 +171,13 @@ impl<'t> Batch<'_, 't> {
         }
     }
 
+    /// Sets each queued variable's constraint (its clip, infinity for none), from its index.
+    pub(crate) fn set_clips(&mut self, mut clip: impl FnMut(usize) -> f64) {
+        for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
+            j.clip = clip(j.index);
+        }
+    }
+
     /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
     /// is too little work to pay for them).
     ///
@@ -181,16 +199,20 @@ impl<'t> Batch<'_, 't> {
         let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
         let isa = Isa::detect();
         let (f32_jobs, f64_jobs) = (&ws.f32_jobs[..], &ws.f64_jobs[..]);
+        let jobs = f32_jobs.len() + f64_jobs.len();
+        ws.flipped.iter_mut().take(jobs).for_each(|n| *n.get_mut() = 0);
+        ws.flipped.resize_with(jobs.max(ws.flipped.len()), AtomicUsize::default);
+        let (f32_flipped, f64_flipped) = ws.flipped[..jobs].split_at(f32_jobs.len());
         let work = |t: usize| {
             let (lo, hi) = share(total_len(f32_jobs), threads, t);
             // SAFETY: `queue` admitted every address (`admit`: a live CPU tensor of this
             // element type, contiguous, `len` elements, aligned) and the batch borrows those
             // tensors until it is consumed here; `prove_disjoint` proved that written operands
             // share no memory; `share` hands each thread a disjoint element range.
-            unsafe { run_range::<K, f32>(kernel, isa, f32_jobs, states, lo, hi) };
+            unsafe { run_range::<K, f32>(kernel, isa, f32_jobs, f32_flipped, states, lo, hi) };
             let (lo, hi) = share(total_len(f64_jobs), threads, t);
             // SAFETY: as above, for the f64 jobs.
-            unsafe { run_range::<K, f64>(kernel, isa, f64_jobs, states, lo, hi) };
+            unsafe { run_range::<K, f64>(kernel, isa, f64_jobs, f64_flipped, states, lo, hi) };
         };
         pool::run(threads, work);
         // SAFETY: `queue` recorded tensors borrowed by the batch for `'t`, which outlives this
@@ -209,20 +231,22 @@ fn total_len(jobs: &[KernelJob]) -> usize {
 struct ApplyKernel<'k, 's, K, T> {
     kernel: &'k K,
     scalars: [f64; 2],
+    clip: f64,
     p: &'s mut [T],
     g: &'s [T],
     states: [&'s mut [T]; MAX_STATES],
 }
 
 impl<K: Kernel, T: Real> IsaLoop for ApplyKernel<'_, '_, K, T> {
-    type Output = ();
+    type Output = usize;
     #[inline(always)]
-    fn run(self) {
-        self.kernel.apply(self.scalars, self.p, self.g, self.states)
+    fn run(self) -> usize {
+        self.kernel.apply(self.scalars, self.clip, self.p, self.g, self.states)
     }
 }
 
-/// Runs `kernel` over elements `[lo, hi)` of the concatenation of `jobs`.
+/// Runs `kernel` over elements `[lo, hi)` of the concatenation of `jobs`, adding the weights
+/// whose sign it changed in each job to `flipped` (aligned with `jobs`).
 ///
 /// # Safety
 /// Every job's addresses must point to `len` valid, aligned elements of `T` (its first `states`
@@ -233,6 +257,7 @@ unsafe fn run_range<K: Kernel, T: Real>(
     kernel: &K,
     isa: Isa,
     jobs: &[KernelJob],
+    flipped: &[AtomicUsize],
     states: usize,
     lo: usize,
     hi: usize,
@@ -259,7 +284,13 @@ unsafe fn run_range<K: Kernel, T: Real>(
             // SAFETY: as above.
             *slot = unsafe { slice_mut::<T>(addr, a, n) };
         }
-        isa.run(ApplyKernel { kernel, scalars: job.scalars, p, g, states: st });
+        let changed =
+            isa.run(ApplyKernel { kernel, scalars: job.scalars, clip: job.clip, p, g, states: st });
+        if changed > 0 {
+            if let Some(count) = flipped.get(k) {
+                count.fetch_add(changed, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -330,9 +361,11 @@ mod tests {
             g: g.as_ptr() as usize,
             states: addrs,
             scalars: [0.01, 0.05],
+            clip: f64::INFINITY,
         };
+        let flipped = [AtomicUsize::new(0)];
         // SAFETY: every address is a distinct live Vec of `n` f32, used by nothing else here.
-        unsafe { run_range::<K, f32>(kernel, isa, &[job], states, 0, n) };
+        unsafe { run_range::<K, f32>(kernel, isa, &[job], &flipped, states, 0, n) };
         let mut out = vec![p];
         out.extend(s.into_iter().take(states));
         out

@@ -128,12 +128,14 @@ fn bop_element<T: Real>(w: T, g: T, m: T, s: BopScalars<T>) -> (T, T) {
 }
 
 /// One Bop step: `m <- m + (g - m) * gamma; w <- flip(w, w * m - threshold)`, the signs of each
-/// cache line written back only when one of them flips ([`store_if_changed`]).
+/// cache line written back only when one of them flips ([`store_if_changed`]). Returns how many
+/// weights changed sign ([`flipped`]).
 #[inline(always)]
-pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) {
+pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) -> usize {
     let n = w.len();
     let (g, m) = (&g[..n], &mut m[..n]);
     let lines = n - n % LINE;
+    let mut flips = 0;
     let chunks =
         w[..lines].chunks_exact_mut(LINE).zip(g.chunks_exact(LINE)).zip(m.chunks_exact_mut(LINE));
     for ((wc, gc), mc) in chunks {
@@ -142,22 +144,36 @@ pub(crate) fn bop<T: Real>(w: &mut [T], g: &[T], m: &mut [T], s: BopScalars<T>) 
         let mut new = [T::ZERO; LINE];
         for j in 0..LINE {
             (mc[j], new[j]) = bop_element(wc[j], gc[j], mc[j], s);
+            flips += flipped(wc[j], new[j]);
         }
         store_if_changed(wc, &new);
     }
     for i in lines..n {
-        (m[i], w[i]) = bop_element(w[i], g[i], m[i], s);
+        let new;
+        (m[i], new) = bop_element(w[i], g[i], m[i], s);
+        flips += flipped(w[i], new);
+        w[i] = new;
     }
+    flips
+}
+
+/// 1 when a weight changes sign from `old` to `new`: `(old < 0) != (new < 0)` (0 and NaN
+/// count as not negative), for the optimizers' flip counts.
+#[inline(always)]
+fn flipped<T: Real>(old: T, new: T) -> usize {
+    usize::from((old < T::ZERO) != (new < T::ZERO))
 }
 
 /// A line of weights whose signs a staged Bop step changes ([`bop_stage`]): its first element's
 /// offset in the slice, how many elements it covers (up to [`LINE`]), and the new signs as a
-/// bit mask (bit `j` set: element `j` becomes -1, else +1).
+/// bit mask (bit `j` set: element `j` becomes -1, else +1); `flipped` marks the elements whose
+/// sign changes (`(w < 0) != (w' < 0)`, as [`bop`] counts them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FlipLine {
     pub(crate) offset: usize,
     pub(crate) count: usize,
     pub(crate) negative: u16,
+    pub(crate) flipped: u16,
 }
 
 /// Whether an f32 is NaN or infinite, from its bits: an exponent of all ones.
@@ -186,16 +202,17 @@ pub(crate) fn bop_stage(
     let mut offset = 0;
     while offset < n {
         let count = LINE.min(n - offset);
-        let (mut negative, mut changed) = (0u16, false);
+        let (mut negative, mut changed, mut flips) = (0u16, false, 0u16);
         for j in offset..offset + count {
             exponents = exponents.max(non_finite_bits(g[j]));
             let new;
             (m_out[j], new) = bop_element(w[j], g[j], m[j], s);
             negative |= u16::from(new < 0.0) << (j - offset);
+            flips |= (flipped(w[j], new) as u16) << (j - offset);
             changed |= new != w[j];
         }
         if changed {
-            flip_line(FlipLine { offset, count, negative });
+            flip_line(FlipLine { offset, count, negative, flipped: flips });
         }
         offset += count;
     }
@@ -221,8 +238,15 @@ pub(crate) struct Bop2Scalars<T> {
 
 /// One Bop2ndOrder step: `m <- m + (g - m) * gamma; v <- v + (g * g - v) * sigma;
 /// w <- flip(w, w * m / (sqrt(v) + eps) - threshold)`, the signs written back as in [`bop`].
+/// Returns how many weights changed sign.
 #[inline(always)]
-pub(crate) fn bop2<T: Real>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s: Bop2Scalars<T>) {
+pub(crate) fn bop2<T: Real>(
+    w: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    s: Bop2Scalars<T>,
+) -> usize {
     let n = w.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
     let step = |wi: T, gi: T, m: &mut T, v: &mut T| {
@@ -234,6 +258,7 @@ pub(crate) fn bop2<T: Real>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s: B
         flip(wi, signal - s.threshold)
     };
     let lines = n - n % LINE;
+    let mut flips = 0;
     let chunks = w[..lines]
         .chunks_exact_mut(LINE)
         .zip(g.chunks_exact(LINE))
@@ -243,12 +268,16 @@ pub(crate) fn bop2<T: Real>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], s: B
         let mut new = [T::ZERO; LINE];
         for j in 0..LINE {
             new[j] = step(wc[j], gc[j], &mut mc[j], &mut vc[j]);
+            flips += flipped(wc[j], new[j]);
         }
         store_if_changed(wc, &new);
     }
     for i in lines..n {
-        w[i] = step(w[i], g[i], &mut m[i], &mut v[i]);
+        let new = step(w[i], g[i], &mut m[i], &mut v[i]);
+        flips += flipped(w[i], new);
+        w[i] = new;
     }
+    flips
 }
 
 /// How Adam folds weight decay in.
@@ -299,17 +328,54 @@ pub(crate) struct AdamSlices<'a, T> {
 ///
 /// The configuration flags pick one of twelve monomorphic loops, so that none of them branches
 /// per element.
+#[cfg_attr(not(test), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn adam<T: Real>(x: AdamSlices<'_, T>, s: AdamScalars<T>, decay: Decay, amsgrad: bool) {
+    adam_clipped(x, s, decay, amsgrad, Clip::new(f64::INFINITY));
+}
+
+/// A constraint's bounds in the element type: `[-clip, clip]` rounded as ATen rounds
+/// `clamp_`'s scalars. Infinite bounds leave every value as it is, NaN included.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clip<T> {
+    low: T,
+    high: T,
+}
+
+impl<T: Real> Clip<T> {
+    /// `[-clip, clip]`.
+    #[inline(always)]
+    pub(crate) fn new(clip: f64) -> Self {
+        Clip { low: T::from_f64(-clip), high: T::from_f64(clip) }
+    }
+
+    /// `x` clamped as `torch.clamp` does: NaN stays NaN.
+    #[inline(always)]
+    fn apply(self, x: T) -> T {
+        select(x < self.low, self.low, select(x > self.high, self.high, x))
+    }
+}
+
+/// [`adam`] with each new parameter value clamped to `clip` before it is stored (a
+/// `weight_clip` constraint in the same pass). With infinite bounds the clamp returns its
+/// input, so the unconstrained step is the same bits.
+#[inline(always)]
+pub(crate) fn adam_clipped<T: Real>(
+    x: AdamSlices<'_, T>,
+    s: AdamScalars<T>,
+    decay: Decay,
+    amsgrad: bool,
+    clip: Clip<T>,
+) {
     // ATen's lerp: weight < 0.5 ? a + w * (b - a) : b - (b - a) * (1 - w), per its scalar path.
     let small = s.lerp_weight.abs_lt_half();
     let one_minus_w = T::ONE - s.lerp_weight;
     macro_rules! go {
         ($decay:expr, $ams:expr) => {
             if small {
-                adam_loop(x, s, $decay, $ams, |m, g| m + s.lerp_weight * (g - m))
+                adam_loop(x, s, $decay, $ams, clip, |m, g| m + s.lerp_weight * (g - m))
             } else {
-                adam_loop(x, s, $decay, $ams, |m, g| g - (g - m) * one_minus_w)
+                adam_loop(x, s, $decay, $ams, clip, |m, g| g - (g - m) * one_minus_w)
             }
         };
     }
@@ -342,6 +408,7 @@ fn adam_loop<T: Real>(
     s: AdamScalars<T>,
     decay: Decay,
     amsgrad: bool,
+    clip: Clip<T>,
     lerp: impl Fn(T, T) -> T,
 ) {
     let n = x.p.len();
@@ -369,7 +436,7 @@ fn adam_loop<T: Real>(
             vi
         };
         let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
-        p[i] = pi + s.neg_step_size * mi / denom;
+        p[i] = clip.apply(pi + s.neg_step_size * mi / denom);
     }
 }
 

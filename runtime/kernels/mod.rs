@@ -151,14 +151,18 @@ impl std::fmt::Display for Unfit {
 pub trait Kernel: Sync {
     /// Updates one contiguous run of one variable: `p` and `g` are the same length, and so is
     /// each of the first [`states`](Kernel::states) slices of `states` (the rest are empty).
-    /// `scalars` are the job's per-variable scalars.
+    /// `scalars` are the job's per-variable scalars; `clip` its constraint, which a kernel
+    /// whose new values can leave `[-clip, clip]` applies before it stores them (infinity:
+    /// none; Bop's kernels write +-1, which their optimizer constrains). Returns how many
+    /// weights changed sign (counted by Bop's kernels; 0 from the others).
     fn apply<T: Real>(
         &self,
         scalars: [f64; 2],
+        clip: f64,
         p: &mut [T],
         g: &[T],
         states: [&mut [T]; MAX_STATES],
-    );
+    ) -> usize;
 }
 
 /// A named state tensor of one variable, or nothing in an unused slot.

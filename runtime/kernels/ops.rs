@@ -1,7 +1,7 @@
 //! The optimizers' kernels: their hyperparameters for one step, in `f64`, rounded to the
 //! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`].
 
-use super::math::{self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Decay, Real};
+use super::math::{self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Decay, Real};
 use super::{Kernel, MAX_STATES};
 
 /// Bop with one step's hyperparameters. State: `m`.
@@ -13,11 +13,18 @@ pub struct BopKernel {
 
 impl Kernel for BopKernel {
     #[inline(always)]
-    fn apply<T: Real>(&self, _: [f64; 2], p: &mut [T], g: &[T], states: [&mut [T]; MAX_STATES]) {
+    fn apply<T: Real>(
+        &self,
+        _: [f64; 2],
+        _: f64,
+        p: &mut [T],
+        g: &[T],
+        states: [&mut [T]; MAX_STATES],
+    ) -> usize {
         let [m, _, _] = states;
         let s =
             BopScalars { gamma: T::from_f64(self.gamma), threshold: T::from_f64(self.threshold) };
-        math::bop(p, g, m, s);
+        math::bop(p, g, m, s)
     }
 }
 
@@ -32,7 +39,14 @@ pub struct Bop2Kernel {
 
 impl Kernel for Bop2Kernel {
     #[inline(always)]
-    fn apply<T: Real>(&self, _: [f64; 2], p: &mut [T], g: &[T], states: [&mut [T]; MAX_STATES]) {
+    fn apply<T: Real>(
+        &self,
+        _: [f64; 2],
+        _: f64,
+        p: &mut [T],
+        g: &[T],
+        states: [&mut [T]; MAX_STATES],
+    ) -> usize {
         let [m, v, _] = states;
         let s = Bop2Scalars {
             gamma: T::from_f64(self.gamma),
@@ -40,7 +54,7 @@ impl Kernel for Bop2Kernel {
             threshold: T::from_f64(self.threshold),
             eps: T::from_f64(self.eps),
         };
-        math::bop2(p, g, m, v, s);
+        math::bop2(p, g, m, v, s)
     }
 }
 
@@ -92,10 +106,11 @@ impl Kernel for AdamKernel {
     fn apply<T: Real>(
         &self,
         scalars: [f64; 2],
+        clip: f64,
         p: &mut [T],
         g: &[T],
         states: [&mut [T]; MAX_STATES],
-    ) {
+    ) -> usize {
         let [m, v, max_v] = states;
         let [step_size, bias_correction2_sqrt] = scalars;
         let s = AdamScalars {
@@ -109,7 +124,9 @@ impl Kernel for AdamKernel {
             decay_factor: T::from_f64(1.0 - self.lr * self.weight_decay),
             grad_sign: if self.maximize { -T::ONE } else { T::ONE },
         };
-        math::adam(AdamSlices { p, g, m, v, max_v }, s, self.decay(), self.amsgrad);
+        let x = AdamSlices { p, g, m, v, max_v };
+        math::adam_clipped(x, s, self.decay(), self.amsgrad, Clip::new(clip));
+        0
     }
 }
 

@@ -57,6 +57,8 @@ pub(crate) struct Staged {
     buffers: Vec<usize>,
     /// The lines of weights to write, one list per thread of the staging pass.
     flips: Vec<Vec<Flip>>,
+    /// Each covered variable's index and the weights whose sign the step changes.
+    pub(crate) flipped: Vec<(usize, usize)>,
 }
 
 impl Staged {
@@ -154,6 +156,9 @@ impl<'t> Batch<'_, 't> {
         let first_bad = AtomicUsize::new(usize::MAX);
         let isa = Isa::detect();
         let (jobs, copy_addrs) = (&ws.f32_jobs[..], &ws.copy_addrs[..]);
+        ws.flipped.iter_mut().take(jobs.len()).for_each(|n| *n.get_mut() = 0);
+        ws.flipped.resize_with(jobs.len().max(ws.flipped.len()), AtomicUsize::default);
+        let counts = &ws.flipped[..jobs.len()];
         pool::run(threads, |t| {
             let (lo, hi) = share(total, threads, t);
             let mut flips = lists[t].lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +168,7 @@ impl<'t> Batch<'_, 't> {
             // for `'t`); `prove_disjoint` and the clash check proved that no byte written here
             // (the second copies only) belongs to any operand or state buffer; `share` gives
             // each thread its own element range.
-            let bad = unsafe { stage_range(jobs, copy_addrs, s, isa, lo, hi, &mut flips) };
+            let bad = unsafe { stage_range(jobs, copy_addrs, counts, s, isa, lo, hi, &mut flips) };
             if let Some(k) = bad {
                 first_bad.fetch_min(k, Ordering::Relaxed);
             }
@@ -177,19 +182,27 @@ impl<'t> Batch<'_, 't> {
             params: jobs.iter().filter(|j| j.len > 0).map(|j| (j.index, j.p, j.len)).collect(),
             buffers,
             flips,
+            flipped: jobs
+                .iter()
+                .zip(counts)
+                .map(|(j, n)| (j.index, n.load(Ordering::Relaxed)))
+                .collect(),
         })
     }
 }
 
-/// Stages elements `[lo, hi)` of the concatenation of `jobs`; returns the position in `jobs`
-/// of the first one whose gradient holds a NaN or an infinity there.
+/// Stages elements `[lo, hi)` of the concatenation of `jobs`, adding the weights whose sign
+/// changes in each job to `flipped` (aligned with `jobs`); returns the position in `jobs` of
+/// the first one whose gradient holds a NaN or an infinity there.
 ///
 /// # Safety
 /// As `batch::run_range`, for one state; besides, `copies[k]` must point to `jobs[k].len`
 /// writable f32 that no operand of any job and nothing else uses while this runs.
+#[allow(clippy::too_many_arguments)]
 unsafe fn stage_range(
     jobs: &[KernelJob],
     copies: &[usize],
+    flipped: &[AtomicUsize],
     s: BopScalars<f32>,
     isa: Isa,
     lo: usize,
@@ -210,7 +223,9 @@ unsafe fn stage_range(
         // SAFETY: as above.
         let m_out = unsafe { slice_mut::<f32>(copy, a, n) };
         let base = job.p + a * 4;
+        let mut changed = 0;
         let mut record = |l: FlipLine| {
+            changed += l.flipped.count_ones() as usize;
             flips.push(Flip { addr: base + l.offset * 4, count: l.count, negative: l.negative })
         };
         let found = match isa {
@@ -221,6 +236,11 @@ unsafe fn stage_range(
         };
         if found && bad.is_none() {
             bad = Some(k);
+        }
+        if changed > 0 {
+            if let Some(count) = flipped.get(k) {
+                count.fetch_add(changed, Ordering::Relaxed);
+            }
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -288,7 +308,9 @@ unsafe fn stage_avx512(
             let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(signed, zero);
             let new = _mm512_mask_blend_ps(negative, one, minus_one);
             if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(new, wv) != 0 {
-                flip(FlipLine { offset: at, count: 16, negative });
+                // Signs changed, as math::bop counts them: (w < 0) != (w' < 0).
+                let flipped = negative ^ _mm512_cmp_ps_mask::<_CMP_LT_OQ>(wv, zero);
+                flip(FlipLine { offset: at, count: 16, negative, flipped });
             }
         }
     }
@@ -383,7 +405,7 @@ unsafe fn write_flip(f: Flip, isa: Isa) {
     let _ = isa;
     // SAFETY: the caller's contract.
     let w = unsafe { slice_mut::<f32>(f.addr, 0, f.count) };
-    math::write_line(w, FlipLine { offset: 0, count: f.count, negative: f.negative });
+    math::write_line(w, FlipLine { offset: 0, count: f.count, negative: f.negative, flipped: 0 });
 }
 
 /// A whole aligned line of new signs, with a streaming store (the old line is not read).
@@ -448,7 +470,7 @@ mod tests {
         g: &[f32],
         m: &[f32],
         skip: usize,
-    ) -> (Vec<f32>, Vec<f32>, bool) {
+    ) -> (Vec<f32>, Vec<f32>, bool, usize) {
         let s = BopScalars { gamma: 0.1, threshold: 1e-6 };
         let n = w.len();
         let (mut buffer, start) = out_buffer(n, skip);
@@ -461,11 +483,14 @@ mod tests {
             _ => math::bop_stage(w, g, m, out, s, |l| lines.push(l)),
         };
         let mut new_w = w.to_vec();
+        let mut flips = 0;
         for l in lines {
             assert!(l.count >= 1 && l.count <= 16 && l.offset + l.count <= n);
+            assert_eq!(u32::from(l.flipped) >> l.count, 0, "flips past the line's end");
+            flips += l.flipped.count_ones() as usize;
             math::write_line(&mut new_w[l.offset..], l);
         }
-        (new_w, out.to_vec(), bad)
+        (new_w, out.to_vec(), bad, flips)
     }
 
     #[test]
@@ -483,9 +508,16 @@ mod tests {
                         g[at] = if at % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
                     }
                     let (w0, m0) = (w.clone(), m.clone());
-                    math::bop(&mut w, &g, &mut m, BopScalars { gamma: 0.1, threshold: 1e-6 });
+                    let flips =
+                        math::bop(&mut w, &g, &mut m, BopScalars { gamma: 0.1, threshold: 1e-6 });
+                    // Counted independently: the signs before and after.
+                    let signs = |v: &[f32]| v.iter().map(|x| *x < 0.0).collect::<Vec<_>>();
+                    let changed =
+                        signs(&w0).iter().zip(signs(&w)).filter(|(a, b)| **a != *b).count();
+                    assert_eq!(flips, changed, "in place, n {n}");
                     for &isa in &sets {
-                        let (sw, sm, bad) = staged(isa, &w0, &g, &m0, skip);
+                        let (sw, sm, bad, staged_flips) = staged(isa, &w0, &g, &m0, skip);
+                        assert_eq!(staged_flips, flips, "{isa:?} n {n} skip {skip}");
                         let case = format!("{isa:?} n {n} skip {skip} poison {poison:?}");
                         assert_eq!(bits(&sw), bits(&w), "weights, {case}");
                         assert_eq!(bits(&sm), bits(&m), "state, {case}");
@@ -499,7 +531,7 @@ mod tests {
     #[test]
     fn lines_are_written_whole_or_in_part() {
         let mut w = vec![0.5f32; 40];
-        let line = FlipLine { offset: 0, count: 16, negative: 0b1000_0000_0000_0001 };
+        let line = FlipLine { offset: 0, count: 16, negative: 0b1000_0000_0000_0001, flipped: 0 };
         // SAFETY: 16 f32 of `w` from element 0, used by nothing else meanwhile.
         unsafe {
             write_flip(

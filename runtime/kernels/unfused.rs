@@ -27,6 +27,11 @@ impl Workspace {
     pub(crate) fn updated(&self) -> impl Iterator<Item = usize> + '_ {
         std::iter::empty()
     }
+
+    /// The variables the last run updated, with their flips: none, ever.
+    pub(crate) fn flipped(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        std::iter::empty()
+    }
 }
 
 /// A batch that takes no variable.
@@ -51,6 +56,9 @@ impl<'t> Batch<'_, 't> {
     /// No variable is queued: nothing to set.
     pub(crate) fn set_scalars(&mut self, _scalars: impl FnMut(usize) -> [f64; 2]) {}
 
+    /// No variable is queued: nothing to set.
+    pub(crate) fn set_clips(&mut self, _clip: impl FnMut(usize) -> f64) {}
+
     /// No variable is queued: nothing to run.
     pub(crate) fn run<K: Kernel>(self, _kernel: &K, _threads: usize) -> Result<(), Unfit> {
         Ok(())
@@ -71,6 +79,8 @@ pub(crate) mod stage {
         pub(crate) covered: Vec<usize>,
         /// The first covered variable whose gradient holds a NaN or an infinity: none.
         pub(crate) first_non_finite: Option<usize>,
+        /// The covered variables' flips: none.
+        pub(crate) flipped: Vec<(usize, usize)>,
     }
 
     impl Staged {

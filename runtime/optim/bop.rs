@@ -7,7 +7,8 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Optim, Values, VarState};
+use super::core::{Algorithm, BinaryAlgorithm, Optim, Values, VarState};
+use super::flips::count_flips;
 use super::hyper::hyperparameters;
 use super::staging::Staging;
 use super::state::{take_state, StateSlot};
@@ -42,13 +43,17 @@ pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<()
     Ok(())
 }
 
-/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1.
-pub(crate) fn flip(w: &mut Tensor, signal: &Tensor, threshold: f64) -> Result<()> {
+/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1. Returns how
+/// many weights changed sign ([`count_flips`], on the mask the step computes anyway), as a
+/// 0-dim tensor on `w`'s device.
+pub(crate) fn flip(w: &mut Tensor, signal: &Tensor, threshold: f64) -> Result<Tensor> {
     let inner = signal.f_sub_scalar(threshold)?.f_sign()?;
     let mut outer = inner.f_neg()?.f_mul(w)?.f_sign()?;
     let _ = outer.f_add_scalar_(0.1)?;
-    w.f_copy_(&outer.f_sign()?)?;
-    Ok(())
+    let new = outer.f_sign()?;
+    let flips = count_flips(w, &new)?;
+    w.f_copy_(&new)?;
+    Ok(flips)
 }
 
 /// Per-variable state of Bop: the gradient's moving average.
@@ -99,9 +104,12 @@ pub type Bop = Optim<BopAlgorithm>;
 #[derive(Debug)]
 pub enum BopAlgorithm {}
 
+impl BinaryAlgorithm for BopAlgorithm {}
+
 impl Algorithm for BopAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Bop;
     const STATE_NAMES: &'static [&'static str] = &["m"];
+    const BINARY: bool = true;
     type Config = BopConfig;
     type State = BopState;
     type Kernel = BopKernel;
@@ -112,20 +120,31 @@ impl Algorithm for BopAlgorithm {
     }
 
     fn update(
+        config: &BopConfig,
+        w: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<BopState>,
+        hp: &BopValues,
+        step: u64,
+    ) -> Result<()> {
+        Self::update_counting_flips(config, w, grad, state, hp, step).map(drop)
+    }
+
+    fn update_counting_flips(
         _: &BopConfig,
         w: &mut Tensor,
         grad: &Tensor,
         state: &mut Option<BopState>,
         hp: &BopValues,
         _: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         let st = match state {
             Some(st) => st,
             empty => empty.insert(BopState { m: w.f_zeros_like()?, slot: None }),
         };
         moving_average(&mut st.m, grad, hp.gamma)?;
         let signal = w.f_mul(&st.m)?;
-        flip(w, &signal, hp.threshold)
+        flip(w, &signal, hp.threshold).map(Some)
     }
 
     fn kernel(_: &BopConfig, hp: &BopValues) -> Option<BopKernel> {

@@ -3,7 +3,7 @@
 use tch::Tensor;
 
 use super::bop::{flip, moving_average};
-use super::core::{Algorithm, Optim, VarState};
+use super::core::{Algorithm, BinaryAlgorithm, Optim, VarState};
 use super::hyper::hyperparameters;
 use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
@@ -85,9 +85,12 @@ pub type Bop2ndOrder = Optim<Bop2ndOrderAlgorithm>;
 #[derive(Debug)]
 pub enum Bop2ndOrderAlgorithm {}
 
+impl BinaryAlgorithm for Bop2ndOrderAlgorithm {}
+
 impl Algorithm for Bop2ndOrderAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Bop2ndOrder;
     const STATE_NAMES: &'static [&'static str] = &["m", "v"];
+    const BINARY: bool = true;
     type Config = Bop2ndOrderConfig;
     type State = Bop2ndOrderState;
     type Kernel = Bop2Kernel;
@@ -106,13 +109,24 @@ impl Algorithm for Bop2ndOrderAlgorithm {
     }
 
     fn update(
+        config: &Bop2ndOrderConfig,
+        w: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<Bop2ndOrderState>,
+        hp: &Bop2ndOrderValues,
+        step: u64,
+    ) -> Result<()> {
+        Self::update_counting_flips(config, w, grad, state, hp, step).map(drop)
+    }
+
+    fn update_counting_flips(
         _: &Bop2ndOrderConfig,
         w: &mut Tensor,
         grad: &Tensor,
         state: &mut Option<Bop2ndOrderState>,
         hp: &Bop2ndOrderValues,
         _: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         let st = match state {
             Some(st) => st,
             empty => empty.insert(Bop2ndOrderState {
@@ -126,7 +140,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         let mut denom = st.v.f_sqrt()?;
         let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
         let signal = w.f_mul(&st.m)?.f_div(&denom)?;
-        flip(w, &signal, hp.threshold)
+        flip(w, &signal, hp.threshold).map(Some)
     }
 
     fn kernel(_: &Bop2ndOrderConfig, hp: &Bop2ndOrderValues) -> Option<Bop2Kernel> {

@@ -12,10 +12,12 @@ use caseopt_rules::OptimizerKind;
 use tch::Tensor;
 
 use super::exec::Exec;
+use super::flips::{FlipCounts, FlipRatios};
 use super::grad::check_grads;
 use super::hyper::Hyperparameters;
 use super::state::StateSlot;
 use super::{Backend, Execution, FromConfig, Optimizer};
+use crate::constraint::Constraint;
 use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::{Kernel, StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
@@ -51,6 +53,9 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
     const NAME: &'static str = Self::KIND.display_name();
     /// Names of the per-variable state tensors it may keep.
     const STATE_NAMES: &'static [&'static str];
+    /// Whether every update writes -1 or +1 (Bop, Bop2ndOrder): the optimizer then counts the
+    /// weights each step flips, and applies a constraint only where it changes +-1.
+    const BINARY: bool = false;
     /// Its configuration.
     type Config: Hyperparameters;
     /// A variable's state.
@@ -79,6 +84,19 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         hp: &Values<Self>,
         step: u64,
     ) -> Result<()>;
+
+    /// [`update`](Self::update), returning for a binary algorithm how many weights changed
+    /// sign (a 0-dim int64 tensor on the variable's device); the default counts nothing.
+    fn update_counting_flips(
+        config: &Self::Config,
+        param: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<Self::State>,
+        hp: &Values<Self>,
+        step: u64,
+    ) -> Result<Option<Tensor>> {
+        Self::update(config, param, grad, state, hp, step).map(|()| None)
+    }
 
     /// The fused kernel for this step's values, or `None` (the default) when the optimizer
     /// has none.
@@ -138,10 +156,11 @@ impl Kernel for NoKernel {
     fn apply<T: crate::kernels::math::Real>(
         &self,
         _: [f64; 2],
+        _: f64,
         _: &mut [T],
         _: &[T],
         _: [&mut [T]; MAX_STATES],
-    ) {
+    ) -> usize {
         match *self {}
     }
 }
@@ -161,7 +180,14 @@ pub struct Optim<A: Algorithm> {
     pub(crate) steps: u64,
     pub(crate) exec: Exec,
     pub(crate) extra: A::Extra,
+    /// Each variable's constraint, applied after each of its updates.
+    pub(crate) constraints: Vec<Option<Constraint>>,
+    /// The weights the last step flipped (binary algorithms only).
+    pub(crate) flips: FlipCounts,
 }
+
+/// The algorithms whose updates write -1 or +1 (Bop, Bop2ndOrder), which count their flips.
+pub trait BinaryAlgorithm: Algorithm {}
 
 impl<A: Algorithm> Optim<A> {
     /// Validates `config` and builds the optimizer with no variables yet.
@@ -184,6 +210,8 @@ impl<A: Algorithm> Optim<A> {
             steps: 0,
             exec: Exec::default(),
             extra: A::Extra::default(),
+            constraints: Vec::new(),
+            flips: FlipCounts::default(),
         })
     }
 
@@ -257,10 +285,29 @@ impl<A: Algorithm> Optim<A> {
                 A::after_kernel(st);
             }
         }
+        if A::BINARY {
+            for (i, n) in self.exec.workspace.flipped() {
+                self.flips.counted(i, n);
+            }
+        }
         let rest = std::mem::take(&mut self.exec.rest);
         let result = self.libtorch(grads, hp, rest.iter().copied());
         self.exec.rest = rest;
         result
+    }
+
+    /// A binary algorithm's constraints, after its step (fused, staged or libtorch alike): its
+    /// updates wrote +-1, which a clip of 1 or more leaves as they are, so only a clip below 1
+    /// costs a pass (a libtorch `clamp_`) over the variables the step updated.
+    fn constrain_binary(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        for (i, c) in self.constraints.iter().enumerate() {
+            if let (Some(c), Some(Some(_))) = (c, grads.get(i)) {
+                if c.changes_signs_values() {
+                    c.apply(&mut self.params[i].tensor.shallow_clone())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The libtorch update of the variables `which` that have a gradient.
@@ -273,7 +320,20 @@ impl<A: Algorithm> Optim<A> {
         for i in which {
             if let Some(g) = &grads[i] {
                 let mut p = self.params[i].tensor.shallow_clone();
-                A::update(&self.config, &mut p, g, &mut self.states[i], hp, self.steps)?;
+                let state = &mut self.states[i];
+                if A::BINARY {
+                    let flips =
+                        A::update_counting_flips(&self.config, &mut p, g, state, hp, self.steps)?;
+                    if let Some(flips) = flips {
+                        self.flips.pending(i, flips);
+                    }
+                } else {
+                    A::update(&self.config, &mut p, g, state, hp, self.steps)?;
+                    // Right after the update, as the fused kernels clamp before they store.
+                    if let Some(c) = &self.constraints[i] {
+                        c.apply(&mut p)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -289,6 +349,8 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         A::forget_staged(self);
         self.params.push(param);
         self.states.push(None);
+        self.constraints.push(None);
+        self.exec.clips.push(f64::INFINITY);
         Ok(())
     }
 
@@ -312,9 +374,37 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         // each tensor's metadata is read once per step, before anything changes.
         let hp = self.step_values(grads)?;
         let _guard = tch::no_grad_guard();
+        if A::BINARY {
+            self.flips.start(self.params.len());
+        }
         A::apply(self, grads, &hp)?;
+        if A::BINARY {
+            self.constrain_binary(grads)?;
+        }
         self.steps += 1;
         Ok(())
+    }
+
+    fn set_constraint(&mut self, index: usize, constraint: Option<Constraint>) -> Result<bool> {
+        if let Some(c) = &constraint {
+            c.validate()?;
+        }
+        let Some(slot) = self.constraints.get_mut(index) else {
+            let hint = format!(" ({} holds {} variables)", A::NAME, self.params.len());
+            return Err(Error::UnknownVariable { variable: format!("#{index}"), hint });
+        };
+        *slot = constraint;
+        // The Adam family's kernels clamp as they store; Bop's write +-1, constrained after
+        // the step (`constrain_binary`).
+        self.exec.clips[index] = match constraint {
+            Some(c) if !A::BINARY => c.clip_value(),
+            _ => f64::INFINITY,
+        };
+        Ok(true)
+    }
+
+    fn constraint(&self, index: usize) -> Option<Constraint> {
+        self.constraints.get(index).copied().flatten()
     }
 
     fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
@@ -367,6 +457,36 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         };
         self.states[index] = new;
         Ok(())
+    }
+}
+
+impl<A: BinaryAlgorithm> Optim<A> {
+    /// The fraction of each variable's weights whose sign flipped in the last step, and of
+    /// all of them (see [`FlipRatios`]); `None` before the first step. Counted by the pass that
+    /// flipped them (the fused kernels, the staged step, or a reduction over the libtorch
+    /// path's new signs); reading a CUDA variable's count waits for the device.
+    ///
+    /// ```
+    /// use caseopt::{Bop2ndOrder, Optimizer, Param, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[1.0f64, -1.0]);
+    /// let mut bop = Bop2ndOrder::new(Default::default())?;
+    /// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
+    /// bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f64, 1.0]))])?;
+    /// // The first weight flips (w * m > threshold), the second does not.
+    /// assert_eq!(bop.flip_ratios()?.map(|r| r.total), Some(0.5));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn flip_ratios(&self) -> Result<Option<FlipRatios>> {
+        let Some(counts) = self.flips.read()? else {
+            return Ok(None);
+        };
+        let mut ratios = FlipRatios::empty();
+        for (p, n) in self.params.iter().zip(counts) {
+            ratios.push(&p.info.name, n, p.info.numel().max(0) as u64);
+        }
+        Ok(Some(ratios))
     }
 }
 

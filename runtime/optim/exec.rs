@@ -27,6 +27,9 @@ pub struct Exec {
     /// State buffers made by [`new_states`](Exec::new_states); never removed, so that slots
     /// stay valid.
     pub(crate) state_buffers: Vec<Tensor>,
+    /// Each variable's clip for the fused kernels, which clamp their new values to
+    /// `[-clip, clip]` before they store them (infinity: no constraint).
+    pub(crate) clips: Vec<f64>,
 }
 
 /// Elements each variable's run of a state buffer is rounded up to: 64 bytes of f32, so that
@@ -175,6 +178,8 @@ impl Exec {
             });
         batch.queue(vars, &self.state_buffers, &mut refused);
         batch.set_scalars(|i| states[i].as_ref().map_or([0.0; 2], &mut scalars));
+        let clips = &self.clips;
+        batch.set_clips(|i| clips.get(i).copied().unwrap_or(f64::INFINITY));
         // Refusals in variable order, so that errors name the first variable concerned.
         refused.sort_by_key(|(i, _)| *i);
         for (i, unfit) in refused.drain(..) {

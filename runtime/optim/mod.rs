@@ -18,6 +18,7 @@ mod bop;
 mod bop2nd;
 mod core;
 mod exec;
+mod flips;
 pub(crate) mod grad;
 pub(crate) mod hyper;
 mod nadam;
@@ -33,6 +34,7 @@ pub use adamw::{AdamW, AdamWAlgorithm, AdamWConfig};
 pub use bop::{Bop, BopAlgorithm, BopConfig};
 pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
 pub use core::Optim;
+pub use flips::FlipRatios;
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};
@@ -40,6 +42,7 @@ pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
 
 use tch::Tensor;
 
+use crate::constraint::Constraint;
 use crate::error::Result;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -186,6 +189,45 @@ pub trait Optimizer: Send + 'static {
     fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
         let _ = grads;
         Ok(())
+    }
+
+    /// Applies `constraint` to variable `index` after each of its updates, inside the step
+    /// (Keras applies a variable's constraint the same way, right after the optimizer's
+    /// update); `None` removes it. A variable the step does not update is not constrained.
+    ///
+    /// Returns whether this optimizer applies constraints itself. The default declines
+    /// (`Ok(false)`): a router then applies them after the step with libtorch ops. The
+    /// built-in optimizers accept, and fail on an index past their variables or an invalid
+    /// constraint ([`Constraint::validate`]). The Adam family's fused kernels clamp each new
+    /// value before they store it; the libtorch path clamps (`clamp_`) right after the
+    /// variable's update; Bop and Bop2ndOrder write +-1, which they clamp only when the clip
+    /// is below 1.
+    ///
+    /// ```
+    /// use caseopt::{Adam, AdamConfig, Constraint, Optimizer, Param, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[0.95f32, -0.5]);
+    /// let mut adam = Adam::new(AdamConfig { lr: 0.1.into(), ..Default::default() })?;
+    /// adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+    /// assert!(adam.set_constraint(0, Some(Constraint::weight_clip(1.0)?))?);
+    /// adam.step_with_grads(&[Some(Tensor::from_slice(&[-1.0f32, 1.0]))])?;
+    /// // 0.95 + 0.1 is clipped to 1; -0.5 - 0.1 is inside.
+    /// let w = Vec::<f32>::try_from(&w)?;
+    /// assert_eq!(w[0], 1.0);
+    /// assert!((w[1] + 0.6).abs() < 1e-6);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    fn set_constraint(&mut self, index: usize, constraint: Option<Constraint>) -> Result<bool> {
+        let _ = (index, constraint);
+        Ok(false)
+    }
+
+    /// The constraint this optimizer applies to variable `index` (see
+    /// [`set_constraint`](Self::set_constraint)); the default applies none.
+    fn constraint(&self, index: usize) -> Option<Constraint> {
+        let _ = index;
+        None
     }
 }
 

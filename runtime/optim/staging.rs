@@ -82,7 +82,7 @@ impl Staging {
     /// Stages the coming step (see the module docs): the variables whose state already lives
     /// in an f32 state buffer, when there are enough of them.
     fn stage(bop: &mut Bop, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
-        let Optim { config, params, states, steps, exec, extra: staging } = bop;
+        let Optim { config, params, states, steps, exec, extra: staging, .. } = bop;
         staging.forget(&mut exec.workspace);
         if exec.backend == Backend::Torch || grads.len() != params.len() {
             return Ok(None);
@@ -155,7 +155,7 @@ impl Staging {
         grads: &[Option<Tensor>],
         hp: &BopValues,
     ) -> Option<Vec<Option<Tensor>>> {
-        let Optim { params, steps, exec, extra: staging, .. } = bop;
+        let Optim { params, steps, exec, extra: staging, flips, .. } = bop;
         let st = staging.staged.take()?;
         let same_grads = st.grads.iter().all(|&(i, addr)| {
             grads.get(i).and_then(Option::as_ref).is_some_and(|g| g.data_ptr() as usize == addr)
@@ -172,6 +172,11 @@ impl Staging {
             &exec.state_buffers,
             &staging.second_buffers,
         );
+        if committed.is_ok() {
+            for &(i, n) in &staged.flipped {
+                flips.counted(i, n);
+            }
+        }
         let rest = committed.is_ok().then(|| {
             let mut rest: Vec<Option<Tensor>> =
                 grads.iter().map(|g| g.as_ref().map(Tensor::shallow_clone)).collect();

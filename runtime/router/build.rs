@@ -144,7 +144,7 @@ pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> 
     core.table = table;
     core.known_trainable = count;
     core.binary_unchecked = true;
-    Ok(())
+    super::constraints::after_routing(router)
 }
 
 /// Hands each rule's new variables to its optimizer.

@@ -14,6 +14,8 @@
 
 mod build;
 mod clip;
+mod constraints;
+mod flips;
 mod nonfinite;
 mod ownership;
 mod parts;
@@ -26,8 +28,9 @@ use std::sync::{Arc, Mutex};
 
 use tch::{nn, Tensor};
 
+use crate::constraint::Constraint;
 use crate::error::Result;
-use crate::optim::Optimizer;
+use crate::optim::{FlipRatios, Optimizer};
 
 use build::route_new_variables;
 pub use build::RouterBuilder;
@@ -116,6 +119,92 @@ pub trait Router: Send {
     /// [`clip_grad_norm`](Self::clip_grad_norm) applied to each rule's variables separately;
     /// returns each rule's norm before clipping, in rule order.
     fn clip_grad_norm_per_rule(&mut self, max_norm: f64) -> Result<Vec<f64>>;
+    /// Sets the constraint applied to variable `variable` after each of its updates (larq's
+    /// `kernel_constraint`, e.g. [`Constraint::weight_clip`]); `None` removes it, and the
+    /// variable then follows its rule's ([`set_rule_constraint`](Self::set_rule_constraint)),
+    /// which a variable's own constraint overrides.
+    ///
+    /// The optimizer applies it inside its step ([`Optimizer::set_constraint`]): the Adam
+    /// family's fused kernels clamp each new value before they store it, the libtorch path
+    /// clamps right after the variable's update. For an optimizer that declines (your own),
+    /// the router clamps after the step. A refused or skipped step constrains nothing, and a
+    /// variable without a gradient is not constrained. Constraints are configuration: a
+    /// checkpoint does not hold them.
+    ///
+    /// Fails, changing nothing, with [`Error::UnknownVariable`](crate::Error::UnknownVariable)
+    /// for a name the router does not train and
+    /// [`Error::InvalidConstraint`](crate::Error::InvalidConstraint) for a bad parameter.
+    ///
+    /// ```
+    /// use caseopt::{case_optimizer, Constraint, Param, Router, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[0.95f32, -0.3]).set_requires_grad(true);
+    /// let vars = vec![Param::new(VarInfo::of("w", &w), w.shallow_clone())];
+    /// let mut opt = case_optimizer! { _ => Adam<lr: 0.1> }.build_from(vars)?;
+    /// opt.set_constraint("w", Some(Constraint::weight_clip(1.0)?))?;
+    /// assert_eq!(opt.constraint("w"), Some(Constraint::WeightClip { clip_value: 1.0 }));
+    /// assert!(opt.set_constraint("nope", None).is_err());
+    /// // A loss pushing both weights up: 0.95 + 0.1 is clipped to 1.
+    /// opt.backward_step(&(-w.sum(tch::Kind::Float)))?;
+    /// assert_eq!(w.double_value(&[0]), 1.0);
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn set_constraint(&mut self, variable: &str, constraint: Option<Constraint>) -> Result<()>;
+    /// Sets the constraint of every variable of rule `rule` (its index), present and routed
+    /// later, that has none of its own ([`set_constraint`](Self::set_constraint)); `None`
+    /// removes it. Fails, changing nothing, with
+    /// [`Error::NoSuchRule`](crate::Error::NoSuchRule) or
+    /// [`Error::InvalidConstraint`](crate::Error::InvalidConstraint).
+    ///
+    /// ```
+    /// use caseopt::{case_optimizer, Constraint, Param, Router, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[1.0f32, -1.0]);
+    /// let b = Tensor::from_slice(&[0.0f32]);
+    /// let vars = vec![
+    ///     Param::new(VarInfo::of("fc.weight", &w).with_bits(1), w.shallow_clone()),
+    ///     Param::new(VarInfo::of("fc.bias", &b), b.shallow_clone()),
+    /// ];
+    /// // larq's latent-weight recipe: Adam on the latent kernels, clipped to [-1, 1].
+    /// let mut opt = case_optimizer! { binary => Adam<lr: 0.01>, _ => Adam<lr: 0.01> }
+    ///     .build_from(vars)?;
+    /// opt.set_rule_constraint(0, Some(Constraint::weight_clip(1.0)?))?;
+    /// assert_eq!(opt.constraint("fc.weight").map(|c| c.clip_value()), Some(1.0));
+    /// assert_eq!(opt.constraint("fc.bias"), None);
+    /// assert!(opt.set_rule_constraint(2, None).is_err());
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn set_rule_constraint(&mut self, rule: usize, constraint: Option<Constraint>) -> Result<()>;
+    /// The constraint applied to variable `variable`: its own, else its rule's; `None` also
+    /// for a name the router does not train.
+    fn constraint(&self, variable: &str) -> Option<Constraint>;
+    /// Rule `rule`'s constraint.
+    fn rule_constraint(&self, rule: usize) -> Option<Constraint>;
+    /// The fraction of weights whose sign flipped in the last step, for every variable of
+    /// every [`Bop`](crate::Bop) and [`Bop2ndOrder`](crate::Bop2ndOrder) of the router and in
+    /// total (larq's `FlipRatio` metric; see [`FlipRatios`]); `None` when the router has no
+    /// such optimizer or none of them has stepped. Counted by the pass that flipped the
+    /// weights, not by a sweep of its own; on CUDA, reading it waits for the device.
+    ///
+    /// ```
+    /// use caseopt::{case_optimizer, Param, Router, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[1.0f32, -1.0, 1.0, -1.0]).set_requires_grad(true);
+    /// let vars = vec![Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone())];
+    /// let mut opt = case_optimizer! { binary => Bop<threshold: 0.0, gamma: 1.0> }
+    ///     .build_from(vars)?;
+    /// assert_eq!(opt.flip_ratios()?, None);
+    /// // The loss's gradient is `g`; Bop flips where `w * g > 0`: the first and last weights.
+    /// let g = Tensor::from_slice(&[1.0f32, 1.0, -1.0, -1.0]);
+    /// opt.backward_step(&(&w * &g).sum(tch::Kind::Float))?;
+    /// let ratios = opt.flip_ratios()?.expect("Bop stepped");
+    /// assert_eq!((ratios.flipped, ratios.weights, ratios.total), (2, 4, 0.5));
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn flip_ratios(&self) -> Result<Option<FlipRatios>>;
 }
 
 impl<R: RouterParts> Router for R {
@@ -202,6 +291,26 @@ impl<R: RouterParts> Router for R {
 
     fn clip_grad_norm_per_rule(&mut self, max_norm: f64) -> Result<Vec<f64>> {
         clip::clip_grad_norm_per_rule(self, max_norm)
+    }
+
+    fn set_constraint(&mut self, variable: &str, constraint: Option<Constraint>) -> Result<()> {
+        constraints::set_variable(self, variable, constraint)
+    }
+
+    fn set_rule_constraint(&mut self, rule: usize, constraint: Option<Constraint>) -> Result<()> {
+        constraints::set_rule(self, rule, constraint)
+    }
+
+    fn constraint(&self, variable: &str) -> Option<Constraint> {
+        constraints::of_variable(self, variable)
+    }
+
+    fn rule_constraint(&self, rule: usize) -> Option<Constraint> {
+        self.core().constraints.rule(rule)
+    }
+
+    fn flip_ratios(&self) -> Result<Option<FlipRatios>> {
+        flips::flip_ratios(self)
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tch::nn;
 
+use super::constraints::Constraints;
 use super::nonfinite::NonFinitePolicy;
 use super::ownership::Ownership;
 use super::rules::{RuleInfo, RuleSpec};
@@ -46,6 +47,8 @@ pub struct RouterCore {
     pub(super) spare: Vec<Grads>,
     /// The variables this router trains, claimed so that no other router trains them too.
     pub(super) ownership: Ownership,
+    /// The constraints set per variable and per rule.
+    pub(super) constraints: Constraints,
 }
 
 impl RouterCore {
@@ -70,6 +73,7 @@ impl RouterCore {
             scan: Default::default(),
             spare: Vec::new(),
             ownership: Ownership::default(),
+            constraints: Constraints::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 use tch::Tensor;
 
 use super::build::route_new_variables;
+use super::constraints;
 use super::nonfinite::{first_non_finite, NonFinitePolicy};
 use super::parts::{OptimizerInspector, OptimizerVisitor, RouterParts};
 use crate::error::{Error, Result};
@@ -66,10 +67,13 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
         check_binary_values(router)?;
     }
     let mut step = StepWith(grads);
-    let stepped = router.for_each_optimizer_mut(&mut step);
+    let mut stepped = router.for_each_optimizer_mut(&mut step);
     if stepped.is_err() {
         // Rules after the failing one keep no staged step for a later call to find.
         let _ = router.for_each_optimizer_mut(&mut DropStaged);
+    } else {
+        // The constraints of optimizers that do not apply them in their own step.
+        stepped = constraints::apply_declined(router, &step.0);
     }
     // The handles are dropped here; their lists' buffers serve the next step.
     let mut grads = step.0;

@@ -1,0 +1,141 @@
+//! How many weights Bop and Bop2ndOrder flipped in their last step, counted by the pass that
+//! flipped them (larq's `FlipRatio` metric, without a second sweep over the weights).
+//!
+//! A weight *flips* when its sign changes: negative before and not after, or the other way
+//! (`(w < 0) != (w' < 0)`). For +-1 weights that is exactly larq's "changed value"; a weight
+//! that Bop's first update binarises from 0.3 to +1 has not flipped.
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+
+/// The fraction of weights whose sign flipped in the last step, per variable of every Bop and
+/// Bop2ndOrder of a router and in total ([`Router::flip_ratios`](crate::Router::flip_ratios)),
+/// or of one such optimizer ([`Bop::flip_ratios`](crate::Bop::flip_ratios)).
+///
+/// ```
+/// use caseopt::{Bop, BopConfig, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f32, -1.0, 1.0, -1.0]);
+/// let mut bop = Bop::new(BopConfig { threshold: 0.0.into(), gamma: 1.0.into() })?;
+/// bop.add_param(Param::new(VarInfo::of("w", &w).with_bits(1), w.shallow_clone()))?;
+/// assert_eq!(bop.flip_ratios()?, None); // no step yet
+/// // The moving average becomes the gradient; `w * m > 0` flips the first and last weights.
+/// bop.step_with_grads(&[Some(Tensor::from_slice(&[1.0f32, 1.0, -1.0, -1.0]))])?;
+/// let ratios = bop.flip_ratios()?.expect("a step was taken");
+/// assert_eq!(ratios.per_variable, vec![("w".to_string(), 0.5)]);
+/// assert_eq!((ratios.flipped, ratios.weights, ratios.total), (2, 4, 0.5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlipRatios {
+    /// Each variable's fraction (0 for a variable the last step did not update: it had no
+    /// gradient, or is frozen; 0 for an empty one), in rule order, then in the optimizer's
+    /// order.
+    pub per_variable: Vec<(String, f64)>,
+    /// Weights flipped in all of them.
+    pub flipped: u64,
+    /// Weights in all of them.
+    pub weights: u64,
+    /// `flipped / weights` (0 when there are no weights).
+    pub total: f64,
+}
+
+impl FlipRatios {
+    /// Adds one variable's count.
+    pub(crate) fn push(&mut self, name: &str, flipped: u64, weights: u64) {
+        self.per_variable.push((name.to_string(), ratio(flipped, weights)));
+        self.flipped += flipped;
+        self.weights += weights;
+        self.total = ratio(self.flipped, self.weights);
+    }
+
+    /// Adds another optimizer's variables, after these.
+    pub(crate) fn absorb(&mut self, other: FlipRatios) {
+        self.per_variable.extend(other.per_variable);
+        self.flipped += other.flipped;
+        self.weights += other.weights;
+        self.total = ratio(self.flipped, self.weights);
+    }
+
+    /// No variable yet.
+    pub(crate) fn empty() -> Self {
+        FlipRatios { per_variable: Vec::new(), flipped: 0, weights: 0, total: 0.0 }
+    }
+}
+
+/// `flipped / weights`, 0 for no weights.
+fn ratio(flipped: u64, weights: u64) -> f64 {
+    if weights == 0 {
+        0.0
+    } else {
+        flipped as f64 / weights as f64
+    }
+}
+
+/// One variable's flips in the last step.
+#[derive(Debug)]
+enum Count {
+    /// Counted by a fused pass.
+    Counted(u64),
+    /// A 0-dim int64 tensor on the variable's device, from the libtorch path: read only when
+    /// asked for, so that a CUDA step does not wait for the device.
+    Pending(Tensor),
+}
+
+/// The flips of a binary optimizer's last step, per variable.
+#[derive(Debug, Default)]
+pub(crate) struct FlipCounts {
+    counts: Vec<Count>,
+    /// Whether a step has been taken since the optimizer was built.
+    stepped: bool,
+}
+
+impl FlipCounts {
+    /// Starts a step over `len` variables: nothing flipped yet.
+    pub(crate) fn start(&mut self, len: usize) {
+        self.counts.clear();
+        self.counts.resize_with(len, || Count::Counted(0));
+        self.stepped = true;
+    }
+
+    /// Variable `index` flipped `n` weights (counted by a fused pass).
+    pub(crate) fn counted(&mut self, index: usize, n: usize) {
+        if let Some(c) = self.counts.get_mut(index) {
+            *c = Count::Counted(n as u64);
+        }
+    }
+
+    /// Variable `index` flipped as many weights as `count` holds (libtorch path).
+    pub(crate) fn pending(&mut self, index: usize, count: Tensor) {
+        if let Some(c) = self.counts.get_mut(index) {
+            *c = Count::Pending(count);
+        }
+    }
+
+    /// Each variable's count, in order; `None` before the first step.
+    pub(crate) fn read(&self) -> Result<Option<Vec<u64>>> {
+        if !self.stepped {
+            return Ok(None);
+        }
+        let counts = self
+            .counts
+            .iter()
+            .map(|c| match c {
+                Count::Counted(n) => Ok(*n),
+                Count::Pending(t) => {
+                    Ok(u64::try_from(t.f_to_kind(Kind::Int64)?.f_int64_value(&[])?).unwrap_or(0))
+                }
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(Some(counts))
+    }
+}
+
+/// How many weights change sign from `w` to `new` (`new` being the flip rule's +-1), as a
+/// 0-dim int64 tensor: a weight flips where `w * new < 0`, which for `new = +-1` is
+/// `(w < 0) != (new < 0)` (0 and NaN become +1, and count as not negative before either).
+pub(crate) fn count_flips(w: &Tensor, new: &Tensor) -> Result<Tensor> {
+    Ok(w.f_mul(new)?.f_lt(0.0)?.f_sum(Kind::Int64)?)
+}
