@@ -36,6 +36,8 @@ mod model;
 mod outputs;
 #[path = "mnist_bnn/plot.rs"]
 mod plot;
+#[path = "mnist_bnn/ranks.rs"]
+mod ranks;
 #[path = "mnist_bnn/recipe.rs"]
 mod recipe;
 #[path = "mnist_bnn/run_state.rs"]
@@ -44,6 +46,7 @@ mod run_state;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use caseopt::distributed::{DataParallel, Rendezvous};
 use caseopt::Router;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -108,6 +111,11 @@ struct Args {
     /// metrics of the epochs after the checkpoint's are replaced.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
+    /// Train data-parallel on N local processes (each takes its slice of every global batch
+    /// of `--batch-size`; use `--threads` for each process's threads). Under a launcher such as
+    /// torchrun, its `WORLD_SIZE`/`RANK`/`MASTER_ADDR`/`MASTER_PORT` decide instead.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    world_size: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -143,7 +151,16 @@ struct EpochStats {
 fn main() {
     let args = Args::parse();
     tune_runtime_environment(args.threads);
-    if let Err(e) = run(args) {
+    let result = ranks::role(args.world_size).and_then(|role| match role {
+        ranks::Role::Single => run(args, None),
+        ranks::Role::Launcher(world) => {
+            // Fetch and check the data once, before the ranks look for it.
+            data::locate(args.data.as_deref())?;
+            ranks::launch(world)
+        }
+        ranks::Role::Rank(rank, world) => run(args, Some((rank, world))),
+    });
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -196,10 +213,15 @@ fn tune_runtime_environment(threads: i32) {
     let _ = threads;
 }
 
-fn run(args: Args) -> Result<(), BoxError> {
+/// One run: a single process (`rank` `None`), or rank `rank.0` of `rank.1` (only rank 0
+/// prints, evaluates and writes).
+fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
     tch::set_num_threads(args.threads);
     tch::manual_seed(args.seed);
     let device = args.device.device()?;
+    let (rank, world) = rank.unwrap_or((0, 1));
+    let leader = rank == 0;
+    // Checked on every rank (the probes are per process); only rank 0 writes them.
     let outputs = outputs::prepare(&args.out, args.checkpoint.as_deref())?;
 
     let dir = data::locate(args.data.as_deref())?;
@@ -222,9 +244,25 @@ fn run(args: Args) -> Result<(), BoxError> {
     let net = model::Net::new(&vs.root(), ds.rows, ds.cols, ds.classes, args.recipe.kernel_init())?;
     let run_var = RunStateVar::register(&vs.root())?;
     let mut router = args.recipe.router(&vs)?;
+    let mut dp = match world {
+        1 => None,
+        _ => {
+            let group = Rendezvous::from_env()?.connect()?;
+            let dp = DataParallel::new(group, &vs)?;
+            dp.check_router(&*router)?;
+            Some(dp)
+        }
+    };
 
     let n_train = train_count(&ds, &args);
-    let steps_per_epoch = steps_per_epoch(n_train, args.batch_size);
+    if args.batch_size < 2 * world as i64 {
+        return Err(format!(
+            "--batch-size {} gives some of the {world} ranks fewer than 2 images (batch norm needs 2)",
+            args.batch_size
+        )
+        .into());
+    }
+    let steps_per_epoch = steps_per_epoch(n_train, args.batch_size, world);
     let precise_bn_batches = precise_bn_batches(&ds, &args);
     let mut state = RunState {
         epochs_done: 0,
@@ -235,13 +273,15 @@ fn run(args: Args) -> Result<(), BoxError> {
         seed: args.seed,
         data: ds.identity,
         recipe: args.recipe,
+        world_size: world as u32,
     };
 
     let mut train_curve = Vec::new();
     let mut test_curve = Vec::new();
     let mut precise_curve = Vec::new();
     let mut metrics = match &args.resume {
-        None => MetricsLog::create(&outputs.metrics)?,
+        None if !leader => None,
+        None => Some(MetricsLog::create(&outputs.metrics)?),
         Some(path) => {
             let saved = run_state::read_checkpoint(path)?;
             saved.check_resumable(path, &state, args.epochs)?;
@@ -255,33 +295,37 @@ fn run(args: Args) -> Result<(), BoxError> {
             let steps = router.step_counts().first().copied().unwrap_or(0);
             run_state::check_steps(path, &saved, steps, steps_per_epoch as u64)?;
             state.epochs_done = saved.epochs_done;
-            let (log, kept) = MetricsLog::resume(&outputs.metrics, saved.epochs_done)?;
-            let dropped = if kept.dropped > 0 {
-                format!(", {} line(s) of later or repeated epochs dropped", kept.dropped)
+            if !leader {
+                None
             } else {
-                String::new()
-            };
-            println!(
-                "resumed from {} after {} epoch(s); {} keeps {} of them{dropped}",
-                path.display(),
-                saved.epochs_done,
-                outputs.metrics.display(),
-                kept.records.len()
-            );
-            for r in &kept.records {
-                let at = f64::from(r.epoch);
-                train_curve.push(TrainPoint {
-                    epoch: at,
-                    loss: r.train_loss,
-                    acc: 100.0 * r.train_acc,
-                    flip_ratio: r.flip_ratio,
-                });
-                test_curve.push((at, 100.0 * r.test_acc));
-                if let Some(a) = r.test_acc_precise_bn {
-                    precise_curve.push((at, 100.0 * a));
+                let (log, kept) = MetricsLog::resume(&outputs.metrics, saved.epochs_done)?;
+                let dropped = if kept.dropped > 0 {
+                    format!(", {} line(s) of later or repeated epochs dropped", kept.dropped)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "resumed from {} after {} epoch(s); {} keeps {} of them{dropped}",
+                    path.display(),
+                    saved.epochs_done,
+                    outputs.metrics.display(),
+                    kept.records.len()
+                );
+                for r in &kept.records {
+                    let at = f64::from(r.epoch);
+                    train_curve.push(TrainPoint {
+                        epoch: at,
+                        loss: r.train_loss,
+                        acc: 100.0 * r.train_acc,
+                        flip_ratio: r.flip_ratio,
+                    });
+                    test_curve.push((at, 100.0 * r.test_acc));
+                    if let Some(a) = r.test_acc_precise_bn {
+                        precise_curve.push((at, 100.0 * a));
+                    }
                 }
+                Some(log)
             }
-            log
         }
     };
     let epochs_before = state.epochs_done;
@@ -290,14 +334,26 @@ fn run(args: Args) -> Result<(), BoxError> {
     let mut test_acc = 0.0;
     let mut precise_acc = None;
     for epoch in epochs_before + 1..=args.epochs {
-        let stats = train_epoch(&net, &mut *router, &ds, &args, n_train, epoch, &mut train_curve)?;
-        test_acc = evaluate(&net, &ds.test_images, &ds.test_labels)?;
+        let ctx = Ranked { dp: dp.as_mut(), rank, world };
+        let stats =
+            train_epoch(&net, &mut *router, ctx, &ds, &args, n_train, epoch, &mut train_curve)?;
+        if let Some(dp) = &dp {
+            // Each rank's batch norms followed its own slices: everyone takes rank 0's
+            // statistics (as DDP's buffer broadcast does), so the ranks stay identical.
+            dp.broadcast_variables()?;
+        }
+        // Every rank re-estimates (the same batches, so the same statistics); rank 0 reports.
+        test_acc = if leader { evaluate(&net, &ds.test_images, &ds.test_labels)? } else { 0.0 };
         precise_acc = if precise_bn_batches > 0 {
             recalibrate_batch_norms(&net, &ds, args.batch_size, precise_bn_batches)?;
-            Some(evaluate(&net, &ds.test_images, &ds.test_labels)?)
+            Some(if leader { evaluate(&net, &ds.test_images, &ds.test_labels)? } else { 0.0 })
         } else {
             None
         };
+        state.epochs_done = epoch;
+        // The other ranks are done with this epoch: rank 0 alone reports and writes (an
+        // unsharded run's checkpoint holds nothing they lack).
+        let Some(metrics) = metrics.as_mut() else { continue };
         total_train_seconds += stats.seconds;
         let precise_text =
             precise_acc.map_or(String::new(), |a| format!(" ({:.2}% with precise BN)", 100.0 * a));
@@ -327,13 +383,15 @@ fn run(args: Args) -> Result<(), BoxError> {
             precise_curve.push((f64::from(epoch), 100.0 * a));
         }
         plot::draw(&outputs.plot, &train_curve, &test_curve, &precise_curve)?;
-        state.epochs_done = epoch;
         if let Some(path) = &args.checkpoint {
             run_var.set(&state)?;
             caseopt::save_training(path, &vs, &*router)?;
         }
     }
     let trained_epochs = state.epochs_done - epochs_before;
+    if !leader {
+        return Ok(());
+    }
 
     let checks = caseopt::bnn::binary_kernel_checks(&vs)?;
     let weights: i64 = checks.iter().map(|c| c.numel).sum();
@@ -408,11 +466,11 @@ fn train_count(ds: &data::Dataset, args: &Args) -> i64 {
     ds.train_images.size()[0].min(args.train_images.unwrap_or(i64::MAX))
 }
 
-/// Optimizer steps in an epoch of `n` images. The last batch may be smaller, but not a single
-/// image: batch norm cannot compute a variance from one sample per channel, so such a straggler
-/// is left out.
-fn steps_per_epoch(n: i64, batch_size: i64) -> i64 {
-    n / batch_size + i64::from(n % batch_size >= 2)
+/// Optimizer steps in an epoch of `n` images split over `world` ranks. The last batch may be
+/// smaller, but must give every rank two images: batch norm cannot compute a variance from one
+/// sample per channel, so a smaller straggler is left out.
+fn steps_per_epoch(n: i64, batch_size: i64, world: usize) -> i64 {
+    n / batch_size + i64::from(n % batch_size >= 2 * world as i64)
 }
 
 /// The batches precise BN will use: `--precise-bn-batches`, but no more full batches than the
@@ -436,17 +494,26 @@ fn epoch_order(n: i64, device: Device) -> Result<Tensor, tch::TchError> {
     Tensor::f_randperm(n, (Kind::Int64, device))
 }
 
+/// This process's part in a data-parallel run (`dp` `None` when alone).
+struct Ranked<'a> {
+    dp: Option<&'a mut DataParallel>,
+    rank: usize,
+    world: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn train_epoch(
     net: &model::Net,
     router: &mut dyn Router,
+    mut ctx: Ranked<'_>,
     ds: &data::Dataset,
     args: &Args,
     n: i64,
     epoch: u32,
     curve: &mut Vec<TrainPoint>,
 ) -> Result<EpochStats, BoxError> {
-    let steps = steps_per_epoch(n, args.batch_size);
-    let bar = ProgressBar::new(steps as u64);
+    let steps = steps_per_epoch(n, args.batch_size, ctx.world);
+    let bar = if ctx.rank == 0 { ProgressBar::new(steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(
             "epoch {prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
@@ -468,12 +535,17 @@ fn train_epoch(
             step * args.batch_size,
             args.batch_size.min(n - step * args.batch_size),
         )?;
+        // This rank's slice of the global batch (all of it when alone).
+        let idx = ranks::slice(&idx, ctx.rank, ctx.world)?;
         let x = ds.train_images.f_index_select(0, &idx)?;
         let y = ds.train_labels.f_index_select(0, &idx)?;
         let logits = net.f_forward_t(&x, true)?;
         // Sparse categorical cross-entropy on the softmax of the logits, as larq's example.
         let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
-        router.backward_step(&loss)?;
+        match ctx.dp.as_deref_mut() {
+            Some(dp) => dp.backward_step(router, &loss)?,
+            None => router.backward_step(&loss)?,
+        }
 
         let batch = y.size()[0];
         loss_sum += loss.f_double_value(&[])? * batch as f64;
@@ -499,6 +571,13 @@ fn train_epoch(
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    if let Some(dp) = &ctx.dp {
+        // The epoch's figures over every rank's slices.
+        let totals = Tensor::from_slice(&[loss_sum, correct as f64, seen as f64]);
+        dp.group().all_reduce_sum(&[totals.shallow_clone()])?;
+        let totals = Vec::<f64>::try_from(&totals)?;
+        (loss_sum, correct, seen) = (totals[0], totals[1] as i64, totals[2] as i64);
+    }
     Ok(EpochStats {
         loss: loss_sum / seen as f64,
         acc: correct as f64 / seen as f64,

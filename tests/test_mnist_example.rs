@@ -3,11 +3,12 @@
 //! a resumed run gives the same bits as an uninterrupted one (with Bop, and with the
 //! latent-weight recipe, whose clip is configuration and not in the checkpoint),
 //! `metrics.jsonl` holds each epoch once (with Bop's flip ratio), resuming with other settings,
-//! data or recipe is refused by name, and bad output paths fail before training.
+//! data, recipe or world size is refused by name, bad output paths fail before training, and
+//! `--world-size 2` trains data-parallel on two processes and resumes bit for bit.
 //!
 //! The example binary is the one `cargo test` builds next to this test
-//! (`target/<profile>/examples/mnist_bnn`). The IDX reader's own tests (malformed files) run here
-//! too, through the module included below.
+//! (`target/<profile>/examples/mnist_bnn`). The IDX reader's own tests (malformed files) and
+//! the rank slicing's run here too, through the modules included below.
 
 use std::fs;
 use std::io::Write;
@@ -17,6 +18,10 @@ use std::process::{Command, Output};
 #[allow(dead_code)]
 #[path = "../examples/mnist_bnn/idx.rs"]
 mod idx;
+// For its unit tests (how a global batch is sliced over the ranks).
+#[allow(dead_code)]
+#[path = "../examples/mnist_bnn/ranks.rs"]
+mod ranks;
 
 const SIDE: u32 = 20;
 const CLASSES: u8 = 3;
@@ -328,6 +333,41 @@ fn the_latent_weight_recipe_trains_clipped_kernels_and_resumes_bit_identically()
     let (_, stderr) =
         fails(run(&data, &["--epochs", "2", "--out", s(&part_out), "--resume", s(&full_ck)]));
     assert!(stderr.contains("`--recipe` differs"), "{stderr}");
+}
+
+#[test]
+fn two_ranks_train_data_parallel_and_resume_bit_identically() {
+    let scratch = Scratch::new_named("ranks");
+    let dir = &scratch.0;
+    let data = dir.join("data");
+    write_data_set(&data, 9);
+    let two = ["--world-size", "2"];
+    let (full_out, full_ck) = (dir.join("full"), dir.join("full.safetensors"));
+    let mut args = vec!["--epochs", "2", "--out", s(&full_out), "--checkpoint", s(&full_ck)];
+    args.extend_from_slice(&two);
+    let stdout = succeeds(run(&data, &args));
+    // Rank 0 alone reports: one line per epoch, one metrics line per epoch.
+    assert!(stdout.contains("starting 2 ranks"), "{stdout}");
+    assert_eq!(stdout.matches("epoch 2/2:").count(), 1, "{stdout}");
+    let lines = metrics(&full_out);
+    assert_eq!(lines.len(), 2);
+    assert!(f64::from_bits(lines[1].2) > 0.6, "test accuracy {}", f64::from_bits(lines[1].2));
+
+    let (part_out, part_ck) = (dir.join("part"), dir.join("part.safetensors"));
+    let mut args = vec!["--epochs", "1", "--out", s(&part_out), "--checkpoint", s(&part_ck)];
+    args.extend_from_slice(&two);
+    succeeds(run(&data, &args));
+    let mut args = vec!["--epochs", "2", "--out", s(&part_out), "--checkpoint", s(&part_ck)];
+    args.extend_from_slice(&two);
+    args.extend_from_slice(&["--resume", s(&part_ck)]);
+    succeeds(run(&data, &args));
+    assert_eq!(fs::read(&part_ck).unwrap(), fs::read(&full_ck).unwrap(), "checkpoints differ");
+    assert_eq!(metrics(&part_out), metrics(&full_out));
+
+    // One process cannot continue a two-rank run bit for bit: refused by name.
+    let (_, stderr) =
+        fails(run(&data, &["--epochs", "3", "--out", s(&part_out), "--resume", s(&full_ck)]));
+    assert!(stderr.contains("`--world-size` differs"), "{stderr}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use tch::Tensor;
 
-use crate::BoxError;
+type BoxError = Box<dyn std::error::Error>;
 
 /// What this process is in a run.
 pub enum Role {
@@ -28,7 +28,8 @@ pub enum Role {
 pub fn role(world_size: u32) -> Result<Role, BoxError> {
     let var = |name: &str| std::env::var(name).ok();
     if let (Some(world), Some(rank)) = (var("WORLD_SIZE"), var("RANK")) {
-        let world: usize = world.parse().map_err(|_| format!("WORLD_SIZE={world} is not a number"))?;
+        let world: usize =
+            world.parse().map_err(|_| format!("WORLD_SIZE={world} is not a number"))?;
         let rank: usize = rank.parse().map_err(|_| format!("RANK={rank} is not a number"))?;
         if world_size > 1 && world != world_size as usize {
             return Err(format!(

@@ -22,10 +22,11 @@ use crate::recipe::Recipe;
 
 /// The variable's name in the `VarStore` (and `model/run.state` in the checkpoint file).
 pub const VARIABLE: &str = "run.state";
-/// Bumped whenever the layout of the stored integers changes (2: the recipe was added).
-const LAYOUT_VERSION: i64 = 2;
-/// Number of stored integers: the layout version and the eight fields of [`RunState`].
-const LEN: usize = 9;
+/// Bumped whenever the layout of the stored integers changes (2: the recipe was added; 3: the
+/// world size).
+const LAYOUT_VERSION: i64 = 3;
+/// Number of stored integers: the layout version and the nine fields of [`RunState`].
+const LEN: usize = 10;
 
 /// The settings a run's results depend on, and how far it got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,9 @@ pub struct RunState {
     pub data: u64,
     /// How the binary kernels are trained (`--recipe`).
     pub recipe: Recipe,
+    /// Processes the global batches are split over (`--world-size`): each rank's batch norms
+    /// see its own slice, so another split trains differently.
+    pub world_size: u32,
 }
 
 /// Why a run cannot resume from a checkpoint.
@@ -106,11 +110,12 @@ impl RunState {
             // The bit pattern: an i64 holds every u64 hash exactly.
             self.data as i64,
             self.recipe.code(),
+            i64::from(self.world_size),
         ]
     }
 
     fn from_values(v: &[i64]) -> Result<RunState, String> {
-        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data, recipe] =
+        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data, recipe, world] =
             v
         else {
             return Err(format!("{} integers, expected {LEN}", v.len()));
@@ -122,6 +127,7 @@ impl RunState {
             u32::try_from(epochs_done).map_err(|_| format!("epoch count {epochs_done}"))?;
         let classes = u32::try_from(classes).map_err(|_| format!("class count {classes}"))?;
         let recipe = Recipe::from_code(recipe).ok_or_else(|| format!("recipe code {recipe}"))?;
+        let world_size = u32::try_from(world).map_err(|_| format!("world size {world}"))?;
         Ok(RunState {
             epochs_done,
             batch_size,
@@ -131,6 +137,7 @@ impl RunState {
             seed,
             data: data as u64,
             recipe,
+            world_size,
         })
     }
 
@@ -150,6 +157,8 @@ impl RunState {
         };
         let (a, b) = (self.recipe, now.recipe);
         differ("--recipe", a == b, a.name().to_string(), b.name().to_string());
+        let (a, b) = (self.world_size, now.world_size);
+        differ("--world-size", a == b, a.to_string(), b.to_string());
         let hash = |h: u64| format!("data with FNV-1a {h:#018x}");
         differ("--data", self.data == now.data, hash(self.data), hash(now.data));
         let (a, b) = (self.classes, now.classes);
@@ -261,6 +270,7 @@ mod tests {
             seed: -42,
             data: 0xfedc_ba98_7654_3210,
             recipe: Recipe::LatentAdam,
+            world_size: 2,
         }
     }
 
@@ -277,8 +287,14 @@ mod tests {
     #[test]
     fn every_differing_setting_is_named() {
         let saved = state();
-        let now =
-            RunState { batch_size: 32, seed: 7, epochs_done: 0, recipe: Recipe::Bop, ..saved };
+        let now = RunState {
+            batch_size: 32,
+            seed: 7,
+            epochs_done: 0,
+            recipe: Recipe::Bop,
+            world_size: 1,
+            ..saved
+        };
         let e = saved.check_resumable(Path::new("ck"), &now, 3).unwrap_err();
         let text = e.to_string();
         assert!(
@@ -291,6 +307,7 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(text.contains("`--world-size` differs: the checkpoint's run had 2, this run has 1"));
         assert!(!text.contains("--data"), "{text}");
         let e = saved.check_resumable(Path::new("ck"), &RunState { epochs_done: 0, ..saved }, 1);
         assert!(matches!(e, Err(ResumeError::EpochsBelow { done: 2, epochs: 1, .. })));
