@@ -1,7 +1,12 @@
 //! The optimizers' kernels: their hyperparameters for one step, in `f64`, rounded to the
-//! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`].
+//! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`]
+//! with the rounding of `a + b * c` ATen's CPU kernels use ([`CpuCapability::contracts`]).
 
-use super::math::{self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Decay, Real};
+use super::aten::{self, CpuCapability};
+use super::math::{
+    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Contraction, CorrectSqrt, Decay, Fused,
+    Real, Separate,
+};
 use super::{Kernel, MAX_STATES};
 
 /// Bop with one step's hyperparameters. State: `m`.
@@ -78,6 +83,15 @@ impl AdamKernel {
         [self.lr / bias_correction1, bias_correction2.powf(0.5)]
     }
 
+    /// The Adam loop with `C`'s rounding and ATen's square root.
+    #[inline(always)]
+    fn adam<T: Real, C: Contraction>(&self, x: AdamSlices<'_, T>, s: AdamScalars<T>) {
+        match aten::vml_sqrt::<T>() {
+            Some(vml) => math::adam::<T, C, _>(x, s, self.decay(), self.amsgrad, vml),
+            None => math::adam::<T, C, _>(x, s, self.decay(), self.amsgrad, CorrectSqrt),
+        }
+    }
+
     fn decay(&self) -> Decay {
         match (self.weight_decay != 0.0, self.decoupled) {
             (false, _) => Decay::None,
@@ -109,7 +123,14 @@ impl Kernel for AdamKernel {
             decay_factor: T::from_f64(1.0 - self.lr * self.weight_decay),
             grad_sign: if self.maximize { -T::ONE } else { T::ONE },
         };
-        math::adam(AdamSlices { p, g, m, v, max_v }, s, self.decay(), self.amsgrad);
+        let x = AdamSlices { p, g, m, v, max_v };
+        // Round as ATen's own kernels round on this CPU, so that the fused step gives
+        // torch.optim's bits.
+        if CpuCapability::get().contracts() {
+            self.adam::<T, Fused>(x, s);
+        } else {
+            self.adam::<T, Separate>(x, s);
+        }
     }
 }
 
