@@ -78,7 +78,7 @@ pub fn fixture_rounding(meta: &Value) -> Rounding {
 /// on elements whose correctly rounded root MKL's misses.
 pub fn running_rounding() -> Rounding {
     let n = 4096;
-    let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7071).sin()).collect();
+    let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.6180).sin()).collect();
     let b: Vec<f32> = (0..n).map(|i| (i as f32 * 1.618).cos()).collect();
     let w = 0.1f32;
     let got = Vec::<f32>::try_from(Tensor::from_slice(&a).lerp(&Tensor::from_slice(&b), w as f64))
