@@ -18,9 +18,10 @@ pub(crate) enum Isa {
     /// AVX2 and FMA (x86-64): the same arithmetic, eight f32 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX-512 (x86-64-v4: F, VL, BW, DQ, and FMA): the same arithmetic, sixteen f32 lanes. ATen's own
-    /// CPU kernels run this way where the processor has it; on the 2-core AMD EPYC benchmark VM
-    /// it streams Adam's five operands faster than AVX2 (see the README's Performance section).
+    /// AVX-512 (x86-64-v4: F, VL, BW, DQ; and FMA): the same arithmetic, sixteen f32 lanes.
+    /// ATen's own CPU kernels run this way where the processor has it; on the 2-core AMD EPYC
+    /// benchmark VM it streams Adam's five operands faster than AVX2 (see the README's
+    /// Performance section).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
