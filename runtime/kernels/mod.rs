@@ -30,10 +30,10 @@
 //! aliases its parameter, ...) is reported back as [`Unfit`] and the optimizer uses its libtorch
 //! ops instead, or fails when the fused path was forced.
 //!
-//! Without the `fused` cargo feature none of that is compiled (but [`aten`]): [`unfused`] stands in with the
-//! same crate-internal API, refusing every variable ([`Unfit::NotBuilt`]) and scanning no
-//! gradient, so that every optimizer and the router take their libtorch paths, and metadata is
-//! read through tch's accessors.
+//! Without the `fused` cargo feature none of that is compiled but [`aten`]: [`unfused`] stands
+//! in with the same crate-internal API, refusing every variable ([`Unfit::NotBuilt`]) and
+//! scanning no gradient, so that every optimizer and the router take their libtorch paths, and
+//! metadata is read through tch's accessors.
 //!
 //! Writes go straight to the tensors' memory, which ATen does not see; so once a pass has
 //! written, it bumps the version counter of every tensor it wrote ([`version`]), as the in-place

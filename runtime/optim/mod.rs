@@ -47,10 +47,11 @@ use crate::var::Param;
 /// How an optimizer computes its updates. Every built-in optimizer has `set_backend` and
 /// `backend` ([`Execution`]); the choice belongs to that optimizer alone.
 ///
-/// On an x86-64 CPU both backends give torch.optim's results bit for bit, as ATen rounds them on
-/// that CPU (Bop and Bop2ndOrder larq's; docs/parity.md says how); they differ in speed. The fused kernels read and write each
-/// element once, batch all of an optimizer's variables into one pass split across threads,
-/// and allocate nothing per step; the libtorch path issues one ATen op per term and tensor.
+/// On an x86-64 CPU both backends give torch.optim's results bit for bit, as ATen rounds them
+/// on that CPU (Bop and Bop2ndOrder larq's; docs/parity.md says how); they differ in speed. The
+/// fused kernels read and write each element once, batch all of an optimizer's variables into
+/// one pass split across threads, and allocate nothing per step; the libtorch path issues one
+/// ATen op per term and tensor.
 ///
 /// ```
 /// use caseopt::{Backend, Bop, Execution, Optimizer, Param, VarInfo};
