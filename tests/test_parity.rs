@@ -28,46 +28,91 @@ use caseopt::{
     Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Execution, Optimizer, Param, VarInfo,
 };
 use parity_support::{
-    fixture_rounding, fixtures, run_parity_values, running_rounding, Parity, FUSED,
+    fixture_rounding, fixtures, run_parity_values, running_rounding, Parity, FUSED, FUSED_SQRT,
 };
 use tch::{Device, Tensor};
 
-/// The tolerance for `dtype`: 0 where the running libtorch rounds as the fixtures' did.
-fn tolerance(dtype: &str) -> f64 {
-    let (meta, _) = fixtures();
-    let (made, running) = (fixture_rounding(&meta), running_rounding());
-    if made == running {
-        return 0.0;
+/// How far from the fixtures a value may be, per optimizer, scaled by max(|fixture|, 1): 0 where
+/// the path computes what torch.optim computes on a libtorch that rounds as the fixtures' did.
+struct Tolerance {
+    dtype: &'static str,
+    /// The running libtorch rounds as the fixtures' did.
+    same_rounding: bool,
+    /// Its `sqrt` is MKL's, which the fused kernels do not reproduce.
+    mkl_sqrt: bool,
+}
+
+impl Tolerance {
+    fn new(dtype: &'static str) -> Self {
+        let (meta, _) = fixtures();
+        let (made, running) = (fixture_rounding(&meta), running_rounding());
+        if made != running {
+            println!(
+                "this libtorch rounds as {running:?}, the fixtures' as {made:?}: torch.optim's own \
+                 results differ from them, so they are compared within 1e-12 (f64) or 1e-6 (f32), \
+                 and the paths with each other bit for bit"
+            );
+        }
+        Tolerance { dtype, same_rounding: made == running, mkl_sqrt: running.mkl_sqrt }
     }
-    println!(
-        "this libtorch rounds as {running:?}, the fixtures' as {made:?}: comparing them within a \
-         tolerance, and the paths with each other bit for bit"
-    );
-    if dtype == "f64" {
-        1e-12
-    } else {
-        1e-6
+
+    /// Whether `optimizer` on `backend` computes torch.optim's own bits on this libtorch.
+    fn exact_path(&self, optimizer: &str, backend: Backend) -> bool {
+        // `Auto` takes the fused kernels for Adam and AdamW on the CPU.
+        backend == Backend::Torch || !(self.mkl_sqrt && FUSED_SQRT.contains(&optimizer))
+    }
+
+    fn of(&self, optimizer: &str, backend: Backend) -> f64 {
+        let f64 = self.dtype == "f64";
+        if !self.same_rounding {
+            return if f64 { 1e-12 } else { 1e-6 };
+        }
+        if self.exact_path(optimizer, backend) {
+            return 0.0;
+        }
+        // MKL's root is one ulp off the correctly rounded one for 16.6% of f32 and 1.2% of f64
+        // elements (tests/fixtures/aten_rounding.py); through the denominator it moves the
+        // update by an ulp or two of max(|p|, 1): measured 2 at most (docs/parity.md), allowed 4.
+        4.0 * if f64 { f64::EPSILON } else { f32::EPSILON as f64 }
     }
 }
 
-fn check(dtype: &str, backend: Backend) -> Parity {
-    let parity = run_parity_values(dtype, tolerance(dtype), backend, Device::Cpu);
+fn check(dtype: &'static str, backend: Backend) -> Parity {
+    let tol = Tolerance::new(dtype);
+    let parity = run_parity_values(dtype, &|o| tol.of(o, backend), backend, Device::Cpu);
     let expected = if backend == Backend::Fused { FUSED.len() } else { 9 };
     assert_eq!(parity.worst.len(), expected, "every optimizer is covered: {:?}", parity.worst);
     assert_eq!(parity.worst["Bop"], 0.0);
     assert_eq!(parity.worst["Bop2ndOrder"], 0.0);
+    for (optimizer, err) in &parity.worst {
+        if !tol.exact_path(optimizer, backend) {
+            println!(
+                "{dtype} {backend:?} {optimizer}: not exact, MKL's sqrt (see docs/parity.md): \
+                 {err:.3e} scaled, {} ulp",
+                parity.ulps[optimizer]
+            );
+        }
+    }
     parity
 }
 
-/// `ours` computed every value `reference` did, to the bit.
-fn same_bits(ours: &Parity, reference: &Parity, what: &str) {
+/// `ours` computed every value `reference` did, to the bit, but where `ours` is not an exact
+/// path on this libtorch.
+fn same_bits(ours: &Parity, reference: &Parity, backend: Backend, dtype: &'static str) {
+    let tol = Tolerance::new(dtype);
     let mut differ = Vec::new();
     for (key, value) in &ours.values {
-        if !value.equal(&reference.values[key]) {
+        let optimizer = key.split('/').next().unwrap();
+        if tol.exact_path(optimizer, backend) && !value.equal(&reference.values[key]) {
             differ.push(key.clone());
         }
     }
-    assert!(differ.is_empty(), "{what}: {} values differ, first {:?}", differ.len(), &differ[..1]);
+    assert!(
+        differ.is_empty(),
+        "{backend:?}: {} values differ, first {:?}",
+        differ.len(),
+        &differ[..1]
+    );
 }
 
 #[test]
@@ -83,23 +128,23 @@ fn parity_f32_torch_to_the_bit() {
 #[cfg(feature = "fused")]
 #[test]
 fn parity_f64_fused_to_the_bit_and_equal_to_torch() {
-    same_bits(&check("f64", Backend::Fused), &check("f64", Backend::Torch), "fused vs torch");
+    same_bits(&check("f64", Backend::Fused), &check("f64", Backend::Torch), Backend::Fused, "f64");
 }
 
 #[cfg(feature = "fused")]
 #[test]
 fn parity_f32_fused_to_the_bit_and_equal_to_torch() {
-    same_bits(&check("f32", Backend::Fused), &check("f32", Backend::Torch), "fused vs torch");
+    same_bits(&check("f32", Backend::Fused), &check("f32", Backend::Torch), Backend::Fused, "f32");
 }
 
 #[test]
 fn parity_f64_auto_to_the_bit_and_equal_to_torch() {
-    same_bits(&check("f64", Backend::Auto), &check("f64", Backend::Torch), "auto vs torch");
+    same_bits(&check("f64", Backend::Auto), &check("f64", Backend::Torch), Backend::Auto, "f64");
 }
 
 #[test]
 fn parity_f32_auto_to_the_bit_and_equal_to_torch() {
-    same_bits(&check("f32", Backend::Auto), &check("f32", Backend::Torch), "auto vs torch");
+    same_bits(&check("f32", Backend::Auto), &check("f32", Backend::Torch), Backend::Auto, "f32");
 }
 
 /// The fixtures cover what the bit-for-bit claim is about: every torch.optim-family optimizer

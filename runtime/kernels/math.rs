@@ -35,8 +35,6 @@ pub trait Real:
     const ZERO: Self;
     /// 1.
     const ONE: Self;
-    /// Width in bits (32 or 64).
-    const BITS: u32;
     /// `v` rounded to this type (round to nearest, as C++'s `static_cast` and ATen's
     /// `Scalar::to<T>()` do).
     fn from_f64(v: f64) -> Self;
@@ -52,7 +50,6 @@ pub trait Real:
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const BITS: u32 = 32;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -74,7 +71,6 @@ impl Real for f32 {
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const BITS: u32 = 64;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -121,27 +117,6 @@ impl Contraction for Separate {
     #[inline(always)]
     fn madd<T: Real>(a: T, b: T, c: T) -> T {
         a * b + c
-    }
-}
-
-/// How ATen's CPU `sqrt` computes a contiguous run: with MKL's vector square root where libtorch
-/// has MKL ([`VmlSqrt`](super::aten::VmlSqrt): one ulp off the correctly rounded root in about
-/// 18% of f32 elements), else correctly rounded ([`CorrectSqrt`]).
-pub(crate) trait BlockSqrt<T>: Copy {
-    /// Replaces each element of `x` by its square root.
-    fn sqrt_block(self, x: &mut [T]);
-}
-
-/// The correctly rounded square root, as ATen's vectorised `sqrt` without MKL.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CorrectSqrt;
-
-impl<T: Real> BlockSqrt<T> for CorrectSqrt {
-    #[inline(always)]
-    fn sqrt_block(self, x: &mut [T]) {
-        for e in x {
-            *e = e.sqrt();
-        }
     }
 }
 
@@ -375,12 +350,11 @@ pub(crate) struct AdamSlices<'a, T> {
 /// The configuration flags pick one of twelve monomorphic loops, so that none of them branches
 /// per element.
 #[inline(always)]
-pub(crate) fn adam<T: Real, C: Contraction, S: BlockSqrt<T>>(
+pub(crate) fn adam<T: Real, C: Contraction>(
     x: AdamSlices<'_, T>,
     s: AdamScalars<T>,
     decay: Decay,
     amsgrad: bool,
-    sqrt: S,
 ) {
     // ATen's lerp: weight < 0.5 ? a + w * (b - a) : b + (w - 1) * (b - a) (its vector form;
     // the scalar `b - (b - a) * (1 - w)` is the same, `1 - w` and `w - 1` rounding alike).
@@ -389,11 +363,9 @@ pub(crate) fn adam<T: Real, C: Contraction, S: BlockSqrt<T>>(
     macro_rules! go {
         ($decay:expr, $ams:expr) => {
             if small {
-                let lerp = |m, g| C::madd(s.lerp_weight, g - m, m);
-                adam_loop::<T, C, S>(x, s, $decay, $ams, lerp, sqrt)
+                adam_loop::<T, C>(x, s, $decay, $ams, |m, g| C::madd(s.lerp_weight, g - m, m))
             } else {
-                let lerp = |m, g| C::madd(w_minus_one, g - m, g);
-                adam_loop::<T, C, S>(x, s, $decay, $ams, lerp, sqrt)
+                adam_loop::<T, C>(x, s, $decay, $ams, |m, g| C::madd(w_minus_one, g - m, g))
             }
         };
     }
@@ -420,60 +392,44 @@ impl<T: Real> HalfCheck for T {
     }
 }
 
-/// Elements of one block of [`adam_loop`]: its square roots taken in one call, their inputs and
-/// outputs staying in L1 (2 KiB of f64).
-const SQRT_BLOCK: usize = 256;
-
 #[inline(always)]
-fn adam_loop<T: Real, C: Contraction, S: BlockSqrt<T>>(
+fn adam_loop<T: Real, C: Contraction>(
     x: AdamSlices<'_, T>,
     s: AdamScalars<T>,
     decay: Decay,
     amsgrad: bool,
     lerp: impl Fn(T, T) -> T,
-    sqrt: S,
 ) {
     let n = x.p.len();
     let (p, g, m, v) = (x.p, &x.g[..n], &mut x.m[..n], &mut x.v[..n]);
     let max_v = if amsgrad { &mut x.max_v[..n] } else { &mut x.max_v[..0] };
-    let mut roots = [T::ZERO; SQRT_BLOCK];
-    let mut start = 0;
-    while start < n {
-        let end = n.min(start + SQRT_BLOCK);
-        let len = end - start;
-        let (p, g, m, v) =
-            (&mut p[start..end], &g[start..end], &mut m[start..end], &mut v[start..end]);
-        let max_v = if amsgrad { &mut max_v[start..end] } else { &mut max_v[..0] };
-        let roots = &mut roots[..len];
-        // The moments, and the decayed parameter, up to the square root.
-        for i in 0..len {
-            let mut gi = g[i] * s.grad_sign;
-            match decay {
-                Decay::None => {}
-                Decay::L2 => gi = C::madd(s.weight_decay, p[i], gi),
-                Decay::Decoupled => p[i] = p[i] * s.decay_factor,
-            }
-            let mi = lerp(m[i], gi);
-            let vi = C::madd(s.one_minus_beta2 * gi, gi, v[i] * s.beta2);
-            m[i] = mi;
-            v[i] = vi;
-            roots[i] = if amsgrad {
-                // torch.maximum propagates NaN.
-                let old = max_v[i];
-                let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
-                max_v[i] = mx;
-                mx
-            } else {
-                vi
-            };
+    for i in 0..n {
+        let mut pi = p[i];
+        let mut gi = g[i] * s.grad_sign;
+        match decay {
+            Decay::None => {}
+            Decay::L2 => gi = C::madd(s.weight_decay, pi, gi),
+            Decay::Decoupled => pi = pi * s.decay_factor,
         }
-        sqrt.sqrt_block(roots);
+        let mi = lerp(m[i], gi);
+        let vi = C::madd(s.one_minus_beta2 * gi, gi, v[i] * s.beta2);
+        m[i] = mi;
+        v[i] = vi;
+        let second = if amsgrad {
+            // torch.maximum propagates NaN.
+            let old = max_v[i];
+            let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
+            max_v[i] = mx;
+            mx
+        } else {
+            vi
+        };
+        // The correctly rounded root. ATen's `sqrt` is MKL's on libtorch builds with MKL (one ulp
+        // off it in some elements); calling MKL here made the step 2-3 times slower
+        // (docs/parity.md), so the fused kernels differ from torch.optim there.
+        let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
         // addcdiv: (value * m) / denom, then added.
-        for i in 0..len {
-            let denom = roots[i] / s.bias_correction2_sqrt + s.eps;
-            p[i] = p[i] + s.neg_step_size * m[i] / denom;
-        }
-        start = end;
+        p[i] = pi + s.neg_step_size * mi / denom;
     }
 }
 
@@ -577,7 +533,7 @@ mod tests {
         let (mut m, mut v) = ([0.0; 3], [0.0; 3]);
         let x =
             AdamSlices { p: &mut p, g: &[1.0, -1.0, 0.0], m: &mut m, v: &mut v, max_v: &mut [] };
-        adam::<_, Separate, _>(x, scalars(0.1), Decay::None, false, CorrectSqrt);
+        adam::<_, Separate>(x, scalars(0.1), Decay::None, false);
         assert!((p[0] - 0.9).abs() < 1e-7 && (p[1] - 1.1).abs() < 1e-7 && p[2] == 1.0, "{p:?}");
     }
 
@@ -587,7 +543,7 @@ mod tests {
             let mut m = [0.25f64];
             let (mut p, mut v) = ([0.0], [0.0]);
             let x = AdamSlices { p: &mut p, g: &[1.0], m: &mut m, v: &mut v, max_v: &mut [] };
-            adam::<_, Fused, _>(x, scalars(w), Decay::None, false, CorrectSqrt);
+            adam::<_, Fused>(x, scalars(w), Decay::None, false);
             assert!((m[0] - (0.25 + w * 0.75)).abs() < 1e-15);
         }
     }
@@ -598,12 +554,11 @@ mod tests {
             let mut p = [2.0f64];
             let (mut m, mut v, mut mx) = ([0.0], [0.0], [max0]);
             let max_v: &mut [f64] = if amsgrad { &mut mx } else { &mut [] };
-            adam::<_, Separate, _>(
+            adam::<_, Separate>(
                 AdamSlices { p: &mut p, g: &[1.0], m: &mut m, v: &mut v, max_v },
                 scalars(0.1),
                 decay,
                 amsgrad,
-                CorrectSqrt,
             );
             (p[0], m[0], mx[0])
         };
@@ -651,9 +606,9 @@ mod tests {
                 let (mut p, mut mm, mut vv) = ([p0], [m0], [v0]);
                 let x = AdamSlices { p: &mut p, g: &[g0], m: &mut mm, v: &mut vv, max_v: &mut [] };
                 if fused {
-                    adam::<f32, Fused, _>(x, s, Decay::L2, false, CorrectSqrt);
+                    adam::<f32, Fused>(x, s, Decay::L2, false);
                 } else {
-                    adam::<f32, Separate, _>(x, s, Decay::L2, false, CorrectSqrt);
+                    adam::<f32, Separate>(x, s, Decay::L2, false);
                 }
                 (mm[0], vv[0])
             };

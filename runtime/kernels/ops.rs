@@ -2,10 +2,9 @@
 //! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`]
 //! with the rounding of `a + b * c` ATen's CPU kernels use ([`CpuCapability::contracts`]).
 
-use super::aten::{self, CpuCapability};
+use super::aten::CpuCapability;
 use super::math::{
-    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Contraction, CorrectSqrt, Decay, Fused,
-    Real, Separate,
+    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Decay, Fused, Real, Separate,
 };
 use super::{Kernel, MAX_STATES};
 
@@ -83,15 +82,6 @@ impl AdamKernel {
         [self.lr / bias_correction1, bias_correction2.powf(0.5)]
     }
 
-    /// The Adam loop with `C`'s rounding and ATen's square root.
-    #[inline(always)]
-    fn adam<T: Real, C: Contraction>(&self, x: AdamSlices<'_, T>, s: AdamScalars<T>) {
-        match aten::vml_sqrt::<T>() {
-            Some(vml) => math::adam::<T, C, _>(x, s, self.decay(), self.amsgrad, vml),
-            None => math::adam::<T, C, _>(x, s, self.decay(), self.amsgrad, CorrectSqrt),
-        }
-    }
-
     fn decay(&self) -> Decay {
         match (self.weight_decay != 0.0, self.decoupled) {
             (false, _) => Decay::None,
@@ -127,9 +117,9 @@ impl Kernel for AdamKernel {
         // Round as ATen's own kernels round on this CPU, so that the fused step gives
         // torch.optim's bits.
         if CpuCapability::get().contracts() {
-            self.adam::<T, Fused>(x, s);
+            math::adam::<T, Fused>(x, s, self.decay(), self.amsgrad);
         } else {
-            self.adam::<T, Separate>(x, s);
+            math::adam::<T, Separate>(x, s, self.decay(), self.amsgrad);
         }
     }
 }
