@@ -47,8 +47,9 @@ use crate::var::Param;
 /// How an optimizer computes its updates. Every built-in optimizer has `set_backend` and
 /// `backend` ([`Execution`]); the choice belongs to that optimizer alone.
 ///
-/// On an x86-64 CPU both backends give torch.optim's results bit for bit, as ATen rounds them
-/// on that CPU (Bop and Bop2ndOrder larq's; docs/parity.md says how); they differ in speed. The
+/// On an x86-64 CPU the libtorch path gives torch.optim's results bit for bit, and so do the
+/// fused kernels but for Adam/AdamW's square root (correctly rounded, where ATen's is MKL's: an
+/// ulp or two); Bop and Bop2ndOrder give larq's (docs/parity.md). They differ in speed. The
 /// fused kernels read and write each element once, batch all of an optimizer's variables into
 /// one pass split across threads, and allocate nothing per step; the libtorch path issues one
 /// ATen op per term and tensor.
