@@ -1,11 +1,13 @@
 //! Three jobs, all needing the libtorch that torch-sys found (`DEP_TCH_LIBTORCH_LIB`):
 //!
-//! 1. With the `fused` feature (the default), compiles the fused kernels' C++ shim,
-//!    `runtime/kernels/shim/*.cpp` (tensor metadata in bulk, `at::parallel_for`, the storage
-//!    swap, the version counters; see those files and their Rust sides in `runtime/kernels/`), against libtorch's
-//!    headers, with the same C++ standard and ABI flags torch-sys uses for its own shim, and
-//!    with OpenMP when libtorch uses it (see [`openmp`]). Without the feature nothing C++ is
-//!    built: no C++ compiler is needed, and the optimizers run on libtorch's ops.
+//! 1. Compiles the C++ shim, `runtime/kernels/shim/*.cpp`, against libtorch's headers, with the
+//!    same C++ standard and ABI flags torch-sys uses for its own shim. `aten.cpp` (ATen's
+//!    `add`/`addcmul`/`addcdiv` with the `alpha`/`value` scalars tch cannot pass, which the
+//!    optimizers' libtorch path needs to round as torch.optim does) is always built: torch-sys
+//!    compiles its own C++ with the same compiler anyway, so this asks for nothing new. With the
+//!    `fused` feature (the default) the fused kernels' files are added (tensor metadata in bulk,
+//!    `at::parallel_for`, the storage swap, the version counters; see those files and their
+//!    Rust sides in `runtime/kernels/`), with OpenMP when libtorch uses it (see [`openmp`]).
 //! 2. Makes this package's own tests, examples and benchmarks able to use CUDA. Linkers drop a
 //!    shared library nothing references by symbol (`--as-needed`), and nothing in a Rust binary
 //!    references `libtorch_cuda.so` by symbol: its CUDA kernels register themselves when it is
@@ -18,7 +20,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The C++ files of the fused kernels' shim, compiled into one static library.
+/// The C++ file built with or without the `fused` feature.
+const ATEN: &str = "runtime/kernels/shim/aten.cpp";
+
+/// The C++ files of the fused kernels' shim, compiled with [`ATEN`] into one static library.
 const SHIM: [&str; 4] = [
     "runtime/kernels/shim/metadata.cpp",
     "runtime/kernels/shim/parallel.cpp",
@@ -37,8 +42,8 @@ fn main() {
     let distributed = std::env::var_os("CARGO_FEATURE_DISTRIBUTED").is_some();
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         if !(fused || distributed) || std::env::var_os("DOCS_RS").is_some() {
-            // torch-sys builds no library for docs.rs (or with tch's `doc-only`): without the
-            // shim there is nothing to compile, and linking is not ours to arrange.
+            // torch-sys reports a library whenever it builds one, so this is docs.rs or tch's
+            // `doc-only`: nothing is linked there and the shims are not needed.
             return;
         }
         panic!(
@@ -47,13 +52,13 @@ fn main() {
         );
     };
     let lib = PathBuf::from(lib);
-    if fused {
-        for file in SHIM {
-            println!("cargo:rerun-if-changed={file}");
-        }
-        println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-        compile_shim(&lib);
+    let files: Vec<&str> =
+        std::iter::once(ATEN).chain(SHIM.into_iter().filter(|_| fused)).collect();
+    for file in &files {
+        println!("cargo:rerun-if-changed={file}");
     }
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    compile_shim(&lib, &files, fused);
     if distributed {
         println!("cargo:rerun-if-changed={C10D_SHIM_DIR}");
         compile_c10d(&lib);
@@ -64,8 +69,8 @@ fn main() {
 }
 
 /// Builds the shim into a static library linked into caseopt (its libtorch symbols are
-/// resolved by the libraries torch-sys links).
-fn compile_shim(lib: &Path) {
+/// resolved by the libraries torch-sys links); with OpenMP for the fused kernels' files.
+fn compile_shim(lib: &Path, files: &[&str], fused: bool) {
     // Both layouts torch-sys accepts keep the headers next to the libraries: `libtorch/lib` and
     // `libtorch/include`, or the wheel's `torch/lib` and `torch/include`.
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
@@ -78,10 +83,12 @@ fn compile_shim(lib: &Path) {
         );
     }
     let mut build = cc::Build::new();
-    openmp(lib, &include, &mut build);
+    if fused {
+        openmp(lib, &include, &mut build);
+    }
     build
         .cpp(true)
-        .files(SHIM)
+        .files(files)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

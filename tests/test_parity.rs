@@ -1,17 +1,22 @@
 //! Parity with the references: torch.optim 2.13 for SGD, Adam, AdamW, RAdam, NAdam, RMSprop and
-//! Adagrad, and docs/design.md's formulas (larq 0.14) for Bop and Bop2ndOrder.
+//! Adagrad, and docs/design.md's formulas (larq 0.14) for Bop and Bop2ndOrder, bit for bit.
 //!
 //! The fixtures were produced once by `scripts/env.sh python tests/fixtures/gen_parity.py` (the
-//! script is the exact PyTorch code behind every expected number) and are committed as data; no
-//! Python runs here. Each case trains two variables for 60 steps on random gradients; the second
-//! variable has no gradient at four of the steps. Every step's result is compared.
+//! script is the exact PyTorch code behind every expected number, and its docstring says what
+//! each case holds) and are committed as data; no Python runs here. Every recorded step's result
+//! is compared, on each path: the libtorch ops (`Torch`), the fused kernels (`Fused`, forced: a
+//! variable they could not take would fail the step) and the automatic choice (`Auto`).
 //!
-//! Tolerance, per element: |ours - torch| <= tol * max(|torch|, 1) with tol 1e-12 for f64 and 1e-6
-//! for f32. The scale floor of 1 keeps elements that pass through zero from turning a 1-ulp
-//! difference into a huge relative one. Differences come from fused multiply-adds inside
-//! libtorch's vectorised kernels (torch.optim calls `add(x, alpha=a)` and `addcdiv(.., value=v)`,
-//! which tch cannot express with the same fused rounding). Bop's sign decisions are exact: its
-//! reference uses the same torch ops in the same order.
+//! Tolerance 0 (equal bits) wherever the running libtorch rounds as the one that made the
+//! fixtures: its CPU kernels fuse `a + b * c` or not alike (ATen's AVX2 and AVX-512 builds do,
+//! its DEFAULT build does not; the fixtures were made under AVX-512, and AVX2 gives the same
+//! bits), and its `sqrt` is MKL's or not alike ([`running_rounding`] asks the ops). Elsewhere
+//! (`ATEN_CPU_CAPABILITY=default`, or a libtorch without MKL) torch.optim's own results differ
+//! from the fixtures in their last bits, so no path can match them: the fixtures are then held
+//! within |ours - torch| <= tol * max(|torch|, 1) (tol 1e-12 for f64, 1e-6 for f32; measured
+//! under DEFAULT: docs/parity.md), and instead the fused kernels and `Auto` must give exactly
+//! the libtorch path's bits, which are torch.optim's on that libtorch. Bop and Bop2ndOrder are
+//! exact everywhere: their reference (TensorFlow's) multiplies and adds separately, and they do.
 
 // The tests of the fused path itself are `cfg(feature = "fused")`; without it their helpers
 // are unused.
@@ -22,51 +27,147 @@ mod parity_support;
 use caseopt::{
     Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Execution, Optimizer, Param, VarInfo,
 };
-use parity_support::{run_parity, FUSED};
+use parity_support::{
+    fixture_rounding, fixtures, run_parity_values, running_rounding, Parity, FUSED, FUSED_SQRT,
+};
 use tch::{Device, Tensor};
 
-// Each dtype on each path: the libtorch ops, the fused kernels (forced: a variable they could
-// not take would fail the step), and the automatic choice. Bop and Bop2ndOrder are bit-exact on
-// every path.
+/// How far from the fixtures a value may be, per optimizer, scaled by max(|fixture|, 1): 0 where
+/// the path computes what torch.optim computes on a libtorch that rounds as the fixtures' did.
+struct Tolerance {
+    dtype: &'static str,
+    /// The running libtorch rounds as the fixtures' did.
+    same_rounding: bool,
+    /// Its `sqrt` is MKL's, which the fused kernels do not reproduce.
+    mkl_sqrt: bool,
+}
 
-fn check(dtype: &str, tol: f64, backend: Backend) {
-    let worst = run_parity(dtype, tol, backend, Device::Cpu);
+impl Tolerance {
+    fn new(dtype: &'static str) -> Self {
+        let (meta, _) = fixtures();
+        let (made, running) = (fixture_rounding(&meta), running_rounding());
+        if made != running {
+            println!(
+                "this libtorch rounds as {running:?}, the fixtures' as {made:?}: torch.optim's own \
+                 results differ from them, so they are compared within 1e-12 (f64) or 1e-6 (f32), \
+                 and the paths with each other bit for bit"
+            );
+        }
+        Tolerance { dtype, same_rounding: made == running, mkl_sqrt: running.mkl_sqrt }
+    }
+
+    /// Whether `optimizer` on `backend` computes torch.optim's own bits on this libtorch.
+    fn exact_path(&self, optimizer: &str, backend: Backend) -> bool {
+        // `Auto` takes the fused kernels for Adam and AdamW on the CPU.
+        backend == Backend::Torch || !(self.mkl_sqrt && FUSED_SQRT.contains(&optimizer))
+    }
+
+    fn of(&self, optimizer: &str, backend: Backend) -> f64 {
+        let f64 = self.dtype == "f64";
+        if !self.same_rounding {
+            return if f64 { 1e-12 } else { 1e-6 };
+        }
+        if self.exact_path(optimizer, backend) {
+            return 0.0;
+        }
+        // MKL's root is one ulp off the correctly rounded one for 16.6% of f32 and 1.2% of f64
+        // elements (tests/fixtures/aten_rounding.py); through the denominator it moves the
+        // update by an ulp or two of max(|p|, 1): measured 2 at most (docs/parity.md), allowed 4.
+        4.0 * if f64 { f64::EPSILON } else { f32::EPSILON as f64 }
+    }
+}
+
+fn check(dtype: &'static str, backend: Backend) -> Parity {
+    let tol = Tolerance::new(dtype);
+    let parity = run_parity_values(dtype, &|o| tol.of(o, backend), backend, Device::Cpu);
     let expected = if backend == Backend::Fused { FUSED.len() } else { 9 };
-    assert_eq!(worst.len(), expected, "every optimizer is covered: {worst:?}");
-    assert_eq!(worst["Bop"], 0.0);
-    assert_eq!(worst["Bop2ndOrder"], 0.0);
+    assert_eq!(parity.worst.len(), expected, "every optimizer is covered: {:?}", parity.worst);
+    assert_eq!(parity.worst["Bop"], 0.0);
+    assert_eq!(parity.worst["Bop2ndOrder"], 0.0);
+    for (optimizer, err) in &parity.worst {
+        if !tol.exact_path(optimizer, backend) {
+            println!(
+                "{dtype} {backend:?} {optimizer}: not exact, MKL's sqrt (see docs/parity.md): \
+                 {err:.3e} scaled, {} ulp",
+                parity.ulps[optimizer]
+            );
+        }
+    }
+    parity
+}
+
+/// `ours` computed every value `reference` did, to the bit, but where `ours` is not an exact
+/// path on this libtorch.
+fn same_bits(ours: &Parity, reference: &Parity, backend: Backend, dtype: &'static str) {
+    let tol = Tolerance::new(dtype);
+    let mut differ = Vec::new();
+    for (key, value) in &ours.values {
+        let optimizer = key.split('/').next().unwrap();
+        if tol.exact_path(optimizer, backend) && !value.equal(&reference.values[key]) {
+            differ.push(key.clone());
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{backend:?}: {} values differ, first {:?}",
+        differ.len(),
+        &differ[..1]
+    );
 }
 
 #[test]
-fn parity_f64_torch_within_1e_12() {
-    check("f64", 1e-12, Backend::Torch);
+fn parity_f64_torch_to_the_bit() {
+    check("f64", Backend::Torch);
+}
+
+#[test]
+fn parity_f32_torch_to_the_bit() {
+    check("f32", Backend::Torch);
 }
 
 #[cfg(feature = "fused")]
 #[test]
-fn parity_f64_fused_within_1e_12() {
-    check("f64", 1e-12, Backend::Fused);
-}
-
-#[test]
-fn parity_f64_auto_within_1e_12() {
-    check("f64", 1e-12, Backend::Auto);
-}
-
-#[test]
-fn parity_f32_torch_within_1e_6() {
-    check("f32", 1e-6, Backend::Torch);
+fn parity_f64_fused_to_the_bit_and_equal_to_torch() {
+    same_bits(&check("f64", Backend::Fused), &check("f64", Backend::Torch), Backend::Fused, "f64");
 }
 
 #[cfg(feature = "fused")]
 #[test]
-fn parity_f32_fused_within_1e_6() {
-    check("f32", 1e-6, Backend::Fused);
+fn parity_f32_fused_to_the_bit_and_equal_to_torch() {
+    same_bits(&check("f32", Backend::Fused), &check("f32", Backend::Torch), Backend::Fused, "f32");
 }
 
 #[test]
-fn parity_f32_auto_within_1e_6() {
-    check("f32", 1e-6, Backend::Auto);
+fn parity_f64_auto_to_the_bit_and_equal_to_torch() {
+    same_bits(&check("f64", Backend::Auto), &check("f64", Backend::Torch), Backend::Auto, "f64");
+}
+
+#[test]
+fn parity_f32_auto_to_the_bit_and_equal_to_torch() {
+    same_bits(&check("f32", Backend::Auto), &check("f32", Backend::Torch), Backend::Auto, "f32");
+}
+
+/// The fixtures cover what the bit-for-bit claim is about: every torch.optim-family optimizer
+/// with a learning rate schedule, on sizes with vector bodies and tails, and a skipped step.
+#[test]
+fn fixtures_combine_options_schedules_and_sizes() {
+    let (meta, _) = fixtures();
+    let exact: Vec<_> =
+        meta["cases"].as_array().unwrap().iter().filter(|c| c["exact"] == true).collect();
+    for optimizer in ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "RAdam", "NAdam"] {
+        let mine: Vec<_> = exact.iter().filter(|c| c["optimizer"] == optimizer).collect();
+        assert!(mine.len() >= 2, "{optimizer}");
+        assert!(mine.iter().any(|c| !c["lr_schedule"].is_null()), "{optimizer}: a schedule");
+    }
+    let sizes: Vec<i64> = meta["exact_shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).product())
+        .collect();
+    // Past ATen's AVX-512 f32 loop step (32) with a tail, and past several of them.
+    assert!(sizes.iter().any(|&n| n > 32 && n % 32 != 0) && sizes.iter().any(|&n| n > 1024));
+    assert!(matches!(meta["cpu_capability"].as_str(), Some("AVX512" | "AVX2" | "DEFAULT")));
 }
 
 fn bop_once(threshold: f64, gamma: f64, w: &[f64], g: &[f64], backend: Backend) -> Vec<f64> {

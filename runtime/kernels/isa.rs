@@ -4,20 +4,24 @@
 //! an [`IsaLoop`], and [`Isa::run`] runs it compiled for the chosen set: every `#[target_feature]`
 //! trampoline of the fused kernels is generated here, from one definition per instruction set.
 //! Only the baseline's code path, the trampolines' features and the compiler's choice of vector
-//! width differ: the loops never use fused multiply-add (see [`math`](super::math)), so every
-//! set computes the same bits (`batch`'s and `finite`'s tests compare them with the baseline).
+//! width differ. A loop fuses a multiply-add only where it asks for one (`mul_add`, see
+//! [`math`](super::math)), never by contraction, and the baseline computes that one as a
+//! correctly rounded library call: so every set computes the same bits (`batch`'s and
+//! `finite`'s tests compare them with the baseline), the AVX2 and AVX-512 sets (compiled with
+//! FMA, as ATen's are) fastest.
 
 /// An instruction set a loop can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
     /// The baseline the crate is compiled for.
     Baseline,
-    /// AVX2 (x86-64): the same arithmetic (no FMA), eight f32 lanes.
+    /// AVX2 and FMA (x86-64): the same arithmetic, eight f32 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX-512 (x86-64-v4: F, VL, BW, DQ): the same arithmetic, sixteen f32 lanes. ATen's own
-    /// CPU kernels run this way where the processor has it; on the 2-core AMD EPYC benchmark VM
-    /// it streams Adam's five operands faster than AVX2 (see the README's Performance section).
+    /// AVX-512 (x86-64-v4: F, VL, BW, DQ; and FMA): the same arithmetic, sixteen f32 lanes.
+    /// ATen's own CPU kernels run this way where the processor has it; on the 2-core AMD EPYC
+    /// benchmark VM it streams Adam's five operands faster than AVX2 (see the README's
+    /// Performance section).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -40,7 +44,7 @@ impl Isa {
             if avx512_detected() {
                 return Isa::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if avx2_detected() {
                 return Isa::Avx2;
             }
         }
@@ -54,12 +58,12 @@ impl Isa {
         match self {
             Isa::Baseline => l.run(),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed when the processor reports AVX2
-            // (`detect`, `available`).
+            // SAFETY: `Isa::Avx2` is only constructed when the processor reports AVX2 and FMA
+            // (`avx2_detected`).
             Isa::Avx2 => unsafe { trampolines::avx2(l) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only constructed when the processor reports AVX-512 F,
-            // VL, BW and DQ (`avx512_detected`).
+            // VL, BW and DQ, and FMA (`avx512_detected`).
             Isa::Avx512 => unsafe { trampolines::avx512(l) },
         }
     }
@@ -71,7 +75,7 @@ impl Isa {
         let mut out = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if avx2_detected() {
                 out.push(Isa::Avx2);
             }
             if avx512_detected() {
@@ -82,11 +86,18 @@ impl Isa {
     }
 }
 
-/// Whether the processor has the AVX-512 subsets [`Isa::Avx512`] is compiled with.
+/// Whether the processor has the features [`Isa::Avx2`] is compiled with.
+#[cfg(target_arch = "x86_64")]
+fn avx2_detected() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma")
+}
+
+/// Whether the processor has the AVX-512 subsets (and FMA) [`Isa::Avx512`] is compiled with.
 #[cfg(target_arch = "x86_64")]
 fn avx512_detected() -> bool {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq")
+    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") && has!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -109,9 +120,9 @@ mod trampolines {
     }
 
     trampoline! {
-        /// The loop compiled for AVX2: vectorised eight f32 wide.
-        avx2 = "avx2";
-        /// The loop compiled for AVX-512: sixteen f32 lanes, still without FMA.
-        avx512 = "avx512f,avx512vl,avx512bw,avx512dq";
+        /// The loop compiled for AVX2: vectorised eight f32 wide, `mul_add` one `vfmadd`.
+        avx2 = "avx2,fma";
+        /// The loop compiled for AVX-512: sixteen f32 lanes, `mul_add` one `vfmadd`.
+        avx512 = "avx512f,avx512vl,avx512bw,avx512dq,fma";
     }
 }

@@ -21,16 +21,19 @@
 //!   committed by exchanging two storages' memory (`shim/storage.cpp`);
 //! - [`version`]: the version counters of the tensors a pass wrote, bumped after it as an
 //!   in-place libtorch op bumps them (`shim/version.cpp`);
-//! - [`finite`]: the router's NaN/infinity scan over many gradients.
+//! - [`finite`]: the router's NaN/infinity scan over many gradients;
+//! - [`aten`]: ATen's own `add`, `addcmul` and `addcdiv` with the scalars tch cannot pass, for
+//!   the optimizers' libtorch path, and the CPU capability ATen runs with (`shim/aten.cpp`,
+//!   compiled with or without the `fused` feature).
 //!
 //! Anything a batch does not accept (CUDA, half precision, a strided view, a gradient that
 //! aliases its parameter, ...) is reported back as [`Unfit`] and the optimizer uses its libtorch
 //! ops instead, or fails when the fused path was forced.
 //!
-//! Without the `fused` cargo feature none of that is compiled: [`unfused`] stands in with the
-//! same crate-internal API, refusing every variable ([`Unfit::NotBuilt`]) and scanning no
-//! gradient, so that every optimizer and the router take their libtorch paths, and metadata is
-//! read through tch's accessors.
+//! Without the `fused` cargo feature none of that is compiled but [`aten`]: [`unfused`] stands
+//! in with the same crate-internal API, refusing every variable ([`Unfit::NotBuilt`]) and
+//! scanning no gradient, so that every optimizer and the router take their libtorch paths, and
+//! metadata is read through tch's accessors.
 //!
 //! Writes go straight to the tensors' memory, which ATen does not see; so once a pass has
 //! written, it bumps the version counter of every tensor it wrote ([`version`]), as the in-place
@@ -45,6 +48,7 @@
 // keep their unit tests, but nothing runs them.
 #![cfg_attr(not(feature = "fused"), allow(dead_code))]
 
+pub(crate) mod aten;
 pub(crate) mod math;
 pub(crate) mod metadata;
 pub(crate) mod ops;

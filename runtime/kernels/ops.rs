@@ -1,7 +1,11 @@
 //! The optimizers' kernels: their hyperparameters for one step, in `f64`, rounded to the
-//! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`].
+//! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`]
+//! with the rounding of `a + b * c` ATen's CPU kernels use ([`CpuCapability::contracts`]).
 
-use super::math::{self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Decay, Real};
+use super::aten::CpuCapability;
+use super::math::{
+    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Decay, Fused, Real, Separate,
+};
 use super::{Kernel, MAX_STATES};
 
 /// Bop with one step's hyperparameters. State: `m`.
@@ -125,7 +129,14 @@ impl Kernel for AdamKernel {
             grad_sign: if self.maximize { -T::ONE } else { T::ONE },
         };
         let x = AdamSlices { p, g, m, v, max_v };
-        math::adam_clipped(x, s, self.decay(), self.amsgrad, Clip::new(clip));
+        // Round as ATen's own kernels round on this CPU, so that the fused step gives
+        // torch.optim's bits.
+        let clip = Clip::new(clip);
+        if CpuCapability::get().contracts() {
+            math::adam_clipped::<T, Fused>(x, s, self.decay(), self.amsgrad, clip);
+        } else {
+            math::adam_clipped::<T, Separate>(x, s, self.decay(), self.amsgrad, clip);
+        }
         0
     }
 }

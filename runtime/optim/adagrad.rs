@@ -9,6 +9,7 @@ use super::state::{step_tensor, take_state, take_step};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
+use crate::kernels::aten;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -123,10 +124,10 @@ impl Algorithm for AdagradAlgorithm {
         st.step += 1;
         let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         let clr = hp.lr / (1.0 + (st.step as f64 - 1.0) * hp.lr_decay);
-        let _ = st.sum.f_addcmul_(&grad, &grad)?;
+        aten::addcmul_(&mut st.sum, &grad, &grad, 1.0)?;
         let mut std = st.sum.f_sqrt()?;
         let _ = std.f_add_scalar_(hp.eps)?;
-        let _ = p.f_add_(&grad.f_mul_scalar(-clr)?.f_div(&std)?)?;
+        aten::addcdiv_(p, &grad, &std, -clr)?;
         Ok(())
     }
 }

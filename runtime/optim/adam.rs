@@ -11,6 +11,7 @@ use super::state::{step_tensor, take_state, take_step, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::aten;
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
@@ -151,7 +152,7 @@ pub(crate) fn adam_update(
     let grad = decayed_grad(p, grad, h.maximize, h.lr, h.weight_decay, h.decoupled)?;
     let _ = st.exp_avg.f_lerp_(&grad, 1.0 - h.beta1)?;
     let _ = st.exp_avg_sq.f_mul_scalar_(h.beta2)?;
-    let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - h.beta2)?.f_mul(&grad)?)?;
+    aten::addcmul_(&mut st.exp_avg_sq, &grad, &grad, 1.0 - h.beta2)?;
     let step = st.step as f64;
     let bias_correction1 = 1.0 - h.beta1.powf(step);
     let bias_correction2 = 1.0 - h.beta2.powf(step);
@@ -166,8 +167,7 @@ pub(crate) fn adam_update(
     };
     let mut denom = second.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?;
     let _ = denom.f_add_scalar_(h.eps)?;
-    // addcdiv_(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom.
-    let _ = p.f_add_(&st.exp_avg.f_mul_scalar(-step_size)?.f_div(&denom)?)?;
+    aten::addcdiv_(p, &st.exp_avg, &denom, -step_size)?;
     Ok(())
 }
 

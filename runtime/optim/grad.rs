@@ -4,6 +4,7 @@
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+use crate::kernels::aten;
 use crate::var::Param;
 
 /// Every gradient given must match its variable (see [`check_grad`]).
@@ -36,7 +37,8 @@ pub(crate) fn check_grad(p: &Param, g: &Tensor) -> Result<()> {
 }
 
 /// `grad` negated when maximizing and with `weight_decay * param` added, as torch.optim does
-/// before any other use of the gradient.
+/// before any other use of the gradient: `grad.add(param, alpha=weight_decay)`, one rounding
+/// per element where ATen's kernels fuse the multiply-add.
 pub(crate) fn adjusted_grad(
     param: &Tensor,
     grad: &Tensor,
@@ -45,7 +47,7 @@ pub(crate) fn adjusted_grad(
 ) -> Result<Tensor> {
     let mut g = if maximize { grad.f_neg()? } else { grad.shallow_clone() };
     if weight_decay != 0.0 {
-        g = g.f_add(&param.f_mul_scalar(weight_decay)?)?;
+        g = aten::add(&g, param, weight_decay)?;
     }
     Ok(g)
 }

@@ -50,10 +50,12 @@ use crate::var::Param;
 /// How an optimizer computes its updates. Every built-in optimizer has `set_backend` and
 /// `backend` ([`Execution`]); the choice belongs to that optimizer alone.
 ///
-/// Both backends give torch.optim's results within the parity tolerances (Bop and
-/// Bop2ndOrder bit for bit); they differ in speed. The fused kernels read and write each
-/// element once, batch all of an optimizer's variables into one pass split across threads,
-/// and allocate nothing per step; the libtorch path issues one ATen op per term and tensor.
+/// On an x86-64 CPU the libtorch path gives torch.optim's results bit for bit, and so do the
+/// fused kernels but for Adam/AdamW's square root (correctly rounded, where ATen's is MKL's: an
+/// ulp or two); Bop and Bop2ndOrder give larq's (docs/parity.md). They differ in speed. The
+/// fused kernels read and write each element once, batch all of an optimizer's variables into
+/// one pass split across threads, and allocate nothing per step; the libtorch path issues one
+/// ATen op per term and tensor.
 ///
 /// ```
 /// use caseopt::{Backend, Bop, Execution, Optimizer, Param, VarInfo};

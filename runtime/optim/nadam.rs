@@ -9,6 +9,7 @@ use super::state::{step_tensor, take_state, take_step};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{CheckpointError, Error, Result};
+use crate::kernels::aten;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -183,16 +184,13 @@ impl Algorithm for NAdamAlgorithm {
         let _ = st.mu_product.f_mul_scalar_(mu_now)?;
         let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
         let _ = st.exp_avg_sq.f_mul_scalar_(beta2)?;
-        let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(&grad)?)?;
+        aten::addcmul_(&mut st.exp_avg_sq, &grad, &grad, 1.0 - beta2)?;
         let mut denom = st.exp_avg_sq.f_div_scalar(bias_correction2)?.f_sqrt()?;
         let mu_product = st.mu_product.f_double_value(&[])?;
         let mu_product_next = mu_product * mu_next;
         let _ = denom.f_add_scalar_(eps)?;
-        // addcdiv_(t, denom, value=v) computes (v * t) / denom, added.
-        let value = -lr * (1.0 - mu_now) / (1.0 - mu_product);
-        let _ = p.f_add_(&grad.f_mul_scalar(value)?.f_div(&denom)?)?;
-        let value = (-lr * mu_next) / (1.0 - mu_product_next);
-        let _ = p.f_add_(&st.exp_avg.f_mul_scalar(value)?.f_div(&denom)?)?;
+        aten::addcdiv_(p, &grad, &denom, -lr * (1.0 - mu_now) / (1.0 - mu_product))?;
+        aten::addcdiv_(p, &st.exp_avg, &denom, (-lr * mu_next) / (1.0 - mu_product_next))?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use super::hyper::hyperparameters;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::aten;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -119,7 +120,7 @@ impl Algorithm for RAdamAlgorithm {
         let grad = decayed_grad(p, grad, c.maximize, lr, weight_decay, decoupled)?;
         let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
         let _ = st.exp_avg_sq.f_mul_scalar_(beta2)?;
-        let _ = st.exp_avg_sq.f_add_(&grad.f_mul_scalar(1.0 - beta2)?.f_mul(&grad)?)?;
+        aten::addcmul_(&mut st.exp_avg_sq, &grad, &grad, 1.0 - beta2)?;
         let bias_correction1 = 1.0 - beta1.powf(step);
         let bias_correction2 = 1.0 - beta2.powf(step);
         let bias_corrected_exp_avg = st.exp_avg.f_div_scalar(bias_correction1)?;
@@ -138,8 +139,7 @@ impl Algorithm for RAdamAlgorithm {
         } else {
             bias_corrected_exp_avg.f_mul_scalar(lr)?
         };
-        // add_(update, alpha=-1) rounds exactly as a subtraction.
-        let _ = p.f_sub_(&update)?;
+        aten::add_(p, &update, -1.0)?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use super::state::{step_tensor, take_state, take_step};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::aten;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -130,22 +131,23 @@ impl Algorithm for RmsPropAlgorithm {
         let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         st.step += 1;
         let _ = st.square_avg.f_mul_scalar_(hp.alpha)?;
-        let _ = st.square_avg.f_add_(&grad.f_mul_scalar(1.0 - hp.alpha)?.f_mul(&grad)?)?;
+        aten::addcmul_(&mut st.square_avg, &grad, &grad, 1.0 - hp.alpha)?;
         let mut avg = match &mut st.grad_avg {
             Some(grad_avg) => {
                 let _ = grad_avg.f_lerp_(&grad, 1.0 - hp.alpha)?;
-                // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-                st.square_avg.f_add(&grad_avg.f_mul_scalar(-1.0)?.f_mul(grad_avg)?)?.f_sqrt()?
+                let mut centered = aten::addcmul(&st.square_avg, grad_avg, grad_avg, -1.0)?;
+                let _ = centered.f_sqrt_()?;
+                centered
             }
             None => st.square_avg.f_sqrt()?,
         };
         let _ = avg.f_add_scalar_(hp.eps)?;
         if hp.momentum > 0.0 {
             let _ = st.momentum_buffer.f_mul_scalar_(hp.momentum)?;
-            let _ = st.momentum_buffer.f_add_(&grad.f_div(&avg)?)?;
-            let _ = p.f_add_(&st.momentum_buffer.f_mul_scalar(-hp.lr)?)?;
+            aten::addcdiv_(&mut st.momentum_buffer, &grad, &avg, 1.0)?;
+            aten::add_(p, &st.momentum_buffer, -hp.lr)?;
         } else {
-            let _ = p.f_add_(&grad.f_mul_scalar(-hp.lr)?.f_div(&avg)?)?;
+            aten::addcdiv_(p, &grad, &avg, -hp.lr)?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use super::state::take_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
+use crate::kernels::aten;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -125,7 +126,7 @@ impl Algorithm for SgdAlgorithm {
             let buf = match state {
                 Some(st) => {
                     let _ = st.momentum_buffer.f_mul_scalar_(hp.momentum)?;
-                    let _ = st.momentum_buffer.f_add_(&g.f_mul_scalar(1.0 - hp.dampening)?)?;
+                    aten::add_(&mut st.momentum_buffer, &g, 1.0 - hp.dampening)?;
                     st.momentum_buffer.shallow_clone()
                 }
                 empty => {
@@ -133,9 +134,9 @@ impl Algorithm for SgdAlgorithm {
                     empty.insert(SgdState { momentum_buffer: buf }).momentum_buffer.shallow_clone()
                 }
             };
-            g = if c.nesterov { g.f_add(&buf.f_mul_scalar(hp.momentum)?)? } else { buf };
+            g = if c.nesterov { aten::add(&g, &buf, hp.momentum)? } else { buf };
         }
-        let _ = p.f_add_(&g.f_mul_scalar(-hp.lr)?)?;
+        aten::add_(p, &g, -hp.lr)?;
         Ok(())
     }
 }

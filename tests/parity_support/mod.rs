@@ -1,6 +1,10 @@
 //! The parity harness shared by tests/test_parity.rs (CPU) and tests/test_cuda.rs: the fixtures
 //! of tests/fixtures (see test_parity.rs for what they hold and the tolerances), the optimizers
-//! they name, and the run that compares every step.
+//! they name, the run that compares every recorded step, and how the running libtorch rounds
+//! compared with the one that made the fixtures.
+
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,12 +40,74 @@ fn f(config: &Value, key: &str) -> Option<Schedule> {
     config.get(key).and_then(Value::as_f64).map(Schedule::from)
 }
 
+/// The learning rate schedule a case sets in torch's param group before each step (see
+/// gen_parity.py's `lr_at`), as caseopt's own schedule.
+fn lr_schedule(case: &Value) -> Option<Schedule> {
+    let s = case.get("lr_schedule").filter(|s| !s.is_null())?;
+    let num = |k: &str| s[k].as_f64().unwrap();
+    Some(match s["kind"].as_str().unwrap() {
+        "step" => Schedule::step(num("initial"), num("gamma"), s["step_size"].as_u64().unwrap()),
+        "piecewise" => Schedule::piecewise(
+            s["boundaries"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect(),
+            s["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+        ),
+        other => panic!("fixture names unknown schedule {other}"),
+    })
+}
+
+/// How a libtorch's CPU ops round what torch.optim asks of them (docs/parity.md): whether its
+/// kernels fuse `a + b * c` (ATen's AVX2 and AVX-512 builds) and whether its `sqrt` is MKL's
+/// (one ulp off the correctly rounded root for some elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rounding {
+    pub fused_multiply_add: bool,
+    pub mkl_sqrt: bool,
+}
+
+/// The rounding of the libtorch that made the fixtures, from their metadata.
+pub fn fixture_rounding(meta: &Value) -> Rounding {
+    let capability = meta["cpu_capability"].as_str().unwrap();
+    Rounding {
+        fused_multiply_add: matches!(capability, "AVX2" | "AVX512"),
+        mkl_sqrt: meta["mkl"].as_bool().unwrap(),
+    }
+}
+
+/// The rounding of the libtorch this test runs on, found by asking its ops: `lerp` with a
+/// scalar weight (`a + w * (b - a)`) on elements where one rounding and two differ, and `sqrt`
+/// on elements whose correctly rounded root MKL's misses.
+pub fn running_rounding() -> Rounding {
+    let n = 4096;
+    let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.6180).sin()).collect();
+    let b: Vec<f32> = (0..n).map(|i| (i as f32 * 1.618).cos()).collect();
+    let w = 0.1f32;
+    let got = Vec::<f32>::try_from(Tensor::from_slice(&a).lerp(&Tensor::from_slice(&b), w as f64))
+        .unwrap();
+    let (mut fused, mut separate) = (0, 0);
+    for i in 0..n {
+        let (once, twice) = (w.mul_add(b[i] - a[i], a[i]), a[i] + w * (b[i] - a[i]));
+        if once != twice {
+            fused += usize::from(got[i] == once);
+            separate += usize::from(got[i] == twice);
+        }
+    }
+    assert!(fused == 0 || separate == 0, "lerp rounds neither way throughout");
+    let x: Vec<f32> = (1..=n).map(|i| (i as f32 * 0.37).sin().abs()).collect();
+    let roots = Vec::<f32>::try_from(Tensor::from_slice(&x).sqrt()).unwrap();
+    let mkl_sqrt = x.iter().zip(&roots).any(|(x, r)| x.sqrt() != *r);
+    Rounding { fused_multiply_add: fused > 0, mkl_sqrt }
+}
+
 fn b(config: &Value, key: &str) -> Option<bool> {
     config.get(key).and_then(Value::as_bool)
 }
 
 /// The optimizers with fused CPU kernels; the others take `Backend::Fused` as an error.
 pub const FUSED: &[&str] = &["Bop", "Bop2ndOrder", "Adam", "AdamW"];
+
+/// The fused kernels whose update takes a square root that reaches the parameter: they take
+/// the correctly rounded one, where ATen's `sqrt` is MKL's on a libtorch with MKL.
+pub const FUSED_SQRT: &[&str] = &["Adam", "AdamW"];
 
 /// Boxes a built-in optimizer after choosing its backend.
 fn boxed(backend: Backend, mut optimizer: impl Execution + Optimizer) -> Box<dyn Optimizer> {
@@ -52,6 +118,20 @@ fn boxed(backend: Backend, mut optimizer: impl Execution + Optimizer) -> Box<dyn
 /// Builds the optimizer a fixture case names, from its torch-style keyword arguments, on
 /// `backend`.
 pub fn build(optimizer: &str, c: &Value, backend: Backend) -> Box<dyn Optimizer> {
+    build_with_lr(optimizer, c, backend, None)
+}
+
+/// [`build`], the learning rate following `lr` when given.
+pub fn build_with_lr(
+    optimizer: &str,
+    c: &Value,
+    backend: Backend,
+    lr: Option<Schedule>,
+) -> Box<dyn Optimizer> {
+    let f = |c: &Value, key: &str| match (key, &lr) {
+        ("lr", Some(s)) => Some(s.clone()),
+        _ => f(c, key),
+    };
     match optimizer {
         "SGD" => {
             let d = SgdConfig::default();
@@ -204,18 +284,78 @@ pub fn scaled_error(actual: &Tensor, expected: &Tensor) -> f64 {
     ((a - &e).abs() / scale).max().double_value(&[])
 }
 
+/// The largest distance in units in the last place between two tensors of one float dtype,
+/// counted along the ordered integers the IEEE formats map to (so +0 and -0 are 0 apart).
+pub fn ulp_distance(a: &Tensor, b: &Tensor) -> u64 {
+    let ordered = |t: &Tensor| -> Vec<i64> {
+        let t = t.to_device(Device::Cpu).flatten(0, -1);
+        if t.kind() == Kind::Float {
+            Vec::<f32>::try_from(&t)
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    let i = x.to_bits() as i32 as i64;
+                    if i < 0 {
+                        i32::MIN as i64 - i
+                    } else {
+                        i
+                    }
+                })
+                .collect()
+        } else {
+            Vec::<f64>::try_from(&t)
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    let i = x.to_bits() as i64;
+                    if i < 0 {
+                        i64::MIN - i
+                    } else {
+                        i
+                    }
+                })
+                .collect()
+        }
+    };
+    let (a, b) = (ordered(a), ordered(b));
+    a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+/// What one run over the fixtures found.
+pub struct Parity {
+    /// The largest scaled error per optimizer.
+    pub worst: BTreeMap<String, f64>,
+    /// The largest ulp distance per optimizer.
+    pub ulps: BTreeMap<String, u64>,
+    /// Every compared value, by `<optimizer>/<variable key>.<step>`, for comparing two backends'
+    /// runs.
+    pub values: BTreeMap<String, Tensor>,
+}
+
 /// Runs every fixture case of one dtype through the optimizers on `backend` (under
 /// `Backend::Fused`, the cases of optimizers that have fused kernels) and returns the largest
-/// scaled error per optimizer.
+/// scaled error per optimizer; fails when one exceeds `tol`.
 pub fn run_parity(
     dtype: &str,
     tol: f64,
     backend: Backend,
     device: Device,
 ) -> BTreeMap<String, f64> {
+    run_parity_values(dtype, &|_| tol, backend, device).worst
+}
+
+/// [`run_parity`] with a tolerance per optimizer, returning the ulp distances and the values
+/// themselves too.
+pub fn run_parity_values(
+    dtype: &str,
+    tol: &dyn Fn(&str) -> f64,
+    backend: Backend,
+    device: Device,
+) -> Parity {
     let (meta, tensors) = fixtures();
-    let steps = meta["steps"].as_u64().unwrap() as i64;
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
+    let mut ulps: BTreeMap<String, u64> = BTreeMap::new();
+    let mut values = BTreeMap::new();
     let mut failures = Vec::new();
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -223,11 +363,27 @@ pub fn run_parity(
         if backend == Backend::Fused && !FUSED.contains(&optimizer) {
             continue;
         }
-        let mut opt = build(optimizer, &case["config"], backend);
-        let keys: Vec<String> = (0..2).map(|j| format!("{name}.{dtype}.p{j}")).collect();
+        let mut config = case["config"].clone();
+        let schedule = lr_schedule(case);
+        if schedule.is_some() {
+            // The schedule below replaces the constant.
+            config.as_object_mut().unwrap().remove("lr");
+        }
+        let mut opt = build_with_lr(optimizer, &config, backend, schedule);
+        let tol = tol(optimizer);
+        let data = case["data"].as_str().unwrap();
+        let count = case["vars"].as_u64().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as i64;
+        // The steps whose results were recorded: every step unless the case names some.
+        let snapshots: Vec<i64> = match case.get("snapshots") {
+            Some(s) => s.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(),
+            None => (0..steps).collect(),
+        };
+        let inputs: Vec<String> = (0..count).map(|j| format!("{data}.{dtype}.p{j}")).collect();
+        let outputs: Vec<String> = (0..count).map(|j| format!("{name}.{dtype}.p{j}")).collect();
         let vars: Vec<Tensor> =
-            keys.iter().map(|k| tensors[&format!("{k}.init")].to_device(device).copy()).collect();
-        for (k, v) in keys.iter().zip(&vars) {
+            inputs.iter().map(|k| tensors[&format!("{k}.init")].to_device(device).copy()).collect();
+        for (k, v) in outputs.iter().zip(&vars) {
             let mut info = VarInfo::of(k.clone(), v);
             if optimizer.starts_with("Bop") {
                 info = info.with_bits(1);
@@ -235,7 +391,7 @@ pub fn run_parity(
             opt.add_param(Param::new(info, v.shallow_clone())).unwrap();
         }
         for t in 0..steps {
-            let grads: Vec<Option<Tensor>> = keys
+            let grads: Vec<Option<Tensor>> = inputs
                 .iter()
                 .map(|k| {
                     let has = tensors[&format!("{k}.mask")].int64_value(&[t]) != 0;
@@ -243,22 +399,28 @@ pub fn run_parity(
                 })
                 .collect();
             opt.step_with_grads(&grads).unwrap();
-            for (k, v) in keys.iter().zip(&vars) {
-                let err = scaled_error(
-                    &v.to_device(Device::Cpu),
-                    &tensors[&format!("{k}.expected")].get(t),
-                );
+            let Some(row) = snapshots.iter().position(|&s| s == t) else { continue };
+            for (k, v) in outputs.iter().zip(&vars) {
+                let actual = v.to_device(Device::Cpu);
+                let expected = tensors[&format!("{k}.expected")].get(row as i64);
+                let err = scaled_error(&actual, &expected);
                 let w = worst.entry(optimizer.to_string()).or_insert(0.0);
                 *w = w.max(err);
+                let u = ulps.entry(optimizer.to_string()).or_insert(0);
+                *u = (*u).max(ulp_distance(&actual, &expected));
                 if err > tol || err.is_nan() {
                     failures.push(format!("{k} step {t}: scaled error {err:e} > {tol:e}"));
                 }
+                values.insert(format!("{optimizer}/{k}.{t}"), actual);
             }
         }
         assert_eq!(opt.step_count(), steps as u64, "{name}");
     }
     for (opt, err) in &worst {
-        println!("parity {device:?} {dtype} {backend:<5?} {opt:<12} max scaled error {err:.3e}");
+        println!(
+            "parity {device:?} {dtype} {backend:<5?} {opt:<12} max scaled error {err:.3e}, {} ulp",
+            ulps[opt]
+        );
     }
     assert!(
         failures.is_empty(),
@@ -266,5 +428,5 @@ pub fn run_parity(
         failures.len(),
         &failures[..5.min(failures.len())]
     );
-    worst
+    Parity { worst, ulps, values }
 }

@@ -1,0 +1,208 @@
+//! ATen's own ops with the scalar arguments tch cannot pass (the C++ side is `shim/aten.cpp`),
+//! and the CPU capability ATen runs its kernels with.
+//!
+//! torch.optim writes `add(x, alpha=a)`, `addcmul(.., value=v)` and `addcdiv(.., value=v)`.
+//! tch has these ops only without their scalar, and spelling them as a `mul` then an `add`
+//! rounds twice where ATen's AVX2 and AVX-512 CPU kernels round once (a fused multiply-add):
+//! the optimizers' libtorch path calls them through here instead, so that it issues
+//! torch.optim's ops themselves and gets its bits on every device. Unlike the fused kernels,
+//! this is compiled with or without the `fused` feature: building tch compiles C++ already.
+
+use std::ffi::{c_char, c_void};
+use std::sync::OnceLock;
+
+use tch::{TchError, Tensor};
+
+use crate::error::Result;
+
+extern "C" {
+    fn caseopt_aten_add(
+        s: *const c_void,
+        other: *const c_void,
+        alpha: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_add_(
+        s: *mut c_void,
+        other: *const c_void,
+        alpha: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_addcmul(
+        s: *const c_void,
+        t1: *const c_void,
+        t2: *const c_void,
+        value: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_addcmul_(
+        s: *mut c_void,
+        t1: *const c_void,
+        t2: *const c_void,
+        value: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_addcdiv_(
+        s: *mut c_void,
+        t1: *const c_void,
+        t2: *const c_void,
+        value: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_cpu_capability() -> i32;
+}
+
+/// Room for the message of an exception ATen raised.
+const MESSAGE: usize = 512;
+
+/// Calls one shim function with an error buffer and turns a failure into tch's error, as tch
+/// reports the exceptions of its own ops.
+fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
+    let mut err = [0u8; MESSAGE];
+    if f(err.as_mut_ptr().cast(), MESSAGE) == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(MESSAGE);
+    Err(TchError::Torch(String::from_utf8_lossy(&err[..end]).into_owned()).into())
+}
+
+fn ptr(t: &Tensor) -> *const c_void {
+    t.as_ptr().cast()
+}
+
+/// Wraps the handle an out-of-place shim function made.
+///
+/// # Safety
+/// `out` must be a handle the shim allocated (`new at::Tensor`), owned by no one else.
+unsafe fn owned(out: *mut c_void) -> Tensor {
+    // SAFETY: per this function's contract; tch frees it with `delete` on drop, as it frees the
+    // handles libtch allocates the same way.
+    unsafe { Tensor::from_ptr(out.cast()) }
+}
+
+/// `a + alpha * b` (torch.add with `alpha`).
+pub(crate) fn add(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: both handles are live tch tensors; the shim catches every exception and on
+    // success stores a new handle in `out`, which `owned` takes over.
+    call(|e, n| unsafe { caseopt_aten_add(ptr(a), ptr(b), alpha, &mut out, e, n) })?;
+    // SAFETY: `call` succeeded, so the shim stored a fresh handle.
+    Ok(unsafe { owned(out) })
+}
+
+/// `a += alpha * b` (Tensor.add_ with `alpha`).
+pub(crate) fn add_(a: &mut Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+    // SAFETY: live tch tensors; `a` is borrowed mutably for the in-place op, as tch's own
+    // in-place ops borrow it; the shim catches every exception.
+    call(|e, n| unsafe { caseopt_aten_add_(a.as_mut_ptr().cast(), ptr(b), alpha, e, n) })
+}
+
+/// `a + value * t1 * t2` (torch.addcmul).
+pub(crate) fn addcmul(a: &Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in `add`.
+    call(|e, n| unsafe { caseopt_aten_addcmul(ptr(a), ptr(t1), ptr(t2), value, &mut out, e, n) })?;
+    // SAFETY: `call` succeeded, so the shim stored a fresh handle.
+    Ok(unsafe { owned(out) })
+}
+
+/// `a += value * t1 * t2` (Tensor.addcmul_).
+pub(crate) fn addcmul_(a: &mut Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> Result<()> {
+    let a = a.as_mut_ptr().cast();
+    // SAFETY: as in `add_`.
+    call(|e, n| unsafe { caseopt_aten_addcmul_(a, ptr(t1), ptr(t2), value, e, n) })
+}
+
+/// `a += value * t1 / t2` (Tensor.addcdiv_).
+pub(crate) fn addcdiv_(a: &mut Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> Result<()> {
+    let a = a.as_mut_ptr().cast();
+    // SAFETY: as in `add_`.
+    call(|e, n| unsafe { caseopt_aten_addcdiv_(a, ptr(t1), ptr(t2), value, e, n) })
+}
+
+/// The CPU kernels ATen dispatches to, as `torch.backends.cpu.get_cpu_capability()` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CpuCapability {
+    /// The baseline build: no fused multiply-add anywhere.
+    Default,
+    /// x86-64 AVX2 (compiled with `-mavx2 -mfma`).
+    Avx2,
+    /// x86-64 AVX-512 (compiled with FMA too).
+    Avx512,
+    /// Another architecture's build (VSX, ZVECTOR, SVE), or no answer.
+    Other,
+}
+
+impl CpuCapability {
+    /// Asked of ATen once per process, as ATen itself decides once.
+    pub(crate) fn get() -> Self {
+        static CAPABILITY: OnceLock<CpuCapability> = OnceLock::new();
+        *CAPABILITY.get_or_init(|| {
+            // SAFETY: takes nothing, catches every exception.
+            let raw = unsafe { caseopt_aten_cpu_capability() };
+            match raw {
+                0 => CpuCapability::Default,
+                1 => CpuCapability::Avx2,
+                2 => CpuCapability::Avx512,
+                _ => CpuCapability::Other,
+            }
+        })
+    }
+
+    /// Whether ATen's element-wise kernels round `a + b * c` once (fused multiply-add), in their
+    /// vector bodies and their scalar tails alike: measured for AVX2 and AVX-512 against
+    /// torch 2.13 (docs/parity.md); the baseline build has no FMA to contract into.
+    pub(crate) fn contracts(self) -> bool {
+        matches!(self, CpuCapability::Avx2 | CpuCapability::Avx512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn scalar_ops_match_their_definitions() {
+        let a = Tensor::from_slice(&[1.0f64, 2.0, 3.0]);
+        let b = Tensor::from_slice(&[4.0f64, 5.0, 6.0]);
+        let sum = Vec::<f64>::try_from(add(&a, &b, 0.5).unwrap()).unwrap();
+        assert_eq!(sum, vec![3.0, 4.5, 6.0]);
+        let mut c = a.copy();
+        add_(&mut c, &b, -1.0).unwrap();
+        assert_eq!(Vec::<f64>::try_from(&c).unwrap(), vec![-3.0; 3]);
+        let prod = Vec::<f64>::try_from(addcmul(&a, &b, &b, 2.0).unwrap()).unwrap();
+        assert_eq!(prod, vec![33.0, 52.0, 75.0]);
+        let mut c = a.copy();
+        addcmul_(&mut c, &a, &b, -1.0).unwrap();
+        assert_eq!(Vec::<f64>::try_from(&c).unwrap(), vec![-3.0, -8.0, -15.0]);
+        let mut c = a.copy();
+        addcdiv_(&mut c, &b, &a, 0.5).unwrap();
+        assert_eq!(Vec::<f64>::try_from(&c).unwrap(), vec![3.0, 3.25, 4.0]);
+    }
+
+    #[test]
+    fn aten_errors_come_back_as_errors() {
+        let a = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        let b = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+        let err = add(&a, &b, 1.0).unwrap_err().to_string();
+        assert!(err.contains("size"), "{err}");
+        let mut c = a.copy();
+        assert!(addcdiv_(&mut c, &a, &b, 1.0).is_err());
+    }
+
+    #[test]
+    fn capability_is_known_on_x86_64() {
+        let c = CpuCapability::get();
+        if cfg!(target_arch = "x86_64") {
+            assert_ne!(c, CpuCapability::Other);
+        }
+    }
+}

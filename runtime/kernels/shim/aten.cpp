@@ -1,0 +1,84 @@
+// ATen's own ops with the scalar arguments tch cannot pass (runtime/kernels/aten.rs is the Rust
+// side), and the CPU capability ATen dispatches its kernels to.
+//
+// torch.optim calls `add(x, alpha=a)`, `addcmul(.., value=v)` and `addcdiv(.., value=v)`. On a
+// CPU where ATen runs its AVX2 or AVX-512 kernels, `add` and `addcmul` round once per fused
+// multiply-add, so the same result cannot be had from tch's separate `mul` and `add`: the
+// libtorch path calls these instead, and gets torch.optim's bits on every device. Unlike the
+// rest of the shim, this file is compiled with or without the `fused` feature (see build.rs).
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <string>
+
+namespace {
+
+// Runs `op`, returning 0; or 1 with the exception's message in `err` (truncated to `len`).
+template <typename Op>
+int32_t guarded(char* err, size_t len, Op op) {
+  try {
+    op();
+    return 0;
+  } catch (const std::exception& e) {
+    if (len > 0) std::snprintf(err, len, "%s", e.what());
+  } catch (...) {
+    if (len > 0) std::snprintf(err, len, "%s", "unknown C++ exception");
+  }
+  return 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// `*out = self + alpha * other` (torch.add), a new handle the caller owns (as libtch's are).
+int32_t caseopt_aten_add(const at::Tensor* self, const at::Tensor* other, double alpha,
+                         at::Tensor** out, char* err, size_t len) {
+  return guarded(err, len, [&] { *out = new at::Tensor(self->add(*other, alpha)); });
+}
+
+// `self += alpha * other` (Tensor.add_).
+int32_t caseopt_aten_add_(at::Tensor* self, const at::Tensor* other, double alpha, char* err,
+                          size_t len) {
+  return guarded(err, len, [&] { self->add_(*other, alpha); });
+}
+
+// `*out = self + value * t1 * t2` (torch.addcmul), a new handle the caller owns.
+int32_t caseopt_aten_addcmul(const at::Tensor* self, const at::Tensor* t1, const at::Tensor* t2,
+                             double value, at::Tensor** out, char* err, size_t len) {
+  return guarded(err, len, [&] { *out = new at::Tensor(self->addcmul(*t1, *t2, value)); });
+}
+
+// `self += value * t1 * t2` (Tensor.addcmul_).
+int32_t caseopt_aten_addcmul_(at::Tensor* self, const at::Tensor* t1, const at::Tensor* t2,
+                              double value, char* err, size_t len) {
+  return guarded(err, len, [&] { self->addcmul_(*t1, *t2, value); });
+}
+
+// `self += value * t1 / t2` (Tensor.addcdiv_).
+int32_t caseopt_aten_addcdiv_(at::Tensor* self, const at::Tensor* t1, const at::Tensor* t2,
+                              double value, char* err, size_t len) {
+  return guarded(err, len, [&] { self->addcdiv_(*t1, *t2, value); });
+}
+
+// The kernels ATen's CPU ops dispatch to, from the name `torch.backends.cpu.get_cpu_capability()`
+// returns (the exported `at::get_cpu_capability`; DispatchStub's enum is not exported): 0
+// (DEFAULT), 1 (AVX2), 2 (AVX512), or -1 for any other name (another architecture's builds) or
+// a failure. ATen chooses once per process, from the processor and the ATEN_CPU_CAPABILITY
+// environment variable.
+int32_t caseopt_aten_cpu_capability() {
+  try {
+    const std::string name = at::get_cpu_capability();
+    if (name == "DEFAULT") return 0;
+    if (name == "AVX2") return 1;
+    if (name == "AVX512") return 2;
+  } catch (...) {
+  }
+  return -1;
+}
+
+}  // extern "C"
