@@ -47,6 +47,33 @@ pub trait Real:
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// `true` for NaN.
     fn is_nan(self) -> bool;
+    /// This thread's scratch buffer, taken (empty the first time; then what
+    /// [`keep_scratch`](Self::keep_scratch) gave back, values and all): grown once, then
+    /// reused, so that a loop neither allocates nor zeroes a buffer per call. Taken and given
+    /// back rather than lent to a closure, so that the loop using it stays in its caller,
+    /// compiled for the caller's instruction set.
+    fn take_scratch() -> Vec<Self>;
+    /// Gives the scratch buffer back to this thread.
+    fn keep_scratch(scratch: Vec<Self>);
+}
+
+/// [`Real::take_scratch`] and [`Real::keep_scratch`] for one element type.
+macro_rules! scratch {
+    ($t:ty, $cell:ident) => {
+        #[inline(always)]
+        fn take_scratch() -> Vec<$t> {
+            $cell.take()
+        }
+        #[inline(always)]
+        fn keep_scratch(scratch: Vec<$t>) {
+            $cell.set(scratch)
+        }
+    };
+}
+
+thread_local! {
+    static SCRATCH_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH_F64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl Real for f32 {
@@ -69,6 +96,7 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    scratch!(f32, SCRATCH_F32);
 }
 
 impl Real for f64 {
@@ -91,6 +119,7 @@ impl Real for f64 {
     fn is_nan(self) -> bool {
         f64::is_nan(self)
     }
+    scratch!(f64, SCRATCH_F64);
 }
 
 /// How ATen's kernel rounds `a * b + c`: once ([`Fused`]) or after each operation
@@ -555,9 +584,14 @@ fn adam_elementwise<T: Real, C: Contraction>(
     }
 }
 
-/// Elements of one block of [`adam_blocked`]: its square roots taken in one call, their inputs
-/// and outputs staying in L1 (2 KiB of f64).
-const SQRT_BLOCK: usize = 256;
+/// Elements of one block of [`adam_blocked`]: its square roots taken in one MKL call. Each call
+/// costs about a microsecond whatever its length, so blocks are large: on binarynet's step the
+/// exact root took 3.5-4.5x the default's time in blocks of 256, 2.0-2.3x in blocks of 2048 and
+/// 8192, 1.5x in blocks of 16,384 and 1.65x in blocks of 32,768 (docs/parity.md). The block's
+/// parameters, first moments and roots (192 KiB of f32, 384 KiB of f64) stay in L2 between the
+/// two passes; the roots go to the thread's scratch buffer ([`Real::take_scratch`]), which a
+/// stack array would have to zero whole on every call, however short the run.
+const SQRT_BLOCK: usize = 16384;
 
 /// The loop with ATen's square root: per block of [`SQRT_BLOCK`] elements, the moments and the
 /// decayed parameter, then the block's roots in one call (MKL's vector square root is not
@@ -576,7 +610,11 @@ fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
     let n = x.p.len();
     let (p, g, m, v) = (x.p, &x.g[..n], &mut x.m[..n], &mut x.v[..n]);
     let max_v = if amsgrad { &mut x.max_v[..n] } else { &mut x.max_v[..0] };
-    let mut roots = [T::ZERO; SQRT_BLOCK];
+    let mut scratch = T::take_scratch();
+    let block = n.min(SQRT_BLOCK);
+    if scratch.len() < block {
+        scratch.resize(block, T::ZERO);
+    }
     let mut start = 0;
     while start < n {
         let end = n.min(start + SQRT_BLOCK);
@@ -584,7 +622,7 @@ fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
         let (p, g, m, v) =
             (&mut p[start..end], &g[start..end], &mut m[start..end], &mut v[start..end]);
         let max_v = if amsgrad { &mut max_v[start..end] } else { &mut max_v[..0] };
-        let roots = &mut roots[..len];
+        let roots = &mut scratch[..len];
         for i in 0..len {
             let mut gi = g[i] * s.grad_sign;
             match decay {
@@ -614,6 +652,7 @@ fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
         }
         start = end;
     }
+    T::keep_scratch(scratch);
 }
 
 #[cfg(test)]
@@ -801,7 +840,7 @@ mod tests {
                     (p, m, v, mx)
                 };
                 let one_pass = run(false);
-                assert!(one_pass.0.iter().any(|&e| e == 0.9), "the clip bites");
+                assert!(one_pass.0.contains(&0.9), "the clip bites");
                 assert_eq!(run(true), one_pass, "{decay:?} amsgrad {amsgrad}");
             }
         }
