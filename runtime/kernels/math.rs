@@ -15,6 +15,10 @@
 //! reference is TensorFlow's separate multiply and add: its rules never fuse. The loops index
 //! slices whose lengths are checked once up front, so the compiler drops the bounds checks and
 //! vectorises them; the sign logic uses selects, not branches.
+//!
+//! Adam's rule is generic over a [`BlockSqrt`] too: by default the correctly rounded root in
+//! its one pass; with `Sqrt::Aten` ATen's own, MKL's vector square root where libtorch has MKL,
+//! which cannot be inlined and so is taken a block at a time between two passes over the block.
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -576,8 +580,8 @@ fn adam_elementwise<T: Real, C: Contraction>(
             vi
         };
         // The correctly rounded root. ATen's `sqrt` is MKL's on libtorch builds with MKL (one ulp
-        // off it in some elements); calling MKL ([`adam_blocked`]) makes the step 2-3 times
-        // slower (docs/parity.md), so by default the fused kernels differ from torch.optim there.
+        // off it in some elements); calling MKL (`adam_blocked`, `Sqrt::Aten`) makes the step
+        // 1.6-3x as long (docs/parity.md), so by default the fused kernels differ there.
         let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
         // addcdiv: (value * m) / denom, then added; then the constraint's clamp, if any.
         p[i] = clip.apply(pi + s.neg_step_size * mi / denom);
