@@ -10,7 +10,8 @@
 //!
 //! Rows, per set: the caseopt router (`binary => Bop<threshold: 1e-8, gamma: 1e-4>,
 //! _ => Adam<lr: 0.01>`) and caseopt Adam on every variable, each on its default backend
-//! (fused kernels on CPU) and forced onto libtorch ops; tch's `nn::Adam` (libtorch's C++
+//! (fused kernels on CPU) and forced onto libtorch ops; caseopt Adam with ATen's square root
+//! (`Sqrt::Aten`, torch.optim's bits); tch's `nn::Adam` (libtorch's C++
 //! optimizer); and, through the provisioned Python (`scripts/bench_torch.py --serve`, one
 //! long-lived process per set), torch.optim.Adam (foreach and fused) and a torch-ops Bop plus
 //! fused Adam. libtorch and the kernels run on `--threads` threads.
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use caseopt::{
     case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, Execution, NonFinitePolicy,
-    Optimizer, Router,
+    Optimizer, Router, Sqrt,
 };
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};
@@ -540,6 +541,13 @@ fn rust_benches(specs: &[Spec], args: &Args) -> Result<Vec<Bench>, Box<dyn std::
     if args.wants(name) {
         let vs = make_store(specs, d, true);
         let mut adam = caseopt_adam(&vs, Backend::Auto, args.threads)?;
+        add(name, adam_bytes, vs, Box::new(move || adam.step()));
+    }
+    let name = "caseopt Adam [ATen sqrt]";
+    if args.wants(name) {
+        let vs = make_store(specs, d, true);
+        let mut adam = caseopt_adam(&vs, Backend::Auto, args.threads)?;
+        adam.set_sqrt(Sqrt::Aten);
         add(name, adam_bytes, vs, Box::new(move || adam.step()));
     }
     let name = "caseopt Bop + Adam [libtorch ops]";

@@ -38,7 +38,7 @@ pub use error::{DistributedError, Error, Result};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig, NAdam, NAdamConfig, Optimizer,
-    RAdam, RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig,
+    RAdam, RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig, Sqrt,
 };
 pub use schedule::Schedule;
 pub use tch;

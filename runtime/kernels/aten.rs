@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use tch::{TchError, Tensor};
 
+use super::math::{BlockSqrt, Real};
 use crate::error::Result;
 
 extern "C" {
@@ -57,6 +58,7 @@ extern "C" {
         len: usize,
     ) -> i32;
     fn caseopt_aten_cpu_capability() -> i32;
+    fn caseopt_aten_vml_sqrt(dtype: i32) -> *const c_void;
 }
 
 /// Room for the message of an exception ATen raised.
@@ -164,6 +166,56 @@ impl CpuCapability {
     }
 }
 
+/// MKL's `vsSqrt`/`vdSqrt` through their Fortran entry points: `(n, in, out, mode)`.
+type VmlSqrtFn<T> = unsafe extern "C" fn(*const i32, *const T, *mut T, *const i64);
+
+/// The square roots of ATen's CPU `sqrt` where libtorch has MKL (every x86-64 Linux wheel):
+/// MKL's vector square root, not the correctly rounded one, called as `at::vml::vsqrt` calls it.
+/// Its result is a function of each element alone (the same whatever the run's length or the
+/// element's place in it, measured), so the fused kernels can call it on blocks of their own.
+#[derive(Clone, Copy)]
+pub(crate) struct VmlSqrt<T: 'static> {
+    f: VmlSqrtFn<T>,
+}
+
+/// `VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE` (mkl_vml_defines.h), ATen's mode.
+const VML_MODE: i64 = 0x2 | 0x14_0000 | 0x100;
+
+impl<T: Real> BlockSqrt<T> for VmlSqrt<T> {
+    const PER_ELEMENT: bool = false;
+
+    #[inline(always)]
+    fn sqrt_block(self, x: &mut [T]) {
+        // Blocks are a few hundred elements: never past i32.
+        let n = x.len() as i32;
+        let p = x.as_mut_ptr();
+        // SAFETY: `f` is MKL's square root over `n` elements of `T` (see `vml_sqrt`), reading
+        // `n` from `p` and writing `n` to `p`, which MKL allows in place (ATen calls it so on
+        // its own buffer); it neither keeps the pointers nor raises (errors ignored by mode).
+        unsafe { (self.f)(&n, p, p, &VML_MODE) }
+    }
+}
+
+/// The square root ATen's CPU `sqrt` computes `T` with, when it is MKL's (else `None`: ATen's is
+/// the correctly rounded one). Asked of the shim once per process.
+pub(crate) fn vml_sqrt<T: Real>() -> Option<VmlSqrt<T>> {
+    static F32: OnceLock<usize> = OnceLock::new();
+    static F64: OnceLock<usize> = OnceLock::new();
+    let (cell, dtype) = match T::BITS {
+        32 => (&F32, 0),
+        _ => (&F64, 1),
+    };
+    // SAFETY: takes an integer, returns a function pointer or null.
+    let raw = *cell.get_or_init(|| unsafe { caseopt_aten_vml_sqrt(dtype) } as usize);
+    if raw == 0 {
+        return None;
+    }
+    // SAFETY: the shim returned MKL's `v?Sqrt` Fortran entry for exactly this element type
+    // (`dtype` follows `T::BITS`), whose signature `VmlSqrtFn<T>` spells.
+    let f = unsafe { std::mem::transmute::<usize, VmlSqrtFn<T>>(raw) };
+    Some(VmlSqrt { f })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +248,28 @@ mod tests {
         assert!(err.contains("size"), "{err}");
         let mut c = a.copy();
         assert!(addcdiv_(&mut c, &a, &b, 1.0).is_err());
+    }
+
+    #[test]
+    fn vml_sqrt_is_torchs_sqrt() {
+        let x: Vec<f32> = (1..=3000).map(|i| (i as f32 * 0.37).sin().abs() * 1e-3).collect();
+        let ours = |x: &[f32]| -> Vec<f32> {
+            let mut y = x.to_vec();
+            match vml_sqrt::<f32>() {
+                Some(v) => y.chunks_mut(256).for_each(|b| v.sqrt_block(b)),
+                None => y.iter_mut().for_each(|e| *e = e.sqrt()),
+            }
+            y
+        };
+        let torch = Vec::<f32>::try_from(Tensor::from_slice(&x).sqrt()).unwrap();
+        assert_eq!(ours(&x), torch);
+        let x64: Vec<f64> = x.iter().map(|&e| e as f64 * 1.1).collect();
+        let mut y = x64.clone();
+        match vml_sqrt::<f64>() {
+            Some(v) => v.sqrt_block(&mut y),
+            None => y.iter_mut().for_each(|e| *e = e.sqrt()),
+        }
+        assert_eq!(y, Vec::<f64>::try_from(Tensor::from_slice(&x64).sqrt()).unwrap());
     }
 
     #[test]

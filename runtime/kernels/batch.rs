@@ -326,6 +326,7 @@ pub(super) unsafe fn slice_mut<'a, T>(addr: usize, offset: usize, n: usize) -> &
 mod tests {
     use super::*;
     use crate::kernels::ops::{AdamKernel, Bop2Kernel, BopKernel};
+    use crate::optim::Sqrt;
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -444,20 +445,25 @@ mod tests {
         assert_ne!(base[1], noise(n, 3).iter().map(|v| v.abs() * 1e-3).collect::<Vec<_>>());
         let bop2 = Bop2Kernel { gamma: 1e-2, sigma: 1e-1, threshold: 1e-3, eps: 1e-10 };
         let base2 = run_once(&bop2, 2, Isa::Baseline, n);
-        let adams: Vec<AdamKernel> =
-            [(false, false, false, 0.0), (false, true, true, 0.1), (true, true, false, 0.3)]
-                .into_iter()
-                .map(|(decoupled, amsgrad, maximize, weight_decay)| AdamKernel {
-                    lr: 0.01,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay,
-                    decoupled,
-                    amsgrad,
-                    maximize,
-                })
-                .collect();
+        // Each with both square roots: ATen's takes the blocked loop (math's tests hold it to
+        // the one-pass loop over several blocks).
+        let configs =
+            [(false, false, false, 0.0), (false, true, true, 0.1), (true, true, false, 0.3)];
+        let adams: Vec<AdamKernel> = [Sqrt::Fast, Sqrt::Aten]
+            .into_iter()
+            .flat_map(|sqrt| configs.map(move |c| (c, sqrt)))
+            .map(|((decoupled, amsgrad, maximize, weight_decay), sqrt)| AdamKernel {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+                sqrt,
+            })
+            .collect();
         let adam_base: Vec<_> =
             adams.iter().map(|a| run_once(a, a.states(), Isa::Baseline, n)).collect();
         for &isa in &sets[1..] {

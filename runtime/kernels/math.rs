@@ -15,6 +15,10 @@
 //! reference is TensorFlow's separate multiply and add: its rules never fuse. The loops index
 //! slices whose lengths are checked once up front, so the compiler drops the bounds checks and
 //! vectorises them; the sign logic uses selects, not branches.
+//!
+//! Adam's rule is generic over a [`BlockSqrt`] too: by default the correctly rounded root in
+//! its one pass; with `Sqrt::Aten` ATen's own, MKL's vector square root where libtorch has MKL,
+//! which cannot be inlined and so is taken a block at a time between two passes over the block.
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
@@ -35,6 +39,8 @@ pub trait Real:
     const ZERO: Self;
     /// 1.
     const ONE: Self;
+    /// Width in bits (32 or 64).
+    const BITS: u32;
     /// `v` rounded to this type (round to nearest, as C++'s `static_cast` and ATen's
     /// `Scalar::to<T>()` do).
     fn from_f64(v: f64) -> Self;
@@ -45,11 +51,39 @@ pub trait Real:
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// `true` for NaN.
     fn is_nan(self) -> bool;
+    /// This thread's scratch buffer, taken (empty the first time; then what
+    /// [`keep_scratch`](Self::keep_scratch) gave back, values and all): grown once, then
+    /// reused, so that a loop neither allocates nor zeroes a buffer per call. Taken and given
+    /// back rather than lent to a closure, so that the loop using it stays in its caller,
+    /// compiled for the caller's instruction set.
+    fn take_scratch() -> Vec<Self>;
+    /// Gives the scratch buffer back to this thread.
+    fn keep_scratch(scratch: Vec<Self>);
+}
+
+/// [`Real::take_scratch`] and [`Real::keep_scratch`] for one element type.
+macro_rules! scratch {
+    ($t:ty, $cell:ident) => {
+        #[inline(always)]
+        fn take_scratch() -> Vec<$t> {
+            $cell.take()
+        }
+        #[inline(always)]
+        fn keep_scratch(scratch: Vec<$t>) {
+            $cell.set(scratch)
+        }
+    };
+}
+
+thread_local! {
+    static SCRATCH_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH_F64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const BITS: u32 = 32;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -66,11 +100,13 @@ impl Real for f32 {
     fn is_nan(self) -> bool {
         f32::is_nan(self)
     }
+    scratch!(f32, SCRATCH_F32);
 }
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    const BITS: u32 = 64;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -87,6 +123,7 @@ impl Real for f64 {
     fn is_nan(self) -> bool {
         f64::is_nan(self)
     }
+    scratch!(f64, SCRATCH_F64);
 }
 
 /// How ATen's kernel rounds `a * b + c`: once ([`Fused`]) or after each operation
@@ -117,6 +154,34 @@ impl Contraction for Separate {
     #[inline(always)]
     fn madd<T: Real>(a: T, b: T, c: T) -> T {
         a * b + c
+    }
+}
+
+/// The square root the fused Adam takes of its second moment: the correctly rounded one per
+/// element ([`CorrectSqrt`], the default), or ATen's own, MKL's vector square root on a
+/// libtorch with MKL ([`VmlSqrt`](super::aten::VmlSqrt): one ulp off the correctly rounded
+/// root in about 17% of f32 elements), taken a block at a time.
+pub(crate) trait BlockSqrt<T>: Copy {
+    /// Whether the loop takes each root as it goes ([`Real::sqrt`]): one pass, vectorised,
+    /// the fast default. Otherwise it takes them a block at a time through
+    /// [`sqrt_block`](Self::sqrt_block), a second pass over each block.
+    const PER_ELEMENT: bool;
+    /// Replaces each element of `x` by its square root.
+    fn sqrt_block(self, x: &mut [T]);
+}
+
+/// The correctly rounded square root, as ATen's vectorised `sqrt` without MKL.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CorrectSqrt;
+
+impl<T: Real> BlockSqrt<T> for CorrectSqrt {
+    const PER_ELEMENT: bool = true;
+
+    #[inline(always)]
+    fn sqrt_block(self, x: &mut [T]) {
+        for e in x {
+            *e = e.sqrt();
+        }
     }
 }
 
@@ -386,7 +451,7 @@ pub(crate) fn adam<T: Real, C: Contraction>(
     decay: Decay,
     amsgrad: bool,
 ) {
-    adam_clipped::<T, C>(x, s, decay, amsgrad, Clip::new(f64::INFINITY));
+    adam_clipped::<T, C, _>(x, s, decay, amsgrad, Clip::new(f64::INFINITY), CorrectSqrt);
 }
 
 /// A constraint's bounds in the element type: `[-clip, clip]` rounded as ATen rounds
@@ -412,15 +477,16 @@ impl<T: Real> Clip<T> {
 }
 
 /// [`adam`] with each new parameter value clamped to `clip` before it is stored (a
-/// `weight_clip` constraint in the same pass). With infinite bounds the clamp returns its
-/// input, so the unconstrained step is the same bits.
+/// `weight_clip` constraint in the same pass), and the square root `sqrt`. With infinite
+/// bounds the clamp returns its input, so the unconstrained step is the same bits.
 #[inline(always)]
-pub(crate) fn adam_clipped<T: Real, C: Contraction>(
+pub(crate) fn adam_clipped<T: Real, C: Contraction, S: BlockSqrt<T>>(
     x: AdamSlices<'_, T>,
     s: AdamScalars<T>,
     decay: Decay,
     amsgrad: bool,
     clip: Clip<T>,
+    sqrt: S,
 ) {
     // ATen's lerp: weight < 0.5 ? a + w * (b - a) : b + (w - 1) * (b - a) (its vector form;
     // the scalar `b - (b - a) * (1 - w)` is the same, `1 - w` and `w - 1` rounding alike).
@@ -429,9 +495,11 @@ pub(crate) fn adam_clipped<T: Real, C: Contraction>(
     macro_rules! go {
         ($decay:expr, $ams:expr) => {
             if small {
-                adam_loop::<T, C>(x, s, $decay, $ams, clip, |m, g| C::madd(s.lerp_weight, g - m, m))
+                let lerp = |m, g| C::madd(s.lerp_weight, g - m, m);
+                adam_loop::<T, C, S>(x, s, $decay, $ams, clip, sqrt, lerp)
             } else {
-                adam_loop::<T, C>(x, s, $decay, $ams, clip, |m, g| C::madd(w_minus_one, g - m, g))
+                let lerp = |m, g| C::madd(w_minus_one, g - m, g);
+                adam_loop::<T, C, S>(x, s, $decay, $ams, clip, sqrt, lerp)
             }
         };
     }
@@ -458,8 +526,28 @@ impl<T: Real> HalfCheck for T {
     }
 }
 
+/// The loop `S` asks for: one pass with each root taken as it goes, or blocks whose roots are
+/// taken together (`S::PER_ELEMENT` is a constant: the other loop is not compiled in).
 #[inline(always)]
-fn adam_loop<T: Real, C: Contraction>(
+fn adam_loop<T: Real, C: Contraction, S: BlockSqrt<T>>(
+    x: AdamSlices<'_, T>,
+    s: AdamScalars<T>,
+    decay: Decay,
+    amsgrad: bool,
+    clip: Clip<T>,
+    sqrt: S,
+    lerp: impl Fn(T, T) -> T,
+) {
+    if S::PER_ELEMENT {
+        adam_elementwise::<T, C>(x, s, decay, amsgrad, clip, lerp)
+    } else {
+        adam_blocked::<T, C, S>(x, s, decay, amsgrad, clip, sqrt, lerp)
+    }
+}
+
+/// The default loop: one pass, the correctly rounded root of each element.
+#[inline(always)]
+fn adam_elementwise<T: Real, C: Contraction>(
     x: AdamSlices<'_, T>,
     s: AdamScalars<T>,
     decay: Decay,
@@ -492,12 +580,83 @@ fn adam_loop<T: Real, C: Contraction>(
             vi
         };
         // The correctly rounded root. ATen's `sqrt` is MKL's on libtorch builds with MKL (one ulp
-        // off it in some elements); calling MKL here made the step 2-3 times slower
-        // (docs/parity.md), so the fused kernels differ from torch.optim there.
+        // off it in some elements); calling MKL (`adam_blocked`, `Sqrt::Aten`) makes the step
+        // 1.6-3x as long (docs/parity.md), so by default the fused kernels differ there.
         let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
         // addcdiv: (value * m) / denom, then added; then the constraint's clamp, if any.
         p[i] = clip.apply(pi + s.neg_step_size * mi / denom);
     }
+}
+
+/// Elements of one block of [`adam_blocked`]: its square roots taken in one MKL call. Each call
+/// costs about a microsecond whatever its length, so blocks are large: on binarynet's step the
+/// exact root took 3.5-4.5x the default's time in blocks of 256, 2.0-2.3x in blocks of 2048 and
+/// 8192, 1.5x in blocks of 16,384 and 1.65x in blocks of 32,768 (docs/parity.md). The block's
+/// parameters, first moments and roots (192 KiB of f32, 384 KiB of f64) stay in L2 between the
+/// two passes; the roots go to the thread's scratch buffer ([`Real::take_scratch`]), which a
+/// stack array would have to zero whole on every call, however short the run.
+const SQRT_BLOCK: usize = 16384;
+
+/// The loop with ATen's square root: per block of [`SQRT_BLOCK`] elements, the moments and the
+/// decayed parameter, then the block's roots in one call (MKL's vector square root is not
+/// inlined, so it cannot be called per element at any speed), then the parameter update. The
+/// same arithmetic as [`adam_elementwise`] in the same order, but for the root.
+#[inline(always)]
+fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
+    x: AdamSlices<'_, T>,
+    s: AdamScalars<T>,
+    decay: Decay,
+    amsgrad: bool,
+    clip: Clip<T>,
+    sqrt: S,
+    lerp: impl Fn(T, T) -> T,
+) {
+    let n = x.p.len();
+    let (p, g, m, v) = (x.p, &x.g[..n], &mut x.m[..n], &mut x.v[..n]);
+    let max_v = if amsgrad { &mut x.max_v[..n] } else { &mut x.max_v[..0] };
+    let mut scratch = T::take_scratch();
+    let block = n.min(SQRT_BLOCK);
+    if scratch.len() < block {
+        scratch.resize(block, T::ZERO);
+    }
+    let mut start = 0;
+    while start < n {
+        let end = n.min(start + SQRT_BLOCK);
+        let len = end - start;
+        let (p, g, m, v) =
+            (&mut p[start..end], &g[start..end], &mut m[start..end], &mut v[start..end]);
+        let max_v = if amsgrad { &mut max_v[start..end] } else { &mut max_v[..0] };
+        let roots = &mut scratch[..len];
+        for i in 0..len {
+            let mut gi = g[i] * s.grad_sign;
+            match decay {
+                Decay::None => {}
+                Decay::L2 => gi = C::madd(s.weight_decay, p[i], gi),
+                Decay::Decoupled => p[i] = p[i] * s.decay_factor,
+            }
+            let mi = lerp(m[i], gi);
+            let vi = C::madd(s.one_minus_beta2 * gi, gi, v[i] * s.beta2);
+            m[i] = mi;
+            v[i] = vi;
+            roots[i] = if amsgrad {
+                // torch.maximum propagates NaN.
+                let old = max_v[i];
+                let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
+                max_v[i] = mx;
+                mx
+            } else {
+                vi
+            };
+        }
+        sqrt.sqrt_block(roots);
+        for i in 0..len {
+            let denom = roots[i] / s.bias_correction2_sqrt + s.eps;
+            // addcdiv: (value * m) / denom, then added; then the constraint's clamp, if any.
+            p[i] = clip.apply(p[i] + s.neg_step_size * m[i] / denom);
+        }
+        start = end;
+    }
+    T::keep_scratch(scratch);
 }
 
 #[cfg(test)]
@@ -638,6 +797,57 @@ mod tests {
         assert_eq!(run(Decay::None, true, 5.0).2, 5.0);
         assert!(run(Decay::None, true, f64::NAN).2.is_nan());
         assert!((run(Decay::None, true, 0.0).2 - 0.001).abs() < 1e-15);
+    }
+
+    /// The correctly rounded root, taken a block at a time.
+    #[derive(Clone, Copy)]
+    struct BlockedCorrectSqrt;
+
+    impl<T: Real> BlockSqrt<T> for BlockedCorrectSqrt {
+        const PER_ELEMENT: bool = false;
+        fn sqrt_block(self, x: &mut [T]) {
+            CorrectSqrt.sqrt_block(x)
+        }
+    }
+
+    /// The blocked loop (ATen's root) is the one-pass loop but for the root: with the same
+    /// root, the same bits, over several blocks and a partial one, in every configuration.
+    #[test]
+    fn adam_blocked_is_adam_elementwise_but_for_the_root() {
+        let n = 2 * SQRT_BLOCK + 37;
+        let wave = |k: f64| (0..n).map(|i| (i as f64 * k).sin()).collect::<Vec<_>>();
+        let s = AdamScalars::<f64> {
+            lerp_weight: 0.1,
+            beta2: 0.999,
+            one_minus_beta2: 1.0 - 0.999,
+            eps: 1e-8,
+            neg_step_size: -0.01,
+            bias_correction2_sqrt: 0.5,
+            weight_decay: 0.37,
+            decay_factor: 0.99,
+            grad_sign: -1.0,
+        };
+        for decay in [Decay::None, Decay::L2, Decay::Decoupled] {
+            for amsgrad in [false, true] {
+                let run = |blocked: bool| {
+                    let (mut p, g, mut m) = (wave(0.618), wave(1.414), wave(0.3));
+                    let mut v: Vec<f64> = wave(0.7).iter().map(|e| e.abs() * 0.01).collect();
+                    let mut mx: Vec<f64> = wave(0.9).iter().map(|e| e.abs() * 0.01).collect();
+                    let max_v: &mut [f64] = if amsgrad { &mut mx } else { &mut [] };
+                    let x = AdamSlices { p: &mut p, g: &g, m: &mut m, v: &mut v, max_v };
+                    let clip = Clip::new(0.9);
+                    if blocked {
+                        adam_clipped::<_, Fused, _>(x, s, decay, amsgrad, clip, BlockedCorrectSqrt);
+                    } else {
+                        adam_clipped::<_, Fused, _>(x, s, decay, amsgrad, clip, CorrectSqrt);
+                    }
+                    (p, m, v, mx)
+                };
+                let one_pass = run(false);
+                assert!(one_pass.0.contains(&0.9), "the clip bites");
+                assert_eq!(run(true), one_pass, "{decay:?} amsgrad {amsgrad}");
+            }
+        }
     }
 
     /// Adam with L2 decay on single elements against each `a + b * c` rounded once, computed in

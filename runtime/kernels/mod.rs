@@ -83,6 +83,7 @@ pub(crate) use unfused::{finite, stage, Workspace};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::optim::Sqrt;
 use math::Real;
 
 /// The largest number of state tensors a kernel updates besides the parameter (Adam with
@@ -167,6 +168,18 @@ pub trait Kernel: Sync {
         g: &[T],
         states: [&mut [T]; MAX_STATES],
     ) -> usize;
+
+    /// The kernel taking square roots as `sqrt` says ([`Execution::set_sqrt`]); kernels
+    /// without a square root (all but Adam's) ignore it.
+    ///
+    /// [`Execution::set_sqrt`]: crate::Execution::set_sqrt
+    fn with_sqrt(self, sqrt: Sqrt) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = sqrt;
+        self
+    }
 }
 
 /// A named state tensor of one variable, or nothing in an unused slot.

@@ -2,11 +2,13 @@
 //! element type the way ATen rounds a Python scalar, and handed to the loops of [`math`]
 //! with the rounding of `a + b * c` ATen's CPU kernels use ([`CpuCapability::contracts`]).
 
-use super::aten::CpuCapability;
+use super::aten::{self, CpuCapability};
 use super::math::{
-    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Decay, Fused, Real, Separate,
+    self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Contraction, CorrectSqrt, Decay,
+    Fused, Real, Separate,
 };
 use super::{Kernel, MAX_STATES};
+use crate::optim::Sqrt;
 
 /// Bop with one step's hyperparameters. State: `m`.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +77,8 @@ pub struct AdamKernel {
     pub(crate) decoupled: bool,
     pub(crate) amsgrad: bool,
     pub(crate) maximize: bool,
+    /// The square root of the second moment: the correctly rounded one, or ATen's.
+    pub(crate) sqrt: Sqrt,
 }
 
 impl AdamKernel {
@@ -94,6 +98,27 @@ impl AdamKernel {
         let bias_correction1 = 1.0 - self.beta1.powf(step);
         let bias_correction2 = 1.0 - self.beta2.powf(step);
         [self.lr / bias_correction1, bias_correction2.powf(0.5)]
+    }
+
+    /// The Adam loop with `C`'s rounding and the square root `self.sqrt` asks for: chosen once
+    /// per call (a run of one variable), each choice its own monomorphic loop.
+    #[inline(always)]
+    fn adam<T: Real, C: Contraction>(
+        &self,
+        x: AdamSlices<'_, T>,
+        s: AdamScalars<T>,
+        clip: Clip<T>,
+    ) {
+        let (decay, amsgrad) = (self.decay(), self.amsgrad);
+        let vml = match self.sqrt {
+            Sqrt::Fast => None,
+            Sqrt::Aten => aten::vml_sqrt::<T>(),
+        };
+        match vml {
+            Some(vml) => math::adam_clipped::<T, C, _>(x, s, decay, amsgrad, clip, vml),
+            // No MKL: ATen's `sqrt` is the correctly rounded one.
+            None => math::adam_clipped::<T, C, _>(x, s, decay, amsgrad, clip, CorrectSqrt),
+        }
     }
 
     fn decay(&self) -> Decay {
@@ -133,11 +158,15 @@ impl Kernel for AdamKernel {
         // torch.optim's bits.
         let clip = Clip::new(clip);
         if CpuCapability::get().contracts() {
-            math::adam_clipped::<T, Fused>(x, s, self.decay(), self.amsgrad, clip);
+            self.adam::<T, Fused>(x, s, clip);
         } else {
-            math::adam_clipped::<T, Separate>(x, s, self.decay(), self.amsgrad, clip);
+            self.adam::<T, Separate>(x, s, clip);
         }
         0
+    }
+
+    fn with_sqrt(self, sqrt: Sqrt) -> Self {
+        AdamKernel { sqrt, ..self }
     }
 }
 
@@ -156,6 +185,7 @@ mod tests {
             decoupled: false,
             amsgrad: false,
             maximize: false,
+            sqrt: Sqrt::Fast,
         };
         let [step_size, bc2] = k.scalars(1);
         assert!((step_size - 0.1).abs() < 1e-15);

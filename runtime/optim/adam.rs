@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
+use crate::optim::Sqrt;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -216,7 +217,8 @@ impl AdamVariant for AdamAlgorithm {
     fn step_kernel(c: &AdamConfig, hp: &AdamValues) -> AdamKernel {
         let AdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
         let (decoupled, amsgrad, maximize) = (false, c.amsgrad, c.maximize);
-        AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize }
+        let sqrt = Sqrt::Fast; // the optimizer's setting replaces it (`Kernel::with_sqrt`)
+        AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, sqrt }
     }
 
     fn amsgrad(c: &AdamConfig) -> bool {

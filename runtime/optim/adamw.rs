@@ -7,6 +7,7 @@ use super::hyper::hyperparameters;
 use caseopt_rules::OptimizerKind;
 
 use crate::kernels::ops::AdamKernel;
+use crate::optim::Sqrt;
 use crate::schedule::Schedule;
 
 /// Configuration of [`AdamW`]; `Default` is torch.optim.AdamW's (weight decay 1e-2).
@@ -84,7 +85,8 @@ impl AdamVariant for AdamWAlgorithm {
     fn step_kernel(c: &AdamWConfig, hp: &AdamWValues) -> AdamKernel {
         let AdamWValues { lr, beta1, beta2, eps, weight_decay } = *hp;
         let (decoupled, amsgrad, maximize) = (true, c.amsgrad, c.maximize);
-        AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize }
+        let sqrt = Sqrt::Fast; // the optimizer's setting replaces it (`Kernel::with_sqrt`)
+        AdamKernel { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, sqrt }
     }
 
     fn amsgrad(c: &AdamWConfig) -> bool {

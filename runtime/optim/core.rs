@@ -16,7 +16,7 @@ use super::flips::{FlipCounts, FlipRatios};
 use super::grad::check_grads;
 use super::hyper::Hyperparameters;
 use super::state::StateSlot;
-use super::{Backend, Execution, FromConfig, Optimizer};
+use super::{Backend, Execution, FromConfig, Optimizer, Sqrt};
 use crate::constraint::Constraint;
 use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::{Kernel, StateOperand, MAX_STATES};
@@ -242,7 +242,10 @@ impl<A: Algorithm> Optim<A> {
     /// libtorch ops only for optimizers without a kernel.
     pub(crate) fn run_step(&mut self, grads: &[Option<Tensor>], hp: &Values<A>) -> Result<()> {
         match A::kernel(&self.config, hp) {
-            Some(kernel) => self.fused_then_libtorch(grads, hp, &kernel),
+            Some(kernel) => {
+                let kernel = kernel.with_sqrt(self.exec.sqrt);
+                self.fused_then_libtorch(grads, hp, &kernel)
+            }
             None => {
                 self.exec.refuse_all_under_fused(A::NAME, &self.params)?;
                 check_grads(&self.params, grads)?;
@@ -514,5 +517,13 @@ impl<A: Algorithm> Execution for Optim<A> {
 
     fn threads(&self) -> usize {
         self.exec.threads
+    }
+
+    fn set_sqrt(&mut self, sqrt: Sqrt) {
+        self.exec.sqrt = sqrt;
+    }
+
+    fn sqrt(&self) -> Sqrt {
+        self.exec.sqrt
     }
 }

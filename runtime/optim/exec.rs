@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 use super::core::VarState;
 use super::grad::{check_grad, check_grads};
 use super::state::StateSlot;
-use super::Backend;
+use super::{Backend, Sqrt};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Operands, Unfit, Workspace, MAX_STATES};
 use crate::var::Param;
@@ -30,6 +30,8 @@ pub struct Exec {
     /// Each variable's clip for the fused kernels, which clamp their new values to
     /// `[-clip, clip]` before they store them (infinity: no constraint).
     pub(crate) clips: Vec<f64>,
+    /// The square root the fused Adam/AdamW kernels take (the others ignore it).
+    pub(crate) sqrt: Sqrt,
 }
 
 /// Elements each variable's run of a state buffer is rounded up to: 64 bytes of f32, so that

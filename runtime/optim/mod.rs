@@ -51,8 +51,9 @@ use crate::var::Param;
 /// `backend` ([`Execution`]); the choice belongs to that optimizer alone.
 ///
 /// On an x86-64 CPU the libtorch path gives torch.optim's results bit for bit, and so do the
-/// fused kernels but for Adam/AdamW's square root (correctly rounded, where ATen's is MKL's: an
-/// ulp or two); Bop and Bop2ndOrder give larq's (docs/parity.md). They differ in speed. The
+/// fused kernels but for Adam/AdamW's square root, correctly rounded by default where ATen's is
+/// MKL's (an ulp or two; [`Sqrt::Aten`] takes ATen's, to the bit and slower); Bop and
+/// Bop2ndOrder give larq's (docs/parity.md). They differ in speed. The
 /// fused kernels read and write each element once, batch all of an optimizer's variables into
 /// one pass split across threads, and allocate nothing per step; the libtorch path issues one
 /// ATen op per term and tensor.
@@ -91,6 +92,47 @@ pub enum Backend {
     /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad) fail every step, and so does every
     /// optimizer when caseopt was built without the `fused` cargo feature.
     Fused,
+}
+
+/// The square root the fused Adam/AdamW kernels take of the second moment (set with
+/// [`Execution::set_sqrt`]). It matters only where libtorch computes `sqrt` with MKL (every
+/// x86-64 Linux wheel): ATen's CPU `sqrt` is then MKL's vector square root, one ulp off the
+/// correctly rounded root in about 17% of f32 elements (1.2% of f64), which moves an Adam
+/// update by an ulp or two (docs/parity.md). Where libtorch has no MKL the two are the same
+/// correctly rounded root. The libtorch path always calls ATen's `sqrt`, and the other
+/// optimizers' kernels take no square root: they ignore the setting.
+///
+/// ```
+/// use caseopt::{Adam, Backend, Execution, Optimizer, Param, Sqrt, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f32, -1.0, 0.5]);
+/// let mut adam = Adam::new(Default::default())?;
+/// adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+/// assert_eq!(adam.sqrt(), Sqrt::Fast);
+/// adam.set_sqrt(Sqrt::Aten); // torch.optim's bits on every backend, slower
+/// adam.step_with_grads(&[Some(Tensor::from_slice(&[0.3f32, -0.2, 0.1]))])?;
+///
+/// // The same step on the libtorch path, which calls ATen's own ops.
+/// let u = Tensor::from_slice(&[1.0f32, -1.0, 0.5]);
+/// let mut torch = Adam::new(Default::default())?;
+/// torch.add_param(Param::new(VarInfo::of("u", &u), u.shallow_clone()))?;
+/// torch.set_backend(Backend::Torch);
+/// torch.step_with_grads(&[Some(Tensor::from_slice(&[0.3f32, -0.2, 0.1]))])?;
+/// assert!(w.equal(&u));
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sqrt {
+    /// The correctly rounded root of each element, computed in the kernels' vectorised loop:
+    /// within an ulp or two of torch.optim where ATen's `sqrt` is MKL's, equal elsewhere.
+    #[default]
+    Fast,
+    /// ATen's own square root: MKL's vector square root where libtorch has MKL, called a block
+    /// of 256 elements at a time, for torch.optim's results bit for bit; the fused Adam step
+    /// then takes longer (docs/parity.md has the measured factor). Where libtorch has no MKL,
+    /// the same as [`Sqrt::Fast`].
+    Aten,
 }
 
 /// An optimizer: per-variable state, a step over (parameter, gradient) pairs, its own step
@@ -277,4 +319,27 @@ pub trait Execution {
 
     /// The thread setting of the fused kernels (0: follow libtorch).
     fn threads(&self) -> usize;
+
+    /// Chooses the square root of the fused Adam/AdamW kernels ([`Sqrt`]); the default is
+    /// [`Sqrt::Fast`]. [`Sqrt::Aten`] makes their results torch.optim's bit for bit, at a
+    /// cost in speed. The other optimizers, and the libtorch path, ignore it (the default
+    /// implementation, for optimizers without such a kernel, too).
+    ///
+    /// ```
+    /// use caseopt::{AdamW, Execution, Sqrt};
+    ///
+    /// let mut adamw = AdamW::new(Default::default())?;
+    /// adamw.set_sqrt(Sqrt::Aten);
+    /// assert_eq!(adamw.sqrt(), Sqrt::Aten);
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn set_sqrt(&mut self, sqrt: Sqrt) {
+        let _ = sqrt;
+    }
+
+    /// The square root setting (see [`set_sqrt`](Self::set_sqrt)); the default implementation
+    /// says [`Sqrt::Fast`].
+    fn sqrt(&self) -> Sqrt {
+        Sqrt::Fast
+    }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use caseopt::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, Execution, NAdam, NAdamConfig, Optimizer, Param, RAdam,
-    RAdamConfig, RmsProp, RmsPropConfig, Schedule, Sgd, SgdConfig, VarInfo,
+    RAdamConfig, RmsProp, RmsPropConfig, Schedule, Sgd, SgdConfig, Sqrt, VarInfo,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -105,27 +105,43 @@ fn b(config: &Value, key: &str) -> Option<bool> {
 /// The optimizers with fused CPU kernels; the others take `Backend::Fused` as an error.
 pub const FUSED: &[&str] = &["Bop", "Bop2ndOrder", "Adam", "AdamW"];
 
-/// The fused kernels whose update takes a square root that reaches the parameter: they take
-/// the correctly rounded one, where ATen's `sqrt` is MKL's on a libtorch with MKL.
+/// The fused kernels whose update takes a square root that reaches the parameter: by default
+/// ([`Sqrt::Fast`]) they take the correctly rounded one, where ATen's `sqrt` is MKL's on a
+/// libtorch with MKL; with [`Sqrt::Aten`], ATen's.
 pub const FUSED_SQRT: &[&str] = &["Adam", "AdamW"];
 
-/// Boxes a built-in optimizer after choosing its backend.
-fn boxed(backend: Backend, mut optimizer: impl Execution + Optimizer) -> Box<dyn Optimizer> {
-    optimizer.set_backend(backend);
+/// How a run executes: its optimizers' backend, and the fused Adam/AdamW's square root.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub backend: Backend,
+    pub sqrt: Sqrt,
+}
+
+impl From<Backend> for Setting {
+    /// The backend with the default square root.
+    fn from(backend: Backend) -> Self {
+        Setting { backend, sqrt: Sqrt::Fast }
+    }
+}
+
+/// Boxes a built-in optimizer after choosing its backend and square root.
+fn boxed(path: Setting, mut optimizer: impl Execution + Optimizer) -> Box<dyn Optimizer> {
+    optimizer.set_backend(path.backend);
+    optimizer.set_sqrt(path.sqrt);
     Box::new(optimizer)
 }
 
 /// Builds the optimizer a fixture case names, from its torch-style keyword arguments, on
-/// `backend`.
-pub fn build(optimizer: &str, c: &Value, backend: Backend) -> Box<dyn Optimizer> {
-    build_with_lr(optimizer, c, backend, None)
+/// `path`.
+pub fn build(optimizer: &str, c: &Value, path: Setting) -> Box<dyn Optimizer> {
+    build_with_lr(optimizer, c, path, None)
 }
 
 /// [`build`], the learning rate following `lr` when given.
 pub fn build_with_lr(
     optimizer: &str,
     c: &Value,
-    backend: Backend,
+    path: Setting,
     lr: Option<Schedule>,
 ) -> Box<dyn Optimizer> {
     let f = |c: &Value, key: &str| match (key, &lr) {
@@ -136,7 +152,7 @@ pub fn build_with_lr(
         "SGD" => {
             let d = SgdConfig::default();
             boxed(
-                backend,
+                path,
                 Sgd::new(SgdConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     momentum: f(c, "momentum").unwrap_or(d.momentum),
@@ -151,7 +167,7 @@ pub fn build_with_lr(
         "Adam" => {
             let d = AdamConfig::default();
             boxed(
-                backend,
+                path,
                 Adam::new(AdamConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -167,7 +183,7 @@ pub fn build_with_lr(
         "AdamW" => {
             let d = AdamWConfig::default();
             boxed(
-                backend,
+                path,
                 AdamW::new(AdamWConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -183,7 +199,7 @@ pub fn build_with_lr(
         "RMSprop" => {
             let d = RmsPropConfig::default();
             boxed(
-                backend,
+                path,
                 RmsProp::new(RmsPropConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     alpha: f(c, "alpha").unwrap_or(d.alpha),
@@ -199,7 +215,7 @@ pub fn build_with_lr(
         "RAdam" => {
             let d = RAdamConfig::default();
             boxed(
-                backend,
+                path,
                 RAdam::new(RAdamConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -216,7 +232,7 @@ pub fn build_with_lr(
         "NAdam" => {
             let d = NAdamConfig::default();
             boxed(
-                backend,
+                path,
                 NAdam::new(NAdamConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     beta1: f(c, "beta1").unwrap_or(d.beta1),
@@ -234,7 +250,7 @@ pub fn build_with_lr(
         "Adagrad" => {
             let d = AdagradConfig::default();
             boxed(
-                backend,
+                path,
                 Adagrad::new(AdagradConfig {
                     lr: f(c, "lr").unwrap_or(d.lr),
                     lr_decay: f(c, "lr_decay").unwrap_or(d.lr_decay),
@@ -252,7 +268,7 @@ pub fn build_with_lr(
         "Bop" => {
             let d = BopConfig::default();
             boxed(
-                backend,
+                path,
                 Bop::new(BopConfig {
                     threshold: f(c, "threshold").unwrap_or(d.threshold),
                     gamma: f(c, "gamma").unwrap_or(d.gamma),
@@ -263,7 +279,7 @@ pub fn build_with_lr(
         "Bop2ndOrder" => {
             let d = Bop2ndOrderConfig::default();
             boxed(
-                backend,
+                path,
                 Bop2ndOrder::new(Bop2ndOrderConfig {
                     threshold: f(c, "threshold").unwrap_or(d.threshold),
                     gamma: f(c, "gamma").unwrap_or(d.gamma),
@@ -341,7 +357,7 @@ pub fn run_parity(
     backend: Backend,
     device: Device,
 ) -> BTreeMap<String, f64> {
-    run_parity_values(dtype, &|_| tol, backend, device).worst
+    run_parity_values(dtype, &|_| tol, backend.into(), device).worst
 }
 
 /// [`run_parity`] with a tolerance per optimizer, returning the ulp distances and the values
@@ -349,9 +365,10 @@ pub fn run_parity(
 pub fn run_parity_values(
     dtype: &str,
     tol: &dyn Fn(&str) -> f64,
-    backend: Backend,
+    path: Setting,
     device: Device,
 ) -> Parity {
+    let backend = path.backend;
     let (meta, tensors) = fixtures();
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
     let mut ulps: BTreeMap<String, u64> = BTreeMap::new();
@@ -369,7 +386,7 @@ pub fn run_parity_values(
             // The schedule below replaces the constant.
             config.as_object_mut().unwrap().remove("lr");
         }
-        let mut opt = build_with_lr(optimizer, &config, backend, schedule);
+        let mut opt = build_with_lr(optimizer, &config, path, schedule);
         let tol = tol(optimizer);
         let data = case["data"].as_str().unwrap();
         let count = case["vars"].as_u64().unwrap();
@@ -418,8 +435,8 @@ pub fn run_parity_values(
     }
     for (opt, err) in &worst {
         println!(
-            "parity {device:?} {dtype} {backend:<5?} {opt:<12} max scaled error {err:.3e}, {} ulp",
-            ulps[opt]
+            "parity {device:?} {dtype} {backend:<5?} {:<4?} {opt:<12} max scaled error {err:.3e}, {} ulp",
+            path.sqrt, ulps[opt]
         );
     }
     assert!(
