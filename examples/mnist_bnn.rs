@@ -46,7 +46,6 @@ mod run_state;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use caseopt::distributed::{DataParallel, Rendezvous};
 use caseopt::Router;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -246,12 +245,7 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
     let mut router = args.recipe.router(&vs)?;
     let mut dp = match world {
         1 => None,
-        _ => {
-            let group = Rendezvous::from_env()?.connect()?;
-            let dp = DataParallel::new(group, &vs)?;
-            dp.check_router(&*router)?;
-            Some(dp)
-        }
+        _ => Some(ranks::Parallel::join(&vs, &*router)?),
     };
 
     let n_train = train_count(&ds, &args);
@@ -496,7 +490,7 @@ fn epoch_order(n: i64, device: Device) -> Result<Tensor, tch::TchError> {
 
 /// This process's part in a data-parallel run (`dp` `None` when alone).
 struct Ranked<'a> {
-    dp: Option<&'a mut DataParallel>,
+    dp: Option<&'a mut ranks::Parallel>,
     rank: usize,
     world: usize,
 }
@@ -573,10 +567,8 @@ fn train_epoch(
     bar.finish_and_clear();
     if let Some(dp) = &ctx.dp {
         // The epoch's figures over every rank's slices.
-        let totals = Tensor::from_slice(&[loss_sum, correct as f64, seen as f64]);
-        dp.group().all_reduce_sum(&[totals.shallow_clone()])?;
-        let totals = Vec::<f64>::try_from(&totals)?;
-        (loss_sum, correct, seen) = (totals[0], totals[1] as i64, totals[2] as i64);
+        let [l, c, n] = dp.sum([loss_sum, correct as f64, seen as f64])?;
+        (loss_sum, correct, seen) = (l, c as i64, n as i64);
     }
     Ok(EpochStats {
         loss: loss_sum / seen as f64,

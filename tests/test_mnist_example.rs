@@ -335,6 +335,7 @@ fn the_latent_weight_recipe_trains_clipped_kernels_and_resumes_bit_identically()
     assert!(stderr.contains("`--recipe` differs"), "{stderr}");
 }
 
+#[cfg(feature = "distributed")]
 #[test]
 fn two_ranks_train_data_parallel_and_resume_bit_identically() {
     let scratch = Scratch::new_named("ranks");

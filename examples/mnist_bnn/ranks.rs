@@ -9,15 +9,84 @@
 
 use std::process::{Command, Stdio};
 
-use tch::Tensor;
+use caseopt::Router;
+use tch::{nn, Tensor};
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// A rank's data-parallel machinery: caseopt's `DataParallel` over the launcher's group (in a
+/// build without the `distributed` feature there is none, and no rank is ever started).
+#[cfg(feature = "distributed")]
+pub struct Parallel(caseopt::distributed::DataParallel);
+
+/// A rank's data-parallel machinery; uninhabited: this build has no `distributed` feature.
+#[cfg(not(feature = "distributed"))]
+pub enum Parallel {}
+
+#[cfg(feature = "distributed")]
+impl Parallel {
+    /// Joins the group the launcher's variables describe, takes rank 0's variables and checks
+    /// that every rank routes them alike.
+    pub fn join(vs: &nn::VarStore, router: &dyn Router) -> Result<Parallel, BoxError> {
+        let group = caseopt::distributed::Rendezvous::from_env()?.connect()?;
+        let dp = caseopt::distributed::DataParallel::new(group, vs)?;
+        dp.check_router(router)?;
+        Ok(Parallel(dp))
+    }
+
+    /// Backward, the gradients averaged over the ranks, then the router's step.
+    pub fn backward_step(&mut self, router: &mut dyn Router, loss: &Tensor) -> caseopt::Result<()> {
+        self.0.backward_step(router, loss)
+    }
+
+    /// Every variable (batch-norm statistics included) as rank 0 has it.
+    pub fn broadcast_variables(&self) -> caseopt::Result<()> {
+        self.0.broadcast_variables()
+    }
+
+    /// `values` summed over the ranks.
+    pub fn sum(&self, values: [f64; 3]) -> Result<[f64; 3], BoxError> {
+        let t = Tensor::from_slice(&values);
+        self.0.group().all_reduce_sum(&[t.shallow_clone()])?;
+        let v = Vec::<f64>::try_from(&t)?;
+        Ok([v[0], v[1], v[2]])
+    }
+}
+
+#[cfg(not(feature = "distributed"))]
+impl Parallel {
+    /// Always an error: this build has no `distributed` feature.
+    pub fn join(_: &nn::VarStore, _: &dyn Router) -> Result<Parallel, BoxError> {
+        Err(NO_FEATURE.into())
+    }
+
+    /// Unreachable (no value exists).
+    pub fn backward_step(&mut self, _: &mut dyn Router, _: &Tensor) -> caseopt::Result<()> {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn broadcast_variables(&self) -> caseopt::Result<()> {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn sum(&self, _: [f64; 3]) -> Result<[f64; 3], BoxError> {
+        match *self {}
+    }
+}
+
+/// Why `--world-size` cannot work in this build.
+#[cfg(not(feature = "distributed"))]
+const NO_FEATURE: &str =
+    "--world-size needs caseopt's `distributed` feature (on by default), which this build lacks";
 
 /// What this process is in a run.
 pub enum Role {
     /// One process: no `--world-size`, or 1.
     Single,
     /// Starts this many local ranks and waits for them.
+    #[cfg_attr(not(feature = "distributed"), allow(dead_code))]
     Launcher(usize),
     /// One rank of a data-parallel run (rank, world size).
     Rank(usize, usize),
@@ -41,6 +110,9 @@ pub fn role(world_size: u32) -> Result<Role, BoxError> {
     }
     Ok(match world_size {
         0 | 1 => Role::Single,
+        #[cfg(not(feature = "distributed"))]
+        _ => return Err(NO_FEATURE.into()),
+        #[cfg(feature = "distributed")]
         n => Role::Launcher(n as usize),
     })
 }
