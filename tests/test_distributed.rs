@@ -31,6 +31,14 @@ struct Worker {
     dir: PathBuf,
 }
 
+impl Worker {
+    /// Joins the test's group on loopback, with the test timeout.
+    fn connect(&self) -> Result<ProcessGroup> {
+        let r = Rendezvous::new("127.0.0.1", self.port, self.rank, self.world)?;
+        Ok(r.with_timeout(GROUP_TIMEOUT)?.connect()?)
+    }
+}
+
 fn worker(test: &str) -> Option<Worker> {
     let var = |k: &str| std::env::var(k).ok();
     if var("CASEOPT_DIST_TEST")? != test {
@@ -206,9 +214,7 @@ fn train_and_save(w: &Worker, hidden: i64) -> Result<()> {
     tch::set_num_threads(1);
     // Different values on every rank: the broadcast must make them rank 0's.
     let model = Model::new(1 + w.rank as i64, hidden);
-    let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
-        .with_timeout(GROUP_TIMEOUT)?
-        .connect()?;
+    let group = w.connect()?;
     let mut dp = DataParallel::new(group, &model.vs)?;
     let mut opt = case_optimizer! {
         binary => Bop<threshold: 1e-4, gamma: 0.1>,
@@ -327,9 +333,7 @@ fn zero1_matches_unsharded_bit_for_bit_and_resumes_exactly() {
     if let Some(w) = worker(TEST) {
         tch::set_num_threads(1);
         let run = || -> Result<()> {
-            let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
-                .with_timeout(GROUP_TIMEOUT)?
-                .connect()?;
+            let group = w.connect()?;
             let d = |name: &str| w.dir.join(name);
             let (group, plain) =
                 zero_run(&w, group, false, 0, STEPS, None, &d("plain.safetensors"))?;
@@ -383,9 +387,7 @@ fn a_killed_rank_is_a_typed_error_on_the_others() {
         tch::set_num_threads(1);
         let model = Model::new(1, 8);
         let run = || -> Result<()> {
-            let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
-                .with_timeout(GROUP_TIMEOUT)?
-                .connect()?;
+            let group = w.connect()?;
             let mut dp = DataParallel::new(group, &model.vs)?;
             let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Sgd<lr: 0.1> }
                 .build(&model.vs)?;
@@ -428,11 +430,7 @@ fn mismatched_shapes_are_named_on_every_rank() {
         tch::set_num_threads(1);
         // Rank 1's hidden layer is wider.
         let model = Model::new(1, if w.rank == 1 { 16 } else { 8 });
-        let result = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)
-            .and_then(|r| r.with_timeout(GROUP_TIMEOUT))
-            .map_err(Error::from)
-            .and_then(|r| Ok(r.connect()?))
-            .and_then(|g| DataParallel::new(g, &model.vs));
+        let result = w.connect().and_then(|g| DataParallel::new(g, &model.vs));
         match result {
             Err(e) => report("error", e),
             Ok(_) => report("error", "none"),
@@ -457,9 +455,7 @@ fn mismatched_rules_are_named_on_every_rank() {
         tch::set_num_threads(1);
         let model = Model::new(1, 8);
         let run = || -> Result<()> {
-            let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
-                .with_timeout(GROUP_TIMEOUT)?
-                .connect()?;
+            let group = w.connect()?;
             let dp = DataParallel::new(group, &model.vs)?;
             if w.rank == 0 {
                 let opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
@@ -492,9 +488,7 @@ fn a_non_finite_gradient_on_one_rank_refuses_the_step_on_every_rank() {
         tch::set_num_threads(1);
         let model = Model::new(1, 8);
         let run = || -> Result<String> {
-            let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
-                .with_timeout(GROUP_TIMEOUT)?
-                .connect()?;
+            let group = w.connect()?;
             let mut dp = DataParallel::new(group, &model.vs)?;
             let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
                 .build(&model.vs)?;
