@@ -37,7 +37,8 @@ impl DataParallel {
     /// balanced by bytes (largest first, each to the rank with the fewest bytes so far), and
     /// each rank's router steps, and so keeps optimizer state for, only the variables it owns;
     /// after every step each owner broadcasts its variables' new values (in flat buckets per
-    /// owner and dtype). Optimizer memory per rank is about 1/N of the whole; the results are
+    /// owner and dtype). Optimizer memory per rank is about 1/N of the whole (variables are not
+    /// split, so one large variable can make its owner's share larger); the results are
     /// bit for bit those of the unsharded run, since each variable's update sees the same
     /// averaged gradient and state.
     ///
