@@ -559,33 +559,64 @@ fn adam_elementwise<T: Real, C: Contraction>(
     let (p, g, m, v) = (x.p, &x.g[..n], &mut x.m[..n], &mut x.v[..n]);
     let max_v = if amsgrad { &mut x.max_v[..n] } else { &mut x.max_v[..0] };
     for i in 0..n {
-        let mut pi = p[i];
-        let mut gi = g[i] * s.grad_sign;
-        match decay {
-            Decay::None => {}
-            Decay::L2 => gi = C::madd(s.weight_decay, pi, gi),
-            Decay::Decoupled => pi = pi * s.decay_factor,
-        }
-        let mi = lerp(m[i], gi);
-        let vi = C::madd(s.one_minus_beta2 * gi, gi, v[i] * s.beta2);
-        m[i] = mi;
-        v[i] = vi;
-        let second = if amsgrad {
-            // torch.maximum propagates NaN.
-            let old = max_v[i];
-            let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
-            max_v[i] = mx;
-            mx
-        } else {
-            vi
-        };
+        let max_v = if amsgrad { Some(&mut max_v[i]) } else { None };
+        let (pi, second) =
+            adam_moments::<T, C>(p[i], g[i], &mut m[i], &mut v[i], max_v, s, decay, &lerp);
         // The correctly rounded root. ATen's `sqrt` is MKL's on libtorch builds with MKL (one ulp
         // off it in some elements); calling MKL (`adam_blocked`, `Sqrt::Aten`) makes the step
         // 1.6-3x as long (docs/parity.md), so by default the fused kernels differ there.
-        let denom = second.sqrt() / s.bias_correction2_sqrt + s.eps;
-        // addcdiv: (value * m) / denom, then added; then the constraint's clamp, if any.
-        p[i] = clip.apply(pi + s.neg_step_size * mi / denom);
+        p[i] = adam_update(pi, m[i], second.sqrt(), s, clip);
     }
+}
+
+/// One element's moments, as `_single_tensor_adam` computes them: the gradient (sign, L2 decay)
+/// or the decoupled decay of the parameter, `m.lerp_(g, 1 - beta1)`,
+/// `v = (v * beta2).addcmul(g, g, value=1 - beta2)` and AMSGrad's running maximum (when
+/// `max_v` is given). Writes `m`, `v` and `max_v`; returns the (decayed) parameter and the
+/// second moment whose root the update divides by. Shared by both loops, so that they compute
+/// the same bits but for the root.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn adam_moments<T: Real, C: Contraction>(
+    mut pi: T,
+    g: T,
+    m: &mut T,
+    v: &mut T,
+    max_v: Option<&mut T>,
+    s: AdamScalars<T>,
+    decay: Decay,
+    lerp: &impl Fn(T, T) -> T,
+) -> (T, T) {
+    let mut gi = g * s.grad_sign;
+    match decay {
+        Decay::None => {}
+        Decay::L2 => gi = C::madd(s.weight_decay, pi, gi),
+        Decay::Decoupled => pi = pi * s.decay_factor,
+    }
+    let mi = lerp(*m, gi);
+    let vi = C::madd(s.one_minus_beta2 * gi, gi, *v * s.beta2);
+    *m = mi;
+    *v = vi;
+    let second = match max_v {
+        Some(max_v) => {
+            // torch.maximum propagates NaN.
+            let old = *max_v;
+            let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
+            *max_v = mx;
+            mx
+        }
+        None => vi,
+    };
+    (pi, second)
+}
+
+/// One element's update from its moment `m` and the root of its second moment:
+/// `denom = root / bc2_sqrt + eps`, then addcdiv ((value * m) / denom, then added), then the
+/// constraint's clamp, if any.
+#[inline(always)]
+fn adam_update<T: Real>(p: T, m: T, root: T, s: AdamScalars<T>, clip: Clip<T>) -> T {
+    let denom = root / s.bias_correction2_sqrt + s.eps;
+    clip.apply(p + s.neg_step_size * m / denom)
 }
 
 /// Elements of one block of [`adam_blocked`]: its square roots taken in one MKL call. Each call
@@ -628,31 +659,15 @@ fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
         let max_v = if amsgrad { &mut max_v[start..end] } else { &mut max_v[..0] };
         let roots = &mut scratch[..len];
         for i in 0..len {
-            let mut gi = g[i] * s.grad_sign;
-            match decay {
-                Decay::None => {}
-                Decay::L2 => gi = C::madd(s.weight_decay, p[i], gi),
-                Decay::Decoupled => p[i] = p[i] * s.decay_factor,
-            }
-            let mi = lerp(m[i], gi);
-            let vi = C::madd(s.one_minus_beta2 * gi, gi, v[i] * s.beta2);
-            m[i] = mi;
-            v[i] = vi;
-            roots[i] = if amsgrad {
-                // torch.maximum propagates NaN.
-                let old = max_v[i];
-                let mx = select(old.is_nan() || vi.is_nan(), old + vi, select(vi > old, vi, old));
-                max_v[i] = mx;
-                mx
-            } else {
-                vi
-            };
+            let max_v = if amsgrad { Some(&mut max_v[i]) } else { None };
+            let (pi, second) =
+                adam_moments::<T, C>(p[i], g[i], &mut m[i], &mut v[i], max_v, s, decay, &lerp);
+            p[i] = pi;
+            roots[i] = second;
         }
         sqrt.sqrt_block(roots);
         for i in 0..len {
-            let denom = roots[i] / s.bias_correction2_sqrt + s.eps;
-            // addcdiv: (value * m) / denom, then added; then the constraint's clamp, if any.
-            p[i] = clip.apply(p[i] + s.neg_step_size * m[i] / denom);
+            p[i] = adam_update(p[i], m[i], roots[i], s, clip);
         }
         start = end;
     }
