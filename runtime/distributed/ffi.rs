@@ -170,8 +170,7 @@ impl RawGroup {
     /// Sums each tensor across the group, in place. The tensors must be dense, contiguous CPU
     /// tensors (the caller checks).
     pub(super) fn all_reduce_sum(&self, tensors: &[&Tensor]) -> Result<(), DistributedError> {
-        let pointers: Vec<*const c_void> =
-            tensors.iter().map(|t| t.as_ptr() as *const c_void).collect();
+        let pointers = handles(tensors.iter().copied().map(Some));
         let mut buffer = vec![0u8; MESSAGE_CAPACITY];
         // SAFETY: `handle` is a live group; `pointers` holds `at::Tensor*` handles that outlive
         // the call (borrowed from `tensors`); the buffer has the stated capacity.
@@ -193,8 +192,7 @@ impl RawGroup {
         tensors: &[&Tensor],
         root: usize,
     ) -> Result<(), DistributedError> {
-        let pointers: Vec<*const c_void> =
-            tensors.iter().map(|t| t.as_ptr() as *const c_void).collect();
+        let pointers = handles(tensors.iter().copied().map(Some));
         let root = i32::try_from(root).map_err(|_| {
             DistributedError::InvalidRendezvous(format!("root rank {root} is too large"))
         })?;
@@ -260,12 +258,13 @@ pub(super) struct Members<'a> {
     pub lengths: Vec<i64>,
 }
 
+/// The `at::Tensor*` handles the shim takes (null for `None`).
+fn handles<'a>(tensors: impl Iterator<Item = Option<&'a Tensor>>) -> Vec<*const c_void> {
+    tensors.map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void)).collect()
+}
+
 fn member_pointers(members: &Members<'_>) -> Vec<*const c_void> {
-    members
-        .tensors
-        .iter()
-        .map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void))
-        .collect()
+    handles(members.tensors.iter().copied())
 }
 
 /// Copies the members into `flat` (a dense CPU tensor of their dtype, long enough; absent ones
