@@ -10,7 +10,9 @@ use caseopt::{
     case_optimizer, checkpoint_info, load_training, save_training, Checkpoint, CheckpointError,
     Error, Router, Schedule,
 };
-use checkpoint_support::{bop_adam, model, model_values, scratch_dir, snapshot, train, ModelSpec};
+use checkpoint_support::{
+    bop_adam, craft, model, model_values, scratch_dir, snapshot, train, ModelSpec,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Trains `40` steps in one go and `20 + save + load into a fresh router (and, with
@@ -656,4 +658,96 @@ fn a_constant_and_a_schedule_never_replace_each_other_in_either_direction() {
     router.load_checkpoint(&schedule_file).unwrap();
     assert_eq!(router.step_counts(), vec![3, 3]);
     fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_file_of_a_newer_version_is_refused_naming_both_versions() {
+    let dir = scratch_dir("newer");
+    let path = saved_checkpoint(&dir);
+    // A version 2 file as a later build might write it: a field version 1 does not have, and
+    // every checksum right.
+    craft(&path, |meta, _| {
+        meta["version"] = 2.into();
+        meta["scaler"] = serde_json::json!({ "scale": 65536.0 });
+    });
+    let vs = model(&ModelSpec::default());
+    let mut r = trained(bop_adam(&vs), &vs);
+    let problem = assert_refused(&mut r, &path);
+    assert_eq!(problem, CheckpointError::UnsupportedVersion { found: 2, supported: 1 });
+    let text = problem.to_string();
+    assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
+    let err = checkpoint_info(&path).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::BadCheckpoint { problem: CheckpointError::UnsupportedVersion { found: 2, .. }, .. }
+    ));
+    // A field that version 1 does not define, in a file that says version 1, is not skipped.
+    let path = saved_checkpoint(&dir);
+    craft(&path, |meta, _| meta["scaler"] = serde_json::json!({ "scale": 65536.0 }));
+    assert!(matches!(assert_refused(&mut r, &path), CheckpointError::Malformed(_)));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn step_counters_out_of_range_are_refused_before_anything_changes() {
+    let dir = scratch_dir("steps");
+    let vs = model(&ModelSpec::default());
+    let mut r = trained(bop_adam(&vs), &vs);
+    // The optimizers' step counts: u64::MAX made the next step overflow after Bop had moved.
+    for count in [u64::MAX, (1 << 53) + 1] {
+        for rule in [0, 1] {
+            let path = saved_checkpoint(&dir);
+            craft(&path, |meta, _| meta["optimizers"][rule]["step_count"] = count.into());
+            let problem = assert_refused(&mut r, &path);
+            assert!(
+                matches!(&problem, CheckpointError::Malformed(m) if m.contains("step count")),
+                "{problem}"
+            );
+        }
+    }
+    // A variable's own step counter.
+    for step in [i64::MAX, (1i64 << 53) + 1] {
+        let path = saved_checkpoint(&dir);
+        craft(&path, |_, tensors| {
+            let key = tensors.keys().find(|k| k.ends_with("/step")).unwrap().clone();
+            tensors.insert(key, step.to_le_bytes().to_vec());
+        });
+        let problem = assert_refused(&mut r, &path);
+        assert!(
+            matches!(&problem, CheckpointError::BadState { state, .. } if state == "step"),
+            "{problem}"
+        );
+    }
+    // The router still steps as before.
+    r.step().unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_checkpoint_saved_after_a_variable_was_added_loads_into_a_fresh_router() {
+    let dir = scratch_dir("added");
+    let vs = model(&ModelSpec::default());
+    let mut r = bop_adam(&vs);
+    train(&mut r, &vs, 0..3, None);
+    // Added after the build and saved before any step routed it.
+    let _late = vs.root().sub("late").var_copy("bias", &Tensor::from_slice(&[0.5f32, -0.5]));
+    let path = dir.join("ckpt.safetensors");
+    save_training(&path, &vs, &r).unwrap();
+    assert!(checkpoint_info(&path).unwrap().variables.iter().any(|v| v == "late.bias"));
+    // A router built afresh over the same model routes `late.bias` at its build; the file must
+    // route it too (it used to say "routed by this router but missing from the checkpoint").
+    let vs2 = model(&ModelSpec { seed: 7, ..Default::default() });
+    let _late2 = vs2.root().sub("late").zeros("bias", &[2]);
+    let mut fresh = bop_adam(&vs2);
+    load_training(&path, &vs2, &mut fresh).unwrap();
+    // The router that wrote it loads it too: it routes the variable first, as its next step
+    // would have.
+    load_training(&path, &vs, &mut r).unwrap();
+    assert_eq!(snapshot(&fresh), snapshot(&r));
+    assert_eq!(model_values(&vs2), model_values(&vs));
+    // And both continue alike.
+    train(&mut r, &vs, 3..6, None);
+    train(&mut fresh, &vs2, 3..6, None);
+    assert_eq!(snapshot(&fresh), snapshot(&r));
+    fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,10 +1,6 @@
 //! The checkpoint format: the constants that name its parts, the JSON description stored in
 //! `__metadata__`, and how numbers are written in it so that they read back exactly.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-
 use crate::error::CheckpointError;
 use crate::schedule::Schedule;
 
@@ -14,12 +10,20 @@ use crate::schedule::Schedule;
 /// assert_eq!(caseopt::checkpoint::FORMAT, "caseopt-checkpoint");
 /// ```
 pub const FORMAT: &str = "caseopt-checkpoint";
-/// The checkpoint format version this build writes and reads.
+/// The checkpoint format version this build writes. It reads this version and every earlier
+/// one (each has its own reader, which migrates it); a later one is
+/// [`CheckpointError::UnsupportedVersion`]. docs/checkpoints.md states which changes bump it.
 ///
 /// ```
 /// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 1);
 /// ```
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The largest step count a checkpoint may hold, an optimizer's or a variable's: 2^53, the
+/// last count every f64 (schedules, bias corrections) holds exactly and far beyond any run, so
+/// that a crafted count can neither overflow the next step nor wrap it
+/// ([`crate::optim::state::MAX_STEP`], the same bound on `set_state`).
+pub(super) const MAX_STEP: u64 = crate::optim::state::MAX_STEP;
 
 /// `__metadata__` key of the JSON description.
 pub(super) const METADATA_KEY: &str = "caseopt";
@@ -30,85 +34,13 @@ pub(super) const OPT_PREFIX: &str = "opt/";
 /// Prefix of the model-variable tensors.
 pub(super) const MODEL_PREFIX: &str = "model/";
 
-/// The JSON stored under [`METADATA_KEY`].
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Meta {
-    pub(super) format: String,
-    pub(super) version: u32,
-    /// 16 hex digits: JSON numbers lose precision above 2^53 in many readers.
-    pub(super) fingerprint: String,
-    pub(super) rules: Vec<String>,
-    pub(super) routes: Vec<SavedRoute>,
-    pub(super) optimizers: Vec<SavedOptimizer>,
-    /// `None` for [`Checkpoint::save_checkpoint`](super::Checkpoint::save_checkpoint), the model's
-    /// variables for [`save_training`](super::save_training).
-    pub(super) model: Option<Vec<SavedModelVar>>,
-    /// Every tensor of the file, by key.
-    pub(super) tensors: BTreeMap<String, SavedTensor>,
-}
-
-/// One row of the routing table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SavedRoute {
-    pub(super) variable: String,
-    pub(super) shape: Vec<i64>,
-    pub(super) dtype: String,
-    pub(super) bits: u8,
-    pub(super) rule: Option<usize>,
-}
-
-/// One rule's optimizer.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SavedOptimizer {
-    pub(super) rule: usize,
-    pub(super) optimizer: String,
-    pub(super) step_count: u64,
-    pub(super) hyperparameters: BTreeMap<String, SavedHyperparameter>,
-    /// Every variable of the optimizer, with the names of the state tensors it has (none before
-    /// its first update).
-    pub(super) variables: Vec<SavedVariable>,
-}
-
-/// One variable of an optimizer and the names of its state tensors.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SavedVariable {
-    pub(super) name: String,
-    pub(super) states: Vec<String>,
-}
-
-/// A hyperparameter: a constant by value, a schedule by description (closures cannot be
-/// stored).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub(super) enum SavedHyperparameter {
-    /// `value` for people, `bits` (the f64's bit pattern, 16 hex digits) for exactness: JSON
-    /// readers need not round decimal text back to the same double.
-    Constant { value: String, bits: String },
-    /// The schedule's `Debug` description.
-    Schedule { description: String },
-}
-
-/// One of the model's variables (checkpoints written by [`save_training`](super::save_training)).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SavedModelVar {
-    pub(super) name: String,
-    pub(super) shape: Vec<i64>,
-    pub(super) dtype: String,
-}
-
-/// What the metadata records of every tensor in the file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SavedTensor {
-    pub(super) dtype: String,
-    pub(super) shape: Vec<i64>,
-    pub(super) crc32: u32,
-}
+// The records of the version this build writes. A new version adds its own module (`v2`) whose
+// records take these names here, and a reader that migrates version 1's records into them
+// (`versions.rs`); `v1` itself is never edited, so that files written today keep loading.
+pub(super) use super::v1::{
+    Meta, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedRoute, SavedTensor,
+    SavedVariable,
+};
 
 /// The key of a state tensor: `opt/<rule>/<variable>/<state>`.
 pub(super) fn state_key(rule: usize, variable: &str, state: &str) -> String {

@@ -17,6 +17,9 @@ pub(super) fn load<R: Router + ?Sized>(
     router: &mut R,
     vs: Option<&nn::VarStore>,
 ) -> Result<()> {
+    // Variables added to the VarStore since the router last routed are routed first, as its
+    // next step would (the file lists them when it was saved after they were added).
+    router.route_new_variables()?;
     let bytes = read_file(path)?;
     let parsed = parse(&bytes).map_err(|p| bad(path, p))?;
     let plan = plan(&parsed, router, vs).map_err(|e| match e {

@@ -15,6 +15,12 @@
 //!   and bit pattern, schedules by description), and a CRC-32 of every tensor's bytes;
 //! - `__metadata__["caseopt.crc32"]`: the CRC-32 of that JSON text.
 //!
+//! Every change to what is written is a new format version ([`FORMAT_VERSION`]); each version
+//! ever written keeps a reader that migrates its records to the current ones, an unknown field
+//! in a known version is refused rather than skipped, and a newer version is
+//! [`CheckpointError::UnsupportedVersion`] naming both versions (docs/checkpoints.md,
+//! "Compatibility").
+//!
 //! Safetensors checks that the header's length, offsets and sizes agree with the file; the two
 //! kinds of CRC catch a changed byte anywhere else, so a damaged file is an error, never a
 //! silently different state.
@@ -93,6 +99,8 @@ mod load;
 mod parse;
 mod plan;
 mod save;
+mod v1;
+mod versions;
 
 use std::path::Path;
 
@@ -244,7 +252,8 @@ pub fn load_training<P: AsRef<Path>, R: Router + ?Sized>(
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointInfo {
-    /// The format version.
+    /// The file's format version (older versions are read and migrated, see
+    /// [`FORMAT_VERSION`]).
     pub version: u32,
     /// The rules' fingerprint (see [`Router::fingerprint`]).
     pub fingerprint: u64,
@@ -266,7 +275,7 @@ pub fn checkpoint_info<P: AsRef<Path>>(path: P) -> Result<CheckpointInfo> {
     let parsed = parse(&bytes).map_err(|problem| bad(path, problem))?;
     let meta = &parsed.meta;
     Ok(CheckpointInfo {
-        version: meta.version,
+        version: parsed.version,
         fingerprint: parse_fingerprint(&meta.fingerprint).map_err(|p| bad(path, p))?,
         rules: meta.rules.clone(),
         step_counts: meta.optimizers.iter().map(|o| o.step_count).collect(),

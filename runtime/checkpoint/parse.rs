@@ -13,6 +13,7 @@ use super::container::precheck;
 use super::format::{
     parse_fingerprint, Meta, FORMAT, FORMAT_VERSION, METADATA_CRC_KEY, METADATA_KEY,
 };
+use super::versions;
 use crate::error::{CheckpointError, Error, Result};
 use crate::predicate::dtype_name;
 
@@ -30,6 +31,8 @@ pub(super) fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// A parsed file whose metadata is consistent with itself and whose checksums hold.
 pub(super) struct Parsed<'a> {
+    /// The file's format version (its records are migrated to the current ones in `meta`).
+    pub(super) version: u32,
     pub(super) meta: Meta,
     pub(super) file: SafeTensors<'a>,
 }
@@ -69,10 +72,11 @@ pub(super) fn parse(bytes: &[u8]) -> std::result::Result<Parsed<'_>, CheckpointE
     if tag.format != FORMAT {
         return Err(E::NotACheckpoint(format!("format tag `{}`, expected `{FORMAT}`", tag.format)));
     }
-    if tag.version != u64::from(FORMAT_VERSION) {
-        return Err(E::UnsupportedVersion { found: tag.version, supported: FORMAT_VERSION });
-    }
-    let meta: Meta = serde_json::from_str(json).map_err(|e| E::Malformed(e.to_string()))?;
+    // Each version's own reader, which migrates what it reads to the current records.
+    let meta = versions::read(tag.version, json)?;
+    // A version with a reader is at most the current one.
+    let version = u32::try_from(tag.version)
+        .map_err(|_| E::UnsupportedVersion { found: tag.version, supported: FORMAT_VERSION })?;
     parse_fingerprint(&meta.fingerprint)?;
     // The file's tensors are exactly those the metadata lists, with the dtype and shape it
     // records and the bytes it checksummed.
@@ -103,7 +107,7 @@ pub(super) fn parse(bytes: &[u8]) -> std::result::Result<Parsed<'_>, CheckpointE
             return Err(E::ChecksumMismatch { what: format!("tensor `{key}`") });
         }
     }
-    Ok(Parsed { meta, file })
+    Ok(Parsed { version, meta, file })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use tch::{nn, Kind, Tensor};
 
 use super::format::{
     describe_route, parse_fingerprint, parse_hex64, state_key, Meta, SavedHyperparameter,
-    SavedModelVar, SavedOptimizer, SavedRoute, SavedVariable, MODEL_PREFIX,
+    SavedModelVar, SavedOptimizer, SavedRoute, SavedVariable, MAX_STEP, MODEL_PREFIX,
 };
 use super::parse::Parsed;
 use super::save::named_variables;
@@ -172,6 +172,13 @@ fn plan_optimizer<'a>(
     claimed: &mut BTreeSet<&'a str>,
 ) -> Result<OptimizerPlan, PlanError> {
     check_identity(rule, saved, opt)?;
+    if saved.step_count > MAX_STEP {
+        return Err(CheckpointError::Malformed(format!(
+            "rule {rule}: step count {} is beyond 2^53, more steps than any run takes",
+            saved.step_count
+        ))
+        .into());
+    }
     let constants = plan_hyperparameters(rule, saved, opt)?;
     let params = opt.params();
     check_variable_count(rule, saved, params)?;
@@ -383,8 +390,14 @@ fn plan_states<'a>(
             }
         }
         let cpu = tensor_from_file(parsed, key)?;
-        if built_in && state == "step" && cpu.f_int64_value(&[])? < 0 {
-            return Err(bad_state(state, "negative step count".into()));
+        if built_in && state == "step" {
+            let step = cpu.f_int64_value(&[])?;
+            if step < 0 {
+                return Err(bad_state(state, "negative step count".into()));
+            }
+            if step.unsigned_abs() > MAX_STEP {
+                return Err(bad_state(state, format!("step count {step} is beyond 2^53")));
+            }
         }
         claimed.insert(key.as_str());
         // Built here, on the variable's device, so that an out-of-memory error happens before

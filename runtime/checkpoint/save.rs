@@ -77,10 +77,15 @@ pub(super) fn save<R: Router + ?Sized>(
 ) -> Result<()> {
     check_unchanged(router)?;
     let rules: Vec<String> = router.rules().iter().map(ToString::to_string).collect();
+    // Variables added to the VarStore since the router last routed are recorded as the next
+    // step will route them (no state yet): a router built afresh over the same model routes
+    // them at its build, and must find them in the file.
+    let unrouted = router.unrouted_variables()?;
     let routes = router
         .routing_table()
         .routes()
         .iter()
+        .chain(&unrouted)
         .map(|r| SavedRoute {
             variable: r.variable.clone(),
             shape: r.shape.clone(),
@@ -124,6 +129,9 @@ pub(super) fn save<R: Router + ?Sized>(
                 states.push(state.to_string());
             }
             variables.push(SavedVariable { name: param.info.name.clone(), states });
+        }
+        for route in unrouted.iter().filter(|r| r.rule == Some(rule)) {
+            variables.push(SavedVariable { name: route.variable.clone(), states: Vec::new() });
         }
         optimizers.push(SavedOptimizer {
             rule,

@@ -50,7 +50,12 @@ pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) 
     Ok(t.f_to_device(p.device())?.f_contiguous()?)
 }
 
-/// The per-variable step counter from a saved state.
+/// The largest per-variable step counter a saved state may hold: 2^53, beyond any run, and the
+/// last count an f64 (the bias corrections) holds exactly; a larger one is a forged or damaged
+/// state, refused before it could overflow a step.
+pub(crate) const MAX_STEP: u64 = 1 << 53;
+
+/// The per-variable step counter from a saved state, at most [`MAX_STEP`].
 pub(crate) fn take_step(state: &[(String, Tensor)], param: &Param) -> Result<u64> {
     let t = find_state(state, "step", param)?;
     let bad = |reason: String| {
@@ -60,7 +65,11 @@ pub(crate) fn take_step(state: &[(String, Tensor)], param: &Param) -> Result<u64
         })
     };
     let v = t.f_int64_value(&[]).map_err(|e| bad(format!("is not a scalar: {e}")))?;
-    u64::try_from(v).map_err(|_| bad("is negative".into()))
+    let step = u64::try_from(v).map_err(|_| bad("is negative".into()))?;
+    if step > MAX_STEP {
+        return Err(bad(format!("{step} is beyond 2^53, more steps than any run takes")));
+    }
+    Ok(step)
 }
 
 /// A per-variable step counter as `state()` exports it: a 0-dim int64 tensor.

@@ -8,7 +8,7 @@ use tch::nn;
 
 use super::parts::{Assembly, OptimizerVisitor, RouterCore, RouterParts};
 use super::rules::{fingerprint, RuleInfo};
-use super::table::RoutingTable;
+use super::table::{Route, RoutingTable};
 use crate::error::Result;
 use crate::optim::Optimizer;
 use crate::var::{
@@ -91,21 +91,21 @@ fn lock(store: &Mutex<nn::Variables>) -> MutexGuard<'_, nn::Variables> {
     store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Routes the trainable variables added to the router's `VarStore` since the last call: same
-/// rules, same checks, added to the right optimizers, recorded in the routing table. Costs one
-/// lock and a length comparison when nothing was added. On error nothing changes.
-pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> {
+/// The trainable variables added to the router's `VarStore` since it last routed, and the
+/// routing table with them routed by the same rules and checks (the new rows at its end); `None`
+/// when nothing was added. Changes nothing.
+fn pending<R: RouterParts>(router: &R) -> Result<Option<(Vec<Param>, RoutingTable)>> {
     let core = router.core();
     let Some(store) = core.store.as_ref() else {
-        return Ok(());
+        return Ok(None);
     };
     let new: Vec<Param> = {
         let vars = lock(store);
         let Some(added) = vars.trainable_variables.get(core.known_trainable..) else {
-            return Ok(());
+            return Ok(None);
         };
         if added.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         added
             .iter()
@@ -126,14 +126,33 @@ pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> 
     };
     let infos: Vec<VarInfo> = new.iter().map(|p| p.info.clone()).collect();
     let mut table = core.table.clone();
-    let assignment = table.extend(&R::rule_specs(), &infos)?;
+    table.extend(&R::rule_specs(), &infos)?;
+    Ok(Some((new, table)))
+}
+
+/// The routes the next [`route_new_variables`] will add (see
+/// [`Router::unrouted_variables`](super::Router::unrouted_variables)).
+pub(super) fn unrouted_variables<R: RouterParts>(router: &R) -> Result<Vec<Route>> {
+    let known = router.core().table.routes().len();
+    Ok(pending(router)?.map(|(_, table)| table.routes()[known..].to_vec()).unwrap_or_default())
+}
+
+/// Routes the trainable variables added to the router's `VarStore` since the last call: same
+/// rules, same checks, added to the right optimizers, recorded in the routing table. Costs one
+/// lock and a length comparison when nothing was added. On error nothing changes.
+pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> {
+    let Some((new, table)) = pending(router)? else {
+        return Ok(());
+    };
+    let core = router.core();
+    let known = core.table.routes().len();
     let mut groups: Vec<Vec<Param>> = (0..table.rules().len()).map(|_| Vec::new()).collect();
-    for (param, rule) in new.into_iter().zip(assignment) {
-        if let Some(group) = rule.and_then(|i| groups.get_mut(i)) {
+    for (param, route) in new.into_iter().zip(&table.routes()[known..]) {
+        if let Some(group) = route.rule.and_then(|i| groups.get_mut(i)) {
             group.push(param);
         }
     }
-    let count = core.known_trainable + infos.len();
+    let count = core.known_trainable + (table.routes().len() - known);
     router.core_mut().ownership.claim(groups.iter().flatten())?;
     let core = router.core();
     for w in table.warnings().iter().skip(core.table.warnings().len()) {

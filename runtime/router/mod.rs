@@ -76,6 +76,30 @@ pub trait Router: Send {
     fn variable_store(&self) -> Option<&Arc<Mutex<nn::Variables>>>;
     /// Each rule's optimizer's step count, in rule order.
     fn step_counts(&self) -> Vec<u64>;
+    /// The trainable variables added to the `VarStore` since the router last routed (when it
+    /// was built, or at its last [`step`](Self::step)), each with the route the next step will
+    /// give it; changes nothing. A variable two rules would claim is
+    /// [`Error::OverlappingRules`](crate::Error::OverlappingRules), as at that step.
+    /// Checkpoints record these routes, so that a file saved before that step loads into a
+    /// router built afresh over the same model.
+    ///
+    /// ```
+    /// use caseopt::{case_optimizer, Router};
+    ///
+    /// let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    /// let _w = vs.root().zeros("w", &[3]);
+    /// let mut opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build(&vs)?;
+    /// let _b = vs.root().zeros("b", &[3]);
+    /// let pending = opt.unrouted_variables()?;
+    /// assert_eq!((pending[0].variable.as_str(), pending[0].rule), ("b", Some(0)));
+    /// opt.route_new_variables()?;
+    /// assert!(opt.unrouted_variables()?.is_empty());
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn unrouted_variables(&self) -> Result<Vec<Route>>;
+    /// Routes the [`unrouted_variables`](Self::unrouted_variables) now, as
+    /// [`step`](Self::step) does first; on error nothing changes.
+    fn route_new_variables(&mut self) -> Result<()>;
     /// One step of every optimizer, each with its variables' `.grad()`, after checks that
     /// refuse bad input before anything is updated:
     ///
@@ -244,6 +268,14 @@ impl<R: RouterParts> Router for R {
         // The visitor never fails.
         let _ = self.for_each_optimizer(&mut counts);
         counts.0
+    }
+
+    fn unrouted_variables(&self) -> Result<Vec<Route>> {
+        build::unrouted_variables(self)
+    }
+
+    fn route_new_variables(&mut self) -> Result<()> {
+        route_new_variables(self)
     }
 
     fn step(&mut self) -> Result<()> {

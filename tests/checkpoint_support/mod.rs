@@ -253,3 +253,49 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Rewrites the checkpoint at `path` as a forger with caseopt's format in hand would: `edit`
+/// changes the metadata JSON and tensors' bytes (each keeping its length), and every checksum is
+/// then recomputed, so that only caseopt's own checks of the values stand in the way.
+pub fn craft(
+    path: &std::path::Path,
+    edit: impl FnOnce(&mut serde_json::Value, &mut std::collections::BTreeMap<String, Vec<u8>>),
+) {
+    use serde_json::Value;
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut data = bytes[8 + n..].to_vec();
+    let mut meta: Value =
+        serde_json::from_str(header["__metadata__"]["caseopt"].as_str().unwrap()).unwrap();
+    let offsets = |entry: &Value| {
+        let o = entry["data_offsets"].as_array().unwrap();
+        (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize)
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    for (key, entry) in header.as_object().unwrap() {
+        if key != "__metadata__" {
+            let (b, e) = offsets(entry);
+            tensors.insert(key.clone(), data[b..e].to_vec());
+        }
+    }
+    edit(&mut meta, &mut tensors);
+    for (key, new) in &tensors {
+        let (b, e) = offsets(&header[key.as_str()]);
+        assert_eq!(new.len(), e - b, "craft: `{key}` must keep its length");
+        data[b..e].copy_from_slice(new);
+        meta["tensors"][key.as_str()]["crc32"] = Value::from(crc32fast::hash(new));
+    }
+    let json = meta.to_string();
+    header["__metadata__"]["caseopt.crc32"] =
+        Value::from(crc32fast::hash(json.as_bytes()).to_string());
+    header["__metadata__"]["caseopt"] = Value::from(json);
+    let mut head = header.to_string().into_bytes();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}

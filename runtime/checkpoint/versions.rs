@@ -1,0 +1,53 @@
+//! One reader per format version ever written. Each turns its version's metadata into the
+//! records this build works with (`format::Meta`, the newest version's), migrating as it goes,
+//! as burn's versioned records and torch.optim's `__setstate__` do; the planner, the loader
+//! and `checkpoint_info` see only current records.
+//!
+//! Version 2 adds a module with its records, `impl From<v1::Meta> for v2::Meta` (the
+//! migration: defaults for what version 1 did not store, renamed states renamed), a line in
+//! [`READERS`], and moves `format`'s re-export and [`FORMAT_VERSION`] to it. Version 1's
+//! reader stays as it is: `v1::parse(json).map(Into::into)` then goes through the migration.
+
+use super::format::{Meta, FORMAT_VERSION};
+use super::v1;
+use crate::error::CheckpointError;
+
+/// A version's reader: its metadata JSON to current records.
+type Reader = fn(&str) -> Result<Meta, CheckpointError>;
+
+/// Every version this build reads, oldest first, with its reader.
+const READERS: &[(u32, Reader)] = &[(1, |json| v1::parse(json).map(Into::into))];
+
+/// The metadata of a file that says it is of `version`, as current records; a version with no
+/// reader (one written by a newer build, or none ever written) is
+/// [`CheckpointError::UnsupportedVersion`], naming it and the newest this build reads.
+pub(super) fn read(version: u64, json: &str) -> Result<Meta, CheckpointError> {
+    let reader = READERS.iter().find(|(v, _)| u64::from(*v) == version);
+    match reader {
+        Some((_, read)) => read(json),
+        None => {
+            Err(CheckpointError::UnsupportedVersion { found: version, supported: FORMAT_VERSION })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_version_up_to_the_current_one_has_a_reader() {
+        let versions: Vec<u32> = READERS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=FORMAT_VERSION).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn versions_without_a_reader_name_the_newest_this_build_reads() {
+        for found in [0, u64::from(FORMAT_VERSION) + 1, u64::MAX] {
+            assert_eq!(
+                read(found, "{}").err(),
+                Some(CheckpointError::UnsupportedVersion { found, supported: FORMAT_VERSION })
+            );
+        }
+    }
+}
