@@ -514,6 +514,31 @@ fn radam_and_nadam_are_built_ins_a_rule_can_name() -> Result<()> {
 }
 
 #[test]
+fn ownership_follows_the_variable_through_new_storage() -> Result<()> {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var("w", &[1 << 10], nn::Init::Const(1.0));
+    // A view keeps the first storage alive: the variable's new storage has another address.
+    let old_storage = w.detach();
+    let mut first = case_optimizer! { _ => Sgd<lr: 0.5> }.build(&vs)?;
+    // `set_data` under the same variable twice; the first router steps it as before.
+    vs.half();
+    vs.float();
+    assert_ne!(w.data_ptr(), old_storage.data_ptr());
+    let second = case_optimizer! { _ => Sgd<lr: 0.5> }.build(&vs);
+    match second {
+        Err(Error::VariableInAnotherRouter { variable, other }) => {
+            assert_eq!((variable.as_str(), other.as_str()), ("w", "w"));
+        }
+        other => panic!("expected VariableInAnotherRouter, got {:?}", other.map(|_| ())),
+    }
+    // One step moves it once.
+    set_grads(&vs, |_, t| t.ones_like());
+    first.step()?;
+    assert_eq!(values(&w).first().copied(), Some(0.5));
+    Ok(())
+}
+
+#[test]
 fn a_variable_belongs_to_one_router_at_a_time() -> Result<()> {
     let vs = bnn_store();
     let first = BnnOptimizer::build(&vs)?;

@@ -17,6 +17,7 @@ use super::math::{BlockSqrt, Real};
 use crate::error::Result;
 
 extern "C" {
+    fn caseopt_tensor_impl(t: *const c_void) -> *const c_void;
     fn caseopt_aten_add(
         s: *const c_void,
         other: *const c_void,
@@ -164,6 +165,16 @@ impl CpuCapability {
     pub(crate) fn contracts(self) -> bool {
         matches!(self, CpuCapability::Avx2 | CpuCapability::Avx512)
     }
+}
+
+/// The address of the `TensorImpl` behind `t` (0 for an undefined tensor): what every handle
+/// of one variable shares, and what `set_data` keeps while it replaces the storage (and with
+/// it the data address). Ownership of variables by routers is keyed by it
+/// (`router/ownership.rs`).
+pub(crate) fn tensor_impl(t: &Tensor) -> usize {
+    // SAFETY: `as_ptr` is the `at::Tensor*` of a live tch handle borrowed for the call; the
+    // C++ side only reads the handle's TensorImpl pointer and does not throw.
+    unsafe { caseopt_tensor_impl(t.as_ptr() as *const c_void) as usize }
 }
 
 /// MKL's `vsSqrt`/`vdSqrt` through their Fortran entry points: `(n, in, out, mode)`.

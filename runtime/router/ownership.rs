@@ -4,8 +4,13 @@
 //! router trains is therefore an error naming it; dropping the first router releases its
 //! variables.
 //!
-//! Variables are known by the address of their first element, the one identity every handle
-//! of the same tensor shares (tch's handles differ per `shallow_clone`). Empty variables have
+//! Variables are known by their `TensorImpl` (through the C++ shim, `caseopt_tensor_impl`): the
+//! identity every handle of the same variable shares (tch's handles differ per
+//! `shallow_clone`) and that survives `set_data`, which `VarStore::half`, `float` and
+//! `set_device`-like changes use to give the variable new storage. The data address did not:
+//! after `vs.half(); vs.float()` a second router took the variable for another one and one
+//! step moved it twice. A registered variable's router holds a handle to it, so its
+//! `TensorImpl` cannot be freed and its address reused while registered. Empty variables have
 //! no data to update twice and are not registered.
 
 use std::collections::HashMap;
@@ -15,7 +20,12 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::var::Param;
 
-/// Which live router trains each registered variable, by data address: (router, name).
+/// The variable's identity: its `TensorImpl` (see the module documentation).
+fn identity(t: &tch::Tensor) -> usize {
+    crate::kernels::aten::tensor_impl(t)
+}
+
+/// Which live router trains each registered variable, by [`identity`]: (router, name).
 static OWNERS: Mutex<Option<HashMap<usize, (u64, String)>>> = Mutex::new(None);
 
 /// Router ids, unique within the process.
@@ -51,7 +61,7 @@ impl Ownership {
             if p.tensor.numel() == 0 {
                 continue;
             }
-            let address = p.tensor.data_ptr() as usize;
+            let address = identity(&p.tensor);
             match map.get(&address) {
                 Some((owner, _)) if *owner == self.router => {}
                 Some((_, other)) => {
@@ -115,6 +125,19 @@ mod tests {
         assert!(second.claim([&param("c", &c), &param("a", &a)]).is_err());
         drop(first);
         second.claim([&param("a", &a), &param("b", &b), &param("c", &c)]).unwrap();
+        // The identity survives new storage (`set_data`, as `VarStore::half` and `float` do),
+        // and is not a data address another variable could come to hold.
+        let mut d = Tensor::ones([4], tch::kind::FLOAT_CPU);
+        let mut third = Ownership::default();
+        third.claim([&param("d", &d)]).unwrap();
+        let before = d.data_ptr();
+        // Kept alive, so that the new storage cannot reuse the old address.
+        let _old_storage = d.detach();
+        d.set_data(&d.to_kind(tch::Kind::Half));
+        d.set_data(&d.to_kind(tch::Kind::Float));
+        assert_ne!(d.data_ptr(), before, "set_data gave the variable new storage");
+        let err = Ownership::default().claim([&param("d2", &d.shallow_clone())]).unwrap_err();
+        assert!(matches!(err, Error::VariableInAnotherRouter { .. }), "{err}");
         // Empty variables are not registered.
         let empty = Tensor::ones([0], tch::kind::FLOAT_CPU);
         Ownership::default().claim([&param("e", &empty)]).unwrap();

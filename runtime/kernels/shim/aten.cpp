@@ -110,4 +110,11 @@ int32_t caseopt_aten_cpu_capability() {
   return -1;
 }
 
+// The TensorImpl behind a handle (runtime/router/ownership.rs): the one identity of a variable
+// that every shallow clone shares and that `set_data` keeps (it swaps the storage, and with it
+// the data address, under the same TensorImpl); null for an undefined tensor. Does not throw.
+const void* caseopt_tensor_impl(const at::Tensor* t) {
+  return t->defined() ? static_cast<const void*>(t->unsafeGetTensorImpl()) : nullptr;
+}
+
 }  // extern "C"
