@@ -403,3 +403,95 @@ fn an_all_zero_kernel_under_dorefa_weights_stays_finite() {
     q.sum(Kind::Float).backward();
     assert!(f32s(&w.grad()).iter().all(|&v| v == 0.0));
 }
+
+/// larq's forward values at the largest inputs: swish_sign is the sign, magnitude_aware_sign the
+/// scaled sign, with or without `requires_grad` (the gradient carrier made them NaN there, so
+/// training and inference disagreed), and the gradients finite where larq's is finite.
+#[test]
+fn huge_and_infinite_inputs_give_larqs_values_with_and_without_gradients() {
+    let big = [f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY, 1e38, -1e38, 3.0, -0.5];
+    let signs: Vec<f32> = big.iter().map(|&v| if v >= 0.0 { 1.0 } else { -1.0 }).collect();
+    for grad in [false, true] {
+        let x = Tensor::from_slice(&big).set_requires_grad(grad);
+        for beta in [1.0, 5.0, 10.0] {
+            let y = bnn::swish_sign(&x, beta).unwrap();
+            assert_eq!(f32s(&y), signs, "swish_sign beta {beta}, requires_grad {grad}");
+            if grad {
+                y.sum(Kind::Float).backward();
+                let g = f32s(&x.grad());
+                // Far out the derivative of SignSwish is 0 (larq: -0 or +0, or NaN at inf).
+                assert!(g[..6].iter().all(|v| *v == 0.0), "beta {beta}: {g:?}");
+                assert!(g[6..].iter().all(|v| v.is_finite()), "beta {beta}: {g:?}");
+                let mut g = x.grad();
+                let _ = g.zero_();
+            }
+        }
+        // A 1-D tensor is its own channel per element: the scale is |x|.
+        let y = bnn::magnitude_aware_sign(&x, Some(1.0), Operand::Input).unwrap();
+        let want: Vec<f32> =
+            big.iter().map(|v| if *v >= 0.0 { v.abs() } else { -v.abs() }).collect();
+        assert_eq!(f32s(&y), want, "magnitude_aware_sign, requires_grad {grad}");
+        // Channels whose mean |x| overflows or is infinite: +-inf, as larq's `sign * mean`.
+        let x2 = Tensor::from_slice(&[f32::MAX, f32::MAX, -0.5, 0.25, f32::INFINITY, -1.0])
+            .view([3, 2])
+            .set_requires_grad(grad);
+        let y2 = bnn::magnitude_aware_sign(&x2, Some(1.0), Operand::Kernel).unwrap();
+        let (inf, m) = (f32::INFINITY, (0.5f32 + 0.25) / 2.0);
+        assert_eq!(f32s(&y2), [inf, inf, -m, m, inf, -inf], "requires_grad {grad}");
+        if grad {
+            y2.sum(Kind::Float).backward();
+            let g = f32s(&x2.grad());
+            // Outside the clip value larq's gradient is 0; inside it is the channel's scale.
+            assert_eq!(g[..4], [0.0, 0.0, m, m], "{g:?}");
+            assert_eq!(g[4], 0.0, "{g:?}");
+            assert!(g[5].is_finite() && g[5] > 0.0, "{g:?}");
+        }
+    }
+}
+
+/// Quantizers on bool and complex tensors: typed errors (`Error::Torch`), never a panic inside
+/// tch.
+#[test]
+fn bool_and_complex_tensors_are_errors_not_panics() {
+    let b = Tensor::from_slice(&[true, false]);
+    let c = Tensor::from_slice(&[0.5f32, -0.5]).to_kind(Kind::ComplexFloat);
+    for x in [&b, &c] {
+        assert!(matches!(bnn::ste_heaviside(x, Some(1.0)), Err(Error::Torch(_))), "{:?}", x.kind());
+        assert!(matches!(bnn::ste_heaviside(x, None), Err(Error::Torch(_))), "{:?}", x.kind());
+        for mode in [DoReFaMode::Activations, DoReFaMode::Weights] {
+            assert!(matches!(bnn::dorefa(x, 2, mode), Err(Error::Torch(_))), "{:?}", x.kind());
+        }
+    }
+    let e = bnn::ste_heaviside(&c, Some(1.0)).unwrap_err().to_string();
+    assert!(e.contains("ste_heaviside") && e.contains("ComplexFloat"), "{e}");
+}
+
+/// DoReFa's weights gradient is larq's: TensorFlow's `TanhGrad`, `u * (1 - t * t)` with `t * t`
+/// rounded first (libtorch's `tanh_backward` rounds `1 - t * t` once, a last-bit difference
+/// from larq, e.g. -0.21792345 against larq's -0.21792346). The expected values are that formula
+/// evaluated in f32 with the tanh libtorch computes (equal to TensorFlow's, per the issue's
+/// larq run), `u` the gradient arriving at tanh.
+#[test]
+fn dorefa_weights_gradient_rounds_as_tensorflows_tanh_grad() {
+    let n = 4096;
+    let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7548).sin() * 3.0).collect();
+    let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3247).cos()).collect();
+    let x = Tensor::from_slice(&xs).set_requires_grad(true);
+    let q = bnn::dorefa(&x, 2, DoReFaMode::Weights).unwrap();
+    (&q * Tensor::from_slice(&dy)).sum(Kind::Float).backward();
+    let got = f32s(&x.grad());
+    let t = f32s(&Tensor::from_slice(&xs).tanh());
+    let divisor = 2.0 * t.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (mut twice, mut once) = (0, 0);
+    for i in 0..n {
+        // dy * 2 (the `2 q - 1`), through the rounding, divided by `2 max|t|`, then TanhGrad.
+        let u = (dy[i] * 2.0) / divisor;
+        let want = u * (1.0 - t[i] * t[i]);
+        assert_eq!(got[i].to_bits(), want.to_bits(), "x = {}: {} vs {want}", xs[i], got[i]);
+        let fused = u * (-t[i]).mul_add(t[i], 1.0);
+        twice += usize::from(fused != want);
+        once += usize::from(fused == want);
+    }
+    // The inputs do tell the two roundings apart.
+    assert!(twice > 0 && once > 0, "{twice} {once}");
+}

@@ -6,7 +6,10 @@
 //! is larq's (pseudo-)gradient. `g.detach() - g` is exactly `+0` wherever `g` is finite, and
 //! `value - (+0)` is `value` bit for bit (a `-0` stays `-0`, which `value + (+0)` would not keep),
 //! so the forward value is exactly larq's and the backward pass is exactly `g`'s. Every `g` below
-//! keeps finite values for finite and infinite inputs alike.
+//! keeps finite values for finite and infinite inputs alike, down to the dtype's largest values:
+//! where a factor of `g` can be infinite (`swish_sign` beyond `FLT_MAX / beta`,
+//! `magnitude_aware_sign`'s scale of a channel holding an infinity), `g` multiplies it with
+//! `x - x.detach()`, which is +0 in the forward pass and `x` in the backward one.
 //!
 //! Where larq's gradient is `dy * c(x)` for a function `c`, `g` is `h(x) * c(x).detach()` (`h`
 //! the identity, clipped where larq clips): libtorch's backward of a product is `dy * c`, one
@@ -168,11 +171,18 @@ pub fn swish_sign(x: &Tensor, beta: f64) -> Result<Tensor> {
         return Ok(sign);
     }
     let bx = xd.f_mul_scalar(beta)?;
-    // a = 2 - bx * tanh(bx * 0.5); b = 1 + cosh(bx), as larq writes them.
+    // a = 2 - bx * tanh(bx * 0.5); b = 1 + cosh(bx), as larq writes them. `a` is infinite
+    // only where `bx` is (|x| beyond the dtype's largest value over beta, or x infinite),
+    // where `b` is too and larq's gradient is `-inf / inf`, NaN: 0 in its place keeps `g`
+    // finite and makes the gradient there +-0, the derivative's limit.
     let a = bx.f_mul(&bx.f_mul_scalar(0.5)?.f_tanh()?)?.f_neg()?.f_add_scalar(2.0)?;
+    let a = a.f_nan_to_num(0.0, 0.0, 0.0)?;
     let b = bx.f_cosh()?.f_add_scalar(1.0)?;
-    // Backward through `((x / b) * a) * beta` is `((dy * beta) * a) / b`: larq's order.
-    let g = finite_identity(x)?.f_div(&b)?.f_mul(&a)?.f_mul_scalar(beta)?;
+    // Backward through `((d / b) * a) * beta` is `((dy * beta) * a) / b`: larq's order. `d`
+    // is `x` in the backward pass and +0 in the forward one, so that `g` is +-0 (finite) even
+    // where `b` is infinite and `a` the largest finite value: `x / b * a` was `0 * inf`, NaN,
+    // and made the forward value NaN through the carrier.
+    let g = zero_valued(&finite_identity(x)?)?.f_div(&b)?.f_mul(&a)?.f_mul_scalar(beta)?;
     with_gradient_of(&sign, &g)
 }
 
@@ -232,6 +242,7 @@ pub fn ste_tern(
 /// ```
 pub fn ste_heaviside(x: &Tensor, clip_value: Option<f64>) -> Result<Tensor> {
     check_clip("ste_heaviside", clip_value)?;
+    check_kind("ste_heaviside", x)?;
     // larq: sign(relu(x)). `threshold(x, 0, 0)` is that ReLU with a `+0` for `-0`, as
     // TensorFlow's.
     let step = x.f_detach()?.f_threshold(0.0, 0.0)?.f_sign()?;
@@ -276,7 +287,12 @@ pub fn magnitude_aware_sign(
     if !x.requires_grad() {
         return Ok(value);
     }
-    let g = clipped_identity(x, clip_value)?.f_mul(&scale)?;
+    // `d * scale` with `d` zero-valued: a channel whose mean |x| is infinite (an element at
+    // +-inf, or sums past the dtype's largest value) made `x * scale` infinite, and the carrier
+    // `inf - inf`, NaN. The largest finite value stands in for an infinite scale in the
+    // backward pass (larq's gradient is infinite there).
+    let finite_scale = scale.f_nan_to_num(0.0, None, None)?;
+    let g = zero_valued(&clipped_identity(x, clip_value)?)?.f_mul(&finite_scale)?;
     with_gradient_of(&value, &g)
 }
 
@@ -304,11 +320,12 @@ pub fn magnitude_aware_sign(
 /// ```
 pub fn dorefa(x: &Tensor, k_bit: u8, mode: DoReFaMode) -> Result<Tensor> {
     check_k_bit(k_bit)?;
+    check_kind("dorefa_quantizer", x)?;
     let steps = f64::from((1u16 << k_bit) - 1);
     match mode {
         DoReFaMode::Activations => quantize_k(&x.f_clamp(0.0, 1.0)?, steps),
         DoReFaMode::Weights => {
-            let limited = x.f_tanh()?;
+            let limited = tanh_with_tensorflows_gradient(x)?;
             let divisor = limited.f_detach()?.f_abs()?.f_max()?.f_mul_scalar(2.0)?;
             let unit = if divisor.f_double_value(&[])? == 0.0 {
                 // divide_no_nan: an all-zero tensor stays zero (and so does its gradient).
@@ -319,6 +336,21 @@ pub fn dorefa(x: &Tensor, k_bit: u8, mode: DoReFaMode) -> Result<Tensor> {
             Ok(quantize_k(&unit, steps)?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?)
         }
     }
+}
+
+/// `tanh(x)`, whose backward pass is TensorFlow's `TanhGrad`, `dy * (1 - t * t)` with `t * t`
+/// rounded before the subtraction. libtorch's `tanh_backward` rounds `1 - t * t` once (a fused
+/// multiply-add), which differed from larq's gradient in the last bit (at x = 1.0, -0.21792345
+/// against larq's -0.21792346).
+fn tanh_with_tensorflows_gradient(x: &Tensor) -> Result<Tensor> {
+    let t = x.f_detach()?.f_tanh()?;
+    if !x.requires_grad() {
+        return Ok(t);
+    }
+    // 1 - t*t in two roundings: the product, then the difference (negation is exact).
+    let factor = t.f_mul(&t)?.f_neg()?.f_add_scalar(1.0)?;
+    // The backward of `x * factor` is `dy * factor`, one rounding, as TanhGrad's last product.
+    with_gradient_of(&t, &finite_identity(x)?.f_mul(&factor)?)
 }
 
 /// `round(u * steps) / steps`, with an identity gradient.
@@ -400,6 +432,26 @@ fn clipped_identity(x: &Tensor, clip_value: Option<f64>) -> Result<Tensor> {
 /// is what keeps the forward value exact there.
 fn finite_identity(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_nan_to_num(0.0, None, None)?)
+}
+
+/// `x - x.detach()`: `x`'s gradient, and +0 for a value wherever `x` is finite, so that a
+/// product with it stays finite whatever the other factor's size.
+fn zero_valued(x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_sub(&x.f_detach()?)?)
+}
+
+/// Refuses the dtypes whose ops with a scalar argument (`threshold`, `clamp`) leave a libtorch
+/// error pending that tch then unwraps while dropping the scalar, a panic instead of an error:
+/// bool and complex tensors, which no quantizer supports, are [`Error::Torch`] up front.
+fn check_kind(quantizer: &'static str, x: &Tensor) -> Result<()> {
+    let kind = x.f_kind()?;
+    if matches!(kind, Kind::Bool | Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble) {
+        return Err(Error::Torch(tch::TchError::Kind(format!(
+            "{quantizer} does not support {kind:?} tensors (bool and complex tensors have no \
+             sign, order or rounding)"
+        ))));
+    }
+    Ok(())
 }
 
 /// Checks a clip value: `None` (no clipping) or a number `>= 0`.
