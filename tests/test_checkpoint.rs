@@ -685,7 +685,7 @@ fn a_file_of_a_newer_version_is_refused_naming_both_versions() {
     let path = saved_checkpoint(&dir);
     craft(&path, |meta, _| meta["scaler"] = serde_json::json!({ "scale": 65536.0 }));
     assert!(matches!(assert_refused(&mut r, &path), CheckpointError::Malformed(_)));
-    fs::remove_dir_all(&dir).unwrap();
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -720,7 +720,7 @@ fn step_counters_out_of_range_are_refused_before_anything_changes() {
     }
     // The router still steps as before.
     r.step().unwrap();
-    fs::remove_dir_all(&dir).unwrap();
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -749,5 +749,5 @@ fn a_checkpoint_saved_after_a_variable_was_added_loads_into_a_fresh_router() {
     train(&mut r, &vs, 3..6, None);
     train(&mut fresh, &vs2, 3..6, None);
     assert_eq!(snapshot(&fresh), snapshot(&r));
-    fs::remove_dir_all(&dir).unwrap();
+    fs::remove_dir_all(dir).unwrap();
 }

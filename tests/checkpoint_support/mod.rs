@@ -291,9 +291,7 @@ pub fn craft(
         Value::from(crc32fast::hash(json.as_bytes()).to_string());
     header["__metadata__"]["caseopt"] = Value::from(json);
     let mut head = header.to_string().into_bytes();
-    while head.len() % 8 != 0 {
-        head.push(b' ');
-    }
+    head.resize(head.len().next_multiple_of(8), b' ');
     let mut out = (head.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&head);
     out.extend_from_slice(&data);
