@@ -11,6 +11,8 @@
 // Unsafe code lives in `kernels` and `distributed::ffi` alone (see their docs), every block with
 // a SAFETY comment.
 #![deny(unsafe_code)]
+// Every public item is documented; CI denies the warning (`.ci/run`).
+#![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
