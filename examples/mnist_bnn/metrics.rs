@@ -10,71 +10,60 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// What one epoch measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What one epoch measured, one line of `metrics.jsonl`.
+///
+/// serde's derive writes the fields in this order and `null` for a non-finite number (JSON has
+/// no NaN). It reads back every line written so far: the hand-written lines of earlier versions
+/// (`"key": value`, with a space) parse the same, `null` in a plain number is NaN, and a missing
+/// `flip_ratio` (lines from before it existed) is `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     /// 1-based epoch number.
     pub epoch: u32,
     /// Mean training loss.
+    #[serde(deserialize_with = "nan_for_null")]
     pub train_loss: f64,
     /// Training accuracy, a fraction.
+    #[serde(deserialize_with = "nan_for_null")]
     pub train_acc: f64,
     /// Test accuracy with the running statistics as trained, a fraction.
+    #[serde(deserialize_with = "nan_for_null")]
     pub test_acc: f64,
     /// Test accuracy after re-estimating the batch norms' statistics, when measured.
     pub test_acc_precise_bn: Option<f64>,
     /// With a binary optimizer (`--recipe bop`): the fraction of binary weights whose sign
     /// flipped per step, averaged over the epoch's steps (larq's `FlipRatio`, a mean over the
     /// epoch's batches).
+    #[serde(default)]
     pub flip_ratio: Option<f64>,
-    /// Wall-clock seconds of the training loop alone.
+    /// Wall-clock seconds of the training loop alone, to the millisecond.
+    #[serde(serialize_with = "milliseconds", deserialize_with = "nan_for_null")]
     pub seconds: f64,
 }
 
 impl EpochRecord {
-    /// The JSON line, written by hand to keep the fields in this order (serde_json would sort
-    /// them); non-finite numbers become `null` (JSON has no NaN).
+    /// The JSON line.
     pub fn to_json(self) -> String {
-        format!(
-            "{{\"epoch\": {}, \"train_loss\": {}, \"train_acc\": {}, \"test_acc\": {}, \"test_acc_precise_bn\": {}, \"flip_ratio\": {}, \"seconds\": {:.3}}}",
-            self.epoch,
-            json_number(self.train_loss),
-            json_number(self.train_acc),
-            json_number(self.test_acc),
-            self.test_acc_precise_bn.map_or("null".into(), json_number),
-            self.flip_ratio.map_or("null".into(), json_number),
-            self.seconds
-        )
+        serde_json::to_string(&self).expect("a struct of numbers always serializes")
     }
 
-    /// Parses a line written by [`to_json`](Self::to_json); `None` for anything else (a line
-    /// cut short by a crash, for one).
+    /// Parses a line written by [`to_json`](Self::to_json) or by earlier versions; `None` for
+    /// anything else (a line cut short by a crash, for one).
     pub fn parse(line: &str) -> Option<EpochRecord> {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        let number = |key: &str| match v.get(key)? {
-            serde_json::Value::Null => Some(f64::NAN),
-            n => n.as_f64(),
-        };
-        Some(EpochRecord {
-            epoch: u32::try_from(v.get("epoch")?.as_u64()?).ok()?,
-            train_loss: number("train_loss")?,
-            train_acc: number("train_acc")?,
-            test_acc: number("test_acc")?,
-            test_acc_precise_bn: v.get("test_acc_precise_bn")?.as_f64(),
-            // Absent from lines written before the field existed.
-            flip_ratio: v.get("flip_ratio").and_then(serde_json::Value::as_f64),
-            seconds: number("seconds")?,
-        })
+        serde_json::from_str(line).ok()
     }
 }
 
-/// A finite number as JSON, `null` otherwise.
-fn json_number(v: f64) -> String {
-    if v.is_finite() {
-        v.to_string()
-    } else {
-        "null".into()
-    }
+/// A number that was written as `null` because it was not finite reads back as NaN.
+fn nan_for_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Seconds rounded to the millisecond: a timing's noise is not worth a line's width.
+fn milliseconds<S: Serializer>(seconds: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((seconds * 1000.0).round() / 1000.0)
 }
 
 /// Why the metrics file could not be written.
@@ -193,6 +182,29 @@ mod tests {
         let nan = EpochRecord::parse(&record(1, f64::NAN).to_json()).unwrap();
         assert!(nan.train_loss.is_nan());
         assert_eq!(EpochRecord::parse("{\"epoch\": 2, \"train_lo"), None);
+    }
+
+    #[test]
+    fn lines_keep_their_field_order_and_old_lines_still_parse() {
+        let r = EpochRecord { flip_ratio: Some(0.25), seconds: 10.81234, ..record(2, 0.5) };
+        assert_eq!(
+            r.to_json(),
+            "{\"epoch\":2,\"train_loss\":0.5,\"train_acc\":0.5,\"test_acc\":0.25,\
+             \"test_acc_precise_bn\":null,\"flip_ratio\":0.25,\"seconds\":10.812}"
+        );
+        // Lines as the hand-written serializer wrote them, with NaN as null, and from before
+        // `flip_ratio` existed.
+        let old = "{\"epoch\": 3, \"train_loss\": null, \"train_acc\": 0.75, \"test_acc\": 0.5, \
+                   \"test_acc_precise_bn\": 0.625, \"flip_ratio\": 0.001, \"seconds\": 1.500}";
+        let parsed = EpochRecord::parse(old).unwrap();
+        assert!(parsed.train_loss.is_nan());
+        assert_eq!(
+            (parsed.epoch, parsed.train_acc, parsed.test_acc_precise_bn, parsed.flip_ratio),
+            (3, 0.75, Some(0.625), Some(0.001))
+        );
+        let older = "{\"epoch\": 1, \"train_loss\": 0.5, \"train_acc\": 0.5, \"test_acc\": 0.25, \
+                     \"test_acc_precise_bn\": null, \"seconds\": 1.500}";
+        assert_eq!(EpochRecord::parse(older), Some(record(1, 0.5)));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   Glorot-uniform, trained with `optimizer='adam'` (Keras's defaults: learning rate 1e-3,
 //!   epsilon 1e-7) like every other variable, and clipped to [-1, 1] after every step
 //!   (`kernel_constraint="weight_clip"`). The kernels are still declared 1-bit, so the rule
-//!   `binary => Adam` claims them and the constraint is set on that rule.
+//!   `binary => Adam` claims them and the constraint is set on that rule; under Adam a 1-bit
+//!   variable is a latent weight, so the router does not warn that it holds values other than
+//!   -1 and +1.
 
 use caseopt::{case_optimizer, Constraint, KernelInit, Router};
 use clap::ValueEnum;

@@ -4,6 +4,8 @@
 //! The rule language (parser and checks) lives in `caseopt-rules`; this crate is the entry
 //! point, the code generation and what to emit on errors.
 
+#![warn(missing_docs)]
+
 mod expand;
 mod fallback;
 #[cfg(test)]

@@ -117,8 +117,11 @@ pub trait Router: Send {
     ///   [`Error::InvalidHyperparameter`](crate::Error::InvalidHyperparameter);
     /// - gradients holding NaN or infinity are handled by the [`NonFinitePolicy`] (by default
     ///   an error naming the variable);
-    /// - a 1-bit variable holding values other than +-1 is reported once (a warning on stderr
-    ///   and [`binarised_variables`](Self::binarised_variables)); Bop binarises it, as larq does.
+    /// - a 1-bit variable that [`Bop`](crate::Bop) or [`Bop2ndOrder`](crate::Bop2ndOrder)
+    ///   trains and that holds values other than +-1 is reported once (a warning on stderr and
+    ///   [`binarised_variables`](Self::binarised_variables)); Bop binarises it, as larq does. A
+    ///   1-bit variable under any other optimizer is a latent weight (its real values trained,
+    ///   a quantizer binarising them in the forward pass) and is not reported.
     ///
     /// Each check covers every rule before any optimizer moves: a refused step leaves every
     /// parameter, state and step counter as it was.
@@ -129,8 +132,9 @@ pub trait Router: Send {
     fn non_finite_policy(&self) -> NonFinitePolicy;
     /// Steps skipped under [`NonFinitePolicy::SkipStep`] so far.
     fn skipped_steps(&self) -> u64;
-    /// 1-bit variables found holding values other than -1 and +1 (each reported once, at the
-    /// first step that updated it), in the order they were found.
+    /// 1-bit variables that Bop or Bop2ndOrder binarised because they held values other than
+    /// -1 and +1 (each reported once, at the first step that updated it), in the order they
+    /// were found. Latent weights, 1-bit variables under any other optimizer, are not listed.
     fn binarised_variables(&self) -> &[String];
     /// Zeroes the gradient of every routed variable.
     fn zero_grad(&mut self);

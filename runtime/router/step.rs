@@ -213,29 +213,32 @@ impl OptimizerVisitor for StepWith {
     }
 }
 
-/// Reports, once each, the 1-bit variables holding values other than -1 and +1 (larq's Bop
-/// binarises them at their first update; other optimizers train them as they are).
+/// Reports, once each, the 1-bit variables that a binary optimizer (Bop, Bop2ndOrder) binarises
+/// at their first update because they hold values other than -1 and +1, as larq's Bop does.
+///
+/// A 1-bit variable under any other optimizer is a latent weight, larq's other way of training a
+/// binary network: the optimizer trains its real values and a quantizer binarises them in the
+/// forward pass, so values other than +-1 are what it is meant to hold and are not reported.
 fn check_binary_values<R: RouterParts>(router: &mut R) -> Result<()> {
     let mut found = Vec::new();
     let mut checked = Vec::new();
     for rule in 0..router.core().rules().len() {
         let Some(optimizer) = router.dyn_optimizer(rule) else { continue };
+        let binarises = matches!(optimizer.name(), "Bop" | "Bop2ndOrder");
         for p in optimizer.params() {
             if !p.info.is_binary() || router.core().binary_checked.contains(&p.info.name) {
                 continue;
             }
             checked.push(p.info.name.clone());
+            if !binarises {
+                continue;
+            }
             let other = p.tensor.f_abs()?.f_ne(1.0)?.f_any()?.f_int64_value(&[])? != 0;
             if other {
-                let what = match optimizer.name() {
-                    "Bop" | "Bop2ndOrder" => {
-                        format!("{} binarises it at this step, as larq does", optimizer.name())
-                    }
-                    name => format!("{name} trains it as it is"),
-                };
                 eprintln!(
-                    "caseopt: warning: `{}` is declared 1-bit but holds values other than -1 and +1; {what}",
-                    p.info.name
+                    "caseopt: warning: `{}` is declared 1-bit but holds values other than -1 and +1; {} binarises it at this step, as larq does",
+                    p.info.name,
+                    optimizer.name()
                 );
                 found.push(p.info.name.clone());
             }

@@ -8,6 +8,8 @@
 //! - [`ast`] (feature `syntax`): the macro's input parsed into a typed view.
 //! - [`check`] (feature `syntax`): the cross-rule checks, exclusivity first.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "syntax")]
 pub mod ast;
 pub mod builtin;
