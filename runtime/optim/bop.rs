@@ -38,12 +38,13 @@ impl Default for BopConfig {
 hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
 
 /// `m <- m + rate * (x - m)`, as written in the reference (its difference scaled in place: one
-/// temporary, not two).
-pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<()> {
+/// temporary, not two). Returns that temporary (of `m`'s shape and type, contiguous) for the
+/// caller's next result: a fresh tensor of a large variable costs its page faults again.
+pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<Tensor> {
     let mut d = x.f_sub(m)?;
     let _ = d.f_mul_scalar_(rate)?;
     let _ = m.f_add_(&d)?;
-    Ok(())
+    Ok(d)
 }
 
 /// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1: -1 exactly where
@@ -152,8 +153,8 @@ impl Algorithm for BopAlgorithm {
             Some(st) => st,
             empty => empty.insert(BopState { m: w.f_zeros_like()?, slot: None }),
         };
-        moving_average(&mut st.m, grad, hp.gamma)?;
-        let signal = w.f_mul(&st.m)?;
+        let scratch = moving_average(&mut st.m, grad, hp.gamma)?;
+        let signal = w.f_mul_out(&scratch, &st.m)?;
         flip(w, signal, hp.threshold).map(Some)
     }
 

@@ -136,8 +136,8 @@ impl Algorithm for Bop2ndOrderAlgorithm {
                 slot: None,
             }),
         };
-        moving_average(&mut st.m, grad, hp.gamma)?;
-        moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
+        let _ = moving_average(&mut st.m, grad, hp.gamma)?;
+        let _ = moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
         let mut denom = st.v.f_sqrt()?;
         let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
         let signal = w.f_mul(&st.m)?.f_div(&denom)?;
