@@ -301,8 +301,9 @@ unsafe fn stage_lines<V: lanes::Lanes>(
     let tail = head + lines * LINE;
     let mut bad =
         math::bop_stage(&w[..head], &g[..head], &m[..head], &mut m_out[..head], s, &mut *flip);
-    // SAFETY (every `V` call below): the caller's contract on the CPU's features.
+    // SAFETY: the caller's contract on the CPU's features (for every `V` call below).
     let (gamma, threshold) = unsafe { (V::splat(s.gamma), V::splat(s.threshold)) };
+    // SAFETY: as above.
     let (zero, one, minus_one) = unsafe { (V::splat(0.0), V::splat(1.0), V::splat(-1.0)) };
     let mut non_finite = 0u32;
     let (wp, gp, mp, op) = (w.as_ptr(), g.as_ptr(), m.as_ptr(), m_out.as_mut_ptr());
@@ -781,7 +782,7 @@ mod tests {
         unsafe {
             std::arch::x86_64::_mm_sfence()
         };
-        let mut want = vec![0.5f32; 40];
+        let mut want = [0.5f32; 40];
         want[..16].fill(1.0);
         want[0] = -1.0;
         want[15] = -1.0;
