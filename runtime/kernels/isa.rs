@@ -90,37 +90,41 @@ impl Isa {
         }
     }
 
-    /// The set `name` caps at, or the names known. A set this build has no loops for (AVX2
-    /// off x86-64) caps at the baseline, as a processor without it would.
+    /// The set `name` caps at, itself capped at [`widest`](Self::widest) (so that no value of
+    /// this type ever names a set the processor lacks), or the names known. A set this build
+    /// has no loops for (AVX2 off x86-64) caps at the baseline, as a processor without it would.
     pub(crate) fn parse_cap(name: &str) -> Result<Isa, String> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "baseline" => Ok(Isa::Baseline),
+        let cap = match name.trim().to_ascii_lowercase().as_str() {
+            "baseline" => Isa::Baseline,
             #[cfg(target_arch = "x86_64")]
-            "avx2" => Ok(Isa::Avx2),
+            "avx2" => Isa::Avx2,
             #[cfg(target_arch = "x86_64")]
-            "avx512" => Ok(Isa::Avx512),
+            "avx512" => Isa::Avx512,
             #[cfg(not(target_arch = "x86_64"))]
-            "avx2" | "avx512" => Ok(Isa::Baseline),
-            other => Err(format!(
-                "unknown instruction set `{other}` (expected avx512, avx2 or baseline)"
-            )),
-        }
+            "avx2" | "avx512" => Isa::Baseline,
+            other => {
+                return Err(format!(
+                    "unknown instruction set `{other}` (expected avx512, avx2 or baseline)"
+                ))
+            }
+        };
+        Ok(cap.min(Isa::widest()))
     }
 
-    /// Runs `l` compiled for this instruction set. `self` must come from [`Isa::current`] or
-    /// [`Isa::available`] (only the processor's own sets are ever constructed: every cap is
-    /// applied to [`Isa::widest`] with `min`).
+    /// Runs `l` compiled for this instruction set. Every value of `Isa` names one of the
+    /// processor's own sets: [`Isa::widest`] detects it, [`Isa::available`] lists those detected
+    /// and every cap is applied to `widest` with `min`.
     #[inline(always)]
     pub(crate) fn run<L: IsaLoop>(self, l: L) -> L::Output {
         match self {
             Isa::Baseline => l.run(),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed when the processor reports AVX2 and FMA
-            // (`avx2_detected`).
+            // SAFETY: `Isa::Avx2` exists only where the processor reports AVX2 and FMA
+            // (`avx2_detected`; caps are taken with `min` of `widest`).
             Isa::Avx2 => unsafe { trampolines::avx2(l) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only constructed when the processor reports AVX-512 F,
-            // VL, BW and DQ, and FMA (`avx512_detected`).
+            // SAFETY: as above, `Isa::Avx512` only where it reports AVX-512 F, VL, BW and DQ,
+            // and FMA (`avx512_detected`).
             Isa::Avx512 => unsafe { trampolines::avx512(l) },
         }
     }
