@@ -54,3 +54,66 @@ pub fn rule_not_built() -> Error {
         reason: "a rule's configuration was used twice while assembling the router".to_string(),
     }
 }
+
+/// The instruction sets the fused CPU kernels can run with on this processor (`"baseline"`,
+/// `"avx2"`, `"avx512"`), narrowest first: for the tests that compare each with the baseline
+/// and the benchmark that times each.
+///
+/// ```
+/// assert_eq!(caseopt::__private::kernel_isas()[0], "baseline");
+/// ```
+pub fn kernel_isas() -> ::std::vec::Vec<&'static str> {
+    crate::kernels::isa_names()
+}
+
+/// The instruction set the fused kernels run with in the steps this thread takes: the widest
+/// the processor has, capped by the `CASEOPT_ISA` environment variable (read once) and by
+/// [`set_kernel_isa`]. An error when `CASEOPT_ISA` names no instruction set (the kernels then
+/// ignore it).
+///
+/// ```
+/// let isa = caseopt::__private::kernel_isa()?;
+/// assert!(caseopt::__private::kernel_isas().contains(&isa));
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+pub fn kernel_isa() -> Result<&'static str> {
+    crate::kernels::current_isa().map_err(isa_error)
+}
+
+/// Caps the instruction set of the fused kernels in the steps this thread takes at `name`
+/// (`"avx512"`, `"avx2"` or `"baseline"`; `None` removes this thread's cap), capped in turn at
+/// what the processor has; returns the set they now run with. Every set computes the same bits.
+///
+/// ```
+/// use caseopt::__private::set_kernel_isa;
+///
+/// assert_eq!(set_kernel_isa(Some("baseline"))?, "baseline");
+/// assert!(set_kernel_isa(Some("sse9")).is_err()); // refused, the cap unchanged
+/// assert_eq!(caseopt::__private::kernel_isa()?, "baseline");
+/// set_kernel_isa(None)?;
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+pub fn set_kernel_isa(name: Option<&str>) -> Result<&'static str> {
+    crate::kernels::cap_isa(name).map_err(isa_error)
+}
+
+fn isa_error(reason: ::std::string::String) -> Error {
+    Error::InvalidConfig { optimizer: "fused kernels", reason }
+}
+
+/// The CPU kernels ATen dispatches to, as `torch.backends.cpu.get_cpu_capability()` names them
+/// (`"default"`, `"avx2"`, `"avx512"`, or `"other"`), asked of ATen once per process.
+///
+/// ```
+/// let aten = caseopt::__private::aten_cpu_capability();
+/// assert!(["default", "avx2", "avx512", "other"].contains(&aten));
+/// ```
+pub fn aten_cpu_capability() -> &'static str {
+    use crate::kernels::aten::CpuCapability;
+    match CpuCapability::get() {
+        CpuCapability::Default => "default",
+        CpuCapability::Avx2 => "avx2",
+        CpuCapability::Avx512 => "avx512",
+        CpuCapability::Other => "other",
+    }
+}

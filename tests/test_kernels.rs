@@ -211,6 +211,32 @@ fn fused_kernels_match_the_libtorch_path_f64() {
     fused_matches_libtorch(Kind::Double);
 }
 
+/// Every instruction set the kernels have on this processor, chosen through
+/// `caseopt::__private::set_kernel_isa` (what `CASEOPT_ISA` and `bench_step --isa` cap), trains
+/// to the baseline loop's bits: every optimizer with a kernel, f32 and f64, on three threads.
+#[cfg(feature = "fused")]
+#[test]
+fn every_instruction_set_trains_to_the_baseline_loops_bits() {
+    use caseopt::__private::{kernel_isas, set_kernel_isa};
+    let isas = kernel_isas();
+    eprintln!("instruction sets: {isas:?}");
+    assert_eq!(isas[0], "baseline");
+    for kind in [Kind::Float, Kind::Double] {
+        for (c, config) in CONFIGS.iter().enumerate() {
+            let binary = is_bop(config);
+            let m = model(kind, binary, 200 + c as i64);
+            assert_eq!(set_kernel_isa(Some("baseline")).unwrap(), "baseline");
+            let base = train(&mut *make(config, Backend::Fused, 3), &m, binary);
+            for isa in &isas[1..] {
+                assert_eq!(set_kernel_isa(Some(isa)).unwrap(), *isa);
+                let t = train(&mut *make(config, Backend::Fused, 3), &m, binary);
+                assert_same_training(&t, &base, 0.0, &format!("{config} {kind:?} {isa}"));
+            }
+        }
+    }
+    set_kernel_isa(None).unwrap();
+}
+
 #[cfg(feature = "fused")]
 #[test]
 fn thread_count_does_not_change_a_single_bit() {

@@ -5,7 +5,7 @@
 mod checkpoint_support;
 
 use caseopt::{case_optimizer, NonFinitePolicy, PathExt, Router};
-use checkpoint_support::{assert_refused_untouched, snapshot, Rng};
+use checkpoint_support::{assert_refused_untouched, snapshot, Rng, Snapshot};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Gradients whose moving averages cross the threshold both ways over a few steps.
@@ -51,8 +51,26 @@ fn set_grads(r: &mut BopAdam, vs: &nn::VarStore, step: u64, poison: Option<(&[&s
     loss.backward();
 }
 
+/// Under every instruction set the kernels have on this processor (`caseopt::__private::
+/// set_kernel_isa`): the staged step equals the in-place one, and refuses bad steps whole; and
+/// every set trains to the baseline's bits.
 #[test]
 fn a_router_with_the_check_trains_exactly_as_without_and_refuses_bad_steps_whole() {
+    let isas = caseopt::__private::kernel_isas();
+    eprintln!("instruction sets: {isas:?}");
+    let mut baseline = None;
+    for isa in isas {
+        assert_eq!(caseopt::__private::set_kernel_isa(Some(isa)).unwrap(), isa);
+        let trained = trains_exactly_as_without_and_refuses_bad_steps_whole(isa);
+        match &baseline {
+            None => baseline = Some(trained),
+            Some(b) => assert_eq!(&trained, b, "{isa} against the baseline"),
+        }
+    }
+    caseopt::__private::set_kernel_isa(None).unwrap();
+}
+
+fn trains_exactly_as_without_and_refuses_bad_steps_whole(isa: &str) -> Snapshot {
     let (vs_checked, vs_plain) = (model(), model());
     let mut checked = BopAdam::build(&vs_checked).unwrap();
     let mut plain = BopAdam::build(&vs_plain).unwrap();
@@ -62,7 +80,7 @@ fn a_router_with_the_check_trains_exactly_as_without_and_refuses_bad_steps_whole
         set_grads(&mut plain, &vs_plain, step, None);
         checked.step().unwrap();
         plain.step().unwrap();
-        assert_eq!(snapshot(&checked), snapshot(&plain), "step {step}");
+        assert_eq!(snapshot(&checked), snapshot(&plain), "{isa} step {step}");
     }
     // The last element of a staged variable, then of the scanned one; then several at once:
     // the first in rule order is named, staged or not.
@@ -88,5 +106,6 @@ fn a_router_with_the_check_trains_exactly_as_without_and_refuses_bad_steps_whole
     set_grads(&mut plain, &vs_plain, 4, None);
     checked.step().unwrap();
     plain.step().unwrap();
-    assert_eq!(snapshot(&checked), snapshot(&plain));
+    assert_eq!(snapshot(&checked), snapshot(&plain), "{isa}");
+    snapshot(&checked)
 }

@@ -197,7 +197,7 @@ impl<'t> Batch<'_, 't> {
         }
         let total = ws.f32_jobs.iter().chain(&ws.f64_jobs).map(|j| j.len).sum::<usize>();
         let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
-        let isa = Isa::detect();
+        let isa = Isa::current();
         let (f32_jobs, f64_jobs) = (&ws.f32_jobs[..], &ws.f64_jobs[..]);
         let jobs = f32_jobs.len() + f64_jobs.len();
         ws.flipped.iter_mut().take(jobs).for_each(|n| *n.get_mut() = 0);

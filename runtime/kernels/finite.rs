@@ -66,7 +66,7 @@ fn scan_extents(
     // A scan reads 4 bytes per f32 element where an update moves 20 to 28: a thread pays off
     // only over proportionally more elements.
     let threads = threads_for(total, threads, 4 * MIN_ELEMENTS_PER_THREAD);
-    let isa = Isa::detect();
+    let isa = Isa::current();
     let work = |t: usize| -> Option<usize> {
         let (lo, hi) = share(total, threads, t);
         first_in_range(spans, lo, hi, isa)

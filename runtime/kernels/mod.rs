@@ -198,3 +198,43 @@ pub(crate) struct Operands<'t> {
     /// are then not read.
     pub(crate) state_buffer: Option<(usize, [usize; MAX_STATES])>,
 }
+
+/// The instruction sets the fused kernels can run with on this processor, by name, the baseline
+/// first (only the baseline without the `fused` feature, which has no loops of its own).
+pub(crate) fn isa_names() -> Vec<&'static str> {
+    #[cfg(feature = "fused")]
+    return isa::Isa::available().into_iter().map(isa::Isa::name).collect();
+    #[cfg(not(feature = "fused"))]
+    return vec!["baseline"];
+}
+
+/// The instruction set the passes this thread starts run with, by name; an error when
+/// `CASEOPT_ISA` names no instruction set (the passes then ignore it).
+pub(crate) fn current_isa() -> Result<&'static str, String> {
+    #[cfg(feature = "fused")]
+    {
+        if let Some(Err(e)) = isa::env_cap() {
+            return Err(format!("CASEOPT_ISA: {e}"));
+        }
+        Ok(isa::Isa::current().name())
+    }
+    #[cfg(not(feature = "fused"))]
+    Ok("baseline")
+}
+
+/// Caps the instruction set of the passes this thread starts at `name` (`None`: no cap of its
+/// own, `CASEOPT_ISA`'s still applies), capped in turn at what the processor has; returns the
+/// set they now run with. Nothing changes when `name` is no instruction set.
+pub(crate) fn cap_isa(name: Option<&str>) -> Result<&'static str, String> {
+    #[cfg(feature = "fused")]
+    {
+        let cap = name.map(isa::Isa::parse_cap).transpose()?;
+        isa::set_thread_cap(cap);
+        current_isa()
+    }
+    #[cfg(not(feature = "fused"))]
+    {
+        let _ = name;
+        Ok("baseline")
+    }
+}

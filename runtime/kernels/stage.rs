@@ -154,7 +154,7 @@ impl<'t> Batch<'_, 't> {
         lists.iter_mut().for_each(Vec::clear);
         let lists: Vec<Mutex<Vec<Flip>>> = lists.into_iter().map(Mutex::new).collect();
         let first_bad = AtomicUsize::new(usize::MAX);
-        let isa = Isa::detect();
+        let isa = Isa::current();
         let (jobs, copy_addrs) = (&ws.f32_jobs[..], &ws.copy_addrs[..]);
         ws.flipped.iter_mut().take(jobs.len()).for_each(|n| *n.get_mut() = 0);
         ws.flipped.resize_with(jobs.len().max(ws.flipped.len()), AtomicUsize::default);
@@ -228,12 +228,8 @@ unsafe fn stage_range(
             changed += l.flipped.count_ones() as usize;
             flips.push(Flip { addr: base + l.offset * 4, count: l.count, negative: l.negative })
         };
-        let found = match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports these features.
-            Isa::Avx512 => unsafe { stage_avx512(w, g, m, m_out, s, &mut record) },
-            _ => math::bop_stage(w, g, m, m_out, s, &mut record),
-        };
+        // SAFETY: `isa` came from `Isa::current`, so the CPU has its features.
+        let found = unsafe { stage_slices(isa, w, g, m, m_out, s, &mut record) };
         if found && bad.is_none() {
             bad = Some(k);
         }
@@ -244,7 +240,7 @@ unsafe fn stage_range(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    if isa != Isa::Baseline {
         // SAFETY: SSE is part of x86-64. Streaming stores are weakly ordered: the fence makes
         // them visible before this task reports done (and so before the commit reads them).
         unsafe { std::arch::x86_64::_mm_sfence() };
@@ -252,15 +248,14 @@ unsafe fn stage_range(
     bad
 }
 
-/// [`math::bop_stage`] with AVX-512 intrinsics: sixteen elements per iteration, the new state
-/// written with streaming stores once the output is aligned to a cache line; the same
-/// operations as [`math::bop`] (no fused multiply-add), so the same bits.
+/// [`math::bop_stage`] compiled for `isa`: the baseline's is that loop; AVX2's and AVX-512's
+/// are [`stage_lines`] over their vectors.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, VL, BW and DQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
-unsafe fn stage_avx512(
+/// The CPU must support `isa` (it came from [`Isa::current`]).
+#[inline(always)]
+unsafe fn stage_slices(
+    isa: Isa,
     w: &[f32],
     g: &[f32],
     m: &[f32],
@@ -268,57 +263,296 @@ unsafe fn stage_avx512(
     s: BopScalars<f32>,
     flip: &mut impl FnMut(FlipLine),
 ) -> bool {
-    use std::arch::x86_64::*;
+    match isa {
+        Isa::Baseline => math::bop_stage(w, g, m, m_out, s, flip),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Isa::Avx2 => unsafe { lanes::stage_avx2(w, g, m, m_out, s, flip) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Isa::Avx512 => unsafe { lanes::stage_avx512(w, g, m, m_out, s, flip) },
+    }
+}
+
+/// [`math::bop_stage`] over vectors of `V`: sixteen elements (one output cache line) per
+/// iteration, the new state written with streaming stores once the output is aligned to a
+/// cache line; the same operations as [`math::bop`] (no fused multiply-add), so the same bits.
+/// The one definition of the vector loop: [`lanes`] instantiates it for AVX2 and AVX-512.
+///
+/// # Safety
+/// The CPU must support `V`'s instructions, and this must be inlined into a function compiled
+/// with them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn stage_lines<V: lanes::Lanes>(
+    w: &[f32],
+    g: &[f32],
+    m: &[f32],
+    m_out: &mut [f32],
+    s: BopScalars<f32>,
+    flip: &mut impl FnMut(FlipLine),
+) -> bool {
+    const LINE: usize = 16;
     let n = w.len();
     let (g, m, m_out) = (&g[..n], &m[..n], &mut m_out[..n]);
     // Elements before the output's first cache line boundary, and the aligned lines after.
     let head = ((64 - m_out.as_ptr() as usize % 64) % 64 / 4).min(n);
-    let lines = (n - head) / 16;
-    let tail = head + lines * 16;
+    let lines = (n - head) / LINE;
+    let tail = head + lines * LINE;
     let mut bad =
         math::bop_stage(&w[..head], &g[..head], &m[..head], &mut m_out[..head], s, &mut *flip);
-    let (gamma, threshold) = (_mm512_set1_ps(s.gamma), _mm512_set1_ps(s.threshold));
-    let (zero, one, minus_one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
-    let exponent = _mm512_set1_epi32(0x7f80_0000);
-    let mut exponents = _mm512_setzero_si512();
+    // SAFETY: the caller's contract on the CPU's features (for every `V` call below).
+    let (gamma, threshold) = unsafe { (V::splat(s.gamma), V::splat(s.threshold)) };
+    // SAFETY: as above.
+    let (zero, one, minus_one) = unsafe { (V::splat(0.0), V::splat(1.0), V::splat(-1.0)) };
+    let mut non_finite = 0u32;
     let (wp, gp, mp, op) = (w.as_ptr(), g.as_ptr(), m.as_ptr(), m_out.as_mut_ptr());
     for line in 0..lines {
-        let at = head + line * 16;
-        // SAFETY: `at + 16 <= tail <= n`, within every slice; `op.add(at)` is 64-byte aligned
-        // (`head` aligned it and each line adds 64 bytes), as the streaming store requires.
-        unsafe {
-            let gv = _mm512_loadu_ps(gp.add(at));
-            let mv = _mm512_loadu_ps(mp.add(at));
-            let wv = _mm512_loadu_ps(wp.add(at));
-            exponents =
-                _mm512_max_epu32(exponents, _mm512_and_si512(_mm512_castps_si512(gv), exponent));
-            // m + (g - m) * gamma, as math::bop rounds it.
-            let mn = _mm512_add_ps(mv, _mm512_mul_ps(_mm512_sub_ps(gv, mv), gamma));
-            _mm512_stream_ps(op.add(at), mn);
-            // flip(w, w * m - threshold): inner = (x > 0) - (x < 0), NaN giving 0; the new
-            // weight is -1 where -inner * w < 0, else +1.
-            let x = _mm512_sub_ps(_mm512_mul_ps(wv, mn), threshold);
-            let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
-            let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, zero);
-            let inner = _mm512_sub_ps(
-                _mm512_mask_blend_ps(above, zero, one),
-                _mm512_mask_blend_ps(below, zero, one),
-            );
-            let signed = _mm512_mul_ps(_mm512_xor_ps(inner, _mm512_set1_ps(-0.0)), wv);
-            let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(signed, zero);
-            let new = _mm512_mask_blend_ps(negative, one, minus_one);
-            if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(new, wv) != 0 {
-                // Signs changed, as math::bop counts them: (w < 0) != (w' < 0).
-                let flipped = negative ^ _mm512_cmp_ps_mask::<_CMP_LT_OQ>(wv, zero);
-                flip(FlipLine { offset: at, count: 16, negative, flipped });
+        let at = head + line * LINE;
+        let (mut negative, mut was_negative, mut kept) = (0u32, 0u32, 0u32);
+        for k in 0..LINE / V::LANES {
+            let i = at + k * V::LANES;
+            let shift = k * V::LANES;
+            // SAFETY: `i + V::LANES <= at + LINE <= tail <= n`, within every slice;
+            // `op.add(i)` is aligned to the vector's width (`head` aligned the output to 64
+            // bytes, each line adds 64 and each vector `4 * LANES`), as the streaming store
+            // requires.
+            unsafe {
+                let gv = V::load(gp.add(i));
+                let mv = V::load(mp.add(i));
+                let wv = V::load(wp.add(i));
+                non_finite |= V::non_finite(gv);
+                // m + (g - m) * gamma, as math::bop rounds it.
+                let mn = V::add(mv, V::mul(V::sub(gv, mv), gamma));
+                V::stream(op.add(i), mn);
+                // flip(w, w * m - threshold) is -1 exactly where sign(x) and w are both
+                // positive or both negative (-sign(x) * w < 0; NaN and 0 give +1).
+                let x = V::sub(V::mul(wv, mn), threshold);
+                let (w_neg, w_pos) = (V::lt(wv, zero), V::lt(zero, wv));
+                let neg = (V::lt(zero, x) & w_pos) | (V::lt(x, zero) & w_neg);
+                negative |= neg << shift;
+                was_negative |= w_neg << shift;
+                // Where the new +-1 equals the old weight, nothing is written.
+                kept |= ((V::eq(wv, one) & !neg) | (V::eq(wv, minus_one) & neg)) << shift;
             }
         }
+        if kept != 0xffff {
+            // Signs changed, as math::bop counts them: (w < 0) != (w' < 0).
+            let flipped = (negative ^ was_negative) as u16;
+            flip(FlipLine { offset: at, count: LINE, negative: negative as u16, flipped });
+        }
     }
-    bad |= _mm512_reduce_max_epu32(exponents) == 0x7f80_0000;
+    bad |= non_finite != 0;
     let rest = math::bop_stage(&w[tail..], &g[tail..], &m[tail..], &mut m_out[tail..], s, |l| {
         flip(FlipLine { offset: l.offset + tail, ..l })
     });
     bad | rest
+}
+
+/// The vector operations [`stage_lines`] and [`write_flip`] are written in, one implementation
+/// per instruction set (each operation one or two intrinsics), and the functions that
+/// instantiate them with that set's target features.
+#[cfg(target_arch = "x86_64")]
+mod lanes {
+    use std::arch::x86_64::*;
+
+    use super::super::math::{BopScalars, FlipLine};
+
+    /// A vector of f32 lanes; masks are one bit per lane, lane 0 lowest.
+    ///
+    /// # Safety
+    /// Every operation needs the CPU features of its instruction set, and must be inlined into
+    /// a function compiled with them.
+    pub(super) trait Lanes: Copy {
+        /// f32 per vector (8 or 16; a line of 16 is a whole number of vectors).
+        const LANES: usize;
+        unsafe fn splat(x: f32) -> Self;
+        /// An unaligned load of `LANES` f32.
+        unsafe fn load(p: *const f32) -> Self;
+        /// A streaming store of `LANES` f32 to `p`, aligned to `4 * LANES` bytes.
+        unsafe fn stream(p: *mut f32, v: Self);
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn sub(a: Self, b: Self) -> Self;
+        unsafe fn mul(a: Self, b: Self) -> Self;
+        /// `a < b`, ordered (false for NaN).
+        unsafe fn lt(a: Self, b: Self) -> u32;
+        /// `a == b`, ordered.
+        unsafe fn eq(a: Self, b: Self) -> u32;
+        /// The lanes holding a NaN or an infinity (exponent all ones).
+        unsafe fn non_finite(v: Self) -> u32;
+        /// -1 in the lanes whose bit of `bits` is set, else +1.
+        unsafe fn signs(bits: u32) -> Self;
+    }
+
+    impl Lanes for __m256 {
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn stream(p: *mut f32, v: Self) {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_stream_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn lt(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(a, b)) as u32 }
+        }
+        #[inline(always)]
+        unsafe fn eq(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(a, b)) as u32 }
+        }
+        #[inline(always)]
+        unsafe fn non_finite(v: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe {
+                let exponent = _mm256_set1_epi32(0x7f80_0000);
+                let e = _mm256_and_si256(_mm256_castps_si256(v), exponent);
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(e, exponent))) as u32
+            }
+        }
+        #[inline(always)]
+        unsafe fn signs(bits: u32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe {
+                let lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let set = _mm256_cmpeq_epi32(
+                    _mm256_and_si256(_mm256_set1_epi32(bits as i32), lane),
+                    lane,
+                );
+                _mm256_blendv_ps(
+                    _mm256_set1_ps(1.0),
+                    _mm256_set1_ps(-1.0),
+                    _mm256_castsi256_ps(set),
+                )
+            }
+        }
+    }
+
+    impl Lanes for __m512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn stream(p: *mut f32, v: Self) {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_stream_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn lt(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { u32::from(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b)) }
+        }
+        #[inline(always)]
+        unsafe fn eq(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { u32::from(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, b)) }
+        }
+        #[inline(always)]
+        unsafe fn non_finite(v: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe {
+                let exponent = _mm512_set1_epi32(0x7f80_0000);
+                let e = _mm512_and_si512(_mm512_castps_si512(v), exponent);
+                u32::from(_mm512_cmpeq_epi32_mask(e, exponent))
+            }
+        }
+        #[inline(always)]
+        unsafe fn signs(bits: u32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm512_mask_blend_ps(bits as u16, _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0)) }
+        }
+    }
+
+    /// The staging loop and the line writer, instantiated per instruction set: `stage_lines`
+    /// and `write_line_lanes` inlined into functions compiled with the set's features.
+    macro_rules! instantiate {
+        ($($stage:ident, $write:ident: $v:ty = $features:literal;)*) => {$(
+            /// [`super::stage_lines`] for this instruction set.
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must support `", $features, "`.")]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $stage(
+                w: &[f32],
+                g: &[f32],
+                m: &[f32],
+                m_out: &mut [f32],
+                s: BopScalars<f32>,
+                flip: &mut impl FnMut(FlipLine),
+            ) -> bool {
+                // SAFETY: compiled with the features `$v`'s operations need.
+                unsafe { super::stage_lines::<$v>(w, g, m, m_out, s, flip) }
+            }
+
+            /// A whole line of 16 new signs, with streaming stores (the old line not read).
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must support `", $features, "`; `p` 64-byte aligned, ")]
+            /// pointing to 16 f32 nothing else uses meanwhile.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $write(p: *mut f32, negative: u16) {
+                for k in 0..16 / <$v>::LANES {
+                    let shift = k * <$v>::LANES;
+                    // SAFETY: the caller's contract; `p + shift` stays in the line, aligned to
+                    // the vector's width.
+                    unsafe { <$v>::stream(p.add(shift), <$v>::signs(u32::from(negative) >> shift)) };
+                }
+            }
+        )*};
+    }
+
+    instantiate! {
+        stage_avx2, write_line_avx2: __m256 = "avx2,fma";
+        stage_avx512, write_line_avx512: __m512 = "avx512f,avx512vl,avx512bw,avx512dq,fma";
+    }
 }
 
 /// Makes a staged step the current one: the staged state buffers take their second copy's
@@ -351,7 +585,7 @@ pub(crate) fn commit<'p>(
     }
     storage::swap_storages(&pairs)
         .map_err(|()| Unfit::Unsupported("a state buffer libtorch would not exchange"))?;
-    let isa = Isa::detect();
+    let isa = Isa::current();
     let lists = &staged.flips;
     let work = |t: usize| {
         for f in lists.get(t).into_iter().flatten() {
@@ -362,7 +596,7 @@ pub(crate) fn commit<'p>(
             unsafe { write_flip(*f, isa) };
         }
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 {
+        if isa != Isa::Baseline {
             // SAFETY: SSE is part of x86-64; orders the streaming stores before the task ends.
             unsafe { std::arch::x86_64::_mm_sfence() };
         }
@@ -394,31 +628,24 @@ pub(crate) fn commit<'p>(
 /// Writes one staged line.
 ///
 /// # Safety
-/// `f.addr` must point to `f.count` f32 that nothing else uses meanwhile.
+/// `f.addr` must point to `f.count` f32 that nothing else uses meanwhile; the CPU must support
+/// `isa`.
 unsafe fn write_flip(f: Flip, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && f.count == 16 && f.addr.is_multiple_of(64) {
-        // SAFETY: the caller's contract; the CPU has AVX-512 (`isa`), the address is aligned.
-        unsafe { write_line_avx512(f) };
-        return;
+    if f.count == 16 && f.addr.is_multiple_of(64) {
+        let p = f.addr as *mut f32;
+        match isa {
+            // SAFETY: the caller's contract; the address is aligned.
+            Isa::Avx512 => return unsafe { lanes::write_line_avx512(p, f.negative) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { lanes::write_line_avx2(p, f.negative) },
+            Isa::Baseline => {}
+        }
     }
     let _ = isa;
     // SAFETY: the caller's contract.
     let w = unsafe { slice_mut::<f32>(f.addr, 0, f.count) };
     math::write_line(w, FlipLine { offset: 0, count: f.count, negative: f.negative, flipped: 0 });
-}
-
-/// A whole aligned line of new signs, with a streaming store (the old line is not read).
-///
-/// # Safety
-/// AVX-512 F; `f.addr` 64-byte aligned, pointing to 16 f32 nothing else uses meanwhile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn write_line_avx512(f: Flip) {
-    use std::arch::x86_64::*;
-    let v = _mm512_mask_blend_ps(f.negative, _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
-    // SAFETY: the caller's contract.
-    unsafe { _mm512_stream_ps(f.addr as *mut f32, v) };
 }
 
 #[cfg(test)]
@@ -476,11 +703,12 @@ mod tests {
         let (mut buffer, start) = out_buffer(n, skip);
         let out = &mut buffer[start..start + n];
         let mut lines = Vec::new();
-        let bad = match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called with `Isa::Avx512` when the CPU has it.
-            Isa::Avx512 => unsafe { stage_avx512(w, g, m, out, s, &mut |l| lines.push(l)) },
-            _ => math::bop_stage(w, g, m, out, s, |l| lines.push(l)),
+        // SAFETY: `isa` comes from `Isa::available`, the processor's own sets.
+        let bad = unsafe { stage_slices(isa, w, g, m, out, s, &mut |l| lines.push(l)) };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86-64; the streaming stores are read below.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
         };
         let mut new_w = w.to_vec();
         let mut flips = 0;
@@ -495,10 +723,7 @@ mod tests {
 
     #[test]
     fn a_staged_step_applied_equals_the_in_place_step_bit_for_bit() {
-        let mut sets = vec![Isa::Baseline];
-        if Isa::detect() == Isa::Avx512 {
-            sets.push(Isa::Avx512);
-        }
+        let sets = Isa::available();
         eprintln!("instruction sets compared: {sets:?}");
         for n in [0usize, 1, 15, 16, 17, 100, 1000, 4099] {
             for skip in [0usize, 1, 5, 15] {
@@ -530,27 +755,38 @@ mod tests {
 
     #[test]
     fn lines_are_written_whole_or_in_part() {
-        let mut w = vec![0.5f32; 40];
+        for isa in Isa::available() {
+            lines_are_written_whole_or_in_part_with(isa);
+        }
+    }
+
+    fn lines_are_written_whole_or_in_part_with(isa: Isa) {
+        // A whole line is written with vector stores only where it is aligned.
+        let (mut buffer, start) = out_buffer(40, 0);
+        let w = &mut buffer[start..start + 40];
+        w.fill(0.5);
         let line = FlipLine { offset: 0, count: 16, negative: 0b1000_0000_0000_0001, flipped: 0 };
         // SAFETY: 16 f32 of `w` from element 0, used by nothing else meanwhile.
         unsafe {
             write_flip(
                 Flip { addr: w.as_mut_ptr() as usize, count: 16, negative: line.negative },
-                Isa::detect(),
+                isa,
             )
         };
         // SAFETY: as above, 3 f32 from element 20.
         unsafe {
-            write_flip(
-                Flip { addr: w[20..].as_mut_ptr() as usize, count: 3, negative: 0b010 },
-                Isa::detect(),
-            )
+            write_flip(Flip { addr: w[20..].as_mut_ptr() as usize, count: 3, negative: 0b010 }, isa)
         };
-        let mut want = vec![0.5f32; 40];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86-64; the streaming stores are read below.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
+        let mut want = [0.5f32; 40];
         want[..16].fill(1.0);
         want[0] = -1.0;
         want[15] = -1.0;
         want[20..23].copy_from_slice(&[1.0, -1.0, 1.0]);
-        assert_eq!(w, want);
+        assert_eq!(w, &want[..], "{isa:?}");
     }
 }

@@ -8,7 +8,7 @@
 use tch::Tensor;
 
 use super::core::{Algorithm, BinaryAlgorithm, Optim, Values, VarState};
-use super::flips::count_flips;
+use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
 use super::staging::Staging;
 use super::state::{take_state, StateSlot};
@@ -37,23 +37,34 @@ impl Default for BopConfig {
 
 hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
 
-/// `m <- m + rate * (x - m)`, as written in the reference.
-pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<()> {
-    let _ = m.f_add_(&x.f_sub(m)?.f_mul_scalar(rate)?)?;
-    Ok(())
+/// `m <- m + rate * (x - m)`, as written in the reference (its difference scaled in place: one
+/// temporary, not two). Returns that temporary (of `m`'s shape and type, contiguous) for the
+/// caller's next result: a fresh tensor of a large variable costs its page faults again.
+pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<Tensor> {
+    let mut d = x.f_sub(m)?;
+    let _ = d.f_mul_scalar_(rate)?;
+    let _ = m.f_add_(&d)?;
+    Ok(d)
 }
 
-/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1. Returns how
-/// many weights changed sign ([`count_flips`], on the mask the step computes anyway), as a
-/// 0-dim tensor on `w`'s device.
-pub(crate) fn flip(w: &mut Tensor, signal: &Tensor, threshold: f64) -> Result<Tensor> {
-    let inner = signal.f_sub_scalar(threshold)?.f_sign()?;
-    let mut outer = inner.f_neg()?.f_mul(w)?.f_sign()?;
-    let _ = outer.f_add_scalar_(0.1)?;
-    let new = outer.f_sign()?;
-    let flips = count_flips(w, &new)?;
-    w.f_copy_(&new)?;
-    Ok(flips)
+/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1: -1 exactly where
+/// `x = signal - threshold` and `w` are both positive or both negative, +1 elsewhere (ATen's
+/// `sign` maps NaN to 0, so a NaN in `x` or `w` gives +1), which is what the fused kernels'
+/// `math::flip` computes too. Written with masks rather than three `sign`s: fewer passes, most
+/// over 1-byte booleans, and no float temporary but `signal`, in whose memory `x` is computed;
+/// and the masks are what counting the flips needs ([`PendingFlips`]), so the count costs
+/// nothing until someone reads it.
+pub(crate) fn flip(w: &mut Tensor, mut signal: Tensor, threshold: f64) -> Result<PendingFlips> {
+    let x = signal.f_sub_scalar_(threshold)?;
+    let was_negative = w.f_lt(0.0)?;
+    let mut negative = x.f_gt(0.0)?;
+    let _ = negative.f_logical_and_(&w.f_gt(0.0)?)?;
+    let mut both_negative = x.f_lt(0.0)?;
+    let _ = both_negative.f_logical_and_(&was_negative)?;
+    let _ = negative.f_logical_or_(&both_negative)?;
+    let _ = w.f_fill_(1.0)?;
+    let _ = w.f_masked_fill_(&negative, -1.0)?;
+    Ok(PendingFlips::new(was_negative, negative))
 }
 
 /// Per-variable state of Bop: the gradient's moving average.
@@ -137,14 +148,14 @@ impl Algorithm for BopAlgorithm {
         state: &mut Option<BopState>,
         hp: &BopValues,
         _: u64,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<PendingFlips>> {
         let st = match state {
             Some(st) => st,
             empty => empty.insert(BopState { m: w.f_zeros_like()?, slot: None }),
         };
-        moving_average(&mut st.m, grad, hp.gamma)?;
-        let signal = w.f_mul(&st.m)?;
-        flip(w, &signal, hp.threshold).map(Some)
+        let scratch = moving_average(&mut st.m, grad, hp.gamma)?;
+        let signal = w.f_mul_out(&scratch, &st.m)?;
+        flip(w, signal, hp.threshold).map(Some)
     }
 
     fn kernel(_: &BopConfig, hp: &BopValues) -> Option<BopKernel> {
@@ -169,5 +180,44 @@ impl Algorithm for BopAlgorithm {
 
     fn forget_staged(this: &mut Optim<Self>) {
         this.extra.forget(&mut this.exec.workspace);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// The mask formulation of `flip` against larq's formula in ATen's ops,
+    /// `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros of both signs,
+    /// non-binary weights, NaN, infinities): the same bits, and its masks count exactly the
+    /// weights whose sign changed. Long enough for ATen's vector bodies and scalar tails.
+    #[test]
+    fn flip_by_masks_is_larqs_formula_and_counts_its_sign_changes() {
+        let ws = [1.0f32, -1.0, 0.3, -0.2, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let xs = [1e-3f32, -1e-3, 0.0, -0.0, 1e-8, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let (mut w, mut signal) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for &a in &ws {
+                for &x in &xs {
+                    w.push(a);
+                    signal.push(x);
+                }
+            }
+        }
+        let threshold = 1e-8;
+        let w0 = Tensor::from_slice(&w);
+        let signal = Tensor::from_slice(&signal);
+        let inner = signal.f_sub_scalar(threshold).unwrap().sign();
+        let want = ((-inner * &w0).sign() + 0.1).sign();
+        let mut w1 = w0.copy();
+        let pending = flip(&mut w1, signal.copy(), threshold).unwrap();
+        let bits = |t: &Tensor| {
+            Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&w1), bits(&want));
+        let changed = w0.lt(0.0).logical_xor(&w1.lt(0.0)).sum(Kind::Int64).int64_value(&[]);
+        assert!(changed > 0);
+        assert_eq!(pending.count().unwrap(), changed as u64);
     }
 }

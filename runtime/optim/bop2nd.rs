@@ -4,6 +4,7 @@ use tch::Tensor;
 
 use super::bop::{flip, moving_average};
 use super::core::{Algorithm, BinaryAlgorithm, Optim, VarState};
+use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
 use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
@@ -126,7 +127,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         state: &mut Option<Bop2ndOrderState>,
         hp: &Bop2ndOrderValues,
         _: u64,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<PendingFlips>> {
         let st = match state {
             Some(st) => st,
             empty => empty.insert(Bop2ndOrderState {
@@ -135,12 +136,12 @@ impl Algorithm for Bop2ndOrderAlgorithm {
                 slot: None,
             }),
         };
-        moving_average(&mut st.m, grad, hp.gamma)?;
-        moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
+        let _ = moving_average(&mut st.m, grad, hp.gamma)?;
+        let _ = moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
         let mut denom = st.v.f_sqrt()?;
         let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
         let signal = w.f_mul(&st.m)?.f_div(&denom)?;
-        flip(w, &signal, hp.threshold).map(Some)
+        flip(w, signal, hp.threshold).map(Some)
     }
 
     fn kernel(_: &Bop2ndOrderConfig, hp: &Bop2ndOrderValues) -> Option<Bop2Kernel> {

@@ -12,7 +12,7 @@ use caseopt_rules::OptimizerKind;
 use tch::Tensor;
 
 use super::exec::Exec;
-use super::flips::{FlipCounts, FlipRatios};
+use super::flips::{FlipCounts, FlipRatios, PendingFlips};
 use super::grad::check_grads;
 use super::hyper::Hyperparameters;
 use super::state::StateSlot;
@@ -85,8 +85,8 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         step: u64,
     ) -> Result<()>;
 
-    /// [`update`](Self::update), returning for a binary algorithm how many weights changed
-    /// sign (a 0-dim int64 tensor on the variable's device); the default counts nothing.
+    /// [`update`](Self::update), returning for a binary algorithm what counts the weights that
+    /// changed sign when asked ([`PendingFlips`]); the default counts nothing.
     fn update_counting_flips(
         config: &Self::Config,
         param: &mut Tensor,
@@ -94,7 +94,7 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         state: &mut Option<Self::State>,
         hp: &Values<Self>,
         step: u64,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<PendingFlips>> {
         Self::update(config, param, grad, state, hp, step).map(|()| None)
     }
 

@@ -79,9 +79,9 @@ fn ratio(flipped: u64, weights: u64) -> f64 {
 enum Count {
     /// Counted by a fused pass.
     Counted(u64),
-    /// A 0-dim int64 tensor on the variable's device, from the libtorch path: read only when
-    /// asked for, so that a CUDA step does not wait for the device.
-    Pending(Tensor),
+    /// From the libtorch path: counted only when asked for, so that a step nobody reads the
+    /// flips of pays no reduction (and a CUDA step does not wait for the device).
+    Pending(PendingFlips),
 }
 
 /// The flips of a binary optimizer's last step, per variable.
@@ -107,8 +107,8 @@ impl FlipCounts {
         }
     }
 
-    /// Variable `index` flipped as many weights as `count` holds (libtorch path).
-    pub(crate) fn pending(&mut self, index: usize, count: Tensor) {
+    /// Variable `index` flipped the weights `count` can count (libtorch path).
+    pub(crate) fn pending(&mut self, index: usize, count: PendingFlips) {
         if let Some(c) = self.counts.get_mut(index) {
             *c = Count::Pending(count);
         }
@@ -124,18 +124,34 @@ impl FlipCounts {
             .iter()
             .map(|c| match c {
                 Count::Counted(n) => Ok(*n),
-                Count::Pending(t) => {
-                    Ok(u64::try_from(t.f_to_kind(Kind::Int64)?.f_int64_value(&[])?).unwrap_or(0))
-                }
+                Count::Pending(p) => p.count(),
             })
             .collect::<Result<Vec<u64>>>()?;
         Ok(Some(counts))
     }
 }
 
-/// How many weights change sign from `w` to `new` (`new` being the flip rule's +-1), as a
-/// 0-dim int64 tensor: a weight flips where `w * new < 0`, which for `new = +-1` is
-/// `(w < 0) != (new < 0)` (0 and NaN become +1, and count as not negative before either).
-pub(crate) fn count_flips(w: &Tensor, new: &Tensor) -> Result<Tensor> {
-    Ok(w.f_mul(new)?.f_lt(0.0)?.f_sum(Kind::Int64)?)
+/// What a libtorch Bop step leaves behind to count its flips with: the two masks its update
+/// computed anyway ([`bop::flip`](super::bop::flip)), kept (2 bytes per weight) instead of
+/// reduced, so that the reduction runs only when [`FlipCounts::read`] asks for it. Public only
+/// because the sealed `Algorithm` trait names it; not part of the API.
+#[derive(Debug)]
+pub struct PendingFlips {
+    /// `w < 0` before the step.
+    was_negative: Tensor,
+    /// `w' < 0`: where the step wrote -1.
+    negative: Tensor,
+}
+
+impl PendingFlips {
+    /// The masks of one step: `w < 0` before it and `w' < 0` after (bool tensors of one shape).
+    pub(crate) fn new(was_negative: Tensor, negative: Tensor) -> Self {
+        PendingFlips { was_negative, negative }
+    }
+
+    /// How many weights changed sign: `(w < 0) != (w' < 0)`.
+    pub(crate) fn count(&self) -> Result<u64> {
+        let n = self.was_negative.f_logical_xor(&self.negative)?.f_sum(Kind::Int64)?;
+        Ok(u64::try_from(n.f_int64_value(&[])?).unwrap_or(0))
+    }
 }
