@@ -439,6 +439,10 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         self.constraints.get(index).copied().flatten()
     }
 
+    fn execution(&self) -> Option<&dyn Execution> {
+        Some(self)
+    }
+
     fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {
         // Each gradient's metadata is the router's to check, from its one read per step.
         self.step_values(grads).map(drop)

@@ -298,6 +298,23 @@ pub trait Optimizer: Send + 'static {
         let _ = index;
         None
     }
+
+    /// How this optimizer executes its steps, where it says ([`Execution`]): every built-in
+    /// optimizer does; the default says nothing. A router reads it to check the gradients of
+    /// optimizers on [`Backend::MultiTensor`] with ATen's multi-tensor reduction too.
+    ///
+    /// ```
+    /// use caseopt::{Backend, Execution, Optimizer, Sgd};
+    ///
+    /// let mut sgd = Sgd::new(Default::default())?;
+    /// sgd.set_backend(Backend::MultiTensor);
+    /// let dynamic: &dyn Optimizer = &sgd;
+    /// assert_eq!(dynamic.execution().map(|e| e.backend()), Some(Backend::MultiTensor));
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn execution(&self) -> Option<&dyn Execution> {
+        None
+    }
 }
 
 /// An optimizer built from a configuration struct; what `case_optimizer!` calls for a rule's

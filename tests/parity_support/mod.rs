@@ -42,7 +42,7 @@ fn f(config: &Value, key: &str) -> Option<Schedule> {
 
 /// The learning rate schedule a case sets in torch's param group before each step (see
 /// gen_parity.py's `lr_at`), as caseopt's own schedule.
-fn lr_schedule(case: &Value) -> Option<Schedule> {
+pub fn lr_schedule(case: &Value) -> Option<Schedule> {
     let s = case.get("lr_schedule").filter(|s| !s.is_null())?;
     let num = |k: &str| s[k].as_f64().unwrap();
     Some(match s["kind"].as_str().unwrap() {
@@ -96,6 +96,40 @@ pub fn running_rounding() -> Rounding {
     let roots = Vec::<f32>::try_from(Tensor::from_slice(&x).sqrt()).unwrap();
     let mkl_sqrt = x.iter().zip(&roots).any(|(x, r)| x.sqrt() != *r);
     Rounding { fused_multiply_add: fused > 0, mkl_sqrt }
+}
+
+/// The CPU kernels ATen runs with here, as `torch.backends.cpu.get_cpu_capability()` names
+/// them (lower case): ATen's own choice (`cpu/Utils`: AVX-512 with its F, BW, VL and DQ parts,
+/// else AVX2 with FMA, else the baseline), lowered by `ATEN_CPU_CAPABILITY`; checked against
+/// how the running ops round ([`running_rounding`]).
+pub fn running_capability() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    let cpu = if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("fma")
+    {
+        "avx512"
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        "avx2"
+    } else {
+        "default"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = "other";
+    let asked = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default().to_lowercase();
+    let capability = match (asked.as_str(), cpu) {
+        ("default", _) => "default",
+        ("avx2", "avx512") => "avx2",
+        _ => cpu,
+    };
+    assert_eq!(
+        running_rounding().fused_multiply_add,
+        matches!(capability, "avx2" | "avx512"),
+        "ATen rounds otherwise than capability {capability} would"
+    );
+    capability
 }
 
 fn b(config: &Value, key: &str) -> Option<bool> {

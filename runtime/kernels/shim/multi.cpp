@@ -303,6 +303,11 @@ int32_t caseopt_multi_nonfinite(const at::Tensor* const* ts, size_t n, at::Tenso
                                 char* err, size_t len) {
   return guarded(err, len, [&] {
     auto t = list(ts, n);
+    // The check writes `x * 1` back in place: a gradient whose elements share memory (an
+    // expanded one) is checked through a copy instead.
+    for (auto& g : t) {
+      if (!g.is_non_overlapping_and_dense()) g = g.contiguous();
+    }
     auto opts = t.at(0).options().dtype(at::kFloat);
     auto flag = at::zeros({1}, opts);
     auto one = at::ones({1}, opts);
