@@ -23,25 +23,20 @@ use std::collections::BTreeMap;
 use caseopt::{
     case_optimizer, Adagrad, Adam, AdamConfig, AdamW, Backend, Bop, Bop2ndOrder, Constraint, Error,
     Execution, NAdam, Optimizer, Param, PathExt, RAdam, RmsProp, RmsPropConfig, Router, Sgd,
-    SgdConfig, Sqrt, VarInfo,
+    SgdConfig, VarInfo,
 };
 use checkpoint_support::{assert_refused_untouched, exact, snapshot, Rng};
 use parity_support::{
-    build_with_lr, fixtures_dir, lr_schedule, run_parity_values, running_capability, ulp_distance,
-    Setting,
+    fixtures_dir, multi_meta, run_multi_parity, run_parity_values, running_capability, MULTI,
 };
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
-
-const MULTI: Setting = Setting { backend: Backend::MultiTensor, sqrt: Sqrt::Fast };
 
 /// The multi-tensor fixtures for the capability ATen runs with here, or `None` (with why)
 /// where gen_multi.py made none for it.
 fn multi_fixtures() -> Option<(Value, BTreeMap<String, Tensor>)> {
     let dir = fixtures_dir();
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("multi_cases.json")).unwrap())
-            .unwrap();
+    let meta = multi_meta();
     let capability = running_capability();
     let Some(file) = meta["files"][capability].as_str() else {
         println!("no multi-tensor fixtures for CPU capability {capability}: not compared");
@@ -54,55 +49,7 @@ fn multi_fixtures() -> Option<(Value, BTreeMap<String, Tensor>)> {
 
 fn multi_parity(dtype: &str) {
     let Some((meta, tensors)) = multi_fixtures() else { return };
-    let mut covered: BTreeMap<String, usize> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for case in meta["cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let optimizer = case["optimizer"].as_str().unwrap();
-        let mut config = case["config"].clone();
-        let schedule = lr_schedule(case);
-        if schedule.is_some() {
-            config.as_object_mut().unwrap().remove("lr");
-        }
-        let mut opt = build_with_lr(optimizer, &config, MULTI, schedule);
-        let count = case["vars"].as_u64().unwrap();
-        let steps = case["steps"].as_u64().unwrap() as i64;
-        let snapshots: Vec<i64> =
-            case["snapshots"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
-        let inputs: Vec<String> = (0..count).map(|j| format!("in.{dtype}.p{j}")).collect();
-        let vars: Vec<Tensor> =
-            inputs.iter().map(|k| tensors[&format!("{k}.init")].copy()).collect();
-        for (j, v) in vars.iter().enumerate() {
-            opt.add_param(Param::new(VarInfo::of(format!("p{j}"), v), v.shallow_clone())).unwrap();
-        }
-        for t in 0..steps {
-            let grads: Vec<Option<Tensor>> = inputs
-                .iter()
-                .map(|k| {
-                    let has = tensors[&format!("{k}.mask")].int64_value(&[t]) != 0;
-                    has.then(|| tensors[&format!("{k}.grads")].get(t).copy())
-                })
-                .collect();
-            opt.step_with_grads(&grads).unwrap();
-            let Some(row) = snapshots.iter().position(|&s| s == t) else { continue };
-            for (j, v) in vars.iter().enumerate() {
-                let expected = tensors[&format!("{name}.{dtype}.p{j}.expected")].get(row as i64);
-                *covered.entry(optimizer.to_string()).or_default() += 1;
-                if !v.equal(&expected) {
-                    let ulps = ulp_distance(v, &expected);
-                    failures.push(format!("{name} {dtype} p{j} step {t}: {ulps} ulp"));
-                }
-            }
-        }
-    }
-    println!("multi-tensor parity {dtype}: values compared per optimizer {covered:?}");
-    assert_eq!(covered.len(), 7, "every torch.optim optimizer is covered: {covered:?}");
-    assert!(
-        failures.is_empty(),
-        "{} differ, first: {:#?}",
-        failures.len(),
-        &failures[..5.min(failures.len())]
-    );
+    run_multi_parity(&meta, &tensors, dtype, Device::Cpu);
 }
 
 #[test]
