@@ -279,8 +279,7 @@ fn grads(vars: &[Tensor], step: u64) -> Vec<Option<Tensor>> {
 /// Moves optimizer `from`'s variables' values and states into `to`, as a checkpoint does.
 fn transfer(from: &dyn Builtin, to: &mut dyn Builtin) {
     for j in 0..from.params().len() {
-        let value = to.params()[j].tensor.shallow_clone();
-        let _ = value.shallow_clone().copy_(&from.params()[j].tensor);
+        to.params()[j].tensor.shallow_clone().copy_(&from.params()[j].tensor);
         let state: Vec<(String, Tensor)> =
             from.state(j).into_iter().map(|(n, t)| (n.to_string(), t.copy())).collect();
         to.set_state(j, state).unwrap();

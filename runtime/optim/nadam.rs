@@ -234,8 +234,9 @@ impl Algorithm for NAdamAlgorithm {
                 // torch's `_foreach_mul_(mu_products, mus)`: an f32 multiply on the CPU.
                 let product = st.mu_product.f_mul_scalar(mu)?;
                 let mp = product.f_double_value(&[])?;
-                sg.push((lr * (1.0 - mu) / (1.0 - mp)) * -1.0);
-                se.push((lr * mu_next / (1.0 - mp * mu_next)) * -1.0);
+                // torch writes `(...) * -1`: the same bits as the negation.
+                sg.push(-(lr * (1.0 - mu) / (1.0 - mp)));
+                se.push(-(lr * mu_next / (1.0 - mp * mu_next)));
                 products.push(product);
             }
             let p = List::of(group.iter().map(|&i| &this.params[i].tensor));

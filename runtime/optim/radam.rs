@@ -177,9 +177,9 @@ impl Algorithm for RAdamAlgorithm {
                 };
                 let unrectified = if rect > 0.0 { 0.0 } else { 1.0 };
                 let bc1 = 1.0 - beta1.powf(step);
-                unrect_step_size.push((lr * unrectified / bc1) * -1.0);
-                bias_correction2
-                    .push((1.0 - beta2.powf(step)).powf(0.5) * (lr * rect / bc1) * -1.0);
+                // torch writes `(...) * -1`: the same bits as the negation.
+                unrect_step_size.push(-(lr * unrectified / bc1));
+                bias_correction2.push(-((1.0 - beta2.powf(step)).powf(0.5) * (lr * rect / bc1)));
             }
             let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
             let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
