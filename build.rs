@@ -4,7 +4,8 @@
 //!    same C++ standard and ABI flags torch-sys uses for its own shim. `aten.cpp` (ATen's
 //!    `add`/`addcmul`/`addcdiv` with the `alpha`/`value` scalars tch cannot pass, which the
 //!    optimizers' libtorch path needs to round as torch.optim does) is always built: torch-sys
-//!    compiles its own C++ with the same compiler anyway, so this asks for nothing new. With the
+//!    compiles its own C++ with the same compiler anyway, so this asks for nothing new; so is
+//!    `multi.cpp` (ATen's `_fused_*`/`_foreach_*` optimizer ops, the multi-tensor backend). With the
 //!    `fused` feature (the default) the fused kernels' files are added (tensor metadata in bulk,
 //!    `at::parallel_for`, the storage swap, the version counters; see those files and their
 //!    Rust sides in `runtime/kernels/`), with OpenMP when libtorch uses it (see [`openmp`]).
@@ -20,8 +21,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The C++ file built with or without the `fused` feature.
-const ATEN: &str = "runtime/kernels/shim/aten.cpp";
+/// The C++ files built with or without the `fused` feature: ATen's scalar ops, and its
+/// multi-tensor optimizer ops (the multi-tensor backend, which needs no fused kernel).
+const ATEN: [&str; 2] = ["runtime/kernels/shim/aten.cpp", "runtime/kernels/shim/multi.cpp"];
 
 /// The C++ files of the fused kernels' shim, compiled with [`ATEN`] into one static library.
 const SHIM: [&str; 4] = [
@@ -52,8 +54,7 @@ fn main() {
         );
     };
     let lib = PathBuf::from(lib);
-    let files: Vec<&str> =
-        std::iter::once(ATEN).chain(SHIM.into_iter().filter(|_| fused)).collect();
+    let files: Vec<&str> = ATEN.into_iter().chain(SHIM.into_iter().filter(|_| fused)).collect();
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

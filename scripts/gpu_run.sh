@@ -3,6 +3,15 @@
 #
 #   .gpu/run.sh                 # every bundled test binary, then each bundled example (bench_step)
 #   .gpu/run.sh test_parity bench_step    # only these
+#   .gpu/run.sh issue21         # the multi-tensor backend's check (issue 21), about 2-4 minutes:
+#                               # test_cuda (CUDA parity, incl. the multi-tensor backend against
+#                               # torch's fused/foreach CUDA trajectories made here first) and
+#                               # `bench_step --device cuda` (4 rounds)
+#
+# Before the binaries run, tests/fixtures/gen_multi.py makes torch.optim's fused/foreach CUDA
+# trajectories with this machine's torch into $OUT/fixtures/multi_cuda.safetensors, which
+# test_cuda finds through CASEOPT_MULTI_CUDA. The log is also copied to $OUT/gpu-<gpu>.log (e.g.
+# gpu-h100.log), to be committed as docs/gpu-<gpu>.log.
 #
 # Test binaries run with `--test-threads=1 --nocapture` from the repository root, each under a
 # time limit; examples run with `--device cuda`. Everything is tee'd to $OUT/gpu.log ($OUT is set
@@ -59,7 +68,18 @@ sys.exit(0 if v == "2.11.0" else f"warning: the bundle was built for torch 2.11.
             echo "linked $build_dir -> $repo"
     fi
 
+    echo "== torch.optim fused/foreach CUDA trajectories (tests/fixtures/gen_multi.py)"
+    if "$python" "$repo/tests/fixtures/gen_multi.py" --device cuda --out "$out/fixtures"; then
+        export CASEOPT_MULTI_CUDA="$out/fixtures/multi_cuda.safetensors"
+    else
+        echo "gen_multi.py failed: the multi-tensor CUDA parity tests will skip"
+    fi
+
     local names=("$@")
+    if [[ ${#names[@]} -eq 1 && ${names[0]} == issue21 ]]; then
+        names=(test_cuda bench_step)
+        export CASEOPT_GPU_BENCH_ARGS=${CASEOPT_GPU_BENCH_ARGS:---rounds 4 --reps 16}
+    fi
     if [[ ${#names[@]} -eq 0 ]]; then
         mapfile -t names < <(cat "$here/tests.txt" "$here/examples.txt")
     fi
@@ -100,4 +120,9 @@ sys.exit(0 if v == "2.11.0" else f"warning: the bundle was built for torch 2.11.
 }
 
 run_all "$@" 2>&1 | tee "$log"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# A copy named after the GPU (gpu-h100.log, gpu-h200.log), as docs/ keeps them.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
+    grep -oiE 'h100|h200|a100|l4|l40s?|b200' | head -1 | tr '[:upper:]' '[:lower:]')
+cp "$log" "$out/gpu-${gpu:-unknown}.log"
+exit "$status"

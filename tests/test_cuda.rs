@@ -1,15 +1,25 @@
-//! caseopt on CUDA: the parity fixtures on a CUDA device, forced fused kernels refused there,
-//! and a `case_optimizer!` router on a CUDA VarStore agreeing with the same router on the CPU.
+//! caseopt on CUDA: the parity fixtures on a CUDA device, the multi-tensor backend against
+//! torch.optim's own `fused=True`/`foreach=True` CUDA trajectories, forced fused kernels refused
+//! there, and a `case_optimizer!` router on a CUDA VarStore agreeing with the same router on the
+//! CPU.
 //!
 //! Every test returns early, printing a `skipped` line, when `tch::Cuda::is_available()` is
-//! false, so the suite passes on machines without a GPU. On CUDA the optimizers take the
-//! libtorch path (`Backend::Auto` chooses it off the CPU), so `Backend::Torch` and
-//! `Backend::Auto` must both give the CPU parity results, within the same tolerances.
+//! false, so the suite passes on machines without a GPU. On CUDA, `Backend::Torch` takes the
+//! libtorch path (torch.optim's single-tensor ops) and must give the CPU parity results within
+//! their tolerances; `Backend::Auto` takes the multi-tensor path there (torch.optim's GPU
+//! default), which must give the Bop fixtures' bits, stay near the single-tensor ones, and give
+//! the multi-tensor backend's bits. The trajectories the multi-tensor backend is compared with
+//! bit for bit are made on the GPU machine itself, with the torch its libtorch comes from:
+//! `python tests/fixtures/gen_multi.py --device cuda --out DIR` writes DIR/multi_cuda.safetensors,
+//! found through `CASEOPT_MULTI_CUDA` (scripts/gpu_run.sh does both).
 
 mod parity_support;
 
-use caseopt::{case_optimizer, Backend, Bop, Error, Execution, Optimizer, Param, PathExt, VarInfo};
-use parity_support::run_parity;
+use caseopt::{
+    case_optimizer, Adam, AdamConfig, Backend, Bop, Error, Execution, Optimizer, Param, PathExt,
+    Router, VarInfo,
+};
+use parity_support::{multi_meta, run_multi_parity, run_parity_values, Setting};
 use tch::{nn, Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {
@@ -23,8 +33,16 @@ fn cuda() -> Option<Device> {
 
 fn parity_on_cuda(dtype: &str, tol: f64) {
     let Some(device) = cuda() else { return };
+    // The multi-tensor ops round otherwise than the single-tensor trajectories of these
+    // fixtures: near them only (the exact comparison is `multi_tensor_parity_*`).
+    let near = if dtype == "f32" { 1e-3 } else { 1e-9 };
     for backend in [Backend::Torch, Backend::Auto] {
-        let worst = run_parity(dtype, tol, backend, device);
+        let tol = |o: &str| match (backend, o) {
+            (_, "Bop" | "Bop2ndOrder") => 0.0,
+            (Backend::Torch, _) => tol,
+            _ => near,
+        };
+        let worst = run_parity_values(dtype, &tol, Setting::from(backend), device).worst;
         // The nine optimizers of tests/fixtures/parity_cases.json.
         let names: Vec<&str> = worst.keys().map(String::as_str).collect();
         assert_eq!(
@@ -34,6 +52,78 @@ fn parity_on_cuda(dtype: &str, tol: f64) {
         );
         assert_eq!(worst["Bop"], 0.0, "{backend:?}");
         assert_eq!(worst["Bop2ndOrder"], 0.0, "{backend:?}");
+    }
+}
+
+/// The multi-tensor backend on CUDA against torch.optim's `fused=True`/`foreach=True` CUDA
+/// trajectories made on this machine, bit for bit.
+fn multi_tensor_parity_on_cuda(dtype: &str) {
+    let Some(device) = cuda() else { return };
+    let Some(path) = std::env::var_os("CASEOPT_MULTI_CUDA") else {
+        eprintln!(
+            "skipped: CASEOPT_MULTI_CUDA is not set (make the CUDA trajectories with \
+             `python tests/fixtures/gen_multi.py --device cuda --out DIR` and point it at \
+             DIR/multi_cuda.safetensors; scripts/gpu_run.sh does)"
+        );
+        return;
+    };
+    let tensors = Tensor::read_safetensors(path).unwrap().into_iter().collect();
+    run_multi_parity(&multi_meta(), &tensors, dtype, device);
+}
+
+#[test]
+fn multi_tensor_parity_f32_on_cuda_bit_for_bit() {
+    multi_tensor_parity_on_cuda("f32");
+}
+
+#[test]
+fn multi_tensor_parity_f64_on_cuda_bit_for_bit() {
+    multi_tensor_parity_on_cuda("f64");
+}
+
+/// `Backend::Auto` sends CUDA variables to the multi-tensor path: the same bits as forcing it,
+/// and a router's non-finite check reads one value per step.
+#[test]
+fn auto_takes_the_multi_tensor_path_on_cuda() {
+    let Some(device) = cuda() else { return };
+    let run = |backend: Backend| {
+        let ws: Vec<Tensor> = [7i64, 1000, 33]
+            .iter()
+            .map(|&n| (Tensor::arange(n, (Kind::Float, device)) * 0.37).sin())
+            .collect();
+        let mut adam =
+            Adam::new(AdamConfig { lr: 0.01.into(), amsgrad: true, ..Default::default() }).unwrap();
+        adam.set_backend(backend);
+        for (i, w) in ws.iter().enumerate() {
+            adam.add_param(Param::new(VarInfo::of(format!("w{i}"), w), w.shallow_clone())).unwrap();
+        }
+        for step in 0..5 {
+            let grads: Vec<Option<Tensor>> =
+                ws.iter().map(|w| Some((w * (1.3 + step as f64)).cos())).collect();
+            adam.step_with_grads(&grads).unwrap();
+        }
+        ws.iter().map(|w| w.to_device(Device::Cpu)).collect::<Vec<_>>()
+    };
+    let (auto, multi) = (run(Backend::Auto), run(Backend::MultiTensor));
+    for (a, m) in auto.iter().zip(&multi) {
+        assert!(a.equal(m), "Auto on CUDA is the multi-tensor path");
+    }
+
+    let (vs, vars) = store(device);
+    let mut router = case_optimizer! {
+        binary => Bop<threshold: 1e-6, gamma: 1e-2>,
+        _ => Adam<lr: 0.01>,
+    }
+    .build(&vs)
+    .unwrap();
+    for step in 0..3 {
+        let loss = vars
+            .iter()
+            .map(|v| (v * (step as f64 + 0.5)).cos().sum(Kind::Float))
+            .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+        router.backward_step(&loss).unwrap();
+        // The first step also checks the 1-bit variables' values (one read).
+        assert_eq!(router.host_reads(), if step == 0 { 2 } else { 1 }, "step {step}");
     }
 }
 

@@ -67,7 +67,7 @@ const MESSAGE: usize = 512;
 
 /// Calls one shim function with an error buffer and turns a failure into tch's error, as tch
 /// reports the exceptions of its own ops.
-fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
+pub(super) fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
     let mut err = [0u8; MESSAGE];
     if f(err.as_mut_ptr().cast(), MESSAGE) == 0 {
         return Ok(());
@@ -84,7 +84,7 @@ fn ptr(t: &Tensor) -> *const c_void {
 ///
 /// # Safety
 /// `out` must be a handle the shim allocated (`new at::Tensor`), owned by no one else.
-unsafe fn owned(out: *mut c_void) -> Tensor {
+pub(super) unsafe fn owned(out: *mut c_void) -> Tensor {
     // SAFETY: per this function's contract; tch frees it with `delete` on drop, as it frees the
     // handles libtch allocates the same way.
     unsafe { Tensor::from_ptr(out.cast()) }

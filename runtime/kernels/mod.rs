@@ -51,6 +51,7 @@
 pub(crate) mod aten;
 pub(crate) mod math;
 pub(crate) mod metadata;
+pub(crate) mod multi;
 pub(crate) mod ops;
 
 #[cfg(feature = "fused")]

@@ -10,6 +10,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
 use crate::kernels::aten;
+use crate::kernels::multi::{self, List};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -128,6 +129,42 @@ impl Algorithm for AdagradAlgorithm {
         let mut std = st.sum.f_sqrt()?;
         let _ = std.f_add_scalar_(hp.eps)?;
         aten::addcdiv_(p, &grad, &std, -clr)?;
+        Ok(())
+    }
+
+    /// torch.optim's `_fused_adagrad` (`fused=True`): `_fused_adagrad_`.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &AdagradValues,
+        group: &[usize],
+    ) -> Result<()> {
+        let init = this.config.initial_accumulator_value;
+        for &i in group {
+            if this.states[i].is_none() {
+                let sum = this.params[i].tensor.f_full_like(init)?;
+                this.states[i] = Some(AdagradState { step: 0, sum });
+            }
+        }
+        let result = {
+            let sts: Vec<&AdagradState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let counts: Vec<u64> = sts.iter().map(|s| s.step).collect();
+            let steps = this.exec.step_tensors(&this.params, group, &counts)?;
+            let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
+            let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+            let sums = List::of(sts.iter().map(|s| &s.sum));
+            let scalars = [hp.lr, hp.lr_decay, hp.weight_decay, hp.eps];
+            let maximize = this.config.maximize;
+            multi::fused_adagrad([&p, &g, &sums, &List::of(&steps)], scalars, maximize)
+        };
+        this.exec.steps_advanced(group, result.is_ok());
+        result?;
+        for &i in group {
+            if let Some(st) = &mut this.states[i] {
+                st.step += 1;
+            }
+        }
         Ok(())
     }
 }

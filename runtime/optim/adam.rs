@@ -12,6 +12,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
+use crate::kernels::multi::{self, AdamArgs, List};
 use crate::kernels::ops::AdamKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
 use crate::optim::Sqrt;
@@ -272,5 +273,51 @@ impl<V: AdamVariant> Algorithm for V {
 
     fn after_kernel(state: &mut AdamState) {
         state.step += 1;
+    }
+
+    /// torch.optim's `_fused_adam` (`fused=True`): `_fused_adam_` or `_fused_adamw_`.
+    fn multi(
+        this: &mut Optim<V>,
+        grads: &[Option<Tensor>],
+        hp: &Values<V>,
+        group: &[usize],
+    ) -> Result<()> {
+        let k = V::step_kernel(&this.config, hp);
+        for &i in group {
+            if this.states[i].is_none() {
+                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, k.amsgrad)?);
+            }
+        }
+        let result = {
+            let sts: Vec<&AdamState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let counts: Vec<u64> = sts.iter().map(|s| s.step).collect();
+            let steps = this.exec.step_tensors(&this.params, group, &counts)?;
+            let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
+            let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+            let m = List::of(sts.iter().map(|s| &s.exp_avg));
+            let v = List::of(sts.iter().map(|s| &s.exp_avg_sq));
+            let maxs =
+                k.amsgrad.then(|| List::of(sts.iter().filter_map(|s| s.max_exp_avg_sq.as_ref())));
+            let args = AdamArgs {
+                lr: k.lr,
+                beta1: k.beta1,
+                beta2: k.beta2,
+                weight_decay: k.weight_decay,
+                eps: k.eps,
+                amsgrad: k.amsgrad,
+                maximize: k.maximize,
+                decoupled: k.decoupled,
+            };
+            multi::fused_adam([&p, &g, &m, &v], maxs.as_ref(), &List::of(&steps), args)
+        };
+        this.exec.steps_advanced(group, result.is_ok());
+        result?;
+        for &i in group {
+            if let Some(st) = &mut this.states[i] {
+                st.step += 1;
+            }
+        }
+        Ok(())
     }
 }

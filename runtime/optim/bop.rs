@@ -15,6 +15,7 @@ use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::multi::{self, List};
 use crate::kernels::ops::BopKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
@@ -65,6 +66,22 @@ pub(crate) fn flip(w: &mut Tensor, mut signal: Tensor, threshold: f64) -> Result
     let _ = w.f_fill_(1.0)?;
     let _ = w.f_masked_fill_(&negative, -1.0)?;
     Ok(PendingFlips::new(was_negative, negative))
+}
+
+/// Bop's or Bop2ndOrder's step of one group on ATen's `_foreach_*` ops, rounding as the
+/// libtorch path (`moving_average`, `flip`) does; returns each variable's flip count, left on
+/// its device. `[gamma, sigma, threshold, eps]`; `vs` for Bop2ndOrder.
+pub(crate) fn multi_binary(
+    params: &[Param],
+    grads: &[Option<Tensor>],
+    group: &[usize],
+    ms: &List<'_>,
+    vs: Option<&List<'_>>,
+    scalars: [f64; 4],
+) -> Result<Vec<Tensor>> {
+    let w = List::of(group.iter().map(|&i| &params[i].tensor));
+    let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+    multi::bop([&w, &g, ms], vs, scalars)
 }
 
 /// Per-variable state of Bop: the gradient's moving average.
@@ -176,6 +193,29 @@ impl Algorithm for BopAlgorithm {
         let committed = Staging::commit(this, grads, hp);
         let grads = committed.as_deref().unwrap_or(grads);
         this.run_step(grads, hp)
+    }
+
+    /// larq's Bop on `_foreach_*` ops (see `multi_binary`).
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &BopValues,
+        group: &[usize],
+    ) -> Result<()> {
+        for &i in group {
+            if this.states[i].is_none() {
+                let m = this.params[i].tensor.f_zeros_like()?;
+                this.states[i] = Some(BopState { m, slot: None });
+            }
+        }
+        let flips = {
+            let ms = List::of(group.iter().filter_map(|&i| this.states[i].as_ref().map(|s| &s.m)));
+            multi_binary(&this.params, grads, group, &ms, None, [hp.gamma, 0.0, hp.threshold, 0.0])?
+        };
+        for (&i, n) in group.iter().zip(flips) {
+            this.flips.pending(i, n);
+        }
+        Ok(())
     }
 
     fn forget_staged(this: &mut Optim<Self>) {

@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::bop::{flip, moving_average};
+use super::bop::{flip, moving_average, multi_binary};
 use super::core::{Algorithm, BinaryAlgorithm, Optim, VarState};
 use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
@@ -10,6 +10,7 @@ use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::multi::List;
 use crate::kernels::ops::Bop2Kernel;
 use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
@@ -161,5 +162,33 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         let mut st = tensors.into_iter();
         let (m, v) = (st.next()?, st.next()?);
         Some(Bop2ndOrderState { m, v, slot })
+    }
+
+    /// larq's Bop2ndOrder on `_foreach_*` ops (see `bop::multi_binary`).
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &Bop2ndOrderValues,
+        group: &[usize],
+    ) -> Result<()> {
+        for &i in group {
+            if this.states[i].is_none() {
+                let w = &this.params[i].tensor;
+                let (m, v) = (w.f_zeros_like()?, w.f_zeros_like()?);
+                this.states[i] = Some(Bop2ndOrderState { m, v, slot: None });
+            }
+        }
+        let flips = {
+            let sts: Vec<&Bop2ndOrderState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let ms = List::of(sts.iter().map(|s| &s.m));
+            let vs = List::of(sts.iter().map(|s| &s.v));
+            let scalars = [hp.gamma, hp.sigma, hp.threshold, BOP2_EPSILON];
+            multi_binary(&this.params, grads, group, &ms, Some(&vs), scalars)?
+        };
+        for (&i, n) in group.iter().zip(flips) {
+            this.flips.pending(i, n);
+        }
+        Ok(())
     }
 }

@@ -135,6 +135,18 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         let _ = state;
     }
 
+    /// One (device, dtype) group's step on ATen's multi-tensor ops ([`Backend::MultiTensor`]):
+    /// the variables `group`, each with a gradient already checked against it, in one call set
+    /// as torch.optim issues it (`fused=True` or `foreach=True`); creates their missing states
+    /// and counts their steps and, for a binary algorithm, their flips. Constraints are the
+    /// caller's. `multi.rs` has the shared parts.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &Values<Self>,
+        group: &[usize],
+    ) -> Result<()>;
+
     /// The step proper, after the gradients' count was checked and the hyperparameters
     /// evaluated. The default runs [`Optim::run_step`]; Bop also commits a staged step first.
     fn apply(this: &mut Optim<Self>, grads: &[Option<Tensor>], hp: &Values<Self>) -> Result<()> {
@@ -241,6 +253,11 @@ impl<A: Algorithm> Optim<A> {
     /// One step: the fused kernel over every variable it takes, libtorch ops for the rest, or
     /// libtorch ops only for optimizers without a kernel.
     pub(crate) fn run_step(&mut self, grads: &[Option<Tensor>], hp: &Values<A>) -> Result<()> {
+        if self.exec.backend == Backend::MultiTensor {
+            check_grads(&self.params, grads)?;
+            let which: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+            return self.multi_step(grads, hp, &which);
+        }
         match A::kernel(&self.config, hp) {
             Some(kernel) => {
                 let kernel = kernel.with_sqrt(self.exec.sqrt);
@@ -320,6 +337,18 @@ impl<A: Algorithm> Optim<A> {
         hp: &Values<A>,
         which: impl Iterator<Item = usize>,
     ) -> Result<()> {
+        // Under `Auto`, CUDA variables take the multi-tensor path (torch.optim's default on
+        // GPUs): a handful of launches per step instead of one per term and tensor.
+        let mut which: Vec<usize> = which.collect();
+        if self.exec.backend == Backend::Auto {
+            let on_cuda =
+                |i: &usize| grads[*i].is_some() && self.params[*i].tensor.device().is_cuda();
+            let cuda: Vec<usize> = which.iter().copied().filter(on_cuda).collect();
+            if !cuda.is_empty() {
+                which.retain(|i| !on_cuda(i));
+                self.multi_step(grads, hp, &cuda)?;
+            }
+        }
         for i in which {
             if let Some(g) = &grads[i] {
                 let mut p = self.params[i].tensor.shallow_clone();
@@ -408,6 +437,10 @@ impl<A: Algorithm> Optimizer for Optim<A> {
 
     fn constraint(&self, index: usize) -> Option<Constraint> {
         self.constraints.get(index).copied().flatten()
+    }
+
+    fn execution(&self) -> Option<&dyn Execution> {
+        Some(self)
     }
 
     fn check_step(&self, grads: &[Option<Tensor>]) -> Result<()> {

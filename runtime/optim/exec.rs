@@ -32,6 +32,9 @@ pub struct Exec {
     pub(crate) clips: Vec<f64>,
     /// The square root the fused Adam/AdamW kernels take (the others ignore it).
     pub(crate) sqrt: Sqrt,
+    /// Per variable, the step tensor the multi-tensor backend's fused ops advance, with the
+    /// count it holds (`multi.rs`).
+    pub(crate) multi_steps: Vec<Option<(u64, Tensor)>>,
 }
 
 /// Elements each variable's run of a state buffer is rounded up to: 64 bytes of f32, so that

@@ -21,6 +21,7 @@ mod exec;
 mod flips;
 pub(crate) mod grad;
 pub(crate) mod hyper;
+mod multi;
 mod nadam;
 mod radam;
 mod rmsprop;
@@ -56,7 +57,8 @@ use crate::var::Param;
 /// Bop2ndOrder give larq's (docs/parity.md). They differ in speed. The
 /// fused kernels read and write each element once, batch all of an optimizer's variables into
 /// one pass split across threads, and allocate nothing per step; the libtorch path issues one
-/// ATen op per term and tensor.
+/// ATen op per term and tensor; the multi-tensor path ([`Backend::MultiTensor`]) issues
+/// torch.optim's own multi-tensor ops, a handful per step whatever the number of variables.
 ///
 /// ```
 /// use caseopt::{Backend, Bop, Execution, Optimizer, Param, VarInfo};
@@ -92,6 +94,29 @@ pub enum Backend {
     /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad) fail every step, and so does every
     /// optimizer when caseopt was built without the `fused` cargo feature.
     Fused,
+    /// ATen's multi-tensor optimizer ops for every variable, as torch.optim issues them on a
+    /// GPU by default: per (device, dtype) group of variables and step, `fused=True`'s
+    /// `_fused_adam_`, `_fused_adamw_`, `_fused_sgd_` and `_fused_adagrad_` for Adam, AdamW, SGD
+    /// and Adagrad; `foreach=True`'s `_foreach_*` sequence, op for op, for RMSprop, RAdam and
+    /// NAdam; for Bop and Bop2ndOrder `_foreach_*` ops that round as larq does. Results are
+    /// torch.optim's with `fused=True` or `foreach=True` bit for bit (on CPU, proven by the
+    /// parity tests; docs/optimizers.md), and no value is read back to the host. Variables of
+    /// any device and floating dtype; under [`Backend::Auto`] the CUDA variables take this
+    /// path.
+    ///
+    /// ```
+    /// use caseopt::{Adam, Backend, Execution, Optimizer, Param, VarInfo};
+    /// use tch::Tensor;
+    ///
+    /// let w = Tensor::from_slice(&[1.0f32, -1.0, 0.5]);
+    /// let mut adam = Adam::new(Default::default())?;
+    /// adam.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+    /// adam.set_backend(Backend::MultiTensor); // torch.optim.Adam(fused=True)
+    /// adam.step_with_grads(&[Some(Tensor::from_slice(&[0.3f32, -0.2, 0.1]))])?;
+    /// assert_eq!(adam.state(0)[0].1.int64_value(&[]), 1); // the step, as on every backend
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    MultiTensor,
 }
 
 /// The square root the fused Adam/AdamW kernels take of the second moment (set with
@@ -271,6 +296,23 @@ pub trait Optimizer: Send + 'static {
     /// [`set_constraint`](Self::set_constraint)); the default applies none.
     fn constraint(&self, index: usize) -> Option<Constraint> {
         let _ = index;
+        None
+    }
+
+    /// How this optimizer executes its steps, where it says ([`Execution`]): every built-in
+    /// optimizer does; the default says nothing. A router reads it to check the gradients of
+    /// optimizers on [`Backend::MultiTensor`] with ATen's multi-tensor reduction too.
+    ///
+    /// ```
+    /// use caseopt::{Backend, Execution, Optimizer, Sgd};
+    ///
+    /// let mut sgd = Sgd::new(Default::default())?;
+    /// sgd.set_backend(Backend::MultiTensor);
+    /// let dynamic: &dyn Optimizer = &sgd;
+    /// assert_eq!(dynamic.execution().map(|e| e.backend()), Some(Backend::MultiTensor));
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn execution(&self) -> Option<&dyn Execution> {
         None
     }
 }

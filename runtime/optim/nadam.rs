@@ -10,6 +10,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::aten;
+use crate::kernels::multi::{self, List, MomentArgs};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -191,6 +192,70 @@ impl Algorithm for NAdamAlgorithm {
         let _ = denom.f_add_scalar_(eps)?;
         aten::addcdiv_(p, &grad, &denom, -lr * (1.0 - mu_now) / (1.0 - mu_product))?;
         aten::addcdiv_(p, &st.exp_avg, &denom, (-lr * mu_next) / (1.0 - mu_product_next))?;
+        Ok(())
+    }
+
+    /// torch.optim's `_multi_tensor_nadam` (`foreach=True`), op for op; the per-variable
+    /// scalars are computed as torch computes them in Python from each `step.item()` and
+    /// `mu_product.item()`. The new `mu_product`s are stored only once the step went through.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &NAdamValues,
+        group: &[usize],
+    ) -> Result<()> {
+        let NAdamValues { lr, beta1, beta2, eps, weight_decay, momentum_decay } = *hp;
+        for &i in group {
+            if this.states[i].is_none() {
+                let p = &this.params[i].tensor;
+                this.states[i] = Some(NAdamState {
+                    step: 0,
+                    mu_product: Tensor::f_ones([], (Kind::Float, Device::Cpu))?,
+                    exp_avg: p.f_zeros_like()?,
+                    exp_avg_sq: p.f_zeros_like()?,
+                });
+            }
+        }
+        let products = {
+            let sts: Vec<&NAdamState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let n = sts.len();
+            let (mut bc, mut sg, mut se, mut products) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for st in &sts {
+                let step = (st.step + 1) as f32 as f64;
+                bc.push((1.0 - beta2.powf(step)).powf(0.5));
+                let mu = beta1 * (1.0 - 0.5 * 0.96f64.powf(step * momentum_decay));
+                let mu_next = beta1 * (1.0 - 0.5 * 0.96f64.powf((step + 1.0) * momentum_decay));
+                // torch's `_foreach_mul_(mu_products, mus)`: an f32 multiply on the CPU.
+                let product = st.mu_product.f_mul_scalar(mu)?;
+                let mp = product.f_double_value(&[])?;
+                // torch writes `(...) * -1`: the same bits as the negation.
+                sg.push(-(lr * (1.0 - mu) / (1.0 - mp)));
+                se.push(-(lr * mu_next / (1.0 - mp * mu_next)));
+                products.push(product);
+            }
+            let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
+            let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+            let m = List::of(sts.iter().map(|s| &s.exp_avg));
+            let v = List::of(sts.iter().map(|s| &s.exp_avg_sq));
+            let decoupled = this.config.decoupled_weight_decay;
+            let maximize = this.config.maximize;
+            let args = MomentArgs { lr, beta1, beta2, eps, weight_decay, decoupled, maximize };
+            multi::nadam([&p, &g, &m, &v], args, [&bc, &sg, &se])?;
+            products
+        };
+        for (&i, product) in group.iter().zip(products) {
+            if let Some(st) = &mut this.states[i] {
+                st.step += 1;
+                // In place: handles `state()` gave out keep aliasing it.
+                st.mu_product.f_copy_(&product)?;
+            }
+        }
         Ok(())
     }
 }

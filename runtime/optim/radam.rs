@@ -10,6 +10,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
+use crate::kernels::multi::{self, List, MomentArgs};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -140,6 +141,60 @@ impl Algorithm for RAdamAlgorithm {
             bias_corrected_exp_avg.f_mul_scalar(lr)?
         };
         aten::add_(p, &update, -1.0)?;
+        Ok(())
+    }
+
+    /// torch.optim's `_multi_tensor_radam` (`foreach=True`), op for op; the per-variable
+    /// scalars are computed as torch computes them in Python from each `step.item()` (an f32
+    /// counter), here from the optimizer's own counts.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &RAdamValues,
+        group: &[usize],
+    ) -> Result<()> {
+        let RAdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
+        for &i in group {
+            if this.states[i].is_none() {
+                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, false)?);
+            }
+        }
+        {
+            let sts: Vec<&AdamState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+            let mut unrect_step_size = Vec::with_capacity(sts.len());
+            let mut bias_correction2 = Vec::with_capacity(sts.len());
+            for st in &sts {
+                let step = (st.step + 1) as f32 as f64;
+                let rho_t = rho_inf - 2.0 * step * beta2.powf(step) / (1.0 - beta2.powf(step));
+                let rect = if rho_t > 5.0 {
+                    ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                        / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                        .powf(0.5)
+                } else {
+                    0.0
+                };
+                let unrectified = if rect > 0.0 { 0.0 } else { 1.0 };
+                let bc1 = 1.0 - beta1.powf(step);
+                // torch writes `(...) * -1`: the same bits as the negation.
+                unrect_step_size.push(-(lr * unrectified / bc1));
+                bias_correction2.push(-((1.0 - beta2.powf(step)).powf(0.5) * (lr * rect / bc1)));
+            }
+            let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
+            let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+            let m = List::of(sts.iter().map(|s| &s.exp_avg));
+            let v = List::of(sts.iter().map(|s| &s.exp_avg_sq));
+            let decoupled = this.config.decoupled_weight_decay;
+            let maximize = this.config.maximize;
+            let args = MomentArgs { lr, beta1, beta2, eps, weight_decay, decoupled, maximize };
+            multi::radam([&p, &g, &m, &v], args, &unrect_step_size, &bias_correction2)?;
+        }
+        for &i in group {
+            if let Some(st) = &mut this.states[i] {
+                st.step += 1;
+            }
+        }
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
+use crate::kernels::multi::{self, List};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -148,6 +149,54 @@ impl Algorithm for RmsPropAlgorithm {
             aten::add_(p, &st.momentum_buffer, -hp.lr)?;
         } else {
             aten::addcdiv_(p, &grad, &avg, -hp.lr)?;
+        }
+        Ok(())
+    }
+
+    /// torch.optim's `_multi_tensor_rmsprop` (`foreach=True`), op for op.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &RmsPropValues,
+        group: &[usize],
+    ) -> Result<()> {
+        let c = &this.config;
+        for &i in group {
+            if this.states[i].is_none() {
+                let p = &this.params[i].tensor;
+                this.states[i] = Some(RmsPropState {
+                    step: 0,
+                    square_avg: p.f_zeros_like()?,
+                    momentum_buffer: p.f_zeros_like()?,
+                    grad_avg: if c.centered { Some(p.f_zeros_like()?) } else { None },
+                });
+            }
+        }
+        {
+            let sts: Vec<&RmsPropState> =
+                group.iter().filter_map(|&i| this.states[i].as_ref()).collect();
+            let p = List::of(group.iter().map(|&i| &this.params[i].tensor));
+            let g = List::of(group.iter().filter_map(|&i| grads[i].as_ref()));
+            let sq = List::of(sts.iter().map(|s| &s.square_avg));
+            let grad_avgs =
+                c.centered.then(|| List::of(sts.iter().filter_map(|s| s.grad_avg.as_ref())));
+            let bufs =
+                (hp.momentum > 0.0).then(|| List::of(sts.iter().map(|s| &s.momentum_buffer)));
+            let scalars = [hp.lr, hp.alpha, hp.eps, hp.weight_decay, hp.momentum];
+            let ops = [&p, &g, &sq];
+            multi::rmsprop(
+                ops,
+                grad_avgs.as_ref(),
+                bufs.as_ref(),
+                scalars,
+                c.centered,
+                c.maximize,
+            )?;
+        }
+        for &i in group {
+            if let Some(st) = &mut this.states[i] {
+                st.step += 1;
+            }
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
 use crate::kernels::aten;
+use crate::kernels::multi::{self, List, SgdArgs};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -88,6 +89,20 @@ impl VarState for SgdState {
 /// weight decay, maximize).
 pub type Sgd = Optim<SgdAlgorithm>;
 
+/// Nesterov momentum needs a momentum and no dampening, at every step's values.
+fn check_nesterov(c: &SgdConfig, hp: &SgdValues, step: u64) -> Result<()> {
+    if c.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
+        return Err(Error::InvalidConfig {
+            optimizer: SgdAlgorithm::NAME,
+            reason: format!(
+                "nesterov momentum requires a momentum > 0 and zero dampening, the schedules give momentum {} and dampening {} at step {}",
+                hp.momentum, hp.dampening, step
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The algorithm behind [`Sgd`].
 #[derive(Debug)]
 pub enum SgdAlgorithm {}
@@ -112,15 +127,7 @@ impl Algorithm for SgdAlgorithm {
         hp: &SgdValues,
         step: u64,
     ) -> Result<()> {
-        if c.nesterov && (hp.momentum <= 0.0 || hp.dampening != 0.0) {
-            return Err(Error::InvalidConfig {
-                optimizer: Self::NAME,
-                reason: format!(
-                    "nesterov momentum requires a momentum > 0 and zero dampening, the schedules give momentum {} and dampening {} at step {}",
-                    hp.momentum, hp.dampening, step
-                ),
-            });
-        }
+        check_nesterov(c, hp, step)?;
         let mut g = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         if hp.momentum != 0.0 {
             let buf = match state {
@@ -137,6 +144,53 @@ impl Algorithm for SgdAlgorithm {
             g = if c.nesterov { aten::add(&g, &buf, hp.momentum)? } else { buf };
         }
         aten::add_(p, &g, -hp.lr)?;
+        Ok(())
+    }
+
+    /// torch.optim's `_fused_sgd` (`fused=True`): `_fused_sgd_`, with `is_first_step` for the
+    /// variables without a momentum buffer yet (fresh buffers the kernel fills, as torch makes
+    /// them); those with one and those without take a call each.
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &SgdValues,
+        group: &[usize],
+    ) -> Result<()> {
+        let c = &this.config;
+        check_nesterov(c, hp, this.steps)?;
+        let args = SgdArgs {
+            lr: hp.lr,
+            momentum: hp.momentum,
+            dampening: hp.dampening,
+            weight_decay: hp.weight_decay,
+            nesterov: c.nesterov,
+            maximize: c.maximize,
+        };
+        let params = |idx: &[usize]| List::of(idx.iter().map(|&i| &this.params[i].tensor));
+        let grads_of = |idx: &[usize]| List::of(idx.iter().filter_map(|&i| grads[i].as_ref()));
+        if hp.momentum == 0.0 {
+            return multi::fused_sgd(&params(group), &grads_of(group), None, args, false);
+        }
+        let (old, new): (Vec<usize>, Vec<usize>) =
+            group.iter().partition(|&&i| this.states[i].is_some());
+        if !old.is_empty() {
+            let bufs = List::of(
+                old.iter().filter_map(|&i| this.states[i].as_ref().map(|s| &s.momentum_buffer)),
+            );
+            multi::fused_sgd(&params(&old), &grads_of(&old), Some(&bufs), args, false)?;
+        }
+        if !new.is_empty() {
+            let fresh = new
+                .iter()
+                .filter_map(|&i| grads[i].as_ref().map(Tensor::f_empty_like))
+                .collect::<Result<Vec<_>, _>>()?;
+            let bufs = List::of(&fresh);
+            multi::fused_sgd(&params(&new), &grads_of(&new), Some(&bufs), args, true)?;
+            drop(bufs);
+            for (&i, momentum_buffer) in new.iter().zip(fresh) {
+                this.states[i] = Some(SgdState { momentum_buffer });
+            }
+        }
         Ok(())
     }
 }

@@ -84,7 +84,9 @@ impl Staging {
     fn stage(bop: &mut Bop, grads: &[Option<Tensor>]) -> Result<Option<StageReport>> {
         let Optim { config, params, states, steps, exec, extra: staging, .. } = bop;
         staging.forget(&mut exec.workspace);
-        if exec.backend == Backend::Torch || grads.len() != params.len() {
+        if matches!(exec.backend, Backend::Torch | Backend::MultiTensor)
+            || grads.len() != params.len()
+        {
             return Ok(None);
         }
         let eligible =

@@ -233,6 +233,37 @@ pub trait Router: Send {
     /// # Ok::<(), caseopt::Error>(())
     /// ```
     fn flip_ratios(&self) -> Result<Option<FlipRatios>>;
+
+    /// How many times the last [`step`](Self::step) read a value back from a tensor to the
+    /// host to decide something (each such read waits for the device on a GPU): the
+    /// non-finite check reads once per device whose gradients ATen's multi-tensor reduction
+    /// checks (the gradients of optimizers on [`Backend::MultiTensor`](crate::Backend), and
+    /// every CUDA, half-precision or strided gradient whatever the backend), so once a step
+    /// on a single device, however many variables; more only after a find, to name the
+    /// variable. The first step also reads once per device to check that 1-bit variables
+    /// hold +-1. The CPU scan of the fused kernels' gradients reads memory, not tensors, and
+    /// is not counted. 0 before the first step and under [`NonFinitePolicy::Proceed`] (after
+    /// the first step).
+    ///
+    /// ```
+    /// use caseopt::{case_optimizer, Backend, Execution, Param, Router, VarInfo};
+    /// use tch::{Device, Kind, Tensor};
+    ///
+    /// let ws: Vec<Tensor> =
+    ///     (0..20).map(|_| Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true)).collect();
+    /// let vars = ws
+    ///     .iter()
+    ///     .enumerate()
+    ///     .map(|(i, w)| Param::new(VarInfo::of(format!("w{i}"), w), w.shallow_clone()))
+    ///     .collect();
+    /// let mut opt = case_optimizer! { _ => Adam<lr: 0.1> }.build_from(vars)?;
+    /// opt.rule0_mut().set_backend(Backend::MultiTensor);
+    /// let loss = ws.iter().map(|w| w.sum(Kind::Float)).fold(Tensor::from(0.0f32), |a, b| a + b);
+    /// opt.backward_step(&loss)?;
+    /// assert_eq!(opt.host_reads(), 1); // 20 gradients checked with one read
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn host_reads(&self) -> u64;
 }
 
 impl<R: RouterParts> Router for R {
@@ -347,6 +378,10 @@ impl<R: RouterParts> Router for R {
 
     fn flip_ratios(&self) -> Result<Option<FlipRatios>> {
         flips::flip_ratios(self)
+    }
+
+    fn host_reads(&self) -> u64 {
+        self.core().host_reads
     }
 }
 

@@ -6,12 +6,15 @@ use tch::{Device, Kind, Tensor};
 use crate::error::Result;
 use crate::kernels::finite::ScanScratch;
 use crate::kernels::metadata::Grads;
+use crate::kernels::multi::{self, List};
 
 /// What a router's [`step`](crate::Router::step) does with a gradient that holds NaN or infinity.
 ///
-/// The search covers every rule's gradients before any optimizer updates anything, and costs
-/// one reduction per gradient (a sum, exact check only for a tensor whose sum is not finite)
-/// and one synchronisation per step.
+/// The search covers every rule's gradients before any optimizer updates anything: a
+/// multi-threaded scan of contiguous f32/f64 CPU gradients, and ATen's multi-tensor check
+/// (torch's AMP check with a scale of 1) of the others, read back once per device
+/// ([`Router::host_reads`](crate::Router::host_reads)); the gradients are checked one by one
+/// only after a find, to name the variable.
 ///
 /// ```
 /// use caseopt::{case_optimizer, Error, NonFinitePolicy, Router};
@@ -46,62 +49,35 @@ pub enum NonFinitePolicy {
     Proceed,
 }
 
-/// Gradients with at least this many elements are summed on their own; smaller ones are
-/// concatenated and summed together, so that many small tensors cost a few ops rather than one
-/// each.
-const SUM_ALONE: i64 = 1 << 16;
-/// Elements per concatenation of small gradients: bounds the temporary at 4 MiB of f32.
-const SMALL_BATCH: i64 = 1 << 20;
-
-/// Where a partial sum came from: (rule, variable index) of each gradient in it.
-type Origin = Vec<(usize, usize)>;
-
-/// Partial sums of the gradients of one device and accumulation dtype.
-struct SumGroup {
-    device: Device,
-    kind: Kind,
-    sums: Vec<Tensor>,
-    origins: Vec<Origin>,
-    small: Vec<Tensor>,
-    small_origin: Origin,
-    small_numel: i64,
-}
-
-impl SumGroup {
-    fn flush_small(&mut self) -> Result<()> {
-        if self.small.is_empty() {
-            return Ok(());
-        }
-        let joined = Tensor::f_cat(&self.small, 0)?;
-        self.sums.push(joined.f_sum(self.kind)?);
-        self.origins.push(std::mem::take(&mut self.small_origin));
-        self.small.clear();
-        self.small_numel = 0;
-        Ok(())
-    }
-}
-
 /// The first variable, in rule order, whose gradient holds NaN or infinity.
 ///
-/// Sums, not element-wise tests: a sum reads its input once and allocates nothing the size of
-/// the tensor (accumulated in f32, f64 for f64 gradients). Large gradients are summed one by
-/// one, small ones in concatenated batches; the partial sums are stacked and read back with one
-/// synchronisation per device. NaN and infinities always make a sum non-finite; a finite
-/// gradient's sum can only overflow to infinity, so the gradients behind a non-finite sum are
-/// checked element by element before one is reported (only then are temporaries made).
-///
-/// Contiguous f32/f64 CPU gradients are read in one multi-threaded pass by the kernels module
-/// (four bytes per f32 element, no dispatch per tensor); the others (CUDA, half precision,
-/// strided) go through the libtorch search below, and the earlier of the two finds, in rule
+/// Contiguous f32/f64 CPU gradients of optimizers not on the multi-tensor backend are read in
+/// one multi-threaded pass by the kernels module (four bytes per f32 element, no dispatch per
+/// tensor). The others (CUDA, half precision, strided, and every gradient of an optimizer on
+/// [`Backend::MultiTensor`](crate::Backend::MultiTensor), whose rules `multi` flags) are
+/// checked by ATen's multi-tensor reduction, `_amp_foreach_non_finite_check_and_unscale_` with
+/// a scale of 1 (values unchanged): one pass per (device, dtype) group, its flags summed on the
+/// device and read back once per device, so once a step on one device whatever the number of
+/// gradients (`reads` counts them). Only after a find are that device's gradients checked one
+/// by one, in rule order, to name the first; the earlier of the two searches' finds, in rule
 /// order, is reported.
 ///
 /// `staged` is the earliest find of the optimizers' staged steps, whose gradients the scan
 /// skips. The find is a (rule, variable) position.
 pub(super) fn first_non_finite(
-    grads: &[Grads],
+    grads: &mut [Grads],
+    multi: &[bool],
     scratch: &mut ScanScratch,
     staged: Option<(usize, usize)>,
+    reads: &mut u64,
 ) -> Result<Option<(usize, usize)>> {
+    // The multi-tensor optimizers' gradients are not the CPU scan's.
+    for (gs, _) in grads.iter_mut().zip(multi).filter(|(_, m)| **m) {
+        for i in 0..gs.handles.len() {
+            gs.mark_checked(i);
+        }
+    }
+    let grads: &[Grads] = grads;
     // The scan's positions count the gradients present, in rule order: (rule, variable) of the
     // k-th, looked up only for what the scan reports.
     let nth_present = |k: usize| {
@@ -110,86 +86,77 @@ pub(super) fn first_non_finite(
     let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
     let scan = crate::kernels::finite::scan_grads(grads, threads, scratch);
     let scanned_first = scan.first_non_finite.and_then(nth_present);
-    let torch_first = if scan.unscanned.is_empty() {
-        None
-    } else {
-        let mut rest: Vec<Vec<Option<Tensor>>> =
-            grads.iter().map(|gs| gs.handles.iter().map(|_| None).collect()).collect();
-        let present: Vec<(usize, usize)> = grads
-            .iter()
-            .enumerate()
-            .flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i)))
-            .collect();
-        for &k in &scan.unscanned {
-            if let Some(&(r, i)) = present.get(k) {
-                rest[r][i] = grads[r].handles[i].as_ref().map(Tensor::shallow_clone);
-            }
+    let mut rest: Vec<Vec<Option<Tensor>>> =
+        grads.iter().map(|gs| gs.handles.iter().map(|_| None).collect()).collect();
+    let present: Vec<(usize, usize)> = grads
+        .iter()
+        .enumerate()
+        .flat_map(|(r, gs)| gs.present().map(move |(i, _)| (r, i)))
+        .collect();
+    for &k in &scan.unscanned {
+        if let Some(&(r, i)) = present.get(k) {
+            rest[r][i] = grads[r].handles[i].as_ref().map(Tensor::shallow_clone);
         }
-        first_non_finite_with_libtorch(&rest)?
-    };
+    }
+    for (r, gs) in grads.iter().enumerate().filter(|(r, _)| multi.get(*r) == Some(&true)) {
+        for (i, g) in gs.handles.iter().enumerate() {
+            rest[r][i] = g.as_ref().map(Tensor::shallow_clone);
+        }
+    }
+    let torch_first = first_non_finite_multi(&rest, reads)?;
     Ok([scanned_first, torch_first, staged].into_iter().flatten().min())
 }
 
-/// [`first_non_finite`]'s search with libtorch ops, as (rule, variable) positions.
-fn first_non_finite_with_libtorch(grads: &[Vec<Option<Tensor>>]) -> Result<Option<(usize, usize)>> {
-    let mut groups: Vec<SumGroup> = Vec::new();
+/// [`first_non_finite`]'s search with ATen's multi-tensor reduction, as (rule, variable)
+/// positions; `reads` counts the values read back.
+fn first_non_finite_multi(
+    grads: &[Vec<Option<Tensor>>],
+    reads: &mut u64,
+) -> Result<Option<(usize, usize)>> {
+    // Per device, its (dtype, members) groups, in order of first appearance.
+    type Members = Vec<(usize, usize)>;
+    let mut devices: Vec<(Device, Vec<(Kind, Members)>)> = Vec::new();
     for (rule, rule_grads) in grads.iter().enumerate() {
         for (index, g) in rule_grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let numel = g.numel() as i64;
-            if numel == 0 {
+            if g.numel() == 0 {
                 continue;
             }
-            let (device, kind) =
-                (g.device(), if g.kind() == Kind::Double { Kind::Double } else { Kind::Float });
-            let group = match groups.iter().position(|s| s.device == device && s.kind == kind) {
-                Some(i) => &mut groups[i],
+            let (device, kind) = (g.device(), g.kind());
+            let d = match devices.iter().position(|(d, _)| *d == device) {
+                Some(d) => d,
                 None => {
-                    groups.push(SumGroup {
-                        device,
-                        kind,
-                        sums: Vec::new(),
-                        origins: Vec::new(),
-                        small: Vec::new(),
-                        small_origin: Vec::new(),
-                        small_numel: 0,
-                    });
-                    groups.last_mut().expect("just pushed")
+                    devices.push((device, Vec::new()));
+                    devices.len() - 1
                 }
             };
-            if numel >= SUM_ALONE {
-                group.sums.push(g.f_sum(kind)?);
-                group.origins.push(vec![(rule, index)]);
-            } else {
-                // One dimension and the group's dtype (half precision widened, small tensors
-                // only), skipping the ops, each a dispatch, where there is nothing to do.
-                let mut flat = if g.dim() == 1 { g.shallow_clone() } else { g.f_reshape([-1])? };
-                if flat.kind() != kind {
-                    flat = flat.f_to_kind(kind)?;
-                }
-                group.small.push(flat);
-                group.small_origin.push((rule, index));
-                group.small_numel += numel;
-                if group.small_numel >= SMALL_BATCH {
-                    group.flush_small()?;
-                }
+            let kinds = &mut devices[d].1;
+            match kinds.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, members)) => members.push((rule, index)),
+                None => kinds.push((kind, vec![(rule, index)])),
             }
         }
     }
     let mut suspects: Vec<(usize, usize)> = Vec::new();
-    for group in &mut groups {
-        group.flush_small()?;
-        let stacked = Tensor::f_stack(&group.sums, 0)?.f_to_kind(Kind::Double)?;
-        let values = Vec::<f64>::try_from(&stacked)?;
-        for (value, origin) in values.iter().zip(&group.origins) {
-            if !value.is_finite() {
-                suspects.extend(origin);
-            }
+    for (_, kinds) in &devices {
+        let mut flags = Vec::with_capacity(kinds.len());
+        for (_, members) in kinds {
+            let list = List::of(members.iter().filter_map(|&(r, i)| grads[r][i].as_ref()));
+            flags.push(multi::nonfinite(&list)?);
+        }
+        let any = match flags.len() {
+            1 => flags.swap_remove(0),
+            _ => Tensor::f_stack(&flags, 0)?.f_sum(Kind::Float)?,
+        };
+        *reads += 1;
+        if any.f_double_value(&[])? != 0.0 {
+            suspects.extend(kinds.iter().flat_map(|(_, m)| m.iter().copied()));
         }
     }
     suspects.sort_unstable();
     for (rule, index) in suspects {
         let Some(g) = &grads[rule][index] else { continue };
+        *reads += 1;
         if g.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
             return Ok(Some((rule, index)));
         }

@@ -49,6 +49,8 @@ pub struct RouterCore {
     pub(super) ownership: Ownership,
     /// The constraints set per variable and per rule.
     pub(super) constraints: Constraints,
+    /// Values the last step read back to the host (`Router::host_reads`).
+    pub(super) host_reads: u64,
 }
 
 impl RouterCore {
@@ -74,6 +76,7 @@ impl RouterCore {
             spare: Vec::new(),
             ownership: Ownership::default(),
             constraints: Constraints::default(),
+            host_reads: 0,
         }
     }
 

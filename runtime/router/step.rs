@@ -13,20 +13,22 @@ use crate::error::{Error, Result};
 use crate::kernels::metadata::{Grads, MetaReader, Status, TensorMeta};
 use crate::optim::grad::check_grad;
 use crate::optim::staging;
-use crate::optim::Optimizer;
+use crate::optim::{Backend, Optimizer};
 use crate::var::Param;
 
 /// One step of every optimizer with its variables' gradients; see
 /// [`Router::step`](crate::Router::step).
 pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
+    router.core_mut().host_reads = 0;
     route_new_variables(router)?;
     let mut grads = CollectGrads {
         grads: Vec::with_capacity(router.core().rules().len()),
+        multi: Vec::with_capacity(router.core().rules().len()),
         reader: std::mem::take(&mut router.core_mut().reader),
         spare: std::mem::take(&mut router.core_mut().spare),
     };
     let collected = router.for_each_optimizer(&mut grads);
-    let CollectGrads { mut grads, reader, .. } = grads;
+    let CollectGrads { mut grads, reader, multi, .. } = grads;
     router.core_mut().reader = reader;
     let found = match (collected, router.core().non_finite) {
         (Err(e), _) => Err(e),
@@ -44,9 +46,13 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
             let staged_first = stage.first;
             let found = staged.and_then(|()| {
                 let mut scratch = std::mem::take(&mut router.core_mut().scan);
-                let found = first_non_finite(&grads, &mut scratch, staged_first)
-                    .map(|first| first.map(|(rule, index)| variable_name(router, rule, index)));
-                router.core_mut().scan = scratch;
+                let mut reads = 0;
+                let found =
+                    first_non_finite(&mut grads, &multi, &mut scratch, staged_first, &mut reads)
+                        .map(|first| first.map(|(rule, index)| variable_name(router, rule, index)));
+                let core = router.core_mut();
+                core.scan = scratch;
+                core.host_reads += reads;
                 found
             });
             if !matches!(found, Ok(None)) {
@@ -99,6 +105,9 @@ fn variable_name<R: RouterParts>(router: &R, rule: usize, index: usize) -> Strin
 /// hyperparameter whose schedule yields NaN).
 struct CollectGrads {
     grads: Vec<Grads>,
+    /// Per rule, whether its optimizer runs on `Backend::MultiTensor` (its gradients are then
+    /// checked with ATen's multi-tensor reduction).
+    multi: Vec<bool>,
     /// Reads every variable's metadata and its gradient's in one call per rule.
     reader: MetaReader,
     /// Empty lists whose buffers to reuse, one per rule.
@@ -129,6 +138,8 @@ impl OptimizerInspector for CollectGrads {
         optimizer.check_step(&grads.handles)?;
         check_hyperparameters(optimizer)?;
         self.grads.push(grads);
+        let backend = optimizer.execution().map(|e| e.backend());
+        self.multi.push(backend == Some(Backend::MultiTensor));
         Ok(())
     }
 }
@@ -222,6 +233,9 @@ impl OptimizerVisitor for StepWith {
 fn check_binary_values<R: RouterParts>(router: &mut R) -> Result<()> {
     let mut found = Vec::new();
     let mut checked = Vec::new();
+    // Each variable's verdict stays on its device; they are read back together, once per
+    // device.
+    let mut verdicts: Vec<(tch::Device, Vec<(usize, Tensor)>)> = Vec::new();
     for rule in 0..router.core().rules().len() {
         let Some(optimizer) = router.dyn_optimizer(rule) else { continue };
         let binarises = matches!(optimizer.name(), "Bop" | "Bop2ndOrder");
@@ -229,23 +243,42 @@ fn check_binary_values<R: RouterParts>(router: &mut R) -> Result<()> {
             if !p.info.is_binary() || router.core().binary_checked.contains(&p.info.name) {
                 continue;
             }
-            checked.push(p.info.name.clone());
+            checked.push((rule, p.info.name.clone()));
             if !binarises {
+                // Only Bop and Bop2ndOrder binarise what they train; any other optimizer trains a
+                // latent-weight variable as it is, which is what the user asked for.
                 continue;
             }
-            let other = p.tensor.f_abs()?.f_ne(1.0)?.f_any()?.f_int64_value(&[])? != 0;
-            if other {
-                eprintln!(
-                    "caseopt: warning: `{}` is declared 1-bit but holds values other than -1 and +1; {} binarises it at this step, as larq does",
-                    p.info.name,
-                    optimizer.name()
-                );
-                found.push(p.info.name.clone());
+            let other = p.tensor.f_abs()?.f_ne(1.0)?.f_any()?;
+            let device = p.tensor.device();
+            let k = checked.len() - 1;
+            match verdicts.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, v)) => v.push((k, other)),
+                None => verdicts.push((device, vec![(k, other)])),
             }
         }
     }
+    let mut other = vec![false; checked.len()];
+    for (_, v) in &verdicts {
+        let flags: Vec<Tensor> = v.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let read = Vec::<bool>::try_from(Tensor::f_stack(&flags, 0)?)?;
+        router.core_mut().host_reads += 1;
+        for ((k, _), flag) in v.iter().zip(read) {
+            other[*k] = flag;
+        }
+    }
+    for ((rule, name), other) in checked.iter().zip(other) {
+        let Some(optimizer) = router.dyn_optimizer(*rule) else { continue };
+        if other {
+            eprintln!(
+                "caseopt: warning: `{name}` is declared 1-bit but holds values other than -1 and +1; {} binarises it at this step, as larq does",
+                optimizer.name()
+            );
+            found.push(name.clone());
+        }
+    }
     let core = router.core_mut();
-    core.binary_checked.extend(checked);
+    core.binary_checked.extend(checked.into_iter().map(|(_, name)| name));
     core.binarised.extend(found);
     core.binary_unchecked = false;
     Ok(())

@@ -42,7 +42,7 @@ fn f(config: &Value, key: &str) -> Option<Schedule> {
 
 /// The learning rate schedule a case sets in torch's param group before each step (see
 /// gen_parity.py's `lr_at`), as caseopt's own schedule.
-fn lr_schedule(case: &Value) -> Option<Schedule> {
+pub fn lr_schedule(case: &Value) -> Option<Schedule> {
     let s = case.get("lr_schedule").filter(|s| !s.is_null())?;
     let num = |k: &str| s[k].as_f64().unwrap();
     Some(match s["kind"].as_str().unwrap() {
@@ -96,6 +96,40 @@ pub fn running_rounding() -> Rounding {
     let roots = Vec::<f32>::try_from(Tensor::from_slice(&x).sqrt()).unwrap();
     let mkl_sqrt = x.iter().zip(&roots).any(|(x, r)| x.sqrt() != *r);
     Rounding { fused_multiply_add: fused > 0, mkl_sqrt }
+}
+
+/// The CPU kernels ATen runs with here, as `torch.backends.cpu.get_cpu_capability()` names
+/// them (lower case): ATen's own choice (`cpu/Utils`: AVX-512 with its F, BW, VL and DQ parts,
+/// else AVX2 with FMA, else the baseline), lowered by `ATEN_CPU_CAPABILITY`; checked against
+/// how the running ops round ([`running_rounding`]).
+pub fn running_capability() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    let cpu = if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("fma")
+    {
+        "avx512"
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        "avx2"
+    } else {
+        "default"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = "other";
+    let asked = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default().to_lowercase();
+    let capability = match (asked.as_str(), cpu) {
+        ("default", _) => "default",
+        ("avx2", "avx512") => "avx2",
+        _ => cpu,
+    };
+    assert_eq!(
+        running_rounding().fused_multiply_add,
+        matches!(capability, "avx2" | "avx512"),
+        "ATen rounds otherwise than capability {capability} would"
+    );
+    capability
 }
 
 fn b(config: &Value, key: &str) -> Option<bool> {
@@ -446,4 +480,75 @@ pub fn run_parity_values(
         &failures[..5.min(failures.len())]
     );
     Parity { worst, ulps, values }
+}
+
+/// The multi-tensor backend with the default square root (which it ignores).
+pub const MULTI: Setting = Setting { backend: Backend::MultiTensor, sqrt: Sqrt::Fast };
+
+/// tests/fixtures/multi_cases.json (gen_multi.py): the cases and which file holds each CPU
+/// capability's trajectories.
+pub fn multi_meta() -> Value {
+    let text = std::fs::read_to_string(fixtures_dir().join("multi_cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs every multi-tensor case of one dtype on `device` with the backend forced and asserts
+/// that every recorded value is the fixture's, bit for bit.
+pub fn run_multi_parity(
+    meta: &Value,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: &str,
+    device: Device,
+) {
+    let mut covered: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let optimizer = case["optimizer"].as_str().unwrap();
+        let mut config = case["config"].clone();
+        let schedule = lr_schedule(case);
+        if schedule.is_some() {
+            config.as_object_mut().unwrap().remove("lr");
+        }
+        let mut opt = build_with_lr(optimizer, &config, MULTI, schedule);
+        let data = case["data"].as_str().unwrap();
+        let count = case["vars"].as_u64().unwrap();
+        let steps = case["steps"].as_u64().unwrap() as i64;
+        let snapshots: Vec<i64> =
+            case["snapshots"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+        let inputs: Vec<String> = (0..count).map(|j| format!("{data}.{dtype}.p{j}")).collect();
+        let vars: Vec<Tensor> =
+            inputs.iter().map(|k| tensors[&format!("{k}.init")].to_device(device).copy()).collect();
+        for (j, v) in vars.iter().enumerate() {
+            opt.add_param(Param::new(VarInfo::of(format!("p{j}"), v), v.shallow_clone())).unwrap();
+        }
+        for t in 0..steps {
+            let grads: Vec<Option<Tensor>> = inputs
+                .iter()
+                .map(|k| {
+                    let has = tensors[&format!("{k}.mask")].int64_value(&[t]) != 0;
+                    has.then(|| tensors[&format!("{k}.grads")].get(t).to_device(device).copy())
+                })
+                .collect();
+            opt.step_with_grads(&grads).unwrap();
+            let Some(row) = snapshots.iter().position(|&s| s == t) else { continue };
+            for (j, v) in vars.iter().enumerate() {
+                let actual = v.to_device(Device::Cpu);
+                let expected = tensors[&format!("{name}.{dtype}.p{j}.expected")].get(row as i64);
+                *covered.entry(optimizer.to_string()).or_default() += 1;
+                if !actual.equal(&expected) {
+                    let ulps = ulp_distance(&actual, &expected);
+                    failures.push(format!("{name} {dtype} p{j} step {t}: {ulps} ulp"));
+                }
+            }
+        }
+    }
+    println!("multi-tensor parity {device:?} {dtype}: values compared per optimizer {covered:?}");
+    assert_eq!(covered.len(), 7, "every torch.optim optimizer is covered: {covered:?}");
+    assert!(
+        failures.is_empty(),
+        "{} differ, first: {:#?}",
+        failures.len(),
+        &failures[..5.min(failures.len())]
+    );
 }
