@@ -1,12 +1,16 @@
 //! Data-parallel training: every rank holds the whole model, computes gradients on its share of
 //! each batch, and the gradients are averaged before every rank takes the same step.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::error::{DistributedError, Result};
+use crate::error::{Error, Result};
 use crate::router::Router;
-use crate::var::{trainable_vars, Param};
+use crate::var::{trainable_vars, trainable_vars_in, Param};
 
+use super::agreement::{self, Description, GradientStatus};
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
 use super::ffi;
 use super::group::{check_communicable, ProcessGroup};
@@ -30,6 +34,20 @@ pub(super) fn members<'a>(bucket: &Bucket, of: &'a [Option<Tensor>]) -> ffi::Mem
 /// Since the averaged gradients are the same bits on every rank, the router's checks give the
 /// same verdict everywhere: a gradient with a NaN or an infinity on one rank is in the average
 /// of all, and the step is refused on every rank or on none.
+///
+/// Before every step, and before any collective of it, the ranks check that they are about to
+/// do the same thing: the same variables, bucket plan and sharding, the same routing, rules,
+/// hyperparameter values at the current step, execution settings, constraints and non-finite
+/// policy, and gradients for the same variables, each of its variable's shape and dtype (one
+/// 8-byte all-gather of a digest; the details are traded only when the digests differ). A
+/// difference is an error on every rank, with nothing changed:
+/// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch) naming the first line that
+/// differs, [`Error::GradientMismatch`](crate::Error::GradientMismatch) naming the variable and
+/// the rank, or [`DistributedError::GradientPresence`](crate::DistributedError::GradientPresence).
+///
+/// A variable added to the `VarStore` after [`new`](Self::new) joins at the first step that
+/// sees it, once every rank has it: it takes rank 0's value and its gradient is averaged from
+/// then on (under ZeRO-1 it also gets an owner).
 ///
 /// ```no_run
 /// use caseopt::{case_optimizer, distributed::{DataParallel, Rendezvous}};
@@ -55,6 +73,64 @@ pub struct DataParallel {
     /// With ZeRO-1 ([`shard_optimizer_state`](Self::shard_optimizer_state)): each trainable
     /// variable's owner, and the buckets (with their owner) that carry the updated values.
     pub(super) sharding: Option<super::zero::Sharding>,
+    bucket_bytes: usize,
+    /// The `VarStore`'s variables, to find those added after `new`.
+    store: Arc<Mutex<nn::Variables>>,
+    /// The lengths of the store's trainable and named lists when last looked at.
+    seen: (usize, usize),
+}
+
+/// Variables found in the store that this `DataParallel` does not have yet.
+#[derive(Default)]
+struct Found {
+    params: Vec<Param>,
+    buffers: Vec<(String, Tensor)>,
+    seen: (usize, usize),
+}
+
+fn lock(store: &Mutex<nn::Variables>) -> std::sync::MutexGuard<'_, nn::Variables> {
+    match store.lock() {
+        Ok(v) => v,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn variable_line(p: &Param) -> String {
+    let i = &p.info;
+    format!("trainable {} {:?} {:?} {} bits", i.name, p.tensor.size(), p.tensor.kind(), i.bits)
+}
+
+fn buffer_line(name: &str, t: &Tensor) -> String {
+    format!("buffer {name} {:?} {:?}", t.size(), t.kind())
+}
+
+/// Whether `p`'s gradient can go through the buckets planned for `p`'s recorded shape and
+/// dtype (the shim copies that many elements), with the gradient when it can.
+fn gradient_status(p: &Param) -> (Option<Tensor>, GradientStatus) {
+    let Some(g) = p.grad() else { return (None, GradientStatus::Absent) };
+    let i = &p.info;
+    let (var_shape, var_kind) = (p.tensor.size(), p.tensor.kind());
+    let reason = if var_shape != i.shape || var_kind != i.kind {
+        Some(format!(
+            "the variable is now {var_shape:?} {var_kind:?}, {:?} {:?} when it joined the group",
+            i.shape, i.kind
+        ))
+    } else if g.is_sparse() || g.device() != Device::Cpu {
+        Some(format!(
+            "a {:?} gradient that is not dense (Gloo takes dense CPU tensors)",
+            g.device()
+        ))
+    } else if g.size() != i.shape {
+        Some(format!("shape {:?} != {:?}", g.size(), i.shape))
+    } else if g.kind() != i.kind {
+        Some(format!("dtype {:?} != {:?}", g.kind(), i.kind))
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => (None, GradientStatus::Unfit(r)),
+        None => (Some(g), GradientStatus::Present),
+    }
 }
 
 impl DataParallel {
@@ -86,6 +162,11 @@ impl DataParallel {
         for (name, t) in &buffers {
             check_communicable(name, t)?;
         }
+        let store = vs.variables_.clone();
+        let seen = {
+            let vars = lock(&store);
+            (vars.trainable_variables.len(), vars.named_variables.len())
+        };
         let mut dp = DataParallel {
             group,
             params,
@@ -93,6 +174,9 @@ impl DataParallel {
             buckets: Vec::new(),
             flats: Vec::new(),
             sharding: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            store,
+            seen,
         };
         dp.plan(DEFAULT_BUCKET_BYTES)?;
         dp.broadcast_variables()?;
@@ -101,9 +185,12 @@ impl DataParallel {
 
     /// The same, with gradients grouped into buckets of at most `bytes` bytes (a variable
     /// larger than that travels alone). Fewer, larger buckets pay the collective's fixed cost
-    /// fewer times; every rank must use the same size.
+    /// fewer times. Every rank must use the same size: a rank with another one is refused at
+    /// the next step, on every rank, with
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch).
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Result<Self> {
-        self.plan(bytes.max(1))?;
+        self.bucket_bytes = bytes.max(1);
+        self.plan(self.bucket_bytes)?;
         Ok(self)
     }
 
@@ -132,55 +219,76 @@ impl DataParallel {
         self.group.broadcast(&tensors, 0)
     }
 
-    /// Checks that every rank's router has the same rules (its fingerprint) and routes every
-    /// variable to the same rule; else [`DistributedError::Mismatch`] on every rank.
+    /// Checks that every rank's router has the same rules (its fingerprint), routes every
+    /// variable to the same rule, and has the same hyperparameter values (at its current step),
+    /// execution settings, constraints and non-finite policy; else
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch) naming the first
+    /// difference, on every rank. [`step`](Self::step) checks the same before every step; this
+    /// says so before the first one.
     pub fn check_router<R: Router + ?Sized>(&self, router: &R) -> Result<()> {
-        let mut lines = vec![format!(
-            "rules {} (fingerprint {:016x})",
-            router
-                .rules()
-                .iter()
-                .map(|r| format!("{} => {}", r.predicate, r.optimizer))
-                .collect::<Vec<_>>()
-                .join(", "),
-            router.fingerprint()
-        )];
-        lines.extend(router.routing_table().routes().iter().map(|r| {
-            format!(
-                "route {} {:?} {:?} {} bits -> rule {:?}",
-                r.variable, r.shape, r.kind, r.bits, r.rule
-            )
-        }));
-        self.group.agree("routing", &lines)
+        self.group.agree("routing", &agreement::describe_router(router))
     }
 
     /// Replaces every trainable variable's gradient by its mean over the ranks.
     ///
     /// A variable without a gradient on every rank keeps none; one with a gradient on some
-    /// ranks only is [`DistributedError::GradientPresence`] on every rank, with no gradient
-    /// changed (torch's DDP requires the same: every rank computes every gradient).
+    /// ranks only is [`DistributedError::GradientPresence`](crate::DistributedError::GradientPresence)
+    /// on every rank, and a gradient whose shape, dtype, device or layout is not its variable's
+    /// is [`Error::GradientMismatch`](crate::Error::GradientMismatch) on every rank, with no
+    /// gradient changed (torch's DDP requires the same: every rank computes every gradient).
+    /// The ranks also check that they have the same variables and bucket plan (not the router:
+    /// [`step`](Self::step) checks that too).
     pub fn average_gradients(&mut self) -> Result<()> {
+        self.synchronise::<dyn Router>(None)
+    }
+
+    /// Finds new variables, agrees with the other ranks on the step (see the type's docs),
+    /// takes in the new variables and averages the gradients.
+    fn synchronise<R: Router + ?Sized>(&mut self, router: Option<&R>) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Option<Tensor>> = self.params.iter().map(Param::grad).collect();
+        let found = self.find_new_variables();
+        let mut description = Description::default();
+        let all_params = || self.params.iter().chain(&found.params);
+        description.config.extend(all_params().map(variable_line));
+        description
+            .config
+            .extend(self.buffers.iter().chain(&found.buffers).map(|(n, t)| buffer_line(n, t)));
+        description.config.push(format!(
+            "buckets of at most {} bytes, ZeRO-1 {}",
+            self.bucket_bytes,
+            if self.sharding.is_some() { "on" } else { "off" }
+        ));
+        if let Some(router) = router {
+            description.config.extend(agreement::describe_router(router));
+        }
+        let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
+        for p in all_params() {
+            let (g, status) = gradient_status(p);
+            grads.push(g);
+            description.gradients.push((p.info.name.clone(), status));
+        }
         let world = self.group.world_size();
+        if world > 1 {
+            let digests = self.group.all_gather_i64(description.digest())?;
+            if digests.iter().any(|&d| d != digests[0]) {
+                let all = self.group.all_gather_bytes(description.lines().as_bytes())?;
+                let all: Vec<String> =
+                    all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+                return Err(agreement::verdict(&all));
+            }
+        }
+        // Every rank has the same statuses: a gradient that does not fit is refused everywhere.
+        if let Some((variable, GradientStatus::Unfit(reason))) =
+            description.gradients.iter().find(|(_, s)| matches!(s, GradientStatus::Unfit(_)))
+        {
+            return Err(Error::GradientMismatch {
+                variable: variable.clone(),
+                reason: reason.clone(),
+            });
+        }
+        self.take_in(found)?;
         if world == 1 {
             return Ok(());
-        }
-        let presence: Vec<f32> =
-            grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
-        let counts = Tensor::from_slice(&presence);
-        self.group.all_reduce_sum(&[counts.shallow_clone()])?;
-        let counts = Vec::<f32>::try_from(&counts)?;
-        for (p, &c) in self.params.iter().zip(&counts) {
-            let with = c.round() as usize;
-            if with != 0 && with != world {
-                return Err(DistributedError::GradientPresence {
-                    variable: p.info.name.clone(),
-                    with,
-                    world_size: world,
-                }
-                .into());
-            }
         }
         for (bucket, flat) in self.buckets.iter().zip(&self.flats) {
             ffi::pack(flat, &members(bucket, &grads))?;
@@ -192,11 +300,71 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Variables in the store that joined it after this `DataParallel` last looked.
+    fn find_new_variables(&self) -> Found {
+        let vars = lock(&self.store);
+        let seen = (vars.trainable_variables.len(), vars.named_variables.len());
+        if seen == self.seen {
+            return Found { seen, ..Found::default() };
+        }
+        let known: HashSet<&str> = self
+            .params
+            .iter()
+            .map(|p| p.info.name.as_str())
+            .chain(self.buffers.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let params: Vec<Param> = trainable_vars_in(&vars)
+            .into_iter()
+            .filter(|p| !known.contains(p.info.name.as_str()))
+            .collect();
+        let trainable: HashSet<&str> = params.iter().map(|p| p.info.name.as_str()).collect();
+        let mut buffers: Vec<(String, Tensor)> = vars
+            .named_variables
+            .iter()
+            .filter(|(n, _)| !known.contains(n.as_str()) && !trainable.contains(n.as_str()))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+        Found { params, buffers, seen }
+    }
+
+    /// Makes the new variables part of the group (the ranks agreed they all have them): rank
+    /// 0's values, a new bucket plan, and under ZeRO-1 owners for them.
+    fn take_in(&mut self, found: Found) -> Result<()> {
+        self.seen = found.seen;
+        if found.params.is_empty() && found.buffers.is_empty() {
+            return Ok(());
+        }
+        for p in &found.params {
+            check_communicable(&p.info.name, &p.tensor)?;
+        }
+        for (name, t) in &found.buffers {
+            check_communicable(name, t)?;
+        }
+        let tensors: Vec<Tensor> = found
+            .params
+            .iter()
+            .map(|p| p.tensor.shallow_clone())
+            .chain(found.buffers.iter().map(|(_, t)| t.shallow_clone()))
+            .collect();
+        self.group.broadcast(&tensors, 0)?;
+        let new_params = !found.params.is_empty();
+        self.params.extend(found.params);
+        self.buffers.extend(found.buffers);
+        if new_params {
+            self.plan(self.bucket_bytes)?;
+            if let Some(sharding) = self.sharding.as_mut() {
+                sharding.extend(&self.params, self.group.world_size())?;
+            }
+        }
+        Ok(())
+    }
+
     /// [`average_gradients`](Self::average_gradients), then the router's step (with ZeRO-1,
     /// each rank steps only the variables it owns and then sends their new values to the
     /// others).
     pub fn step<R: Router + ?Sized>(&mut self, router: &mut R) -> Result<()> {
-        self.average_gradients()?;
+        self.synchronise(Some(&*router))?;
         if self.sharding.is_some() {
             return self.step_sharded(router);
         }
@@ -224,12 +392,13 @@ impl DataParallel {
         self.group
     }
 
-    /// The number of all-reduces per step (one per bucket, plus one small one that checks
-    /// which gradients exist) and the bytes each rank sends into them.
+    /// The number of collectives per step (an all-reduce per bucket, plus the 8-byte
+    /// all-gather of the step's digest that the ranks agree on first) and the bytes each rank
+    /// sends into them.
     pub fn traffic(&self) -> (usize, usize) {
         let bytes =
             self.buckets.iter().map(|b| b.len as usize * b.kind.elt_size_in_bytes()).sum::<usize>()
-                + 4 * self.params.len();
+                + 8;
         (self.buckets.len() + 1, bytes)
     }
 }

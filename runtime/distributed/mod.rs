@@ -33,6 +33,7 @@
 //! # Ok::<(), caseopt::Error>(())
 //! ```
 
+mod agreement;
 mod buckets;
 mod data_parallel;
 #[allow(unsafe_code)]
@@ -46,4 +47,4 @@ pub use crate::error::DistributedError;
 pub use buckets::DEFAULT_BUCKET_BYTES;
 pub use data_parallel::DataParallel;
 pub use group::ProcessGroup;
-pub use rendezvous::{Rendezvous, DEFAULT_TIMEOUT};
+pub use rendezvous::{Rendezvous, DEFAULT_TIMEOUT, MAX_TIMEOUT};

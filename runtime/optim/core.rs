@@ -388,6 +388,17 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         Ok(())
     }
 
+    fn execution_description(&self) -> String {
+        format!("{:?}, sqrt {:?}", self.exec.backend, self.exec.sqrt)
+    }
+
+    fn record_remote_flips(&mut self, index: usize, flipped: u64) -> bool {
+        if A::BINARY {
+            self.flips.counted(index, usize::try_from(flipped).unwrap_or(usize::MAX));
+        }
+        A::BINARY
+    }
+
     fn set_constraint(&mut self, index: usize, constraint: Option<Constraint>) -> Result<bool> {
         if let Some(c) = &constraint {
             c.validate()?;

@@ -273,6 +273,32 @@ pub trait Optimizer: Send + 'static {
         let _ = index;
         None
     }
+
+    /// The settings besides the hyperparameters that change this optimizer's results, in
+    /// words: for the built-in optimizers their [`Backend`] and [`Sqrt`] (e.g.
+    /// `"Auto, sqrt Fast"`), which round differently. The ranks of a data-parallel run compare
+    /// them before every step. The default says nothing (an empty string).
+    ///
+    /// ```
+    /// use caseopt::{Adam, Backend, Execution, Optimizer};
+    /// let mut adam = Adam::new(Default::default())?;
+    /// adam.set_backend(Backend::Torch);
+    /// assert_eq!(adam.execution_description(), "Torch, sqrt Fast");
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn execution_description(&self) -> String {
+        String::new()
+    }
+
+    /// Records that the last step flipped `flipped` weights of variable `index` where that
+    /// step was taken by another process (data-parallel ZeRO-1, whose owner of the variable
+    /// sends its new values), so that the flip ratios count the whole run. Returns whether the
+    /// optimizer counts flips at all (Bop and Bop2ndOrder do); the default does not.
+    #[doc(hidden)]
+    fn record_remote_flips(&mut self, index: usize, flipped: u64) -> bool {
+        let _ = (index, flipped);
+        false
+    }
 }
 
 /// An optimizer built from a configuration struct; what `case_optimizer!` calls for a rule's
