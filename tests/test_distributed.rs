@@ -813,9 +813,8 @@ fn a_variable_added_after_the_start_is_synchronised() {
                 let (x, y) = share(&x, &y, w.rank, w.world);
                 let mut loss = model.loss(&x, &y);
                 if let Some(late) = &late {
-                    loss = loss
-                        + (late * x.narrow(1, 0, 4).mean_dim(0, false, Kind::Double))
-                            .sum(Kind::Double);
+                    loss += (late * x.narrow(1, 0, 4).mean_dim(0, false, Kind::Double))
+                        .sum(Kind::Double);
                 }
                 dp.backward_step(&mut opt, &loss)?;
             }

@@ -58,16 +58,36 @@ impl Description {
         text
     }
 
-    /// FNV-1a of [`lines`](Self::lines): equal descriptions give equal digests on every
+    /// A digest of [`lines`](Self::lines): equal descriptions give equal digests on every
     /// platform.
-    pub(super) fn digest(&self) -> i64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self.lines().bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        hash as i64
+    #[cfg(test)]
+    fn digest(&self) -> i64 {
+        digest(&self.lines())
     }
+}
+
+/// FNV-1a's step taken over 8-byte words (then the tail's bytes), with the length mixed in:
+/// 64 bits, the same on every platform, and 8 times fewer multiplications than byte by byte on
+/// the ~100 bytes per variable of a description. Only differences between ranks' honest
+/// descriptions must show, not adversarial ones.
+pub(super) fn digest(text: &str) -> i64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let bytes = text.as_bytes();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        hash = (hash ^ u64::from_le_bytes(w)).wrapping_mul(PRIME);
+    }
+    for &byte in words.remainder() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(PRIME);
+    }
+    // Spreads the last words' bits over the whole digest (the multiplication carries only
+    // upwards).
+    hash ^= hash >> 29;
+    hash = hash.wrapping_mul(PRIME);
+    (hash ^ (hash >> 32)) as i64
 }
 
 /// The router's part of the description: rules and routing, every optimizer's step count,

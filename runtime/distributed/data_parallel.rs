@@ -95,31 +95,29 @@ fn lock(store: &Mutex<nn::Variables>) -> std::sync::MutexGuard<'_, nn::Variables
     }
 }
 
-fn variable_line(p: &Param) -> String {
-    let i = &p.info;
-    format!("trainable {} {:?} {:?} {} bits", i.name, p.tensor.size(), p.tensor.kind(), i.bits)
-}
-
 fn buffer_line(name: &str, t: &Tensor) -> String {
     format!("buffer {name} {:?} {:?}", t.size(), t.kind())
 }
 
 /// Whether `p`'s gradient can go through the buckets planned for `p`'s recorded shape and
-/// dtype (the shim copies that many elements), with the gradient when it can.
-fn gradient_status(p: &Param) -> (Option<Tensor>, GradientStatus) {
+/// dtype (the shim copies that many elements), with the gradient when it can; `var_shape` and
+/// `var_kind` are the variable's own now.
+fn gradient_status(
+    p: &Param,
+    var_shape: &[i64],
+    var_kind: Kind,
+) -> (Option<Tensor>, GradientStatus) {
     let Some(g) = p.grad() else { return (None, GradientStatus::Absent) };
     let i = &p.info;
-    let (var_shape, var_kind) = (p.tensor.size(), p.tensor.kind());
-    let reason = if var_shape != i.shape || var_kind != i.kind {
+    let reason = if var_shape != i.shape.as_slice() || var_kind != i.kind {
         Some(format!(
             "the variable is now {var_shape:?} {var_kind:?}, {:?} {:?} when it joined the group",
             i.shape, i.kind
         ))
-    } else if g.is_sparse() || g.device() != Device::Cpu {
-        Some(format!(
-            "a {:?} gradient that is not dense (Gloo takes dense CPU tensors)",
-            g.device()
-        ))
+    } else if g.is_sparse() {
+        Some("a sparse gradient (Gloo takes dense CPU tensors)".to_string())
+    } else if g.device() != Device::Cpu {
+        Some(format!("a gradient on {:?} (Gloo takes dense CPU tensors)", g.device()))
     } else if g.size() != i.shape {
         Some(format!("shape {:?} != {:?}", g.size(), i.shape))
     } else if g.kind() != i.kind {
@@ -248,8 +246,18 @@ impl DataParallel {
         let _guard = tch::no_grad_guard();
         let found = self.find_new_variables();
         let mut description = Description::default();
-        let all_params = || self.params.iter().chain(&found.params);
-        description.config.extend(all_params().map(variable_line));
+        let mut grads: Vec<Option<Tensor>> =
+            Vec::with_capacity(self.params.len() + found.params.len());
+        for p in self.params.iter().chain(&found.params) {
+            let (shape, kind) = (p.tensor.size(), p.tensor.kind());
+            let i = &p.info;
+            description
+                .config
+                .push(format!("trainable {} {shape:?} {kind:?} {} bits", i.name, i.bits));
+            let (g, status) = gradient_status(p, &shape, kind);
+            grads.push(g);
+            description.gradients.push((i.name.clone(), status));
+        }
         description
             .config
             .extend(self.buffers.iter().chain(&found.buffers).map(|(n, t)| buffer_line(n, t)));
@@ -261,17 +269,12 @@ impl DataParallel {
         if let Some(router) = router {
             description.config.extend(agreement::describe_router(router));
         }
-        let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
-        for p in all_params() {
-            let (g, status) = gradient_status(p);
-            grads.push(g);
-            description.gradients.push((p.info.name.clone(), status));
-        }
         let world = self.group.world_size();
         if world > 1 {
-            let digests = self.group.all_gather_i64(description.digest())?;
+            let lines = description.lines();
+            let digests = self.group.all_gather_i64(agreement::digest(&lines))?;
             if digests.iter().any(|&d| d != digests[0]) {
-                let all = self.group.all_gather_bytes(description.lines().as_bytes())?;
+                let all = self.group.all_gather_bytes(lines.as_bytes())?;
                 let all: Vec<String> =
                     all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
                 return Err(agreement::verdict(&all));

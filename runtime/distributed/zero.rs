@@ -133,7 +133,11 @@ impl DataParallel {
     ///
     /// The router must be built over all the variables as usual. A step whose averaged
     /// gradients hold a NaN or an infinity is handed to every rank's router whole, so that the
-    /// non-finite policy gives the same verdict on every rank.
+    /// non-finite policy gives the same verdict on every rank. Every rank must turn it on: a
+    /// step with ZeRO-1 on some ranks only is refused on every rank with
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch). The router's
+    /// [`flip_ratios`](crate::Router::flip_ratios) stay the whole run's on every rank: the
+    /// flips of the variables another rank stepped are counted as their new values arrive.
     ///
     /// ```no_run
     /// # use caseopt::{case_optimizer, distributed::{DataParallel, Rendezvous}};
