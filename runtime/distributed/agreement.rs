@@ -23,46 +23,49 @@ pub(super) enum GradientStatus {
     Unfit(String),
 }
 
-impl GradientStatus {
-    fn line(&self, variable: &str) -> String {
-        match self {
-            GradientStatus::Absent => format!("{variable} -"),
-            GradientStatus::Present => format!("{variable} +"),
-            GradientStatus::Unfit(reason) => format!("{variable} ! {reason}"),
-        }
-    }
-}
-
 /// Separates the configuration lines from the gradient lines in what the ranks trade.
 const GRADIENTS: &str = "--- gradients";
 
-/// One rank's description of the coming step.
+/// One rank's description of the coming step, as the text the ranks trade when their digests
+/// differ: the configuration, one item a line (everything that must be equal everywhere), then
+/// each variable's name and gradient status. Built once per step by appending, so that a
+/// model of thousands of variables costs copies of cached lines rather than formatting.
 #[derive(Debug, Default)]
 pub(super) struct Description {
-    /// Everything that must be equal everywhere, one item a line.
-    pub config: Vec<String>,
-    /// Each variable's name and gradient status, in the variables' order.
-    pub gradients: Vec<(String, GradientStatus)>,
+    text: String,
 }
 
 impl Description {
-    /// The lines the ranks trade when their digests differ.
-    pub(super) fn lines(&self) -> String {
-        let mut text = self.config.join("\n");
-        text.push('\n');
-        text.push_str(GRADIENTS);
-        for (name, status) in &self.gradients {
-            text.push('\n');
-            text.push_str(&status.line(name));
+    /// A configuration line.
+    pub(super) fn line(&mut self, line: &str) {
+        if !self.text.is_empty() {
+            self.text.push('\n');
         }
-        text
+        self.text.push_str(line);
     }
 
-    /// A digest of [`lines`](Self::lines): equal descriptions give equal digests on every
-    /// platform.
-    #[cfg(test)]
-    fn digest(&self) -> i64 {
-        digest(&self.lines())
+    /// Ends the configuration; the gradients' lines follow.
+    pub(super) fn start_gradients(&mut self) {
+        self.line(GRADIENTS);
+    }
+
+    /// Variable `name`'s gradient status.
+    pub(super) fn gradient(&mut self, name: &str, status: &GradientStatus) {
+        self.text.push('\n');
+        self.text.push_str(name);
+        match status {
+            GradientStatus::Absent => self.text.push_str(" -"),
+            GradientStatus::Present => self.text.push_str(" +"),
+            GradientStatus::Unfit(reason) => {
+                self.text.push_str(" ! ");
+                self.text.push_str(reason);
+            }
+        }
+    }
+
+    /// The whole description.
+    pub(super) fn text(&self) -> &str {
+        &self.text
     }
 }
 
@@ -90,26 +93,45 @@ pub(super) fn digest(text: &str) -> i64 {
     (hash ^ (hash >> 32)) as i64
 }
 
+/// The router's rules and routing table as lines, kept while the router's fingerprint and
+/// number of routes stay the same (a table only grows, when variables join).
+#[derive(Debug, Default)]
+pub(super) struct RoutingLines {
+    key: Option<(u64, usize)>,
+    text: String,
+}
+
 /// The router's part of the description: rules and routing, every optimizer's step count,
 /// execution settings and hyperparameter values at its current step, the constraints and the
 /// non-finite policy.
-pub(super) fn describe_router<R: Router + ?Sized>(router: &R) -> Vec<String> {
-    let mut lines = vec![format!(
-        "rules {} (fingerprint {:016x})",
-        router
-            .rules()
-            .iter()
-            .map(|r| format!("{} => {}", r.predicate, r.optimizer))
-            .collect::<Vec<_>>()
-            .join(", "),
-        router.fingerprint()
-    )];
-    lines.extend(router.routing_table().routes().iter().map(|r| {
-        format!(
-            "route {} {:?} {:?} {} bits -> rule {:?}",
-            r.variable, r.shape, r.kind, r.bits, r.rule
-        )
-    }));
+pub(super) fn describe_router<R: Router + ?Sized>(
+    router: &R,
+    routing: &mut RoutingLines,
+    out: &mut Description,
+) {
+    let routes = router.routing_table().routes();
+    let key = (router.fingerprint(), routes.len());
+    if routing.key != Some(key) {
+        let mut lines = vec![format!(
+            "rules {} (fingerprint {:016x})",
+            router
+                .rules()
+                .iter()
+                .map(|r| format!("{} => {}", r.predicate, r.optimizer))
+                .collect::<Vec<_>>()
+                .join(", "),
+            router.fingerprint()
+        )];
+        lines.extend(routes.iter().map(|r| {
+            format!(
+                "route {} {:?} {:?} {} bits -> rule {:?}",
+                r.variable, r.shape, r.kind, r.bits, r.rule
+            )
+        }));
+        routing.text = lines.join("\n");
+        routing.key = Some(key);
+    }
+    out.line(&routing.text);
     for rule in 0..router.rules().len() {
         let Some(opt) = router.optimizer(rule) else { continue };
         let values: Vec<String> = opt
@@ -121,7 +143,7 @@ pub(super) fn describe_router<R: Router + ?Sized>(router: &R) -> Vec<String> {
                 Err(e) => format!("{name} ({e})"),
             })
             .collect();
-        lines.push(format!(
+        out.line(&format!(
             "rule {rule} {} at step {}: {}; {}; constraint {}",
             opt.name(),
             opt.step_count(),
@@ -130,13 +152,27 @@ pub(super) fn describe_router<R: Router + ?Sized>(router: &R) -> Vec<String> {
             router.rule_constraint(rule).map_or("none".to_string(), |c| c.to_string()),
         ));
     }
-    for route in router.routing_table().routes() {
-        if let Some(c) = router.constraint(&route.variable) {
-            lines.push(format!("constraint {} {c}", route.variable));
+    // Each variable's constraint as its optimizer applies it (its own, else its rule's); the
+    // router's own lookup by name scans the rule's variables, quadratic over a whole model.
+    // An optimizer of your own that declines constraints reports none here.
+    for rule in 0..router.rules().len() {
+        let Some(opt) = router.optimizer(rule) else { continue };
+        for (index, p) in opt.params().iter().enumerate() {
+            if let Some(c) = opt.constraint(index) {
+                out.line(&format!("constraint {} {c}", p.info.name));
+            }
         }
     }
-    lines.push(format!("non-finite policy {:?}", router.non_finite_policy()));
-    lines
+    out.line(&format!("non-finite policy {:?}", router.non_finite_policy()));
+}
+
+/// The router's part of the description, as lines (for [`DataParallel::check_router`]).
+///
+/// [`DataParallel::check_router`]: super::DataParallel::check_router
+pub(super) fn router_lines<R: Router + ?Sized>(router: &R) -> Vec<String> {
+    let mut out = Description::default();
+    describe_router(router, &mut RoutingLines::default(), &mut out);
+    out.text.split('\n').map(str::to_string).collect()
 }
 
 /// The verdict when the digests differ, from every rank's [`Description::lines`] (rank 0's
@@ -197,13 +233,23 @@ mod tests {
     use super::*;
 
     fn description(lr: &str, gradients: &[GradientStatus]) -> Description {
-        Description {
-            config: vec!["trainable w [2] Float 32 bits".into(), format!("rule 0 Adam: lr {lr}")],
-            gradients: gradients
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (format!("v{i}"), s.clone()))
-                .collect(),
+        let mut d = Description::default();
+        d.line("trainable w [2] Float 32 bits");
+        d.line(&format!("rule 0 Adam: lr {lr}"));
+        d.start_gradients();
+        for (i, s) in gradients.iter().enumerate() {
+            d.gradient(&format!("v{i}"), s);
+        }
+        d
+    }
+
+    impl Description {
+        fn digest(&self) -> i64 {
+            digest(self.text())
+        }
+
+        fn lines(&self) -> String {
+            self.text().to_string()
         }
     }
 

@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::router::Router;
 use crate::var::{trainable_vars, trainable_vars_in, Param};
 
+use crate::kernels::metadata::{MetaReader, Status, TensorMeta};
+
 use super::agreement::{self, Description, GradientStatus};
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
 use super::ffi;
@@ -78,6 +80,11 @@ pub struct DataParallel {
     store: Arc<Mutex<nn::Variables>>,
     /// The lengths of the store's trainable and named lists when last looked at.
     seen: (usize, usize),
+    /// Each variable's line of the step's description while it keeps the shape and dtype it
+    /// joined with (aligned with `params`).
+    lines: Vec<String>,
+    routing: agreement::RoutingLines,
+    reader: MetaReader,
 }
 
 /// Variables found in the store that this `DataParallel` does not have yet.
@@ -99,35 +106,29 @@ fn buffer_line(name: &str, t: &Tensor) -> String {
     format!("buffer {name} {:?} {:?}", t.size(), t.kind())
 }
 
-/// Whether `p`'s gradient can go through the buckets planned for `p`'s recorded shape and
-/// dtype (the shim copies that many elements), with the gradient when it can; `var_shape` and
-/// `var_kind` are the variable's own now.
-fn gradient_status(
-    p: &Param,
-    var_shape: &[i64],
-    var_kind: Kind,
-) -> (Option<Tensor>, GradientStatus) {
-    let Some(g) = p.grad() else { return (None, GradientStatus::Absent) };
+/// The variable's line of the step's description, from what it joined the group with.
+fn variable_line(p: &Param) -> String {
     let i = &p.info;
-    let reason = if var_shape != i.shape.as_slice() || var_kind != i.kind {
-        Some(format!(
-            "the variable is now {var_shape:?} {var_kind:?}, {:?} {:?} when it joined the group",
-            i.shape, i.kind
-        ))
-    } else if g.is_sparse() {
-        Some("a sparse gradient (Gloo takes dense CPU tensors)".to_string())
-    } else if g.device() != Device::Cpu {
-        Some(format!("a gradient on {:?} (Gloo takes dense CPU tensors)", g.device()))
-    } else if g.size() != i.shape {
-        Some(format!("shape {:?} != {:?}", g.size(), i.shape))
-    } else if g.kind() != i.kind {
-        Some(format!("dtype {:?} != {:?}", g.kind(), i.kind))
+    format!("trainable {} {:?} {:?} {} bits", i.name, i.shape, i.kind, i.bits)
+}
+
+/// Whether a tensor read as `m` is a readable CPU tensor of `p`'s recorded shape and dtype;
+/// otherwise what it is instead.
+fn differs(p: &Param, m: &TensorMeta) -> Option<String> {
+    let i = &p.info;
+    match m.status() {
+        Status::Ok => {}
+        Status::NotStrided => return Some("not a dense tensor".into()),
+        other => return Some(format!("unreadable ({other:?})")),
+    }
+    if m.device() != Some(Device::Cpu) {
+        Some(format!("on {:?} (Gloo takes CPU tensors)", m.device()))
+    } else if m.shape() != i.shape.as_slice() {
+        Some(format!("shape {:?} != {:?}", m.shape(), i.shape))
+    } else if m.kind() != Some(i.kind) {
+        Some(format!("dtype {:?} != {:?}", m.kind(), i.kind))
     } else {
         None
-    };
-    match reason {
-        Some(r) => (None, GradientStatus::Unfit(r)),
-        None => (Some(g), GradientStatus::Present),
     }
 }
 
@@ -175,7 +176,11 @@ impl DataParallel {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             store,
             seen,
+            lines: Vec::new(),
+            routing: agreement::RoutingLines::default(),
+            reader: MetaReader::default(),
         };
+        dp.lines = dp.params.iter().map(variable_line).collect();
         dp.plan(DEFAULT_BUCKET_BYTES)?;
         dp.broadcast_variables()?;
         Ok(dp)
@@ -224,7 +229,7 @@ impl DataParallel {
     /// difference, on every rank. [`step`](Self::step) checks the same before every step; this
     /// says so before the first one.
     pub fn check_router<R: Router + ?Sized>(&self, router: &R) -> Result<()> {
-        self.group.agree("routing", &agreement::describe_router(router))
+        self.group.agree("routing", &agreement::router_lines(router))
     }
 
     /// Replaces every trainable variable's gradient by its mean over the ranks.
@@ -246,33 +251,67 @@ impl DataParallel {
         let _guard = tch::no_grad_guard();
         let found = self.find_new_variables();
         let mut description = Description::default();
-        let mut grads: Vec<Option<Tensor>> =
-            Vec::with_capacity(self.params.len() + found.params.len());
-        for p in self.params.iter().chain(&found.params) {
-            let (shape, kind) = (p.tensor.size(), p.tensor.kind());
-            let i = &p.info;
-            description
-                .config
-                .push(format!("trainable {} {shape:?} {kind:?} {} bits", i.name, i.bits));
-            let (g, status) = gradient_status(p, &shape, kind);
-            grads.push(g);
-            description.gradients.push((i.name.clone(), status));
+        let known = self.params.len();
+        let mut fresh: Vec<String> = found.params.iter().map(variable_line).collect();
+        let all: Vec<&Param> = self.params.iter().chain(&found.params).collect();
+        // Every variable's and gradient's metadata in one foreign call (tch's accessors cost
+        // a call each, which on thousands of variables was most of the step's agreement).
+        let (metas, gradients) =
+            self.reader.grads(all.iter().map(|p| &p.tensor), Default::default());
+        let mut changed: Vec<Option<String>> = Vec::with_capacity(all.len());
+        for (k, (p, m)) in all.iter().zip(metas).enumerate() {
+            let now = differs(p, m);
+            match &now {
+                None if k < known => description.line(&self.lines[k]),
+                None => description.line(&fresh[k - known]),
+                Some(what) => description.line(&format!(
+                    "trainable {} {what} (joined as {:?} {:?})",
+                    p.info.name, p.info.shape, p.info.kind
+                )),
+            }
+            changed.push(now);
         }
-        description
-            .config
-            .extend(self.buffers.iter().chain(&found.buffers).map(|(n, t)| buffer_line(n, t)));
-        description.config.push(format!(
+        for (n, t) in self.buffers.iter().chain(&found.buffers) {
+            description.line(&buffer_line(n, t));
+        }
+        description.line(&format!(
             "buckets of at most {} bytes, ZeRO-1 {}",
             self.bucket_bytes,
             if self.sharding.is_some() { "on" } else { "off" }
         ));
         if let Some(router) = router {
-            description.config.extend(agreement::describe_router(router));
+            agreement::describe_router(router, &mut self.routing, &mut description);
+        }
+        description.start_gradients();
+        let grad_metas = self.reader.grad_metas();
+        let mut unfit: Option<(String, String)> = None;
+        let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(all.len());
+        for (k, (p, handle)) in all.iter().zip(gradients.handles).enumerate() {
+            let status = match (handle.is_some(), &changed[k], grad_metas.get(k)) {
+                (false, _, _) => GradientStatus::Absent,
+                (true, Some(what), _) => {
+                    GradientStatus::Unfit(format!("the variable is now {what}"))
+                }
+                (true, None, Some(m)) => match differs(p, m) {
+                    Some(what) => GradientStatus::Unfit(what),
+                    None => GradientStatus::Present,
+                },
+                (true, None, None) => GradientStatus::Unfit("unreadable".into()),
+            };
+            description.gradient(&p.info.name, &status);
+            match &status {
+                GradientStatus::Present => grads.push(handle),
+                GradientStatus::Unfit(reason) => {
+                    unfit.get_or_insert_with(|| (p.info.name.clone(), reason.clone()));
+                    grads.push(None);
+                }
+                GradientStatus::Absent => grads.push(None),
+            }
         }
         let world = self.group.world_size();
         if world > 1 {
-            let lines = description.lines();
-            let digests = self.group.all_gather_i64(agreement::digest(&lines))?;
+            let lines = description.text();
+            let digests = self.group.all_gather_i64(agreement::digest(lines))?;
             if digests.iter().any(|&d| d != digests[0]) {
                 let all = self.group.all_gather_bytes(lines.as_bytes())?;
                 let all: Vec<String> =
@@ -281,14 +320,10 @@ impl DataParallel {
             }
         }
         // Every rank has the same statuses: a gradient that does not fit is refused everywhere.
-        if let Some((variable, GradientStatus::Unfit(reason))) =
-            description.gradients.iter().find(|(_, s)| matches!(s, GradientStatus::Unfit(_)))
-        {
-            return Err(Error::GradientMismatch {
-                variable: variable.clone(),
-                reason: reason.clone(),
-            });
+        if let Some((variable, reason)) = unfit {
+            return Err(Error::GradientMismatch { variable, reason });
         }
+        self.lines.append(&mut fresh);
         self.take_in(found)?;
         if world == 1 {
             return Ok(());
