@@ -107,7 +107,7 @@ fn rank_main(args: &Args, rank: usize, port: u16) -> caseopt::Result<()> {
     if rank == 0 {
         let params: f64 = specs.iter().map(|s| s.numel()).sum();
         println!(
-            "{} ({:.1} M parameters, {} ranks, {} thread(s) each): {collectives} all-reduces, \
+            "{} ({:.1} M parameters, {} ranks, {} thread(s) each): {collectives} collectives, \
              {:.1} MB per rank per step",
             args.set,
             params / 1e6,

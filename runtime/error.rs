@@ -427,7 +427,9 @@ pub enum DistributedError {
         reason: String,
     },
     /// Rendezvous settings that cannot describe a group (a rank outside the world, a world of
-    /// zero, a timeout of zero).
+    /// zero, a timeout of zero or above `distributed::MAX_TIMEOUT`), or
+    /// ranks that cannot form one (a rank claimed by two processes, ranks started with
+    /// different world sizes).
     #[error("invalid rendezvous: {0}")]
     InvalidRendezvous(String),
     /// An operation that did not complete within the group's timeout (a peer that never came,
@@ -444,6 +446,16 @@ pub enum DistributedError {
     /// A peer that closed its connection mid-operation (it crashed or was killed).
     #[error("{operation}: a peer left the group: {message}")]
     PeerLost {
+        /// What was under way.
+        operation: &'static str,
+        /// c10d's own message.
+        message: String,
+    },
+    /// A connection refused: nobody listens at the address a peer published (a peer that is
+    /// gone, or a stale address from an earlier attempt of the job). Reported as soon as it
+    /// happens, not as a timeout.
+    #[error("{operation}: a peer's address refused the connection: {message}")]
+    Unreachable {
         /// What was under way.
         operation: &'static str,
         /// c10d's own message.

@@ -194,6 +194,11 @@ pub fn trainable_vars(vs: &nn::VarStore) -> Vec<Param> {
         Ok(v) => v,
         Err(poisoned) => poisoned.into_inner(),
     };
+    trainable_vars_in(&vars)
+}
+
+/// [`trainable_vars`] of a `VarStore`'s variables (for holders of its shared handle).
+pub(crate) fn trainable_vars_in(vars: &nn::Variables) -> Vec<Param> {
     // Names by data address first (one lookup per variable instead of a scan of the store, which
     // made building a router on thousands of variables quadratic), confirmed with `is_set_to`;
     // zero-sized tensors, which may share an address, fall back to the scan.

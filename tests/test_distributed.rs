@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use caseopt::distributed::{DataParallel, ProcessGroup, Rendezvous};
-use caseopt::{case_optimizer, DistributedError, Error, PathExt, Result};
+use caseopt::distributed::{DataParallel, ProcessGroup, Rendezvous, MAX_TIMEOUT};
+use caseopt::{
+    case_optimizer, Backend, Constraint, DistributedError, Error, Execution, NonFinitePolicy,
+    Optimizer, PathExt, Result, Router,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 /// How long any rank of any test may run.
@@ -34,8 +37,13 @@ struct Worker {
 impl Worker {
     /// Joins the test's group on loopback, with the test timeout.
     fn connect(&self) -> Result<ProcessGroup> {
+        self.connect_with(GROUP_TIMEOUT)
+    }
+
+    /// Joins the test's group on loopback, with `timeout`.
+    fn connect_with(&self, timeout: Duration) -> Result<ProcessGroup> {
         let r = Rendezvous::new("127.0.0.1", self.port, self.rank, self.world)?;
-        Ok(r.with_timeout(GROUP_TIMEOUT)?.connect()?)
+        Ok(r.with_timeout(timeout)?.connect()?)
     }
 }
 
@@ -71,22 +79,45 @@ fn launch(
     may_fail: &[usize],
 ) -> Vec<HashMap<String, String>> {
     let port = free_port();
-    let exe = std::env::current_exe().expect("the test binary");
-    let mut children: Vec<Child> = (0..world)
+    let roles: Vec<Vec<(&str, String)>> = (0..world)
         .map(|rank| {
-            Command::new(&exe)
-                .args([test, "--exact", "--nocapture", "--test-threads=1"])
-                .env("CASEOPT_DIST_TEST", test)
-                .env("CASEOPT_DIST_RANK", rank.to_string())
-                .env("CASEOPT_DIST_WORLD", world.to_string())
-                .env("CASEOPT_DIST_PORT", port.to_string())
-                .env("CASEOPT_DIST_DIR", dir)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("starting a rank")
+            vec![
+                ("CASEOPT_DIST_RANK", rank.to_string()),
+                ("CASEOPT_DIST_WORLD", world.to_string()),
+                ("CASEOPT_DIST_PORT", port.to_string()),
+            ]
         })
         .collect();
+    launch_processes(test, dir, &roles, may_fail)
+}
+
+/// Runs `test` as one process per entry of `roles`, each with that entry's environment
+/// variables added (the `CASEOPT_DIST_*` ones as `worker` reads them, or others), and returns
+/// each process's reported values, in order; as [`launch`] otherwise.
+fn launch_processes(
+    test: &str,
+    dir: &Path,
+    roles: &[Vec<(&str, String)>],
+    may_fail: &[usize],
+) -> Vec<HashMap<String, String>> {
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut children: Vec<Child> = roles
+        .iter()
+        .map(|env| {
+            let mut command = Command::new(&exe);
+            command
+                .args([test, "--exact", "--nocapture", "--test-threads=1"])
+                .env("CASEOPT_DIST_TEST", test)
+                .env("CASEOPT_DIST_DIR", dir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in env {
+                command.env(k, v);
+            }
+            command.spawn().expect("starting a rank")
+        })
+        .collect();
+    let world = children.len();
     let started = Instant::now();
     let mut statuses = vec![None; world];
     while statuses.iter().any(Option::is_none) {
@@ -317,11 +348,17 @@ fn zero_run(
     if let Some(path) = resume {
         dp.load_training(path, &model.vs, &mut opt)?;
     }
+    let mut flips = Vec::new();
     for step in first..first + steps {
         let (x, y) = global_batch(step);
         let (x, y) = share(&x, &y, w.rank, w.world);
         dp.backward_step(&mut opt, &model.loss(&x, &y))?;
+        flips.push(opt.flip_ratios()?.map(|r| (r.flipped, r.weights, r.per_variable)));
     }
+    report(
+        &format!("flips_{}", save.file_stem().and_then(|s| s.to_str()).unwrap_or("")),
+        format!("{flips:?}"),
+    );
     let state_bytes = DataParallel::optimizer_state_bytes(&opt);
     dp.save_training(save, &model.vs, &mut opt)?;
     Ok((dp.into_group(), state_bytes))
@@ -363,6 +400,14 @@ fn zero1_matches_unsharded_bit_for_bit_and_resumes_exactly() {
             (a.parse().expect("bytes"), b.parse().expect("bytes"))
         })
         .collect();
+    // Flip ratios under ZeRO-1 are the whole run's on every rank: each step's counts equal
+    // the unsharded run's (whose ranks each step every variable), and something flipped.
+    for (rank, r) in results.iter().enumerate() {
+        let (plain, zero) = (result(r, "flips_plain"), result(r, "flips_zero"));
+        assert_eq!(zero, plain, "rank {rank}: the flip ratios differ from the unsharded run's");
+        assert_eq!(zero, result(&results[0], "flips_zero"), "rank {rank} differs from rank 0");
+        assert!(!zero.contains("None") && !zero.contains("Some((0,"), "rank {rank}: {zero}");
+    }
     let plain = bytes[0].0;
     assert_eq!(bytes[1].0, plain);
     assert_eq!(bytes[0].1 + bytes[1].1, plain, "{bytes:?}");
@@ -534,4 +579,506 @@ fn a_rendezvous_nobody_joins_times_out() {
         other => panic!("expected a rendezvous error, got {other:?}"),
     }
     assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+}
+
+/// One data-parallel step of `model` on step 0's batch with `opt`, reporting the error under
+/// `key` (or "none") and whether the model and the router were left as they were.
+fn refused_step<R: Router>(
+    w: &Worker,
+    dp: &mut DataParallel,
+    opt: &mut R,
+    model: &Model,
+    key: &str,
+) -> Result<()> {
+    let (x, y) = global_batch(0);
+    let (x, y) = share(&x, &y, w.rank, w.world);
+    let before: Vec<Tensor> =
+        [&model.w1, &model.b1, &model.w2, &model.b2].iter().map(|t| t.copy()).collect();
+    let counts = opt.step_counts();
+    let outcome = match dp.backward_step(opt, &model.loss(&x, &y)) {
+        Err(e) => e.to_string(),
+        Ok(()) => "none".to_string(),
+    };
+    let after = [&model.w1, &model.b1, &model.w2, &model.b2];
+    let unchanged =
+        before.iter().zip(after).all(|(b, a)| b.equal(a)) && opt.step_counts() == counts;
+    report(key, format!("{unchanged}: {outcome}"));
+    Ok(())
+}
+
+#[test]
+fn a_gradient_smaller_than_its_variable_is_a_typed_error_on_every_rank() {
+    const TEST: &str = "a_gradient_smaller_than_its_variable_is_a_typed_error_on_every_rank";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let model = Model::new(1, 8);
+        let big = model.vs.root().var("big", &[1 << 20], nn::Init::Const(0.5));
+        let run = || -> Result<()> {
+            let mut dp = DataParallel::new(w.connect()?, &model.vs)?;
+            let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
+                .build(&model.vs)?;
+            let (x, y) = global_batch(0);
+            let (x, y) = share(&x, &y, w.rank, w.world);
+            opt.zero_grad();
+            (model.loss(&x, &y) + big.sum(Kind::Double)).f_backward()?;
+            if w.rank == 1 {
+                // The issue's reproduction: the gradient's data replaced by one element.
+                let mut g = big.grad();
+                g.set_data(&Tensor::zeros([1], (Kind::Double, Device::Cpu)));
+            }
+            let before = (big.copy(), model.w2.copy(), model.w2.grad().copy(), big.grad().copy());
+            let outcome = match dp.step(&mut opt) {
+                Err(Error::GradientMismatch { variable, reason }) => {
+                    format!("{variable}: {reason}")
+                }
+                Err(e) => format!("unexpected: {e}"),
+                Ok(()) => "none".into(),
+            };
+            let unchanged = big.equal(&before.0)
+                && model.w2.equal(&before.1)
+                && model.w2.grad().equal(&before.2)
+                && big.grad().equal(&before.3)
+                && opt.step_counts().iter().all(|&c| c == 0);
+            report("error", outcome);
+            report("unchanged", unchanged);
+            Ok(())
+        };
+        run().expect("the run");
+        return;
+    }
+    let dir = temp_dir(TEST);
+    for (rank, r) in launch(TEST, 2, &dir, &[]).iter().enumerate() {
+        let e = result(r, "error");
+        assert!(e.starts_with("big: on rank 1: shape [1] != [1048576]"), "rank {rank}: {e}");
+        assert_eq!(result(r, "unchanged"), "true", "rank {rank}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn different_bucket_plans_or_zero1_on_one_rank_are_refused_by_name() {
+    const TEST: &str = "different_bucket_plans_or_zero1_on_one_rank_are_refused_by_name";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let model = Model::new(1, 8);
+        let run = || -> Result<()> {
+            // The longest timeout accepted still lets a healthy all-reduce complete.
+            let group = w.connect_with(MAX_TIMEOUT)?;
+            let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]) * (w.rank as f64 + 1.0);
+            group.all_reduce_sum(&[t.shallow_clone()])?;
+            report("sum", format!("{:?}", Vec::<f32>::try_from(&t)?));
+            let build = || {
+                case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
+                    .build(&model.vs)
+            };
+            let mut dp = DataParallel::new(group, &model.vs)?;
+            if w.rank == 1 {
+                dp = dp.with_bucket_bytes(64)?;
+            }
+            refused_step(&w, &mut dp, &mut build()?, &model, "buckets")?;
+            let mut dp = DataParallel::new(dp.into_group(), &model.vs)?;
+            if w.rank == 0 {
+                dp = dp.shard_optimizer_state()?;
+            }
+            refused_step(&w, &mut dp, &mut build()?, &model, "zero")?;
+            // Agreed again: the group still works.
+            let mut dp = DataParallel::new(dp.into_group(), &model.vs)?;
+            refused_step(&w, &mut dp, &mut build()?, &model, "agreed")?;
+            Ok(())
+        };
+        run().expect("the run");
+        return;
+    }
+    let dir = temp_dir(TEST);
+    for (rank, r) in launch(TEST, 2, &dir, &[]).iter().enumerate() {
+        assert_eq!(result(r, "sum"), "[3.0, 6.0, 9.0, 12.0]", "rank {rank}");
+        let e = result(r, "buckets");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees with rank 0: step #"),
+            "rank {rank}: {e}"
+        );
+        assert!(e.contains("buckets of at most 64 bytes"), "rank {rank}: {e}");
+        let e = result(r, "zero");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees with rank 0"),
+            "rank {rank}: {e}"
+        );
+        assert!(
+            e.contains("ZeRO-1 off` there") && e.contains("ZeRO-1 on` on rank 0"),
+            "rank {rank}: {e}"
+        );
+        assert_eq!(result(r, "agreed"), "false: none", "rank {rank}: the agreed step must step");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn per_rank_hyperparameters_settings_and_constraints_are_refused_by_name() {
+    const TEST: &str = "per_rank_hyperparameters_settings_and_constraints_are_refused_by_name";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let model = Model::new(1, 8);
+        let run = || -> Result<()> {
+            let mut dp = DataParallel::new(w.connect()?, &model.vs)?;
+            // The issue's case: `Adam<lr: (lr)>` with a per-rank lr; no check_router call.
+            let lr = if w.rank == 0 { 0.01 } else { 0.05 };
+            let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: (lr)> }
+                .build(&model.vs)?;
+            refused_step(&w, &mut dp, &mut opt, &model, "lr")?;
+            // One router per variable at a time.
+            drop(opt);
+            let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
+                .build(&model.vs)?;
+            refused_step(&w, &mut dp, &mut opt, &model, "first")?;
+            if w.rank == 1 {
+                opt.rule1_mut().set_hyperparameter("lr", 0.02.into())?;
+            }
+            refused_step(&w, &mut dp, &mut opt, &model, "set")?;
+            if w.rank == 1 {
+                opt.rule1_mut().set_hyperparameter("lr", 0.01.into())?;
+                opt.set_non_finite_policy(NonFinitePolicy::SkipStep);
+            }
+            refused_step(&w, &mut dp, &mut opt, &model, "policy")?;
+            if w.rank == 1 {
+                opt.set_non_finite_policy(NonFinitePolicy::Error);
+                opt.set_constraint("fc2.weight", Some(Constraint::weight_clip(1.0)?))?;
+            }
+            refused_step(&w, &mut dp, &mut opt, &model, "constraint")?;
+            if w.rank == 1 {
+                opt.set_constraint("fc2.weight", None)?;
+                opt.rule1_mut().set_backend(Backend::Torch);
+            }
+            refused_step(&w, &mut dp, &mut opt, &model, "backend")?;
+            Ok(())
+        };
+        run().expect("the run");
+        return;
+    }
+    let dir = temp_dir(TEST);
+    for (rank, r) in launch(TEST, 2, &dir, &[]).iter().enumerate() {
+        let e = result(r, "lr");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees with rank 0: step #"),
+            "rank {rank}: {e}"
+        );
+        assert!(e.contains("lr 0.05") && e.contains("lr 0.01"), "rank {rank}: {e}");
+        assert_eq!(result(r, "first"), "false: none", "rank {rank}");
+        let e = result(r, "set");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees") && e.contains("lr 0.02"),
+            "rank {rank}: {e}"
+        );
+        let e = result(r, "policy");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees")
+                && e.contains("non-finite policy SkipStep"),
+            "rank {rank}: {e}"
+        );
+        let e = result(r, "constraint");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees")
+                && e.contains("constraint fc2.weight"),
+            "rank {rank}: {e}"
+        );
+        let e = result(r, "backend");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees") && e.contains("Torch, sqrt"),
+            "rank {rank}: {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_variable_added_after_the_start_is_synchronised() {
+    const TEST: &str = "a_variable_added_after_the_start_is_synchronised";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let run = |sharded: bool, group: ProcessGroup| -> Result<ProcessGroup> {
+            let model = Model::new(1, 8);
+            let mut dp = DataParallel::new(group, &model.vs)?;
+            if sharded {
+                dp = dp.shard_optimizer_state()?;
+            }
+            let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
+                .build(&model.vs)?;
+            let mut late: Option<Tensor> = None;
+            for step in 0..6 {
+                if step == 2 {
+                    // The issue's drift case: a new variable, with a different value on each rank.
+                    let init = nn::Init::Const(0.4 + 0.2 * w.rank as f64);
+                    late = Some(model.vs.root().var("late", &[4], init));
+                }
+                let (x, y) = global_batch(step);
+                let (x, y) = share(&x, &y, w.rank, w.world);
+                let mut loss = model.loss(&x, &y);
+                if let Some(late) = &late {
+                    loss += (late * x.narrow(1, 0, 4).mean_dim(0, false, Kind::Double))
+                        .sum(Kind::Double);
+                }
+                dp.backward_step(&mut opt, &loss)?;
+            }
+            let late = late.expect("added");
+            let tag = if sharded { "zero" } else { "plain" };
+            report(&format!("late_{tag}"), format!("{:?}", Vec::<f64>::try_from(&late)?));
+            report(&format!("owner_{tag}"), format!("{:?}", dp.owner_of("late")));
+            Ok(dp.into_group())
+        };
+        let group = w.connect().expect("the group");
+        let group = run(false, group).expect("unsharded");
+        let group = run(true, group).expect("ZeRO-1");
+        // A variable added on one rank only is refused on every rank.
+        let model = Model::new(1, 8);
+        let outcome = (|| -> Result<()> {
+            let mut dp = DataParallel::new(group, &model.vs)?;
+            let mut opt = case_optimizer! { _ => Adam<lr: 0.01> }.build(&model.vs)?;
+            if w.rank == 1 {
+                let _ = model.vs.root().var("extra", &[3], nn::Init::Const(0.0));
+            }
+            refused_step(&w, &mut dp, &mut opt, &model, "one_sided")
+        })();
+        outcome.expect("the one-sided case");
+        return;
+    }
+    let dir = temp_dir(TEST);
+    let results = launch(TEST, 2, &dir, &[]);
+    for tag in ["plain", "zero"] {
+        let key = format!("late_{tag}");
+        let a = result(&results[0], &key);
+        assert_eq!(a, result(&results[1], &key), "{tag}: the new variable drifted apart");
+        assert_ne!(a, "[0.4, 0.4, 0.4, 0.4]", "{tag}: the new variable did not train");
+    }
+    assert_eq!(result(&results[0], "owner_plain"), "None");
+    let owner = result(&results[0], "owner_zero");
+    assert!(owner == "Some(0)" || owner == "Some(1)", "{owner}");
+    assert_eq!(owner, result(&results[1], "owner_zero"));
+    for (rank, r) in results.iter().enumerate() {
+        let e = result(r, "one_sided");
+        assert!(
+            e.starts_with("true: distributed: rank 1 disagrees with rank 0"),
+            "rank {rank}: {e}"
+        );
+        assert!(e.contains("`trainable extra [3] Float 32 bits` there"), "rank {rank}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process's role, for the tests that give each process its own.
+fn role() -> String {
+    std::env::var("CASEOPT_DIST_ROLE").unwrap_or_default()
+}
+
+fn role_env(rank: usize, world: usize, port: u16, role: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CASEOPT_DIST_RANK", rank.to_string()),
+        ("CASEOPT_DIST_WORLD", world.to_string()),
+        ("CASEOPT_DIST_PORT", port.to_string()),
+        ("CASEOPT_DIST_ROLE", role.to_string()),
+    ]
+}
+
+#[test]
+fn a_rendezvous_with_mismatched_world_sizes_or_a_duplicated_rank_fails_in_time() {
+    const TEST: &str =
+        "a_rendezvous_with_mismatched_world_sizes_or_a_duplicated_rank_fails_in_time";
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let started = Instant::now();
+        let outcome = match w.connect_with(TIMEOUT) {
+            Ok(group) => {
+                // The two processes that formed a group check that it works.
+                let t = Tensor::from_slice(&[1.0f32]);
+                let outcome = match group.all_reduce_sum(&[t.shallow_clone()]) {
+                    Ok(()) => format!("joined {}", t.double_value(&[0])),
+                    Err(e) => format!("joined, then {e:?}"),
+                };
+                // A job runs on after its rendezvous, with rank 0's store up: a process that
+                // comes late finds it.
+                std::thread::sleep(Duration::from_secs(2));
+                outcome
+            }
+            Err(e) => format!("{e:?}"),
+        };
+        report("outcome", outcome);
+        report("seconds", started.elapsed().as_secs_f64());
+        return;
+    }
+    let dir = temp_dir(TEST);
+    // The issue demands a failure within 1.5x the timeout; 2 s more for starting the process
+    // and the libraries.
+    let bound = TIMEOUT.as_secs_f64() * 1.5 + 2.0;
+    let check = |case: &str, results: &[HashMap<String, String>]| -> Vec<String> {
+        results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let seconds: f64 = result(r, "seconds").parse().expect("seconds");
+                let outcome = result(r, "outcome").to_string();
+                eprintln!("{case}: process {i}: {outcome} after {seconds:.2} s");
+                assert!(seconds < bound, "{case}: process {i} took {seconds:.2} s: {outcome}");
+                outcome
+            })
+            .collect()
+    };
+    // WORLD_SIZE 2 on rank 0, 3 on rank 1: refused at once. The rank that reads the other's
+    // world size first names the difference; the other may instead see rank 0's store close
+    // as rank 0 gives up (a typed error all the same).
+    let port = free_port();
+    let roles = [role_env(0, 2, port, ""), role_env(1, 3, port, "")];
+    let outcomes = check("world sizes", &launch_processes(TEST, &dir, &roles, &[]));
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.contains("InvalidRendezvous(") && o.contains("WORLD_SIZE differs")),
+        "{outcomes:?}"
+    );
+    assert!(outcomes.iter().all(|o| o.starts_with("Distributed(")), "{outcomes:?}");
+    // RANK 1 given to two processes: the second to claim it is refused at once, and no process
+    // takes longer than the bound (the others form the group or give up in time).
+    let port = free_port();
+    let roles = [role_env(0, 2, port, ""), role_env(1, 2, port, ""), role_env(1, 2, port, "")];
+    let outcomes = check("duplicated rank", &launch_processes(TEST, &dir, &roles, &[]));
+    assert!(
+        outcomes.iter().any(|o| o.contains("rank 1 is claimed by 2 processes")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().all(|o| o.starts_with("joined 2") || !o.starts_with("joined")),
+        "{outcomes:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restarted_attempt_meets_on_its_own_keys_in_the_same_store() {
+    // torchrun's agent store outlives a failed attempt, with the dead attempt's Gloo addresses
+    // in it. Simulated: process "a" (rank 0) serves the store and keeps it while "b" (rank 1 of
+    // attempt 0) crashes; then "a" and "c" (rank 1 of attempt 1) join through that store as
+    // torchrun's restarted workers do (TORCHELASTIC_USE_AGENT_STORE, TORCHELASTIC_RESTART_COUNT).
+    const TEST: &str = "a_restarted_attempt_meets_on_its_own_keys_in_the_same_store";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let done = w.dir.join("b.done");
+        let wait_for_b = || {
+            while !done.exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let restarted = |attempt: &str| {
+            let vars = [
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", w.port.to_string()),
+                ("RANK", w.rank.to_string()),
+                ("WORLD_SIZE", w.world.to_string()),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True".to_string()),
+                ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
+            ];
+            for (k, v) in vars {
+                std::env::set_var(k, v);
+            }
+            Rendezvous::from_env()?.with_timeout(GROUP_TIMEOUT)?.connect()
+        };
+        let sum = |group: &ProcessGroup, value: f32| -> Result<f64> {
+            let t = Tensor::from_slice(&[value]);
+            group.all_reduce_sum(&[t.shallow_clone()])?;
+            Ok(t.double_value(&[0]))
+        };
+        match role().as_str() {
+            "a" => {
+                let first = w.connect().expect("attempt 0");
+                report("attempt0", sum(&first, 1.0).expect("attempt 0's all-reduce"));
+                wait_for_b();
+                let second = restarted("1").expect("attempt 1");
+                report("attempt1", sum(&second, 1.0).expect("attempt 1's all-reduce"));
+                drop(first);
+            }
+            "b" => {
+                let first = w.connect().expect("attempt 0");
+                let _ = sum(&first, 2.0).expect("attempt 0's all-reduce");
+                std::fs::write(&done, "").expect("b.done");
+                // A crash: the sockets close with the process, the keys stay in the store.
+                std::process::abort();
+            }
+            _ => {
+                wait_for_b();
+                // Joining with the dead attempt's number finds rank 1 claimed already.
+                let started = Instant::now();
+                let stale = restarted("0").map(|_| ());
+                report("stale", format!("{:.2} s {stale:?}", started.elapsed().as_secs_f64()));
+                let second = restarted("1").expect("attempt 1");
+                report("attempt1", sum(&second, 3.0).expect("attempt 1's all-reduce"));
+            }
+        }
+        return;
+    }
+    let dir = temp_dir(TEST);
+    let port = free_port();
+    let roles = [role_env(0, 2, port, "a"), role_env(1, 2, port, "b"), role_env(1, 2, port, "c")];
+    let results = launch_processes(TEST, &dir, &roles, &[1]);
+    assert_eq!(result(&results[0], "attempt0"), "3");
+    assert_eq!(result(&results[0], "attempt1"), "4");
+    assert_eq!(result(&results[2], "attempt1"), "4");
+    let stale = result(&results[2], "stale");
+    assert!(
+        stale.contains("InvalidRendezvous") && stale.contains("rank 1 is claimed by 2"),
+        "{stale}"
+    );
+    let seconds: f64 = stale.split(' ').next().and_then(|s| s.parse().ok()).expect("seconds");
+    assert!(seconds < GROUP_TIMEOUT.as_secs_f64() / 2.0, "the stale attempt took {seconds} s");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_caseopt_rank_meets_a_torch_distributed_rank() {
+    const TEST: &str = "a_caseopt_rank_meets_a_torch_distributed_rank";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let run = || -> Result<Vec<f32>> {
+            let group = Rendezvous::new("127.0.0.1", w.port, w.rank, w.world)?
+                .with_timeout(Duration::from_secs(30))?
+                .torch_compatible(true)
+                .connect()?;
+            let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]) * (w.rank as f64 + 1.0);
+            group.all_reduce_sum(&[t.shallow_clone()])?;
+            let b = Tensor::from_slice(&[0.0f64; 3]);
+            group.broadcast(&[b.shallow_clone()], 0)?;
+            let mut v = Vec::<f32>::try_from(&t)?;
+            v.extend(Vec::<f64>::try_from(&b)?.into_iter().map(|x| x as f32));
+            Ok(v)
+        };
+        report("values", format!("{:?}", run().expect("the caseopt rank")));
+        return;
+    }
+    let Some(venv) = std::env::var_os("VIRTUAL_ENV") else {
+        eprintln!("skipped: VIRTUAL_ENV is unset (scripts/env.sh sets it, with PyTorch in it)");
+        return;
+    };
+    let python = Path::new(&venv).join("bin").join("python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("torch_peer.py");
+    let dir = temp_dir(TEST);
+    let port = free_port();
+    // Python's rank 0 serves the store, as `init_process_group(init_method="env://")` does.
+    let peer = Command::new(&python)
+        .arg(&script)
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the Python rank");
+    let results = launch_processes(TEST, &dir, &[role_env(1, 2, port, "")], &[]);
+    let out = peer.wait_with_output().expect("the Python rank's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the Python rank failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = "[3.0, 6.0, 9.0, 12.0, 0.5, 1.5, 2.5]";
+    assert_eq!(result(&results[0], "values"), expected);
+    assert!(stdout.contains(&format!("values={expected}")), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,12 +1,18 @@
 //! Data-parallel training: every rank holds the whole model, computes gradients on its share of
 //! each batch, and the gradients are averaged before every rank takes the same step.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::error::{DistributedError, Result};
+use crate::error::{Error, Result};
 use crate::router::Router;
-use crate::var::{trainable_vars, Param};
+use crate::var::{trainable_vars, trainable_vars_in, Param};
 
+use crate::kernels::metadata::{MetaReader, Status, TensorMeta};
+
+use super::agreement::{self, Description, GradientStatus};
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
 use super::ffi;
 use super::group::{check_communicable, ProcessGroup};
@@ -30,6 +36,20 @@ pub(super) fn members<'a>(bucket: &Bucket, of: &'a [Option<Tensor>]) -> ffi::Mem
 /// Since the averaged gradients are the same bits on every rank, the router's checks give the
 /// same verdict everywhere: a gradient with a NaN or an infinity on one rank is in the average
 /// of all, and the step is refused on every rank or on none.
+///
+/// Before every step, and before any collective of it, the ranks check that they are about to
+/// do the same thing: the same variables, bucket plan and sharding, the same routing, rules,
+/// hyperparameter values at the current step, execution settings, constraints and non-finite
+/// policy, and gradients for the same variables, each of its variable's shape and dtype (one
+/// 8-byte all-gather of a digest; the details are traded only when the digests differ). A
+/// difference is an error on every rank, with nothing changed:
+/// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch) naming the first line that
+/// differs, [`Error::GradientMismatch`](crate::Error::GradientMismatch) naming the variable and
+/// the rank, or [`DistributedError::GradientPresence`](crate::DistributedError::GradientPresence).
+///
+/// A variable added to the `VarStore` after [`new`](Self::new) joins at the first step that
+/// sees it, once every rank has it: it takes rank 0's value and its gradient is averaged from
+/// then on (under ZeRO-1 it also gets an owner).
 ///
 /// ```no_run
 /// use caseopt::{case_optimizer, distributed::{DataParallel, Rendezvous}};
@@ -55,6 +75,61 @@ pub struct DataParallel {
     /// With ZeRO-1 ([`shard_optimizer_state`](Self::shard_optimizer_state)): each trainable
     /// variable's owner, and the buckets (with their owner) that carry the updated values.
     pub(super) sharding: Option<super::zero::Sharding>,
+    bucket_bytes: usize,
+    /// The `VarStore`'s variables, to find those added after `new`.
+    store: Arc<Mutex<nn::Variables>>,
+    /// The lengths of the store's trainable and named lists when last looked at.
+    seen: (usize, usize),
+    /// Each variable's line of the step's description while it keeps the shape and dtype it
+    /// joined with (aligned with `params`).
+    lines: Vec<String>,
+    routing: agreement::RoutingLines,
+    reader: MetaReader,
+}
+
+/// Variables found in the store that this `DataParallel` does not have yet.
+#[derive(Default)]
+struct Found {
+    params: Vec<Param>,
+    buffers: Vec<(String, Tensor)>,
+    seen: (usize, usize),
+}
+
+fn lock(store: &Mutex<nn::Variables>) -> std::sync::MutexGuard<'_, nn::Variables> {
+    match store.lock() {
+        Ok(v) => v,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn buffer_line(name: &str, t: &Tensor) -> String {
+    format!("buffer {name} {:?} {:?}", t.size(), t.kind())
+}
+
+/// The variable's line of the step's description, from what it joined the group with.
+fn variable_line(p: &Param) -> String {
+    let i = &p.info;
+    format!("trainable {} {:?} {:?} {} bits", i.name, i.shape, i.kind, i.bits)
+}
+
+/// Whether a tensor read as `m` is a readable CPU tensor of `p`'s recorded shape and dtype;
+/// otherwise what it is instead.
+fn differs(p: &Param, m: &TensorMeta) -> Option<String> {
+    let i = &p.info;
+    match m.status() {
+        Status::Ok => {}
+        Status::NotStrided => return Some("not a dense tensor".into()),
+        other => return Some(format!("unreadable ({other:?})")),
+    }
+    if m.device() != Some(Device::Cpu) {
+        Some(format!("on {:?} (Gloo takes CPU tensors)", m.device()))
+    } else if m.shape() != i.shape.as_slice() {
+        Some(format!("shape {:?} != {:?}", m.shape(), i.shape))
+    } else if m.kind() != Some(i.kind) {
+        Some(format!("dtype {:?} != {:?}", m.kind(), i.kind))
+    } else {
+        None
+    }
 }
 
 impl DataParallel {
@@ -86,6 +161,11 @@ impl DataParallel {
         for (name, t) in &buffers {
             check_communicable(name, t)?;
         }
+        let store = vs.variables_.clone();
+        let seen = {
+            let vars = lock(&store);
+            (vars.trainable_variables.len(), vars.named_variables.len())
+        };
         let mut dp = DataParallel {
             group,
             params,
@@ -93,7 +173,14 @@ impl DataParallel {
             buckets: Vec::new(),
             flats: Vec::new(),
             sharding: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            store,
+            seen,
+            lines: Vec::new(),
+            routing: agreement::RoutingLines::default(),
+            reader: MetaReader::default(),
         };
+        dp.lines = dp.params.iter().map(variable_line).collect();
         dp.plan(DEFAULT_BUCKET_BYTES)?;
         dp.broadcast_variables()?;
         Ok(dp)
@@ -101,9 +188,12 @@ impl DataParallel {
 
     /// The same, with gradients grouped into buckets of at most `bytes` bytes (a variable
     /// larger than that travels alone). Fewer, larger buckets pay the collective's fixed cost
-    /// fewer times; every rank must use the same size.
+    /// fewer times. Every rank must use the same size: a rank with another one is refused at
+    /// the next step, on every rank, with
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch).
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Result<Self> {
-        self.plan(bytes.max(1))?;
+        self.bucket_bytes = bytes.max(1);
+        self.plan(self.bucket_bytes)?;
         Ok(self)
     }
 
@@ -132,55 +222,111 @@ impl DataParallel {
         self.group.broadcast(&tensors, 0)
     }
 
-    /// Checks that every rank's router has the same rules (its fingerprint) and routes every
-    /// variable to the same rule; else [`DistributedError::Mismatch`] on every rank.
+    /// Checks that every rank's router has the same rules (its fingerprint), routes every
+    /// variable to the same rule, and has the same hyperparameter values (at its current step),
+    /// execution settings, constraints and non-finite policy; else
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch) naming the first
+    /// difference, on every rank. [`step`](Self::step) checks the same before every step; this
+    /// says so before the first one.
     pub fn check_router<R: Router + ?Sized>(&self, router: &R) -> Result<()> {
-        let mut lines = vec![format!(
-            "rules {} (fingerprint {:016x})",
-            router
-                .rules()
-                .iter()
-                .map(|r| format!("{} => {}", r.predicate, r.optimizer))
-                .collect::<Vec<_>>()
-                .join(", "),
-            router.fingerprint()
-        )];
-        lines.extend(router.routing_table().routes().iter().map(|r| {
-            format!(
-                "route {} {:?} {:?} {} bits -> rule {:?}",
-                r.variable, r.shape, r.kind, r.bits, r.rule
-            )
-        }));
-        self.group.agree("routing", &lines)
+        self.group.agree("routing", &agreement::router_lines(router))
     }
 
     /// Replaces every trainable variable's gradient by its mean over the ranks.
     ///
     /// A variable without a gradient on every rank keeps none; one with a gradient on some
-    /// ranks only is [`DistributedError::GradientPresence`] on every rank, with no gradient
-    /// changed (torch's DDP requires the same: every rank computes every gradient).
+    /// ranks only is [`DistributedError::GradientPresence`](crate::DistributedError::GradientPresence)
+    /// on every rank, and a gradient whose shape, dtype, device or layout is not its variable's
+    /// is [`Error::GradientMismatch`](crate::Error::GradientMismatch) on every rank, with no
+    /// gradient changed (torch's DDP requires the same: every rank computes every gradient).
+    /// The ranks also check that they have the same variables and bucket plan (not the router:
+    /// [`step`](Self::step) checks that too).
     pub fn average_gradients(&mut self) -> Result<()> {
+        self.synchronise::<dyn Router>(None)
+    }
+
+    /// Finds new variables, agrees with the other ranks on the step (see the type's docs),
+    /// takes in the new variables and averages the gradients.
+    fn synchronise<R: Router + ?Sized>(&mut self, router: Option<&R>) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Option<Tensor>> = self.params.iter().map(Param::grad).collect();
+        let found = self.find_new_variables();
+        let mut description = Description::default();
+        let known = self.params.len();
+        let mut fresh: Vec<String> = found.params.iter().map(variable_line).collect();
+        let all: Vec<&Param> = self.params.iter().chain(&found.params).collect();
+        // Every variable's and gradient's metadata in one foreign call (tch's accessors cost
+        // a call each, which on thousands of variables was most of the step's agreement).
+        let (metas, gradients) =
+            self.reader.grads(all.iter().map(|p| &p.tensor), Default::default());
+        let mut changed: Vec<Option<String>> = Vec::with_capacity(all.len());
+        for (k, (p, m)) in all.iter().zip(metas).enumerate() {
+            let now = differs(p, m);
+            match &now {
+                None if k < known => description.line(&self.lines[k]),
+                None => description.line(&fresh[k - known]),
+                Some(what) => description.line(&format!(
+                    "trainable {} {what} (joined as {:?} {:?})",
+                    p.info.name, p.info.shape, p.info.kind
+                )),
+            }
+            changed.push(now);
+        }
+        for (n, t) in self.buffers.iter().chain(&found.buffers) {
+            description.line(&buffer_line(n, t));
+        }
+        description.line(&format!(
+            "buckets of at most {} bytes, ZeRO-1 {}",
+            self.bucket_bytes,
+            if self.sharding.is_some() { "on" } else { "off" }
+        ));
+        if let Some(router) = router {
+            agreement::describe_router(router, &mut self.routing, &mut description);
+        }
+        description.start_gradients();
+        let grad_metas = self.reader.grad_metas();
+        let mut unfit: Option<(String, String)> = None;
+        let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(all.len());
+        for (k, (p, handle)) in all.iter().zip(gradients.handles).enumerate() {
+            let status = match (handle.is_some(), &changed[k], grad_metas.get(k)) {
+                (false, _, _) => GradientStatus::Absent,
+                (true, Some(what), _) => {
+                    GradientStatus::Unfit(format!("the variable is now {what}"))
+                }
+                (true, None, Some(m)) => match differs(p, m) {
+                    Some(what) => GradientStatus::Unfit(what),
+                    None => GradientStatus::Present,
+                },
+                (true, None, None) => GradientStatus::Unfit("unreadable".into()),
+            };
+            description.gradient(&p.info.name, &status);
+            match &status {
+                GradientStatus::Present => grads.push(handle),
+                GradientStatus::Unfit(reason) => {
+                    unfit.get_or_insert_with(|| (p.info.name.clone(), reason.clone()));
+                    grads.push(None);
+                }
+                GradientStatus::Absent => grads.push(None),
+            }
+        }
         let world = self.group.world_size();
+        if world > 1 {
+            let lines = description.text();
+            let digests = self.group.all_gather_i64(agreement::digest(lines))?;
+            if digests.iter().any(|&d| d != digests[0]) {
+                let all = self.group.all_gather_bytes(lines.as_bytes())?;
+                let all: Vec<String> =
+                    all.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+                return Err(agreement::verdict(&all));
+            }
+        }
+        // Every rank has the same statuses: a gradient that does not fit is refused everywhere.
+        if let Some((variable, reason)) = unfit {
+            return Err(Error::GradientMismatch { variable, reason });
+        }
+        self.lines.append(&mut fresh);
+        self.take_in(found)?;
         if world == 1 {
             return Ok(());
-        }
-        let presence: Vec<f32> =
-            grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
-        let counts = Tensor::from_slice(&presence);
-        self.group.all_reduce_sum(&[counts.shallow_clone()])?;
-        let counts = Vec::<f32>::try_from(&counts)?;
-        for (p, &c) in self.params.iter().zip(&counts) {
-            let with = c.round() as usize;
-            if with != 0 && with != world {
-                return Err(DistributedError::GradientPresence {
-                    variable: p.info.name.clone(),
-                    with,
-                    world_size: world,
-                }
-                .into());
-            }
         }
         for (bucket, flat) in self.buckets.iter().zip(&self.flats) {
             ffi::pack(flat, &members(bucket, &grads))?;
@@ -192,11 +338,71 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Variables in the store that joined it after this `DataParallel` last looked.
+    fn find_new_variables(&self) -> Found {
+        let vars = lock(&self.store);
+        let seen = (vars.trainable_variables.len(), vars.named_variables.len());
+        if seen == self.seen {
+            return Found { seen, ..Found::default() };
+        }
+        let known: HashSet<&str> = self
+            .params
+            .iter()
+            .map(|p| p.info.name.as_str())
+            .chain(self.buffers.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let params: Vec<Param> = trainable_vars_in(&vars)
+            .into_iter()
+            .filter(|p| !known.contains(p.info.name.as_str()))
+            .collect();
+        let trainable: HashSet<&str> = params.iter().map(|p| p.info.name.as_str()).collect();
+        let mut buffers: Vec<(String, Tensor)> = vars
+            .named_variables
+            .iter()
+            .filter(|(n, _)| !known.contains(n.as_str()) && !trainable.contains(n.as_str()))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+        Found { params, buffers, seen }
+    }
+
+    /// Makes the new variables part of the group (the ranks agreed they all have them): rank
+    /// 0's values, a new bucket plan, and under ZeRO-1 owners for them.
+    fn take_in(&mut self, found: Found) -> Result<()> {
+        self.seen = found.seen;
+        if found.params.is_empty() && found.buffers.is_empty() {
+            return Ok(());
+        }
+        for p in &found.params {
+            check_communicable(&p.info.name, &p.tensor)?;
+        }
+        for (name, t) in &found.buffers {
+            check_communicable(name, t)?;
+        }
+        let tensors: Vec<Tensor> = found
+            .params
+            .iter()
+            .map(|p| p.tensor.shallow_clone())
+            .chain(found.buffers.iter().map(|(_, t)| t.shallow_clone()))
+            .collect();
+        self.group.broadcast(&tensors, 0)?;
+        let new_params = !found.params.is_empty();
+        self.params.extend(found.params);
+        self.buffers.extend(found.buffers);
+        if new_params {
+            self.plan(self.bucket_bytes)?;
+            if let Some(sharding) = self.sharding.as_mut() {
+                sharding.extend(&self.params, self.group.world_size())?;
+            }
+        }
+        Ok(())
+    }
+
     /// [`average_gradients`](Self::average_gradients), then the router's step (with ZeRO-1,
     /// each rank steps only the variables it owns and then sends their new values to the
     /// others).
     pub fn step<R: Router + ?Sized>(&mut self, router: &mut R) -> Result<()> {
-        self.average_gradients()?;
+        self.synchronise(Some(&*router))?;
         if self.sharding.is_some() {
             return self.step_sharded(router);
         }
@@ -224,12 +430,13 @@ impl DataParallel {
         self.group
     }
 
-    /// The number of all-reduces per step (one per bucket, plus one small one that checks
-    /// which gradients exist) and the bytes each rank sends into them.
+    /// The number of collectives per step (an all-reduce per bucket, plus the 8-byte
+    /// all-gather of the step's digest that the ranks agree on first) and the bytes each rank
+    /// sends into them.
     pub fn traffic(&self) -> (usize, usize) {
         let bytes =
             self.buckets.iter().map(|b| b.len as usize * b.kind.elt_size_in_bytes()).sum::<usize>()
-                + 4 * self.params.len();
+                + 8;
         (self.buckets.len() + 1, bytes)
     }
 }

@@ -76,6 +76,15 @@ impl ProcessGroup {
         Ok(self.raw.broadcast(&refs, root)?)
     }
 
+    /// Every rank's `value`, in rank order: one all-gather of fixed size, safe to call before
+    /// the ranks know they agree on anything else.
+    pub(super) fn all_gather_i64(&self, value: i64) -> Result<Vec<i64>> {
+        let input = Tensor::from_slice(&[value]);
+        let output = Tensor::zeros([self.world_size as i64], (Kind::Int64, Device::Cpu));
+        self.raw.all_gather(&input, &output)?;
+        Ok(Vec::<i64>::try_from(&output)?)
+    }
+
     /// Every rank's `bytes`, in rank order (their lengths may differ).
     pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let world = self.world_size as i64;

@@ -7,8 +7,9 @@
 //! - [`ProcessGroup`]: the joined group: c10d's TCPStore rendezvous and `ProcessGroupGloo`
 //!   (libtorch's own Gloo backend, for CPU tensors) with all-reduce, broadcast and all-gather.
 //! - [`DataParallel`]: DDP's recipe on a caseopt router: rank 0's values to every rank at the
-//!   start, a check that every rank has the same variables and routing, and gradients averaged
-//!   in a few flat bucketed all-reduces per dtype before every step.
+//!   start, a check before every step that every rank is about to do the same thing (variables,
+//!   buckets, routing, hyperparameter values, settings, gradients), and gradients averaged in a
+//!   few flat bucketed all-reduces per dtype.
 //!
 //! Nothing here is a collective of our own: the C++ shim (`runtime/distributed/shim/c10d.cpp`)
 //! only creates c10d's objects and calls them, and turns their exceptions into
@@ -33,6 +34,7 @@
 //! # Ok::<(), caseopt::Error>(())
 //! ```
 
+mod agreement;
 mod buckets;
 mod data_parallel;
 #[allow(unsafe_code)]
@@ -46,4 +48,4 @@ pub use crate::error::DistributedError;
 pub use buckets::DEFAULT_BUCKET_BYTES;
 pub use data_parallel::DataParallel;
 pub use group::ProcessGroup;
-pub use rendezvous::{Rendezvous, DEFAULT_TIMEOUT};
+pub use rendezvous::{Rendezvous, DEFAULT_TIMEOUT, MAX_TIMEOUT};

@@ -10,6 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{DistributedError, Result};
 use crate::router::Router;
+use crate::var::Param;
 
 use super::buckets::{self, Bucket, DEFAULT_BUCKET_BYTES};
 use super::data_parallel::{members, DataParallel};
@@ -30,6 +31,94 @@ impl Sharding {
     fn owner(&self, variable: &str) -> Option<usize> {
         self.by_name.get(variable).map(|&i| self.owners[i])
     }
+
+    /// Owners for `params`, balanced by bytes, and their buckets.
+    fn new(params: &[Param], world: usize) -> Result<Self> {
+        let owners = super::shard::partition(&bytes_of(params), world);
+        let mut sharding =
+            Sharding { owners, by_name: HashMap::new(), buckets: Vec::new(), flats: Vec::new() };
+        sharding.lay_out(params, world)?;
+        Ok(sharding)
+    }
+
+    /// Gives owners to the variables of `params` past those it knows (variables that joined
+    /// after the start; every rank has the same ones): each, largest first, to the rank that
+    /// owns the fewest bytes so far. The owners of the others do not change, since they hold
+    /// those variables' optimizer state.
+    pub(super) fn extend(&mut self, params: &[Param], world: usize) -> Result<()> {
+        let bytes = bytes_of(params);
+        let known = self.owners.len();
+        let mut load = vec![0usize; world.max(1)];
+        for (i, &owner) in self.owners.iter().enumerate() {
+            load[owner] += bytes[i];
+        }
+        let mut new: Vec<usize> = (known..params.len()).collect();
+        new.sort_by(|&a, &b| bytes[b].cmp(&bytes[a]).then(a.cmp(&b)));
+        self.owners.resize(params.len(), 0);
+        for i in new {
+            let lightest = (0..load.len()).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            self.owners[i] = lightest;
+            load[lightest] += bytes[i];
+        }
+        self.lay_out(params, world)
+    }
+
+    /// The buckets that carry each owner's variables, from `owners`.
+    fn lay_out(&mut self, params: &[Param], world: usize) -> Result<()> {
+        let mut buckets = Vec::new();
+        for owner in 0..world {
+            let mine: Vec<usize> = (0..params.len()).filter(|&i| self.owners[i] == owner).collect();
+            let sizes: Vec<(Kind, i64)> =
+                mine.iter().map(|&i| (params[i].info.kind, params[i].info.numel())).collect();
+            for mut bucket in buckets::plan(&sizes, DEFAULT_BUCKET_BYTES) {
+                // Back from positions in `mine` to indices of `params`.
+                for member in &mut bucket.members {
+                    member.0 = mine[member.0];
+                }
+                buckets.push((owner, bucket));
+            }
+        }
+        self.flats = buckets
+            .iter()
+            .map(|(_, b)| Tensor::f_zeros([b.len], (b.kind, Device::Cpu)))
+            .collect::<std::result::Result<_, _>>()?;
+        self.buckets = buckets;
+        self.by_name = params.iter().enumerate().map(|(i, p)| (p.info.name.clone(), i)).collect();
+        Ok(())
+    }
+}
+
+/// For each variable (by index in `params`) that another rank owns and an optimizer that
+/// counts flips trains: that optimizer's rule and the variable's index in it.
+fn flip_counters<R: Router + ?Sized>(
+    router: &mut R,
+    rank: usize,
+    sharding: &Sharding,
+    params: &[Param],
+) -> HashMap<usize, (usize, usize)> {
+    let mut counted = HashMap::new();
+    for rule in 0..router.rules().len() {
+        let Some(opt) = router.optimizer_mut(rule) else { continue };
+        // An index past its variables records nothing; the answer says whether it counts.
+        if !opt.record_remote_flips(usize::MAX, 0) {
+            continue;
+        }
+        for (index, p) in opt.params().iter().enumerate() {
+            if let Some(&i) = sharding.by_name.get(&p.info.name) {
+                if sharding.owners[i] != rank && i < params.len() {
+                    counted.insert(i, (rule, index));
+                }
+            }
+        }
+    }
+    counted
+}
+
+fn bytes_of(params: &[Param]) -> Vec<usize> {
+    params
+        .iter()
+        .map(|p| p.info.numel().max(0) as usize * p.info.kind.elt_size_in_bytes())
+        .collect()
 }
 
 impl DataParallel {
@@ -44,7 +133,11 @@ impl DataParallel {
     ///
     /// The router must be built over all the variables as usual. A step whose averaged
     /// gradients hold a NaN or an infinity is handed to every rank's router whole, so that the
-    /// non-finite policy gives the same verdict on every rank.
+    /// non-finite policy gives the same verdict on every rank. Every rank must turn it on: a
+    /// step with ZeRO-1 on some ranks only is refused on every rank with
+    /// [`DistributedError::Mismatch`](crate::DistributedError::Mismatch). The router's
+    /// [`flip_ratios`](crate::Router::flip_ratios) stay the whole run's on every rank: the
+    /// flips of the variables another rank stepped are counted as their new values arrive.
     ///
     /// ```no_run
     /// # use caseopt::{case_optimizer, distributed::{DataParallel, Rendezvous}};
@@ -57,35 +150,7 @@ impl DataParallel {
     /// # Ok::<(), caseopt::Error>(())
     /// ```
     pub fn shard_optimizer_state(mut self) -> Result<Self> {
-        let world = self.group.world_size();
-        let bytes: Vec<usize> = self
-            .params
-            .iter()
-            .map(|p| p.info.numel() as usize * p.info.kind.elt_size_in_bytes())
-            .collect();
-        let owners = super::shard::partition(&bytes, world);
-        let mut buckets = Vec::new();
-        for owner in 0..world {
-            let mine: Vec<usize> = (0..self.params.len()).filter(|&i| owners[i] == owner).collect();
-            let sizes: Vec<(Kind, i64)> = mine
-                .iter()
-                .map(|&i| (self.params[i].info.kind, self.params[i].info.numel()))
-                .collect();
-            for mut bucket in buckets::plan(&sizes, DEFAULT_BUCKET_BYTES) {
-                // Back from positions in `mine` to indices of `params`.
-                for member in &mut bucket.members {
-                    member.0 = mine[member.0];
-                }
-                buckets.push((owner, bucket));
-            }
-        }
-        let flats = buckets
-            .iter()
-            .map(|(_, b)| Tensor::f_zeros([b.len], (b.kind, Device::Cpu)))
-            .collect::<std::result::Result<_, _>>()?;
-        let by_name =
-            self.params.iter().enumerate().map(|(i, p)| (p.info.name.clone(), i)).collect();
-        self.sharding = Some(Sharding { owners, by_name, buckets, flats });
+        self.sharding = Some(Sharding::new(&self.params, self.group.world_size())?);
         Ok(self)
     }
 
@@ -164,10 +229,29 @@ impl DataParallel {
                 self.group.broadcast(&theirs, owner)?;
             }
         }
+        let counted = flip_counters(router, rank, sharding, &self.params);
+        let mut remote_flips = Vec::new();
         for ((owner, bucket), flat) in sharding.buckets.iter().zip(&sharding.flats) {
             if *owner != rank {
+                // The flips of the binary variables another rank stepped, counted as their new
+                // values arrive (Bop's own rule: `w * new < 0`), so that every rank's flip
+                // ratios are the whole run's.
+                for &(i, offset, length) in &bucket.members {
+                    if let Some(&(rule, index)) = counted.get(&i) {
+                        let new = flat.f_narrow(0, offset, length)?;
+                        let old = self.params[i].tensor.f_reshape([-1])?;
+                        let n =
+                            old.f_mul(&new)?.f_lt(0.0)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+                        remote_flips.push((rule, index, u64::try_from(n).unwrap_or(0)));
+                    }
+                }
                 // Division by 1 is exact: the owner's bits.
                 ffi::unpack(flat, &members(bucket, &values), 1.0)?;
+            }
+        }
+        for (rule, index, n) in remote_flips {
+            if let Some(opt) = router.optimizer_mut(rule) {
+                opt.record_remote_flips(index, n);
             }
         }
         Ok(())

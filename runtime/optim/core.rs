@@ -417,6 +417,13 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         Ok(())
     }
 
+    fn record_remote_flips(&mut self, index: usize, flipped: u64) -> bool {
+        if A::BINARY {
+            self.flips.counted(index, usize::try_from(flipped).unwrap_or(usize::MAX));
+        }
+        A::BINARY
+    }
+
     fn set_constraint(&mut self, index: usize, constraint: Option<Constraint>) -> Result<bool> {
         if let Some(c) = &constraint {
             c.validate()?;

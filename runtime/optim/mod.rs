@@ -315,6 +315,16 @@ pub trait Optimizer: Send + 'static {
     fn execution(&self) -> Option<&dyn Execution> {
         None
     }
+
+    /// Records that the last step flipped `flipped` weights of variable `index` where that
+    /// step was taken by another process (data-parallel ZeRO-1, whose owner of the variable
+    /// sends its new values), so that the flip ratios count the whole run. Returns whether the
+    /// optimizer counts flips at all (Bop and Bop2ndOrder do); the default does not.
+    #[doc(hidden)]
+    fn record_remote_flips(&mut self, index: usize, flipped: u64) -> bool {
+        let _ = (index, flipped);
+        false
+    }
 }
 
 /// An optimizer built from a configuration struct; what `case_optimizer!` calls for a rule's

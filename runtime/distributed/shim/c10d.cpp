@@ -6,6 +6,7 @@
 // in the caller's buffer, so that no C++ exception crosses into Rust. Timeouts are c10d's own:
 // the store's for the rendezvous, Gloo's for every collective, so a peer that died is an error
 // after at most that long, never a hang.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -18,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -29,6 +31,14 @@ enum Status : int32_t {
   kTimeout = 1,
   kPeerLost = 2,
   kFailed = 3,
+  kUnreachable = 4,
+  kInvalid = 5,
+};
+
+// A rendezvous that cannot form the group asked for (a rank claimed twice, ranks that disagree
+// on the world size): reported as such, not as the timeout it would otherwise end in.
+struct InvalidGroup : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 struct Group {
@@ -50,13 +60,18 @@ bool contains(const std::string& haystack, const char* needle) {
 // c10d and gloo report a dead peer and an expired timeout only in their messages (their
 // exception types are c10::Error / DistBackendError for both), so the message decides.
 Status classify(const std::string& message) {
+  // Checked first: Gloo's messages about a refused connection may also quote its timeout, and
+  // an address nobody listens on is not a peer that stopped answering.
+  if (contains(message, "Connection refused") || contains(message, "ECONNREFUSED")) {
+    return kUnreachable;
+  }
   if (contains(message, "imed out") || contains(message, "imeout") ||
       contains(message, "timeout")) {
     return kTimeout;
   }
   if (contains(message, "Connection closed by peer") ||
       contains(message, "Connection reset") || contains(message, "Broken pipe") ||
-      contains(message, "Connection refused") || contains(message, "closed by peer")) {
+      contains(message, "closed by peer")) {
     return kPeerLost;
   }
   return kFailed;
@@ -68,6 +83,9 @@ int32_t guarded(char* err, size_t err_capacity, F&& body) {
   try {
     body();
     return kOk;
+  } catch (const InvalidGroup& e) {
+    write_message(e.what(), err, err_capacity);
+    return kInvalid;
   } catch (const c10::Error& e) {
     std::string message = e.what_without_backtrace();
     write_message(message, err, err_capacity);
@@ -111,32 +129,99 @@ extern "C" {
 // Joins the group: rank `rank` of `size`, rendezvous at `host:port` (rank 0 serves the store
 // when `serve_store` is 1; 0 when an agent such as torchrun serves it), Gloo over the interface
 // `interface` when not empty, else over the address `device_host` when not empty, else over the
-// address this machine's hostname resolves to (c10d's default device). `timeout_ms` bounds the
-// rendezvous and every later collective.
+// address this machine's hostname resolves to (c10d's default device).
+//
+// `budget_ms` (what is left of the timeout when the caller is done waiting for the store to
+// answer) bounds the rest of the rendezvous: every wait gets what is left of it, so that the
+// phases do not add up to several timeouts. `timeout_ms` then bounds every collective.
+//
+// Keys go under `prefix` (one per torchrun attempt, so that a restarted attempt never reads the
+// Gloo addresses its dead predecessor left in torchrun's store). Before Gloo connects, every
+// rank registers under the prefix and checks that no rank is claimed twice and that every rank
+// has the same world size, so those mistakes are errors at once rather than Gloo timeouts.
+//
+// With `torch_compatible` set, the keys are instead those `torch.distributed.
+// init_process_group("gloo", init_method="env://")` uses for its default group (see
+// docs/distributed.md), the registration is skipped (torch's ranks do not register) and, as
+// torch does, the group's sequence number is set through the store.
 int32_t caseopt_c10d_connect(const char* host, uint16_t port, int32_t rank, int32_t size,
-                             int64_t timeout_ms, int32_t serve_store, const char* interface,
-                             const char* device_host, void** out, char* err, size_t err_capacity) {
+                             int64_t timeout_ms, int64_t budget_ms, int32_t serve_store,
+                             const char* interface,
+                             const char* device_host, const char* prefix, int32_t torch_compatible,
+                             void** out, char* err, size_t err_capacity) {
   *out = nullptr;
   return guarded(err, err_capacity, [&] {
+    using clock = std::chrono::steady_clock;
     auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto deadline = clock::now() + std::chrono::milliseconds(budget_ms);
+    auto remaining = [&] {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now());
+      return std::max(left, std::chrono::milliseconds(1));
+    };
     c10d::TCPStoreOptions options;
     options.port = port;
     options.isServer = serve_store != 0 && rank == 0;
     options.numWorkers = static_cast<size_t>(size);
     options.waitWorkers = true;
-    options.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
-    auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout);
-    if (interface != nullptr && interface[0] != '\0') {
-      gloo_options->devices.push_back(
-          c10d::ProcessGroupGloo::createDeviceForInterface(std::string(interface)));
-    } else if (device_host != nullptr && device_host[0] != '\0') {
-      gloo_options->devices.push_back(
-          c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host)));
+    options.timeout = remaining();
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    tcp->setTimeout(remaining());
+    c10::intrusive_ptr<c10d::Store> store;
+    if (torch_compatible != 0) {
+      // distributed_c10d.py: PrefixStore("default_pg", store), then f"{group_name}/" with the
+      // default group's name "0", then f"{device}/" for the first device of the backend ("cpu":
+      // "gloo" serves "cpu" and "cuda", and torch builds one Gloo group for both).
+      auto default_pg = c10::make_intrusive<c10d::PrefixStore>(
+          "0/", c10::make_intrusive<c10d::PrefixStore>("default_pg", tcp));
+      store = c10::make_intrusive<c10d::PrefixStore>("cpu/", default_pg);
     } else {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+      std::string me = std::to_string(rank);
+      int64_t claims = store->add("caseopt/claims/" + me, 1);
+      store->set("caseopt/world/" + me, std::to_string(size));
+      if (claims > 1) {
+        throw InvalidGroup("rank " + me + " is claimed by " + std::to_string(claims) +
+                           " processes (RANK given twice?)");
+      }
+      for (int32_t other = 0; other < size; ++other) {
+        if (other == rank) continue;
+        std::string them = std::to_string(other);
+        store->wait({"caseopt/world/" + them}, remaining());
+        auto bytes = store->get("caseopt/world/" + them);
+        std::string world(bytes.begin(), bytes.end());
+        if (world != std::to_string(size)) {
+          throw InvalidGroup("rank " + them + " was started with a world size of " + world +
+                             ", this rank (" + me + ") with " + std::to_string(size) +
+                             " (WORLD_SIZE differs)");
+        }
+        int64_t theirs = store->add("caseopt/claims/" + them, 0);
+        if (theirs > 1) {
+          throw InvalidGroup("rank " + them + " is claimed by " + std::to_string(theirs) +
+                             " processes (RANK given twice?)");
+        }
+      }
     }
-    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo_options);
+    auto device = [&] {
+      if (interface != nullptr && interface[0] != '\0') {
+        return c10d::ProcessGroupGloo::createDeviceForInterface(std::string(interface));
+      }
+      if (device_host != nullptr && device_host[0] != '\0') {
+        return c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host));
+      }
+      return c10d::ProcessGroupGloo::createDefaultDevice();
+    };
+    auto join = [&](const c10::intrusive_ptr<c10d::Store>& on) {
+      tcp->setTimeout(remaining());
+      auto gloo_options = c10d::ProcessGroupGloo::Options::create(remaining());
+      gloo_options->devices.push_back(device());
+      auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(on, rank, size, gloo_options);
+      if (torch_compatible != 0) gloo->setSequenceNumberForGroup();
+      // The rendezvous's share of the timeout is spent; collectives get the whole of it.
+      gloo->setTimeout(timeout);
+      return gloo;
+    };
+    auto gloo = join(store);
+    tcp->setTimeout(timeout);
     auto* group = new Group{store, gloo};
     *out = group;
   });
