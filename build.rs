@@ -23,6 +23,9 @@ use std::process::Command;
 /// The C++ file built with or without the `fused` feature.
 const ATEN: &str = "runtime/kernels/shim/aten.cpp";
 
+/// ATen's gradient-scaling ops for `GradScaler`, also built with or without the `fused` feature.
+const AMP: &str = "runtime/kernels/shim/amp.cpp";
+
 /// The C++ files of the fused kernels' shim, compiled with [`ATEN`] into one static library.
 const SHIM: [&str; 4] = [
     "runtime/kernels/shim/metadata.cpp",
@@ -53,7 +56,7 @@ fn main() {
     };
     let lib = PathBuf::from(lib);
     let files: Vec<&str> =
-        std::iter::once(ATEN).chain(SHIM.into_iter().filter(|_| fused)).collect();
+        [ATEN, AMP].into_iter().chain(SHIM.into_iter().filter(|_| fused)).collect();
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }
