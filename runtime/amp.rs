@@ -167,12 +167,7 @@ fn require(ok: bool, name: &'static str, value: f64, expected: &'static str) -> 
 /// A scale the scaler can multiply by: finite and above zero once stored as f32.
 fn check_scale(name: &'static str, value: f64) -> Result<f32> {
     let stored = value as f32;
-    require(
-        stored.is_finite() && stored > 0.0,
-        name,
-        value,
-        "finite and above zero as an f32",
-    )?;
+    require(stored.is_finite() && stored > 0.0, name, value, "finite and above zero as an f32")?;
     Ok(stored)
 }
 
@@ -249,7 +244,8 @@ impl GradScaler {
         }
         let device = loss.device();
         let (scale, _) = self.tensors_on(device)?;
-        let scale = if scale.device() == device { scale.shallow_clone() } else { scale.f_to(device)? };
+        let scale =
+            if scale.device() == device { scale.shallow_clone() } else { scale.f_to(device)? };
         Ok(loss.f_mul(&scale)?)
     }
 

@@ -46,7 +46,11 @@ fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
 /// Multiplies every gradient of `grads` (one device, one dtype) by `inv_scale` in place and
 /// sets `found_inf` (a one-element f32 tensor on that device) to 1 when any of them holds NaN
 /// or infinity: one multi-tensor pass.
-pub(crate) fn unscale_(grads: &mut [Tensor], found_inf: &mut Tensor, inv_scale: &Tensor) -> Result<()> {
+pub(crate) fn unscale_(
+    grads: &mut [Tensor],
+    found_inf: &mut Tensor,
+    inv_scale: &Tensor,
+) -> Result<()> {
     // The handles are read by the shim only while this call lasts; `grads` is borrowed mutably
     // because the op writes the gradients' data.
     let handles: Vec<*mut c_void> = grads.iter_mut().map(|g| g.as_mut_ptr().cast()).collect();
