@@ -35,7 +35,7 @@ fn params(tensors: &BTreeMap<String, Tensor>, n: usize) -> (Vec<Tensor>, Vec<Par
     let params = vars
         .iter()
         .enumerate()
-        .map(|(j, v)| Param::new(VarInfo::of(&format!("p{j}"), v), v.shallow_clone()))
+        .map(|(j, v)| Param::new(VarInfo::of(format!("p{j}"), v), v.shallow_clone()))
         .collect();
     (vars, params)
 }
@@ -70,11 +70,11 @@ fn run_case<R: RouterParts>(
     let mut stepped = 0;
     for t in 0..steps {
         opt.zero_grad();
-        let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
-        for (j, v) in vars.iter().enumerate() {
+        let zero = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let loss = vars.iter().enumerate().fold(zero, |loss, (j, v)| {
             let g = tensors[&format!("p{j}.grads")].get(t as i64);
-            loss = loss + (v * g).sum(Kind::Float);
-        }
+            loss + (v * g).sum(Kind::Float)
+        });
         scaler.scale(&loss).unwrap().backward();
         let outcome = scaler.step(&mut opt).unwrap();
         let want = if skipped.contains(&t) { ScaledStep::Skipped } else { ScaledStep::Stepped };
