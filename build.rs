@@ -25,6 +25,9 @@ use std::process::Command;
 /// multi-tensor optimizer ops (the multi-tensor backend, which needs no fused kernel).
 const ATEN: [&str; 2] = ["runtime/kernels/shim/aten.cpp", "runtime/kernels/shim/multi.cpp"];
 
+/// ATen's gradient-scaling ops for `GradScaler`, also built with or without the `fused` feature.
+const AMP: &str = "runtime/kernels/shim/amp.cpp";
+
 /// The C++ files of the fused kernels' shim, compiled with [`ATEN`] into one static library.
 const SHIM: [&str; 4] = [
     "runtime/kernels/shim/metadata.cpp",
@@ -54,7 +57,11 @@ fn main() {
         );
     };
     let lib = PathBuf::from(lib);
-    let files: Vec<&str> = ATEN.into_iter().chain(SHIM.into_iter().filter(|_| fused)).collect();
+    let files: Vec<&str> = ATEN
+        .into_iter()
+        .chain([AMP])
+        .chain(SHIM.into_iter().filter(|_| fused))
+        .collect();
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

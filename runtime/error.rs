@@ -140,6 +140,10 @@ pub enum Error {
     /// feature): a rendezvous or collective that timed out or lost a peer, ranks that disagree.
     #[error("distributed: {0}")]
     Distributed(DistributedError),
+    /// A [`GradScaler`](crate::GradScaler) call out of order or with bad input; nothing was
+    /// changed (no gradient, parameter, optimizer state or scale).
+    #[error("gradient scaler: {0}")]
+    Scaler(ScalerError),
     /// A checkpoint file that cannot be loaded (another file type, damaged, or written for
     /// other rules or variables); nothing was changed. `problem` says what is wrong.
     #[error("checkpoint `{}`: {problem}", path.display())]
@@ -503,5 +507,85 @@ pub enum DistributedError {
 impl From<DistributedError> for Error {
     fn from(e: DistributedError) -> Self {
         Error::Distributed(e)
+    }
+}
+
+/// What a [`GradScaler`](crate::GradScaler) refused (carried by [`Error::Scaler`]); in every
+/// case nothing was changed. The calls out of order are the ones torch.amp.GradScaler raises
+/// on; the others are what it would let through silently.
+///
+/// ```
+/// use caseopt::ScalerError;
+/// assert_eq!(
+///     ScalerError::AlreadyUnscaled.to_string(),
+///     "unscale() has already been called since the last update()"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScalerError {
+    /// A configuration or state value outside its range (torch asserts on the factors).
+    #[error("invalid `{name}`: {value} (expected {expected})")]
+    InvalidConfig {
+        /// The field.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// The accepted range, in words.
+        expected: &'static str,
+    },
+    /// `unscale` twice between two `update`s (torch's RuntimeError): the gradients would be
+    /// divided by the scale twice.
+    #[error("unscale() has already been called since the last update()")]
+    AlreadyUnscaled,
+    /// `unscale` after `step` and before `update` (torch's RuntimeError).
+    #[error("unscale() is being called after step(); call update() first")]
+    UnscaleAfterStep,
+    /// `step` twice between two `update`s (torch's RuntimeError).
+    #[error("step() has already been called since the last update()")]
+    AlreadyStepped,
+    /// `update` with no `unscale` or `step` since the last one (torch's AssertionError): there
+    /// is no verdict to update the scale with.
+    #[error("no inf checks were recorded prior to update(): call step() (or unscale()) first")]
+    NothingToUpdate,
+    /// `unscale` or `step` before any `scale`, whose first call places the scale on the loss's
+    /// device (torch's AssertionError).
+    #[error("{call}() before the scale was initialised: call scale() on the loss first")]
+    NotInitialised {
+        /// The call refused.
+        call: &'static str,
+    },
+    /// `unscale` or `step` on a router that has no gradient to unscale (torch's
+    /// AssertionError "No inf checks were recorded for this optimizer").
+    #[error("the router has no gradient to unscale (run backward on the scaled loss first)")]
+    NoGradients,
+    /// A float16 gradient (torch's ValueError "Attempting to unscale FP16 gradients"): the
+    /// variable itself is f16, and an optimizer stepping it in f16 loses the small updates loss
+    /// scaling exists to keep; train an f32 copy instead.
+    #[error("gradient of `{variable}` is float16: f16 variables cannot be trained with a scaler")]
+    HalfGradient {
+        /// The variable.
+        variable: String,
+    },
+    /// The scaler's current step belongs to another router: one router per step, between two
+    /// `update`s (each router needs its own scaler within a step).
+    #[error("this step of the scaler belongs to another router; call update() first, or give each router its own scaler")]
+    OtherRouter,
+    /// A backoff that would bring the scale to zero: every later loss would scale to 0 and
+    /// every step would be skipped (or step with zero gradients) without end. The scale and the
+    /// growth tracker are left as they were; the usual cause is a loss that is NaN or infinite
+    /// step after step.
+    #[error("the scale would back off from {scale:e} to zero after {skipped} consecutive skipped steps: the loss or the gradients are non-finite at every scale")]
+    ScaleUnderflow {
+        /// The scale before the refused backoff.
+        scale: f32,
+        /// Consecutive skipped steps up to this one.
+        skipped: u64,
+    },
+}
+
+impl From<ScalerError> for Error {
+    fn from(e: ScalerError) -> Self {
+        Error::Scaler(e)
     }
 }

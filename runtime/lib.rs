@@ -16,6 +16,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod amp;
 pub mod bnn;
 pub mod checkpoint;
 pub mod constraint;
@@ -30,6 +31,7 @@ pub mod router;
 pub mod schedule;
 pub mod var;
 
+pub use amp::{GradScaler, GradScalerConfig, GradScalerState, ScaledStep};
 pub use bnn::{
     ste_sign, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig, Quantizer,
 };
@@ -37,7 +39,7 @@ pub use checkpoint::{
     checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
 };
 pub use constraint::Constraint;
-pub use error::{DistributedError, Error, Result};
+pub use error::{DistributedError, Error, Result, ScalerError};
 pub use optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
     Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig, NAdam, NAdamConfig, Optimizer,

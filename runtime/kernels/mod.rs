@@ -48,6 +48,7 @@
 // keep their unit tests, but nothing runs them.
 #![cfg_attr(not(feature = "fused"), allow(dead_code))]
 
+pub(crate) mod amp;
 pub(crate) mod aten;
 pub(crate) mod math;
 pub(crate) mod metadata;

@@ -20,6 +20,7 @@ mod nonfinite;
 mod ownership;
 mod parts;
 mod rules;
+pub(crate) mod scaled;
 mod step;
 mod table;
 

@@ -51,6 +51,11 @@ impl Default for Ownership {
 }
 
 impl Ownership {
+    /// This router's id, unique within the process (a `GradScaler` tells routers apart by it).
+    pub(crate) fn router_id(&self) -> u64 {
+        self.router
+    }
+
     /// Claims `params` for this router, all or none: fails naming the first variable another
     /// live router trains, having claimed nothing.
     pub(crate) fn claim<'p>(&mut self, params: impl IntoIterator<Item = &'p Param>) -> Result<()> {
