@@ -57,11 +57,8 @@ fn main() {
         );
     };
     let lib = PathBuf::from(lib);
-    let files: Vec<&str> = ATEN
-        .into_iter()
-        .chain([AMP])
-        .chain(SHIM.into_iter().filter(|_| fused))
-        .collect();
+    let files: Vec<&str> =
+        ATEN.into_iter().chain([AMP]).chain(SHIM.into_iter().filter(|_| fused)).collect();
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -4,7 +4,8 @@
 //!
 //! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`],
 //! [`RmsProp`], [`Adagrad`]) implement the [`Optimizer`] trait (twelve required methods: the
-//! variables, the step, the step count, hyperparameters and state; six provided ones); their
+//! variables, the step, the step count, hyperparameters and state; seven documented provided
+//! ones); their
 //! hyperparameters are [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`]
 //! marks tch variables as 1-bit or n-bit.
 

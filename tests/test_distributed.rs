@@ -323,17 +323,17 @@ fn half_batches_on_two_ranks_match_one_rank_with_the_whole_batch() {
     let _ = std::fs::remove_dir_all(&one);
 }
 
-/// `steps` data-parallel steps from step `first`, on a fresh model and router (ZeRO-1 when
-/// `sharded`), optionally resuming from `resume` first; saves to `save` and returns the group
-/// and the bytes of optimizer state this rank held.
+/// The data-parallel steps `steps`, on a fresh model and router whose rules run on `backend`
+/// (ZeRO-1 when `sharded`), optionally resuming from `resume` first; saves to `save` and
+/// returns the group and the bytes of optimizer state this rank held.
 fn zero_run(
     w: &Worker,
     group: ProcessGroup,
     sharded: bool,
-    first: i64,
-    steps: i64,
+    steps: std::ops::Range<i64>,
     resume: Option<&Path>,
     save: &Path,
+    backend: Backend,
 ) -> Result<(ProcessGroup, usize)> {
     let model = Model::new(1 + w.rank as i64, 32);
     let mut dp = DataParallel::new(group, &model.vs)?;
@@ -345,11 +345,13 @@ fn zero_run(
         _ => Adam<lr: 0.01>,
     }
     .build(&model.vs)?;
+    opt.rule0_mut().set_backend(backend);
+    opt.rule1_mut().set_backend(backend);
     if let Some(path) = resume {
         dp.load_training(path, &model.vs, &mut opt)?;
     }
     let mut flips = Vec::new();
-    for step in first..first + steps {
+    for step in steps {
         let (x, y) = global_batch(step);
         let (x, y) = share(&x, &y, w.rank, w.world);
         dp.backward_step(&mut opt, &model.loss(&x, &y))?;
@@ -372,15 +374,23 @@ fn zero1_matches_unsharded_bit_for_bit_and_resumes_exactly() {
         let run = || -> Result<()> {
             let group = w.connect()?;
             let d = |name: &str| w.dir.join(name);
+            let auto = Backend::Auto;
             let (group, plain) =
-                zero_run(&w, group, false, 0, STEPS, None, &d("plain.safetensors"))?;
+                zero_run(&w, group, false, 0..STEPS, None, &d("plain.safetensors"), auto)?;
             let (group, sharded) =
-                zero_run(&w, group, true, 0, STEPS, None, &d("zero.safetensors"))?;
+                zero_run(&w, group, true, 0..STEPS, None, &d("zero.safetensors"), auto)?;
             let half = STEPS / 2;
-            let (group, _) = zero_run(&w, group, true, 0, half, None, &d("half.safetensors"))?;
+            let (group, _) =
+                zero_run(&w, group, true, 0..half, None, &d("half.safetensors"), auto)?;
             let mid = d("half.safetensors");
+            let resumed = d("resumed.safetensors");
+            let (group, _) = zero_run(&w, group, true, half..STEPS, Some(&mid), &resumed, auto)?;
+            // The multi-tensor backend (issue 21): data-parallel and ZeRO-1 unchanged.
+            let multi = Backend::MultiTensor;
+            let (group, _) =
+                zero_run(&w, group, false, 0..STEPS, None, &d("multi_plain.safetensors"), multi)?;
             let (_, _) =
-                zero_run(&w, group, true, half, half, Some(&mid), &d("resumed.safetensors"))?;
+                zero_run(&w, group, true, 0..STEPS, None, &d("multi_zero.safetensors"), multi)?;
             report("state_bytes", format!("{plain},{sharded}"));
             Ok(())
         };
@@ -392,6 +402,10 @@ fn zero1_matches_unsharded_bit_for_bit_and_resumes_exactly() {
     let file = |name: &str| std::fs::read(dir.join(name)).expect(name);
     assert!(file("zero.safetensors") == file("plain.safetensors"), "ZeRO-1 differs from unsharded");
     assert!(file("resumed.safetensors") == file("zero.safetensors"), "the resumed run differs");
+    assert!(
+        file("multi_zero.safetensors") == file("multi_plain.safetensors"),
+        "ZeRO-1 differs from unsharded on the multi-tensor backend"
+    );
     // Each rank held about half of the state; together, all of it.
     let bytes: Vec<(usize, usize)> = results
         .iter()
@@ -575,10 +589,13 @@ fn a_rendezvous_nobody_joins_times_out() {
     match result {
         Err(DistributedError::Timeout { operation: "rendezvous", .. })
         | Err(DistributedError::PeerLost { operation: "rendezvous", .. })
-        | Err(DistributedError::Failed { operation: "rendezvous", .. }) => {}
+        | Err(DistributedError::Failed { operation: "rendezvous", .. })
+        | Err(DistributedError::Unreachable { operation: "rendezvous", .. }) => {}
         other => panic!("expected a rendezvous error, got {other:?}"),
     }
-    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    // Issue 20: the rendezvous honours its timeout within 1.5x (3 s), with 4 s of slack for a
+    // machine loaded by the other tests' processes; it took 5x the timeout (10 s) before.
+    assert!(elapsed < Duration::from_secs(7), "took {elapsed:?}");
 }
 
 /// One data-parallel step of `model` on step 0's batch with `opt`, reporting the error under

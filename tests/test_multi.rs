@@ -10,8 +10,8 @@
 //! - Bop and Bop2ndOrder bit for bit against the larq fixtures of gen_parity.py, alone and
 //!   through a router, flip ratios included;
 //! - a refused step (non-finite gradient) changes nothing; constraints are the unconstrained
-//!   step then `clamp_`; states move between backends through `state`/`set_state` and continue
-//!   bit for bit;
+//!   step then `clamp_`; states move between backends through `state`/`set_state`, and router
+//!   checkpoints through a file, and continue bit for bit;
 //! - a router's non-finite check on this backend reads one value back per step, whatever the
 //!   number of variables (`Router::host_reads`).
 
@@ -406,4 +406,51 @@ fn a_gradient_that_does_not_match_is_refused_before_anything_changes() {
         assert!(o.state(0).is_empty(), "{}", o.name());
     }
     assert_eq!(v.iter().map(exact).collect::<Vec<_>>(), before);
+}
+
+/// A router checkpoint written on one backend loads into a router on another and continues bit
+/// for bit: the same as a router that switches backend at that step, through the file.
+#[test]
+fn router_checkpoints_move_between_backends_and_continue_bit_for_bit() {
+    let dir = std::env::temp_dir().join(format!("caseopt-multi-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for kind in [Kind::Float, Kind::Double] {
+        for (first, then) in [
+            (Backend::MultiTensor, Backend::Auto),
+            (Backend::Auto, Backend::MultiTensor),
+            (Backend::Torch, Backend::MultiTensor),
+        ] {
+            let case = format!("{kind:?} {first:?} -> {then:?}");
+            let (vs_a, vs_b) = (model(6, kind, 4), model(6, kind, 4));
+            let mut straight = BopAdamRouter::build(&vs_a).unwrap();
+            let mut saved = BopAdamRouter::build(&vs_b).unwrap();
+            set_backend(&mut straight, first);
+            set_backend(&mut saved, first);
+            for step in 0..3 {
+                set_grads(&mut straight, &vs_a, step, None);
+                straight.step().unwrap();
+                set_grads(&mut saved, &vs_b, step, None);
+                saved.step().unwrap();
+            }
+            let path = dir.join(format!("{kind:?}-{first:?}-{then:?}.safetensors"));
+            caseopt::save_training(&path, &vs_b, &saved).unwrap();
+            drop(saved);
+            // A fresh model of other values and a fresh router on the other backend.
+            let vs_c = model(6, kind, 99);
+            let mut loaded = BopAdamRouter::build(&vs_c).unwrap();
+            set_backend(&mut loaded, then);
+            caseopt::load_training(&path, &vs_c, &mut loaded).unwrap();
+            assert_eq!(snapshot(&loaded), snapshot(&straight), "{case} after loading");
+            set_backend(&mut straight, then);
+            for step in 3..6 {
+                set_grads(&mut straight, &vs_a, step, None);
+                straight.step().unwrap();
+                set_grads(&mut loaded, &vs_c, step, None);
+                loaded.step().unwrap();
+                assert_eq!(snapshot(&loaded), snapshot(&straight), "{case} step {step}");
+                assert_eq!(loaded.flip_ratios().unwrap(), straight.flip_ratios().unwrap());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -150,8 +150,11 @@ pub(super) fn describe_router<R: Router + ?Sized>(
             values.join(", "),
             // The settings besides the hyperparameters that change the results (the backend and
             // the square root round differently); an optimizer of your own says nothing.
-            opt.execution()
-                .map_or(String::new(), |e| format!("{:?}, sqrt {:?}", e.backend(), e.sqrt())),
+            opt.execution().map_or(String::new(), |e| format!(
+                "{:?}, sqrt {:?}",
+                e.backend(),
+                e.sqrt()
+            )),
             router.rule_constraint(rule).map_or("none".to_string(), |c| c.to_string()),
         ));
     }

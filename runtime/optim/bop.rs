@@ -213,7 +213,7 @@ impl Algorithm for BopAlgorithm {
             multi_binary(&this.params, grads, group, &ms, None, [hp.gamma, 0.0, hp.threshold, 0.0])?
         };
         for (&i, n) in group.iter().zip(flips) {
-            this.flips.pending(i, n);
+            this.flips.pending(i, PendingFlips::counted(n));
         }
         Ok(())
     }

@@ -187,7 +187,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
             multi_binary(&this.params, grads, group, &ms, Some(&vs), scalars)?
         };
         for (&i, n) in group.iter().zip(flips) {
-            this.flips.pending(i, n);
+            this.flips.pending(i, PendingFlips::counted(n));
         }
         Ok(())
     }

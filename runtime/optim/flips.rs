@@ -131,27 +131,41 @@ impl FlipCounts {
     }
 }
 
-/// What a libtorch Bop step leaves behind to count its flips with: the two masks its update
-/// computed anyway ([`bop::flip`](super::bop::flip)), kept (2 bytes per weight) instead of
-/// reduced, so that the reduction runs only when [`FlipCounts::read`] asks for it. Public only
-/// because the sealed `Algorithm` trait names it; not part of the API.
+/// What a Bop step on libtorch ops leaves behind to count its flips with, so that nothing is
+/// reduced or read back until [`FlipCounts::read`] asks: either the two masks its update
+/// computed anyway ([`bop::flip`](super::bop::flip)), kept (2 bytes per weight), or, on the
+/// multi-tensor backend, the count itself, left on the variable's device. Public only because
+/// the sealed `Algorithm` trait names it; not part of the API.
 #[derive(Debug)]
-pub struct PendingFlips {
-    /// `w < 0` before the step.
-    was_negative: Tensor,
-    /// `w' < 0`: where the step wrote -1.
-    negative: Tensor,
+pub struct PendingFlips(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    /// `w < 0` before the step and `w' < 0` after it (bool tensors of one shape).
+    Masks { was_negative: Tensor, negative: Tensor },
+    /// The number of weights that changed sign, a 0-dim integer tensor on the device.
+    Count(Tensor),
 }
 
 impl PendingFlips {
     /// The masks of one step: `w < 0` before it and `w' < 0` after (bool tensors of one shape).
     pub(crate) fn new(was_negative: Tensor, negative: Tensor) -> Self {
-        PendingFlips { was_negative, negative }
+        PendingFlips(Pending::Masks { was_negative, negative })
+    }
+
+    /// A count already reduced on the device (the multi-tensor backend's).
+    pub(crate) fn counted(count: Tensor) -> Self {
+        PendingFlips(Pending::Count(count))
     }
 
     /// How many weights changed sign: `(w < 0) != (w' < 0)`.
     pub(crate) fn count(&self) -> Result<u64> {
-        let n = self.was_negative.f_logical_xor(&self.negative)?.f_sum(Kind::Int64)?;
+        let n = match &self.0 {
+            Pending::Masks { was_negative, negative } => {
+                was_negative.f_logical_xor(negative)?.f_sum(Kind::Int64)?
+            }
+            Pending::Count(n) => n.shallow_clone(),
+        };
         Ok(u64::try_from(n.f_int64_value(&[])?).unwrap_or(0))
     }
 }

@@ -81,9 +81,10 @@ use crate::var::Param;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
     /// Fused CPU kernels for every variable they can take (a contiguous `f32` or `f64` CPU
-    /// tensor with a contiguous gradient, sharing no memory with other operands), libtorch ops
-    /// for the rest (CUDA, half precision, strided views) and for optimizers without kernels.
-    /// Without the `fused` cargo feature, libtorch ops for every variable.
+    /// tensor with a contiguous gradient, sharing no memory with other operands), ATen's
+    /// multi-tensor ops ([`Backend::MultiTensor`]) for CUDA variables, libtorch ops for the rest
+    /// (CPU half precision, strided views) and for optimizers without kernels. Without the
+    /// `fused` cargo feature, libtorch ops for every CPU variable.
     #[default]
     Auto,
     /// libtorch ops for every variable (one ATen op per term, as torch.optim's single-tensor
