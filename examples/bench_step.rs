@@ -222,9 +222,10 @@ struct Isas {
 
 impl Isas {
     /// The set row `imp` runs its arithmetic with: the fused kernels' for caseopt's rows on
-    /// their default backend, ATen's for the libtorch-ops, tch and PyTorch rows.
+    /// their default backend, ATen's for the libtorch-ops, multi-tensor, tch and PyTorch rows.
     fn of(&self, imp: &str) -> String {
-        if imp.starts_with("caseopt") && !imp.contains("[libtorch ops]") {
+        let on_aten = imp.contains("[libtorch ops]") || imp.contains("[multi-tensor]");
+        if imp.starts_with("caseopt") && !on_aten {
             self.kernels.clone()
         } else {
             format!("ATen {}", self.aten)
