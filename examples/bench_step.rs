@@ -238,12 +238,18 @@ impl Isas {
 /// the sets they run with.
 fn cap_isa(args: &Args) -> Result<Isas, String> {
     if let Some(isa) = &args.isa {
+        caseopt::__private::set_kernel_isa(Some(isa)).map_err(|e| e.to_string())?;
+        // The kernels take the cap with the processor's widest set; a set it lacks would
+        // label every row with a set nothing ran with.
+        let kernels = caseopt::__private::kernel_isa().map_err(|e| e.to_string())?;
+        if kernels != isa.as_str() {
+            return Err(format!("--isa {isa}: this processor's widest set is {kernels}"));
+        }
         let aten = if isa == "baseline" { "default" } else { isa.as_str() };
         // A capability the user set by hand wins.
         if std::env::var_os("ATEN_CPU_CAPABILITY").is_none() {
             std::env::set_var("ATEN_CPU_CAPABILITY", aten);
         }
-        caseopt::__private::set_kernel_isa(Some(isa)).map_err(|e| e.to_string())?;
     }
     let kernels = caseopt::__private::kernel_isa().map_err(|e| e.to_string())?;
     Ok(Isas { kernels: kernels.into(), aten: caseopt::__private::aten_cpu_capability().into() })
