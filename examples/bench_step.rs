@@ -20,7 +20,8 @@
 //! (`Sqrt::Aten`, torch.optim's bits); tch's `nn::Adam` (libtorch's C++
 //! optimizer); and, through the provisioned Python (`scripts/bench_torch.py --serve`, one
 //! long-lived process per set), torch.optim.Adam (foreach and fused) and a torch-ops Bop plus
-//! fused Adam. libtorch and the kernels run on `--threads` threads.
+//! fused Adam; caseopt Lion on every variable, fused and on libtorch ops. libtorch and the
+//! kernels run on `--threads` threads.
 //!
 //! The machine this is developed on is a shared VM whose memory bandwidth drifts by up to 2x
 //! over tens of seconds, so nothing is timed in one block: every implementation of a set is
@@ -38,16 +39,16 @@
 //! by several probes: a Rust loop compiled for the widest vector instruction set the CPU has
 //! (and for AVX2 beside AVX-512, which is not always the faster), and libtorch's own vectorised
 //! `add_`. The highest is used, so that a weak loop cannot inflate the bound. Bytes per element:
-//! 28 for Adam (p, m, v read and written, g read) and 20 for Bop (w, m read and written, g
-//! read).
+//! 28 for Adam (p, m, v read and written, g read) and 20 for Bop and Lion (w, m read and
+//! written, g read).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caseopt::{
-    case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, Execution, NonFinitePolicy,
-    Optimizer, Router, Sqrt,
+    case_optimizer, Adam, AdamConfig, Backend, Bop, BopConfig, Execution, Lion, LionConfig,
+    NonFinitePolicy, Optimizer, Router, Sqrt,
 };
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};
@@ -56,6 +57,8 @@ use tch::{nn, Device, Kind, Tensor};
 const ADAM_BYTES: f64 = 28.0;
 /// Bop reads and writes w, m and reads g.
 const BOP_BYTES: f64 = 20.0;
+/// Lion, like Bop, reads and writes p, m and reads g.
+const LION_BYTES: f64 = 20.0;
 /// Passes of each bandwidth probe per round.
 const BANDWIDTH_PASSES: usize = 3;
 /// Elements of each bandwidth buffer: 256 MiB of f32, far beyond any cache.
@@ -526,6 +529,17 @@ fn caseopt_adam(vs: &nn::VarStore, backend: Backend, threads: usize) -> caseopt:
     Ok(adam)
 }
 
+/// caseopt Lion (lr 1e-4, weight decay 1e-3: optax's defaults) on every variable.
+fn caseopt_lion(vs: &nn::VarStore, backend: Backend, threads: usize) -> caseopt::Result<Lion> {
+    let mut lion = Lion::new(LionConfig::default())?;
+    for p in caseopt::trainable_vars(vs) {
+        lion.add_param(p)?;
+    }
+    lion.set_backend(backend);
+    lion.set_threads(threads);
+    Ok(lion)
+}
+
 /// One optimizer step of an implementation built in this process.
 type StepFn = Box<dyn FnMut() -> caseopt::Result<()>>;
 
@@ -638,6 +652,20 @@ fn rust_benches(specs: &[Spec], args: &Args) -> Result<Vec<Bench>, Box<dyn std::
         let vs = make_store(specs, d, true);
         let mut adam = caseopt_adam(&vs, Backend::MultiTensor, args.threads)?;
         add(name, adam_bytes, vs, Box::new(move || adam.step()));
+    }
+    // Lion on every variable: one pass of sign(interpolation), 20 bytes per element as Bop.
+    let lion_bytes = specs.iter().map(Spec::numel).sum::<f64>() * LION_BYTES;
+    let name = "caseopt Lion";
+    if args.wants(name) {
+        let vs = make_store(specs, d, true);
+        let mut lion = caseopt_lion(&vs, Backend::Auto, args.threads)?;
+        add(name, lion_bytes, vs, Box::new(move || lion.step()));
+    }
+    let name = "caseopt Lion [libtorch ops]";
+    if args.wants(name) {
+        let vs = make_store(specs, d, true);
+        let mut lion = caseopt_lion(&vs, Backend::Torch, args.threads)?;
+        add(name, lion_bytes, vs, Box::new(move || lion.step()));
     }
     let name = "tch nn::Adam (libtorch C++)";
     if args.wants(name) {

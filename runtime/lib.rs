@@ -3,7 +3,7 @@
 //! larq's `CaseOptimizer` and `Bop` for libtorch, through the `tch` crate.
 //!
 //! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`],
-//! [`RmsProp`], [`Adagrad`]) implement the [`Optimizer`] trait (twelve required methods: the
+//! [`RmsProp`], [`Adagrad`], [`Adafactor`], [`Lion`]) implement the [`Optimizer`] trait (twelve required methods: the
 //! variables, the step, the step count, hyperparameters and state; seven documented provided
 //! ones); their
 //! hyperparameters are [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`]
@@ -42,11 +42,12 @@ pub use checkpoint::{
 pub use constraint::Constraint;
 pub use error::{DistributedError, Error, Result, ScalerError};
 pub use optim::{
-    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig, NAdam, NAdamConfig, Optimizer,
-    RAdam, RAdamConfig, RmsProp, RmsPropConfig, Sgd, SgdConfig, Sqrt,
+    Adafactor, AdafactorConfig, Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig,
+    Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig,
+    Lion, LionConfig, NAdam, NAdamConfig, Optimizer, RAdam, RAdamConfig, RmsProp, RmsPropConfig,
+    Sgd, SgdConfig, Sqrt,
 };
-pub use schedule::Schedule;
+pub use schedule::{Plateau, PlateauConfig, PlateauMode, PlateauState, Schedule, ThresholdMode};
 pub use tch;
 
 #[doc(inline)]

@@ -5,7 +5,8 @@
 
 pub use crate::error::{Error, Result};
 pub use crate::optim::{
-    Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, NAdam, Optimizer, RAdam, RmsProp, Sgd,
+    Adafactor, Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, Lion, NAdam, Optimizer, RAdam,
+    RmsProp, Sgd,
 };
 pub use crate::predicate::{Glob, Predicate};
 pub use crate::router::{

@@ -5,7 +5,7 @@
 //! [`Schedule`]; a plain number converts into a constant one.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A scalar hyperparameter as a function of the optimizer's step count `t` (first step `t = 0`).
 ///
@@ -94,6 +94,9 @@ pub enum Schedule {
     },
     /// Any function of the step count.
     Custom(Arc<dyn Fn(u64) -> f64 + Send + Sync>),
+    /// Lowered when a metric the user reports stops improving (torch's `ReduceLROnPlateau`);
+    /// the value is the plateau's current one, whatever the step. See [`Plateau`].
+    Plateau(Plateau),
 }
 
 impl Schedule {
@@ -228,6 +231,7 @@ impl Schedule {
                 values.get(i).or(values.last()).copied().unwrap_or(f64::NAN)
             }
             Schedule::Custom(f) => f(t),
+            Schedule::Plateau(p) => p.value(),
         }
     }
 
@@ -294,6 +298,7 @@ impl Schedule {
                 values.iter().try_for_each(|v| finite("value", *v))
             }
             Schedule::Custom(_) => Ok(()),
+            Schedule::Plateau(p) => p.config.validate(),
         }
     }
 }
@@ -326,6 +331,7 @@ impl fmt::Debug for Schedule {
                 write!(f, "piecewise({boundaries:?}, {values:?})")
             }
             Schedule::Custom(_) => write!(f, "custom(fn)"),
+            Schedule::Plateau(p) => write!(f, "{p:?}"),
         }
     }
 }
@@ -333,6 +339,253 @@ impl fmt::Debug for Schedule {
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
+    }
+}
+
+impl From<Plateau> for Schedule {
+    fn from(p: Plateau) -> Self {
+        Schedule::Plateau(p)
+    }
+}
+
+/// Which way a [`Plateau`]'s metric improves (torch's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlateauMode {
+    /// Lower is better (a loss).
+    Min,
+    /// Higher is better (an accuracy).
+    Max,
+}
+
+/// How a [`Plateau`]'s `threshold` measures a significant improvement (torch's
+/// `threshold_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThresholdMode {
+    /// Relative: better than `best * (1 - threshold)` (`Min`) or `best * (1 + threshold)`
+    /// (`Max`).
+    Rel,
+    /// Absolute: better than `best - threshold` (`Min`) or `best + threshold` (`Max`).
+    Abs,
+}
+
+/// A [`Plateau`]'s settings; `Default` is torch's `ReduceLROnPlateau`'s, with an initial value
+/// of 1e-3 (torch takes it from the optimizer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlateauConfig {
+    /// The value before any reduction.
+    pub initial: f64,
+    /// Whether the metric should fall or rise. Default [`PlateauMode::Min`].
+    pub mode: PlateauMode,
+    /// The value is multiplied by it at each reduction, in [0, 1). Default 0.1.
+    pub factor: f64,
+    /// Reports without improvement tolerated before a reduction. Default 10.
+    pub patience: u64,
+    /// The least improvement that counts (>= 0). Default 1e-4.
+    pub threshold: f64,
+    /// How `threshold` is measured. Default [`ThresholdMode::Rel`].
+    pub threshold_mode: ThresholdMode,
+    /// Reports after a reduction during which bad reports are not counted. Default 0.
+    pub cooldown: u64,
+    /// The value is never lowered below it (>= 0). Default 0.
+    pub min_value: f64,
+    /// A reduction smaller than this is not made (>= 0). Default 1e-8.
+    pub eps: f64,
+}
+
+impl Default for PlateauConfig {
+    fn default() -> Self {
+        PlateauConfig {
+            initial: 1e-3,
+            mode: PlateauMode::Min,
+            factor: 0.1,
+            patience: 10,
+            threshold: 1e-4,
+            threshold_mode: ThresholdMode::Rel,
+            cooldown: 0,
+            min_value: 0.0,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl PlateauConfig {
+    fn validate(&self) -> Result<(), String> {
+        let check = |name: &str, v: f64, ok: bool, what: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(format!("plateau {name} must be {what}, got {v}"))
+            }
+        };
+        check("initial", self.initial, true, "finite")?;
+        check("factor", self.factor, (0.0..1.0).contains(&self.factor), "in [0, 1)")?;
+        check("threshold", self.threshold, self.threshold >= 0.0, ">= 0")?;
+        check("min_value", self.min_value, self.min_value >= 0.0, ">= 0")?;
+        check("eps", self.eps, self.eps >= 0.0, ">= 0")
+    }
+
+    /// The worst possible metric, where `best` starts: +inf for `Min`, -inf for `Max`.
+    fn worst(&self) -> f64 {
+        match self.mode {
+            PlateauMode::Min => f64::INFINITY,
+            PlateauMode::Max => f64::NEG_INFINITY,
+        }
+    }
+
+    /// torch's `_is_better`, in the same f64 operations.
+    fn is_better(&self, a: f64, best: f64) -> bool {
+        match (self.mode, self.threshold_mode) {
+            (PlateauMode::Min, ThresholdMode::Rel) => a < best * (1.0 - self.threshold),
+            (PlateauMode::Min, ThresholdMode::Abs) => a < best - self.threshold,
+            (PlateauMode::Max, ThresholdMode::Rel) => a > best * (self.threshold + 1.0),
+            (PlateauMode::Max, ThresholdMode::Abs) => a > best + self.threshold,
+        }
+    }
+}
+
+/// Where a [`Plateau`] stands: its value and the memory of past reports (torch's
+/// `ReduceLROnPlateau` attributes of the same names). Checkpoints store it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlateauState {
+    /// The current value.
+    pub value: f64,
+    /// The best metric reported so far (`best`).
+    pub best: f64,
+    /// Reports since the last improvement, not counting those in a cooldown.
+    pub num_bad_epochs: u64,
+    /// Reports left in the current cooldown.
+    pub cooldown_counter: u64,
+    /// Reports so far (`last_epoch`).
+    pub last_epoch: u64,
+}
+
+/// A hyperparameter lowered when a metric stops improving, with torch 2.13's
+/// `ReduceLROnPlateau` semantics (mode, factor, patience, threshold and its mode, cooldown,
+/// minimum, eps), bit for bit.
+///
+/// A `Plateau` is a handle: its clones share one state. Give a clone to the optimizer as the
+/// hyperparameter's schedule ([`Plateau::schedule`], or `lr: (plateau.schedule())` in a
+/// `case_optimizer!` rule) and [`report`](Plateau::report) the metric on the one you keep,
+/// after each epoch, where torch calls `scheduler.step(metric)`: the optimizer's next step
+/// uses the new value. Checkpoints save and restore its state with the router's.
+///
+/// ```
+/// use caseopt::{Plateau, PlateauConfig};
+///
+/// let plateau = Plateau::new(PlateauConfig { initial: 0.1, patience: 1, ..Default::default() });
+/// let lr = plateau.schedule(); // lr: (plateau.schedule()) in a rule
+/// for loss in [1.0, 0.5, 0.6, 0.55] {
+///     plateau.report(loss);
+/// }
+/// // Two reports without improvement on 0.5, more than the patience of 1: lowered tenfold.
+/// assert!((lr.value(0) - 0.01).abs() < 1e-15);
+/// assert_eq!(plateau.state().best, 0.5);
+/// ```
+#[derive(Clone)]
+pub struct Plateau {
+    config: PlateauConfig,
+    state: Arc<Mutex<PlateauState>>,
+}
+
+impl Plateau {
+    /// A plateau at `config.initial`, with no report yet. Its settings are checked where it is
+    /// used, as every schedule's are (an optimizer refuses it with
+    /// [`InvalidSchedule`](crate::Error::InvalidSchedule)).
+    pub fn new(config: PlateauConfig) -> Self {
+        let state = PlateauState {
+            value: config.initial,
+            best: config.worst(),
+            num_bad_epochs: 0,
+            cooldown_counter: 0,
+            last_epoch: 0,
+        };
+        Plateau { config, state: Arc::new(Mutex::new(state)) }
+    }
+
+    /// The schedule that reads this plateau's value (a clone of the handle).
+    pub fn schedule(&self) -> Schedule {
+        Schedule::Plateau(self.clone())
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> PlateauConfig {
+        self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PlateauState> {
+        // The state is plain numbers, whole after any panic: a poisoned lock holds a valid one.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current value.
+    pub fn value(&self) -> f64 {
+        self.lock().value
+    }
+
+    /// Where it stands.
+    pub fn state(&self) -> PlateauState {
+        *self.lock()
+    }
+
+    /// Replaces where it stands (what a checkpoint's load does).
+    pub fn set_state(&self, state: PlateauState) {
+        *self.lock() = state;
+    }
+
+    /// Reports the metric of an epoch (torch's `scheduler.step(metrics)`): counts it as an
+    /// improvement or not, and lowers the value by `factor` (not below `min_value`) once more
+    /// than `patience` reports in a row, outside a cooldown, brought no improvement. Returns
+    /// whether the value was lowered. A NaN metric is never an improvement.
+    pub fn report(&self, metric: f64) -> bool {
+        let c = &self.config;
+        let mut s = self.lock();
+        s.last_epoch += 1;
+        if c.is_better(metric, s.best) {
+            s.best = metric;
+            s.num_bad_epochs = 0;
+        } else {
+            s.num_bad_epochs += 1;
+        }
+        if s.cooldown_counter > 0 {
+            s.cooldown_counter -= 1;
+            s.num_bad_epochs = 0;
+        }
+        let mut lowered = false;
+        if s.num_bad_epochs > c.patience {
+            let old = s.value;
+            // Python's `max(old * factor, min_lr)`: the first unless the second is larger.
+            let scaled = old * c.factor;
+            let new = if c.min_value > scaled { c.min_value } else { scaled };
+            if old - new > c.eps {
+                s.value = new;
+                lowered = true;
+            }
+            s.cooldown_counter = c.cooldown;
+            s.num_bad_epochs = 0;
+        }
+        lowered
+    }
+}
+
+impl fmt::Debug for Plateau {
+    /// Its settings, not its state: the description a checkpoint compares (the state is saved
+    /// beside it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        write!(
+            f,
+            "plateau(initial={:?}, mode={:?}, factor={:?}, patience={}, threshold={:?} {:?}, \
+             cooldown={}, min={:?}, eps={:?})",
+            c.initial,
+            c.mode,
+            c.factor,
+            c.patience,
+            c.threshold,
+            c.threshold_mode,
+            c.cooldown,
+            c.min_value,
+            c.eps
+        )
     }
 }
 
@@ -413,5 +666,34 @@ mod tests {
         assert_eq!(s.value(21), 42.0);
         assert_eq!(Schedule::from(0.5f32).as_constant(), Some(0.5));
         assert!(Schedule::exponential(1.0, 0.5, 0).validate().is_err());
+    }
+
+    #[test]
+    fn plateau_follows_reduce_lr_on_plateau() {
+        // min/rel, patience 2, cooldown 1: torch's sequence worked by hand.
+        let p = Plateau::new(PlateauConfig {
+            initial: 1.0,
+            factor: 0.5,
+            patience: 2,
+            cooldown: 1,
+            min_value: 0.2,
+            ..Default::default()
+        });
+        let s = p.schedule();
+        let values: Vec<f64> = [5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+            .iter()
+            .map(|&m| {
+                p.report(m);
+                s.value(99)
+            })
+            .collect();
+        // Bad reports: 3 at the 5th report (> patience 2) -> 0.5, then a cooldown of 1 and
+        // three more bad -> 0.25 at the 9th, then 0.2 (the minimum) at the 13th.
+        assert_eq!(values, [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.2]);
+        assert_eq!(p.state().last_epoch, 13);
+        assert!(format!("{s:?}").starts_with("plateau(initial=1.0, mode=Min"));
+        assert!(Schedule::from(Plateau::new(PlateauConfig { factor: 1.0, ..Default::default() }))
+            .validate()
+            .is_err());
     }
 }

@@ -4,8 +4,9 @@
 //! optimizer with a kernel runs on tensors large enough to split across threads (about 900K
 //! elements, odd sizes, an empty one), in f32 and f64, and each path is forced through
 //! `set_backend`: `Backend::Fused` fails instead of falling back, so a passing fused run proves
-//! the kernels did the work. Bop and Bop2ndOrder must agree bit for bit (parameters and state);
-//! Adam and AdamW within the parity tolerances (f32 1e-6, f64 1e-12, scaled by max(|x|, 1)).
+//! the kernels did the work. Bop, Bop2ndOrder and Lion must agree bit for bit (parameters and
+//! state); Adam and AdamW within the parity tolerances (f32 1e-6, f64 1e-12, scaled by
+//! max(|x|, 1)).
 //! Then: what Auto hands to libtorch (strided views, half precision, aliasing operands), what
 //! Fused refuses, gradient errors on every path, thread counts, and state moving between paths.
 
@@ -15,7 +16,7 @@
 
 use caseopt::{
     Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig,
-    Error, Execution, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
+    Error, Execution, Lion, LionConfig, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -25,8 +26,17 @@ const SHAPES: &[&[i64]] = &[&[600, 1000], &[300_001], &[7], &[0], &[3, 4, 5]];
 const STEPS: i64 = 5;
 
 /// The optimizer configurations under test, by name.
-const CONFIGS: &[&str] =
-    &["bop", "bop2", "adam", "adam_everything", "adam_schedule", "adamw", "adamw_amsgrad_maximize"];
+const CONFIGS: &[&str] = &[
+    "bop",
+    "bop2",
+    "adam",
+    "adam_everything",
+    "adam_schedule",
+    "adamw",
+    "adamw_amsgrad_maximize",
+    "lion",
+    "lion_decay_schedule",
+];
 
 fn make(config: &str, backend: Backend, threads: usize) -> Box<dyn Optimizer> {
     macro_rules! boxed {
@@ -70,6 +80,18 @@ fn make(config: &str, backend: Backend, threads: usize) -> Box<dyn Optimizer> {
             lr: 0.01.into(),
             amsgrad: true,
             maximize: true,
+            ..Default::default()
+        })),
+        "lion" => boxed!(Lion::new(LionConfig {
+            lr: 0.01.into(),
+            weight_decay: 0.0.into(),
+            ..Default::default()
+        })),
+        // beta1 0.3, and a schedule that changes lr every step; the decay on.
+        "lion_decay_schedule" => boxed!(Lion::new(LionConfig {
+            lr: Schedule::cosine(0.05, 4),
+            beta1: 0.3.into(),
+            weight_decay: 0.2.into(),
             ..Default::default()
         })),
         other => panic!("unknown config {other}"),
@@ -178,7 +200,8 @@ fn assert_same_training(
 }
 
 fn tolerance(config: &str, kind: Kind) -> f64 {
-    match (is_bop(config), kind) {
+    // Lion's kernel rounds each operation as ATen's ops do: the same bits.
+    match (is_bop(config) || config.starts_with("lion"), kind) {
         (true, _) => 0.0,
         (false, Kind::Float) => 1e-6,
         _ => 1e-12,

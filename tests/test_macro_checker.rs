@@ -11,8 +11,9 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 
 use caseopt::{
-    Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob, NAdam,
-    Optimizer, Predicate, RAdam, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd, VarInfo,
+    Adafactor, Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob,
+    Lion, NAdam, Optimizer, Predicate, RAdam, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd,
+    VarInfo,
 };
 use caseopt_rules::logic::Relation;
 use caseopt_rules::{ast, check, Field, OptimizerKind};
@@ -299,6 +300,8 @@ fn the_macros_builtin_table_matches_the_runtime() {
             "NAdam" => Box::new(NAdam::from_config(Default::default()).unwrap()),
             "RmsProp" => Box::new(RmsProp::from_config(Default::default()).unwrap()),
             "Adagrad" => Box::new(Adagrad::from_config(Default::default()).unwrap()),
+            "Lion" => Box::new(Lion::from_config(Default::default()).unwrap()),
+            "Adafactor" => Box::new(Adafactor::from_config(Default::default()).unwrap()),
             other => panic!("the macro knows `{other}`, the runtime does not"),
         }
     }

@@ -6,13 +6,14 @@ use tch::Tensor;
 use super::plan::Plan;
 use crate::error::{CheckpointError, Error};
 use crate::router::Router;
-use crate::schedule::Schedule;
+use crate::schedule::{Plateau, PlateauState, Schedule};
 
 /// How to put one optimizer back as it was.
 struct Undo {
     rule: usize,
     step_count: u64,
     schedules: Vec<(&'static str, Schedule)>,
+    plateaus: Vec<(Plateau, PlateauState)>,
     states: Vec<Vec<(String, Tensor)>>,
 }
 
@@ -35,6 +36,7 @@ pub(super) fn apply<R: Router + ?Sized>(
             rule,
             step_count: opt.step_count(),
             schedules: Vec::with_capacity(op.constants.len()),
+            plateaus: Vec::with_capacity(op.plateaus.len()),
             states: (0..opt.params().len())
                 .map(|i| opt.state(i).into_iter().map(|(n, t)| (n.to_string(), t)).collect())
                 .collect(),
@@ -52,6 +54,15 @@ pub(super) fn apply<R: Router + ?Sized>(
                 undo.schedules.pop();
                 result = Err(e);
                 break;
+            }
+        }
+        if result.is_ok() {
+            // A plateau is a handle: its state is set in place, shared with the user's handle.
+            for (name, state) in op.plateaus {
+                if let Ok(Schedule::Plateau(p)) = opt.schedule(name) {
+                    undo.plateaus.push((p.clone(), p.state()));
+                    p.set_state(state);
+                }
             }
         }
         if result.is_ok() {
@@ -105,6 +116,9 @@ fn rollback<R: Router + ?Sized>(router: &mut R, journal: Vec<Undo>) {
         if let Some(opt) = router.optimizer_mut(undo.rule) {
             for (name, schedule) in undo.schedules.into_iter().rev() {
                 let _ = opt.set_hyperparameter(name, schedule);
+            }
+            for (plateau, state) in undo.plateaus.into_iter().rev() {
+                plateau.set_state(state);
             }
             for (index, state) in undo.states.into_iter().enumerate() {
                 let _ = opt.set_state(index, state);

@@ -2,7 +2,7 @@
 //! `__metadata__`, and how numbers are written in it so that they read back exactly.
 
 use crate::error::CheckpointError;
-use crate::schedule::Schedule;
+use crate::schedule::{PlateauState, Schedule};
 
 /// The format tag stored in every checkpoint's metadata.
 ///
@@ -15,9 +15,9 @@ pub const FORMAT: &str = "caseopt-checkpoint";
 /// [`CheckpointError::UnsupportedVersion`]. docs/checkpoints.md states which changes bump it.
 ///
 /// ```
-/// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 1);
+/// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 2);
 /// ```
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The largest step count a checkpoint may hold, an optimizer's or a variable's: 2^53, the
 /// last count every f64 (schedules, bias corrections) holds exactly and far beyond any run, so
@@ -34,12 +34,13 @@ pub(super) const OPT_PREFIX: &str = "opt/";
 /// Prefix of the model-variable tensors.
 pub(super) const MODEL_PREFIX: &str = "model/";
 
-// The records of the version this build writes. A new version adds its own module (`v2`) whose
-// records take these names here, and a reader that migrates version 1's records into them
-// (`versions.rs`); `v1` itself is never edited, so that files written today keep loading.
-pub(super) use super::v1::{
-    Meta, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedRoute, SavedTensor,
-    SavedVariable,
+// The records of the version this build writes, version 2's. A new version adds its own module
+// (`v3`) whose records take these names here, and a reader that migrates version 2's records
+// into them (`versions.rs`); `v1` and `v2` themselves are never edited, so that files written
+// with them keep loading.
+pub(super) use super::v2::{
+    Meta, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedPlateauState, SavedRoute,
+    SavedTensor, SavedVariable,
 };
 
 /// The key of a state tensor: `opt/<rule>/<variable>/<state>`.
@@ -49,13 +50,58 @@ pub(super) fn state_key(rule: usize, variable: &str, state: &str) -> String {
 
 /// A hyperparameter as the metadata stores it.
 pub(super) fn save_schedule(schedule: &Schedule) -> SavedHyperparameter {
-    match schedule.as_constant() {
-        Some(v) => SavedHyperparameter::Constant {
+    match schedule {
+        Schedule::Constant(v) => SavedHyperparameter::Constant {
             value: format!("{v:?}"),
             bits: format!("{:016x}", v.to_bits()),
         },
-        None => SavedHyperparameter::Schedule { description: format!("{schedule:?}") },
+        Schedule::Plateau(p) => SavedHyperparameter::Plateau {
+            description: format!("{p:?}"),
+            state: save_plateau_state(&p.state()),
+        },
+        _ => SavedHyperparameter::Schedule { description: format!("{schedule:?}") },
     }
+}
+
+/// A plateau's state as the metadata stores it, each f64 by its bits.
+pub(super) fn save_plateau_state(s: &PlateauState) -> SavedPlateauState {
+    SavedPlateauState {
+        value: format!("{:016x}", s.value.to_bits()),
+        best: format!("{:016x}", s.best.to_bits()),
+        num_bad_epochs: s.num_bad_epochs,
+        cooldown_counter: s.cooldown_counter,
+        last_epoch: s.last_epoch,
+    }
+}
+
+/// A saved plateau state, checked: each f64 16 hex digits, the value finite, `best` not NaN,
+/// the counters at most [`MAX_STEP`].
+pub(super) fn parse_plateau_state(s: &SavedPlateauState) -> Result<PlateauState, String> {
+    let float = |name: &str, text: &str| {
+        parse_hex64(text)
+            .map(f64::from_bits)
+            .ok_or_else(|| format!("plateau {name} `{text}` is not 16 hex digits"))
+    };
+    let (value, best) = (float("value", &s.value)?, float("best", &s.best)?);
+    if !value.is_finite() || best.is_nan() {
+        return Err(format!("plateau value {value:?} or best metric {best:?} is not a number"));
+    }
+    for (name, n) in [
+        ("num_bad_epochs", s.num_bad_epochs),
+        ("cooldown_counter", s.cooldown_counter),
+        ("last_epoch", s.last_epoch),
+    ] {
+        if n > MAX_STEP {
+            return Err(format!("plateau {name} {n} is beyond 2^53"));
+        }
+    }
+    Ok(PlateauState {
+        value,
+        best,
+        num_bad_epochs: s.num_bad_epochs,
+        cooldown_counter: s.cooldown_counter,
+        last_epoch: s.last_epoch,
+    })
 }
 
 /// The fingerprint written as 16 hex digits (JSON numbers lose precision above 2^53 in many

@@ -1,7 +1,7 @@
 //! Checkpoints: a router's whole training state (and optionally its model's variables) in one
 //! safetensors file, written atomically and loaded all-or-nothing.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! A [safetensors](https://github.com/huggingface/safetensors) file, readable by any
 //! safetensors reader (`safetensors.torch.load_file` in Python, for instance):
@@ -12,7 +12,8 @@
 //! - tensors `model/<variable name>`: the model's variables, when written by [`save_training`];
 //! - `__metadata__["caseopt"]`: JSON with the format tag and version, the rules' fingerprint and
 //!   text, the routing table, every optimizer's step count and hyperparameters (constants by value
-//!   and bit pattern, schedules by description), and a CRC-32 of every tensor's bytes;
+//!   and bit pattern, schedules by description, [plateau](crate::Plateau) schedules by
+//!   description and state), and a CRC-32 of every tensor's bytes;
 //! - `__metadata__["caseopt.crc32"]`: the CRC-32 of that JSON text.
 //!
 //! Every change to what is written is a new format version ([`FORMAT_VERSION`]); each version
@@ -100,6 +101,7 @@ mod parse;
 mod plan;
 mod save;
 mod v1;
+mod v2;
 mod versions;
 
 use std::path::Path;

@@ -7,8 +7,9 @@ use caseopt_rules::OptimizerKind;
 use tch::{nn, Kind, Tensor};
 
 use super::format::{
-    describe_route, parse_fingerprint, parse_hex64, state_key, Meta, SavedHyperparameter,
-    SavedModelVar, SavedOptimizer, SavedRoute, SavedVariable, MAX_STEP, MODEL_PREFIX,
+    describe_route, parse_fingerprint, parse_hex64, parse_plateau_state, state_key, Meta,
+    SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedRoute, SavedVariable, MAX_STEP,
+    MODEL_PREFIX,
 };
 use super::parse::Parsed;
 use super::save::named_variables;
@@ -17,6 +18,7 @@ use crate::optim::state::{saved_state_layout, StateLayout};
 use crate::optim::Optimizer;
 use crate::predicate::dtype_name;
 use crate::router::Router;
+use crate::schedule::{PlateauState, Schedule};
 use crate::var::Param;
 
 /// Whether `optimizer` (an [`Optimizer::name`]) is one of this crate's, whose state tensors
@@ -31,6 +33,8 @@ pub(super) struct OptimizerPlan {
     pub(super) rule: usize,
     pub(super) step_count: u64,
     pub(super) constants: Vec<(&'static str, f64)>,
+    /// The plateau schedules' states to restore, by hyperparameter.
+    pub(super) plateaus: Vec<(&'static str, PlateauState)>,
     /// For every variable of the optimizer, by index: its state (empty = none yet).
     pub(super) states: Vec<Vec<(String, Tensor)>>,
 }
@@ -179,7 +183,7 @@ fn plan_optimizer<'a>(
         ))
         .into());
     }
-    let constants = plan_hyperparameters(rule, saved, opt)?;
+    let (constants, plateaus) = plan_hyperparameters(rule, saved, opt)?;
     let params = opt.params();
     check_variable_count(rule, saved, params)?;
     let index_of: HashMap<&str, usize> =
@@ -202,6 +206,7 @@ fn plan_optimizer<'a>(
         rule,
         step_count: saved.step_count,
         constants,
+        plateaus,
         states: states.into_iter().map(Option::unwrap_or_default).collect(),
     })
 }
@@ -226,13 +231,26 @@ fn check_identity(
     Ok(())
 }
 
-/// The same hyperparameter names; the constants to restore; schedules must agree (see
-/// [`plan_hyperparameter`]).
+/// What a load restores of one hyperparameter.
+enum Restore {
+    /// Nothing: the same schedule on both sides.
+    Nothing,
+    /// A constant.
+    Constant(f64),
+    /// A plateau's state (the same plateau settings on both sides).
+    Plateau(PlateauState),
+}
+
+/// The constants and the plateau states to restore, by hyperparameter.
+type Restores = (Vec<(&'static str, f64)>, Vec<(&'static str, PlateauState)>);
+
+/// The same hyperparameter names; the constants and plateau states to restore; schedules must
+/// agree (see [`plan_hyperparameter`]).
 fn plan_hyperparameters(
     rule: usize,
     saved: &SavedOptimizer,
     opt: &dyn Optimizer,
-) -> Result<Vec<(&'static str, f64)>, CheckpointError> {
+) -> Result<Restores, CheckpointError> {
     let names = opt.hyperparameter_names();
     if let Some(extra) = saved.hyperparameters.keys().find(|k| !names.contains(&k.as_str())) {
         return Err(hyperparameter_error(
@@ -242,7 +260,7 @@ fn plan_hyperparameters(
             format!("{} has no such hyperparameter", opt.name()),
         ));
     }
-    let mut constants = Vec::new();
+    let (mut constants, mut plateaus) = (Vec::new(), Vec::new());
     for &name in names {
         let Some(hp) = saved.hyperparameters.get(name) else {
             return Err(hyperparameter_error(
@@ -252,24 +270,26 @@ fn plan_hyperparameters(
                 "missing from the checkpoint".into(),
             ));
         };
-        if let Some(value) = plan_hyperparameter(opt, name, hp)
+        match plan_hyperparameter(opt, name, hp)
             .map_err(|reason| hyperparameter_error(rule, opt, name, reason))?
         {
-            constants.push((name, value));
+            Restore::Nothing => {}
+            Restore::Constant(value) => constants.push((name, value)),
+            Restore::Plateau(state) => plateaus.push((name, state)),
         }
     }
-    Ok(constants)
+    Ok((constants, plateaus))
 }
 
 /// One hyperparameter, by the rule documented on [`load_training`](super::load_training): a
-/// constant in the file and in the router is restored as saved (`Some(value)`); a schedule on
-/// either side must be the same schedule on the other (`None`: nothing to restore). `Err` says
-/// why it cannot be restored.
+/// constant in the file and in the router is restored as saved; a schedule on either side must
+/// be the same schedule on the other (nothing to restore), and a plateau the same plateau, whose
+/// state is restored. `Err` says why it cannot be restored.
 fn plan_hyperparameter(
     opt: &dyn Optimizer,
     name: &str,
     saved: &SavedHyperparameter,
-) -> Result<Option<f64>, String> {
+) -> Result<Restore, String> {
     let current = opt.schedule(name).map_err(|e| e.to_string())?;
     match saved {
         SavedHyperparameter::Constant { value, bits } => {
@@ -286,7 +306,7 @@ fn plan_hyperparameter(
                      loading"
                 ));
             }
-            Ok(Some(v))
+            Ok(Restore::Constant(v))
         }
         SavedHyperparameter::Schedule { description } => {
             let now = format!("{current:?}");
@@ -296,7 +316,20 @@ fn plan_hyperparameter(
                      `{now}`; schedules are not stored, set the same one before loading"
                 ));
             }
-            Ok(None)
+            if matches!(current, Schedule::Plateau(_)) {
+                return Err("the checkpoint holds no state for this router's plateau".into());
+            }
+            Ok(Restore::Nothing)
+        }
+        SavedHyperparameter::Plateau { description, state } => {
+            let now = format!("{current:?}");
+            if !matches!(current, Schedule::Plateau(_)) || now != *description {
+                return Err(format!(
+                    "the checkpoint was written with `{description}`, this router has `{now}`; \
+                     a plateau's state is restored into the same plateau, set it before loading"
+                ));
+            }
+            parse_plateau_state(state).map(Restore::Plateau)
         }
     }
 }
@@ -372,10 +405,9 @@ fn plan_states<'a>(
         };
         if built_in {
             let (kind, shape) = (param.tensor.kind(), param.tensor.size());
-            let (want_kind, want_shape) = match saved_state_layout(state) {
-                StateLayout::Scalar(kind) => (kind, Vec::new()),
-                StateLayout::LikeVariable => (kind, shape),
-            };
+            let layout = saved_state_layout(state);
+            let want_kind = if let StateLayout::Scalar(k) = layout { k } else { kind };
+            let want_shape = layout.shape(&shape);
             if saved_tensor.dtype != dtype_name(want_kind) || saved_tensor.shape != want_shape {
                 return Err(bad_state(
                     state,

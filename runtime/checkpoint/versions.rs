@@ -3,25 +3,29 @@
 //! as burn's versioned records and torch.optim's `__setstate__` do; the planner, the loader
 //! and `checkpoint_info` see only current records.
 //!
-//! Version 2 adds a module with its records, `impl From<v1::Meta> for v2::Meta` (the
-//! migration: defaults for what version 1 did not store, renamed states renamed), a line in
-//! [`READERS`], and moves `format`'s re-export and [`FORMAT_VERSION`] to it. Version 1's
-//! records and parser stay as they are; its reader then applies the migration.
+//! Version 2 added a module with its records (`v2`: plateau schedules' states),
+//! `impl From<v1::Meta> for v2::Meta` (the migration), a line in [`READERS`], and moved
+//! `format`'s re-export and [`FORMAT_VERSION`] to it; version 1's records and parser stayed as
+//! they were, and its reader applies the migration. Version 3 would do the same from `v2`.
 
 use super::format::{Meta, FORMAT_VERSION};
-use super::v1;
+use super::{v1, v2};
 use crate::error::CheckpointError;
 
 /// A version's reader: its metadata JSON to current records.
 type Reader = fn(&str) -> Result<Meta, CheckpointError>;
 
 /// Every version this build reads, oldest first, with its reader.
-const READERS: &[(u32, Reader)] = &[(1, read_v1)];
+const READERS: &[(u32, Reader)] = &[(1, read_v1), (2, read_v2)];
 
-/// Version 1's reader. Its records are the current ones today; version 2 makes this
-/// `v1::parse(json).map(v2::Meta::from)` (the migration) and leaves `v1` itself alone.
+/// Version 1's reader: its records, migrated to version 2's (`v2`'s `From<v1::Meta>`).
 fn read_v1(json: &str) -> Result<Meta, CheckpointError> {
-    v1::parse(json)
+    v1::parse(json).map(v2::Meta::from)
+}
+
+/// Version 2's reader (plateau schedules' states).
+fn read_v2(json: &str) -> Result<Meta, CheckpointError> {
+    v2::parse(json)
 }
 
 /// The metadata of a file that says it is of `version`, as current records; a version with no

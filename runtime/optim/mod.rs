@@ -1,6 +1,6 @@
 //! The optimizer traits and the optimizers: [`Bop`] and [`Bop2ndOrder`] (larq), and [`Sgd`],
 //! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`] (torch.optim 2.13
-//! semantics).
+//! semantics), [`Adafactor`] (torch.optim 2.13's) and [`Lion`] (optax's).
 //!
 //! Each optimizer's file holds its config and its algorithm; the bookkeeping they share
 //! (variables, states, step counts, hyperparameters, checkpoint import and export, backend) is
@@ -11,6 +11,7 @@
 //! (first step `t = 0`). Updates run in place, under `no_grad`, on the device and in the dtype
 //! of each variable.
 
+mod adafactor;
 mod adagrad;
 mod adam;
 mod adamw;
@@ -21,6 +22,7 @@ mod exec;
 mod flips;
 pub(crate) mod grad;
 pub(crate) mod hyper;
+mod lion;
 mod multi;
 mod nadam;
 mod radam;
@@ -29,6 +31,7 @@ mod sgd;
 pub(crate) mod staging;
 pub(crate) mod state;
 
+pub use adafactor::{Adafactor, AdafactorAlgorithm, AdafactorConfig};
 pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
 pub use adam::{Adam, AdamAlgorithm, AdamConfig};
 pub use adamw::{AdamW, AdamWAlgorithm, AdamWConfig};
@@ -36,6 +39,7 @@ pub use bop::{Bop, BopAlgorithm, BopConfig};
 pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
 pub use core::Optim;
 pub use flips::FlipRatios;
+pub use lion::{Lion, LionAlgorithm, LionConfig};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};
@@ -92,7 +96,7 @@ pub enum Backend {
     Torch,
     /// Fused kernels for every variable; a step that meets a variable they cannot take fails
     /// with [`Error::FusedUnavailable`](crate::Error::FusedUnavailable) before changing anything. Optimizers without fused
-    /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad) fail every step, and so does every
+    /// kernels (SGD, RAdam, NAdam, RMSprop, Adagrad, Adafactor) fail every step, and so does every
     /// optimizer when caseopt was built without the `fused` cargo feature.
     Fused,
     /// ATen's multi-tensor optimizer ops for every variable, as torch.optim issues them on a

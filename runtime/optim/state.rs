@@ -22,28 +22,68 @@ pub(crate) enum StateLayout {
     LikeVariable,
     /// A 0-dim tensor of this dtype.
     Scalar(Kind),
+    /// Its variable's dtype and shape but for dimension `dim` (counted from the end, as
+    /// `-1` is the last), which is 1: Adafactor's factored second moments.
+    Reduced(i64),
+}
+
+impl StateLayout {
+    /// The shape this layout gives a state of a variable of shape `variable`.
+    pub(crate) fn shape(self, variable: &[i64]) -> Vec<i64> {
+        match self {
+            StateLayout::LikeVariable => variable.to_vec(),
+            StateLayout::Scalar(_) => Vec::new(),
+            StateLayout::Reduced(dim) => reduced_shape(variable, dim),
+        }
+    }
+}
+
+/// `shape` with dimension `dim` (negative: from the end) set to 1; unchanged where it has no
+/// such dimension.
+pub(crate) fn reduced_shape(shape: &[i64], dim: i64) -> Vec<i64> {
+    let mut out = shape.to_vec();
+    let n = out.len() as i64;
+    let i = if dim < 0 { n + dim } else { dim };
+    if (0..n).contains(&i) {
+        out[i as usize] = 1;
+    }
+    out
 }
 
 /// The layout of the built-in optimizers' state `name`: torch's per-variable `step` counters
 /// are 0-dim int64 (as [`step_tensor`] writes them), NAdam's `mu_product` a 0-dim f32 (as
-/// torch keeps it), every other state is shaped like its variable.
+/// torch keeps it), Adafactor's `row_var` and `col_var` its variable's shape reduced over the
+/// last and the second-to-last dimension, every other state is shaped like its variable.
 pub(crate) fn saved_state_layout(name: &str) -> StateLayout {
     match name {
         "step" => StateLayout::Scalar(Kind::Int64),
         "mu_product" => StateLayout::Scalar(Kind::Float),
+        "row_var" => StateLayout::Reduced(-1),
+        "col_var" => StateLayout::Reduced(-2),
         _ => StateLayout::LikeVariable,
     }
 }
 
 /// Takes the named tensor out of a saved state, checking it against its variable.
 pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) -> Result<Tensor> {
+    take_state_shaped(state, name, param, &param.tensor.size())
+}
+
+/// Takes the named tensor out of a saved state, checking that it has its variable's dtype and
+/// the shape `shape`; moved to the variable's device.
+pub(crate) fn take_state_shaped(
+    state: &[(String, Tensor)],
+    name: &str,
+    param: &Param,
+    shape: &[i64],
+) -> Result<Tensor> {
     let t = find_state(state, name, param)?;
     let p = &param.tensor;
-    if t.size() != p.size() || t.kind() != p.kind() {
+    if t.size() != shape || t.kind() != p.kind() {
         return Err(Error::Checkpoint(CheckpointError::StateMismatch {
             variable: param.info.name.clone(),
             state: name.to_string(),
-            expected: format!("{:?} {:?}", p.kind(), p.size()),
+            expected: format!("{:?} {:?}", p.kind(), shape),
             found: format!("{:?} {:?}", t.kind(), t.size()),
         }));
     }

@@ -14,6 +14,10 @@ pub enum Range {
     UnitOpenClosed,
     /// `0 <= v < 1`.
     UnitClosedOpen,
+    /// `v <= 0` (Adafactor's `beta2_decay`).
+    NonPositive,
+    /// `v >= 1` (Adafactor's clipping threshold `d`).
+    AtLeastOne,
 }
 
 impl Range {
@@ -24,6 +28,8 @@ impl Range {
             Range::Positive => v > 0.0,
             Range::UnitOpenClosed => v > 0.0 && v <= 1.0,
             Range::UnitClosedOpen => (0.0..1.0).contains(&v),
+            Range::NonPositive => v <= 0.0,
+            Range::AtLeastOne => v >= 1.0,
         }
     }
 
@@ -34,6 +40,8 @@ impl Range {
             Range::Positive => "> 0",
             Range::UnitOpenClosed => "in (0, 1]",
             Range::UnitClosedOpen => "in [0, 1)",
+            Range::NonPositive => "<= 0",
+            Range::AtLeastOne => ">= 1",
         }
     }
 }
@@ -74,10 +82,14 @@ pub enum OptimizerKind {
     RmsProp,
     /// `caseopt::Adagrad`: torch's Adagrad.
     Adagrad,
+    /// `caseopt::Lion`: optax's Lion.
+    Lion,
+    /// `caseopt::Adafactor`: torch's Adafactor.
+    Adafactor,
 }
 
 use Field::{Bool, Float, Schedule};
-use Range::{NonNegative, Positive, UnitClosedOpen, UnitOpenClosed};
+use Range::{AtLeastOne, NonNegative, NonPositive, Positive, UnitClosedOpen, UnitOpenClosed};
 
 const ADAM_FIELDS: &[(&str, Field)] = &[
     ("lr", Schedule(NonNegative)),
@@ -101,6 +113,8 @@ impl OptimizerKind {
         OptimizerKind::NAdam,
         OptimizerKind::RmsProp,
         OptimizerKind::Adagrad,
+        OptimizerKind::Lion,
+        OptimizerKind::Adafactor,
     ];
 
     /// The Rust type's name in `caseopt` (`Sgd`), which a rule names it by.
@@ -115,6 +129,8 @@ impl OptimizerKind {
             OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RmsProp",
             OptimizerKind::Adagrad => "Adagrad",
+            OptimizerKind::Lion => "Lion",
+            OptimizerKind::Adafactor => "Adafactor",
         }
     }
 
@@ -131,6 +147,8 @@ impl OptimizerKind {
             OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RMSprop",
             OptimizerKind::Adagrad => "Adagrad",
+            OptimizerKind::Lion => "Lion",
+            OptimizerKind::Adafactor => "Adafactor",
         }
     }
 
@@ -198,6 +216,22 @@ impl OptimizerKind {
                 ("weight_decay", Schedule(NonNegative)),
                 ("initial_accumulator_value", Float(NonNegative)),
                 ("eps", Schedule(Positive)),
+                ("maximize", Bool),
+            ],
+            OptimizerKind::Lion => &[
+                ("lr", Schedule(NonNegative)),
+                ("beta1", Schedule(UnitClosedOpen)),
+                ("beta2", Schedule(UnitClosedOpen)),
+                ("weight_decay", Schedule(NonNegative)),
+            ],
+            // `eps1` (an `Option<f64>`, torch's `eps[0]`) is no literal a rule can give: set it
+            // in an `AdafactorConfig`.
+            OptimizerKind::Adafactor => &[
+                ("lr", Schedule(NonNegative)),
+                ("beta2_decay", Schedule(NonPositive)),
+                ("eps2", Schedule(NonNegative)),
+                ("d", Schedule(AtLeastOne)),
+                ("weight_decay", Schedule(NonNegative)),
                 ("maximize", Bool),
             ],
         }

@@ -1,0 +1,191 @@
+//! Lion (Chen et al. 2023), as optax 0.2's `lion` computes it. torch.optim has no Lion; optax's
+//! is the reference (tests/fixtures/gen_lion.py makes the fixtures from it).
+
+use tch::Tensor;
+
+use super::core::{Algorithm, Optim, VarState};
+use super::hyper::hyperparameters;
+use super::state::{take_state, StateSlot};
+use caseopt_rules::OptimizerKind;
+
+use crate::error::Result;
+use crate::kernels::aten;
+use crate::kernels::ops::LionKernel;
+use crate::kernels::{StateOperand, MAX_STATES};
+use crate::schedule::Schedule;
+use crate::var::Param;
+
+/// Configuration of [`Lion`]; `Default` is optax's `lion` (b1 0.9, b2 0.99, weight decay
+/// 1e-3) with the paper's suggested learning rate, 1e-4 (optax has no default for it).
+///
+/// optax's `b1` and `b2` are `beta1` and `beta2` here, as torch names its betas.
+#[derive(Debug, Clone)]
+pub struct LionConfig {
+    /// Learning rate (>= 0). Default 1e-4 (the paper: 3-10x smaller than AdamW's).
+    pub lr: Schedule,
+    /// Weight of the momentum in the interpolation whose sign is the update, in [0, 1).
+    /// Default 0.9.
+    pub beta1: Schedule,
+    /// Decay of the momentum, in [0, 1). Default 0.99.
+    pub beta2: Schedule,
+    /// Decoupled weight decay (>= 0): the update is `lr * (sign(...) + weight_decay * w)`.
+    /// Default 1e-3 (the paper: 3-10x larger than AdamW's).
+    pub weight_decay: Schedule,
+}
+
+impl Default for LionConfig {
+    fn default() -> Self {
+        LionConfig {
+            lr: 1e-4.into(),
+            beta1: 0.9.into(),
+            beta2: 0.99.into(),
+            weight_decay: 1e-3.into(),
+        }
+    }
+}
+
+hyperparameters!(
+    Lion,
+    LionConfig,
+    LionValues {
+        lr: NonNegative,
+        beta1: UnitClosedOpen,
+        beta2: UnitClosedOpen,
+        weight_decay: NonNegative,
+    }
+);
+
+/// Per-variable state of Lion: the momentum (optax's `mu`), zeros at the start.
+#[derive(Debug)]
+pub struct LionState {
+    pub(crate) exp_avg: Tensor,
+    /// Where `exp_avg` lives when it was made in a state buffer.
+    pub(crate) slot: Option<StateSlot>,
+}
+
+impl VarState for LionState {
+    fn export(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("exp_avg", self.exp_avg.alias())]
+    }
+
+    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
+        [Some(("exp_avg", &self.exp_avg)), None, None]
+    }
+
+    fn slot(&self) -> Option<StateSlot> {
+        self.slot
+    }
+}
+
+/// Lion, EvoLved Sign Momentum ([Chen et al. 2023](https://arxiv.org/abs/2302.06675)), as
+/// optax's `lion`: per variable, with momentum `m` (zeros at the start),
+///
+/// ```text
+/// u = sign((1 - beta1) * g + beta1 * m)
+/// w <- w + (-lr) * (u + weight_decay * w)      (decoupled decay, skipped when it is 0)
+/// m <- (1 - beta2) * g + beta2 * m
+/// ```
+///
+/// with each `a * b + c` rounded once on a CPU where ATen's kernels contract it (AVX2,
+/// AVX-512), as jitted optax does there, and twice elsewhere, as optax op by op: the fused
+/// kernel and the libtorch path give optax's bits (docs/parity.md). `sign` is torch's: 0 for a
+/// zero or NaN interpolation (optax's `jnp.sign` keeps a NaN).
+///
+/// ```
+/// use caseopt::{Lion, LionConfig, Optimizer, Param, VarInfo};
+/// use tch::Tensor;
+///
+/// let w = Tensor::from_slice(&[1.0f64, 1.0]);
+/// let config = LionConfig { lr: 0.1.into(), weight_decay: 0.0.into(), ..Default::default() };
+/// let mut lion = Lion::new(config)?;
+/// lion.add_param(Param::new(VarInfo::of("w", &w), w.shallow_clone()))?;
+/// lion.step_with_grads(&[Some(Tensor::from_slice(&[3.0f64, -1e-6]))])?;
+/// // Every weight moves by lr, whatever the gradient's size: the update is a sign.
+/// assert_eq!(Vec::<f64>::try_from(&w)?, vec![0.9, 1.1]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub type Lion = Optim<LionAlgorithm>;
+
+/// The algorithm behind [`Lion`].
+#[derive(Debug)]
+pub enum LionAlgorithm {}
+
+fn lion_kernel(hp: &LionValues) -> LionKernel {
+    let LionValues { lr, beta1, beta2, weight_decay } = *hp;
+    LionKernel { lr, beta1, beta2, weight_decay }
+}
+
+impl Algorithm for LionAlgorithm {
+    const KIND: OptimizerKind = OptimizerKind::Lion;
+    const STATE_NAMES: &'static [&'static str] = &["exp_avg"];
+    type Config = LionConfig;
+    type State = LionState;
+    type Kernel = LionKernel;
+    type Extra = ();
+
+    fn import_state(
+        _: &LionConfig,
+        state: &[(String, Tensor)],
+        param: &Param,
+    ) -> Result<LionState> {
+        Ok(LionState { exp_avg: take_state(state, "exp_avg", param)?, slot: None })
+    }
+
+    /// optax's `scale_by_lion`, `add_decayed_weights`, `scale_by_learning_rate` and
+    /// `apply_updates`, op for op, each `a * b + c` an ATen `add` with `alpha`: one rounding
+    /// where ATen's kernels contract it (AVX2, AVX-512), as jitted optax on such a CPU, two
+    /// elsewhere, as optax op by op.
+    fn update(
+        _: &LionConfig,
+        p: &mut Tensor,
+        grad: &Tensor,
+        state: &mut Option<LionState>,
+        hp: &LionValues,
+        _: u64,
+    ) -> Result<()> {
+        let LionValues { lr, beta1, beta2, weight_decay } = *hp;
+        let st = match state {
+            Some(st) => st,
+            empty => empty.insert(LionState { exp_avg: p.f_zeros_like()?, slot: None }),
+        };
+        let m = &mut st.exp_avg;
+        let mut u = aten::add(&m.f_mul_scalar(beta1)?, grad, 1.0 - beta1)?.f_sign()?;
+        if weight_decay != 0.0 {
+            u = aten::add(&u, p, weight_decay)?;
+        }
+        aten::add_(p, &u, -lr)?;
+        let _ = m.f_mul_scalar_(beta2)?;
+        aten::add_(m, grad, 1.0 - beta2)?;
+        Ok(())
+    }
+
+    fn kernel(_: &LionConfig, hp: &LionValues) -> Option<LionKernel> {
+        Some(lion_kernel(hp))
+    }
+
+    fn kernel_states(_: &LionKernel) -> usize {
+        1
+    }
+
+    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<LionState> {
+        let exp_avg = tensors.into_iter().next()?;
+        Some(LionState { exp_avg, slot })
+    }
+
+    /// torch.optim has no Lion, so no multi-tensor op set to follow: the multi-tensor backend
+    /// runs the libtorch update per variable (the same bits on every device ATen rounds alike).
+    fn multi(
+        this: &mut Optim<Self>,
+        grads: &[Option<Tensor>],
+        hp: &LionValues,
+        group: &[usize],
+    ) -> Result<()> {
+        for &i in group {
+            if let Some(g) = &grads[i] {
+                let mut p = this.params[i].tensor.shallow_clone();
+                Self::update(&this.config, &mut p, g, &mut this.states[i], hp, this.steps)?;
+            }
+        }
+        Ok(())
+    }
+}
