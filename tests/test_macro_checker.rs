@@ -14,6 +14,7 @@ use caseopt::{
     Adagrad, AdagradConfig, Adam, AdamW, Bop, Bop2ndOrder, Error, FromConfig, Glob, NAdam,
     Optimizer, Predicate, RAdam, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd, VarInfo,
 };
+use caseopt::{Muon, MuonConfig};
 use caseopt_rules::logic::Relation;
 use caseopt_rules::{ast, check, Field, OptimizerKind};
 use proptest::prelude::*;
@@ -299,6 +300,7 @@ fn the_macros_builtin_table_matches_the_runtime() {
             "NAdam" => Box::new(NAdam::from_config(Default::default()).unwrap()),
             "RmsProp" => Box::new(RmsProp::from_config(Default::default()).unwrap()),
             "Adagrad" => Box::new(Adagrad::from_config(Default::default()).unwrap()),
+            "Muon" => Box::new(Muon::from_config(Default::default()).unwrap()),
             other => panic!("the macro knows `{other}`, the runtime does not"),
         }
     }
@@ -329,5 +331,12 @@ fn the_macros_builtin_table_matches_the_runtime() {
     for v in probes {
         let config = AdagradConfig { initial_accumulator_value: v, ..Default::default() };
         assert_eq!(Adagrad::from_config(config).is_ok(), range.contains(v), "{v}");
+    }
+    let Some(Field::Float(range)) = OptimizerKind::Muon.field("eps") else {
+        panic!("Muon's eps is a plain float")
+    };
+    for v in probes {
+        let config = MuonConfig { eps: v, ..Default::default() };
+        assert_eq!(Muon::from_config(config).is_ok(), range.contains(v), "{v}");
     }
 }

@@ -1,6 +1,6 @@
 //! The optimizer traits and the optimizers: [`Bop`] and [`Bop2ndOrder`] (larq), and [`Sgd`],
-//! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`] (torch.optim 2.13
-//! semantics).
+//! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`], [`Muon`] (torch.optim
+//! 2.13 semantics).
 //!
 //! Each optimizer's file holds its config and its algorithm; the bookkeeping they share
 //! (variables, states, step counts, hyperparameters, checkpoint import and export, backend) is
@@ -22,6 +22,7 @@ mod flips;
 pub(crate) mod grad;
 pub(crate) mod hyper;
 mod multi;
+mod muon;
 mod nadam;
 mod radam;
 mod rmsprop;
@@ -36,6 +37,7 @@ pub use bop::{Bop, BopAlgorithm, BopConfig};
 pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
 pub use core::Optim;
 pub use flips::FlipRatios;
+pub use muon::{Muon, MuonAdjustLr, MuonAlgorithm, MuonConfig};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};

@@ -47,6 +47,8 @@ pub enum Field {
     Float(Range),
     /// A `bool`.
     Bool,
+    /// A value of the field's own type (a tuple, an integer, an enum), checked by rustc.
+    Value,
 }
 
 /// One of the runtime's optimizers: the one name a rule's single-segment optimizer path, the
@@ -74,9 +76,11 @@ pub enum OptimizerKind {
     RmsProp,
     /// `caseopt::Adagrad`: torch's Adagrad.
     Adagrad,
+    /// `caseopt::Muon`: torch's Muon (2-D variables only).
+    Muon,
 }
 
-use Field::{Bool, Float, Schedule};
+use Field::{Bool, Float, Schedule, Value};
 use Range::{NonNegative, Positive, UnitClosedOpen, UnitOpenClosed};
 
 const ADAM_FIELDS: &[(&str, Field)] = &[
@@ -101,6 +105,7 @@ impl OptimizerKind {
         OptimizerKind::NAdam,
         OptimizerKind::RmsProp,
         OptimizerKind::Adagrad,
+        OptimizerKind::Muon,
     ];
 
     /// The Rust type's name in `caseopt` (`Sgd`), which a rule names it by.
@@ -115,6 +120,7 @@ impl OptimizerKind {
             OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RmsProp",
             OptimizerKind::Adagrad => "Adagrad",
+            OptimizerKind::Muon => "Muon",
         }
     }
 
@@ -131,6 +137,17 @@ impl OptimizerKind {
             OptimizerKind::NAdam => "NAdam",
             OptimizerKind::RmsProp => "RMSprop",
             OptimizerKind::Adagrad => "Adagrad",
+            OptimizerKind::Muon => "Muon",
+        }
+    }
+
+    /// The number of dimensions every variable it trains must have (Muon: 2, as
+    /// torch.optim.Muon), or `None` for any. The macro rejects a rule routing to it whose
+    /// predicate does not imply `ndim(n)`; the runtime refuses any other variable.
+    pub const fn required_ndim(self) -> Option<u64> {
+        match self {
+            OptimizerKind::Muon => Some(2),
+            _ => None,
         }
     }
 
@@ -200,6 +217,16 @@ impl OptimizerKind {
                 ("eps", Schedule(Positive)),
                 ("maximize", Bool),
             ],
+            OptimizerKind::Muon => &[
+                ("lr", Schedule(NonNegative)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("momentum", Schedule(NonNegative)),
+                ("nesterov", Bool),
+                ("ns_coefficients", Value),
+                ("eps", Float(Positive)),
+                ("ns_steps", Value),
+                ("adjust_lr_fn", Value),
+            ],
         }
     }
 
@@ -243,5 +270,14 @@ mod tests {
         }
         assert_eq!(OptimizerKind::from_display_name("RMSprop"), Some(OptimizerKind::RmsProp));
         assert_eq!(OptimizerKind::Sgd.display_name(), "SGD");
+    }
+
+    #[test]
+    fn only_muon_requires_a_number_of_dimensions() {
+        for &kind in OptimizerKind::ALL {
+            let expected = if kind == OptimizerKind::Muon { Some(2) } else { None };
+            assert_eq!(kind.required_ndim(), expected, "{kind}");
+        }
+        assert_eq!(OptimizerKind::Muon.field("ns_steps"), Some(Value));
     }
 }
