@@ -216,6 +216,20 @@ pub enum Error {
         /// How many rules there are.
         rules: usize,
     },
+    /// A variable an optimizer cannot train: [`Muon`](crate::Muon) takes 2-D variables only,
+    /// as torch.optim.Muon does. Reported when the variable is given to the optimizer (when a
+    /// router is built), naming it.
+    #[error("{optimizer} cannot train `{variable}` of shape {shape:?}: {reason}")]
+    UnsupportedVariable {
+        /// Optimizer name.
+        optimizer: &'static str,
+        /// Variable name.
+        variable: String,
+        /// The variable's shape.
+        shape: Vec<i64>,
+        /// Why, and what to do instead.
+        reason: String,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -3,9 +3,9 @@
 //! larq's `CaseOptimizer` and `Bop` for libtorch, through the `tch` crate.
 //!
 //! Optimizers ([`Bop`], [`Bop2ndOrder`], [`Sgd`], [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`],
-//! [`RmsProp`], [`Adagrad`], [`Adafactor`], [`Lion`]) implement the [`Optimizer`] trait (twelve required methods: the
-//! variables, the step, the step count, hyperparameters and state; seven documented provided
-//! ones); their
+//! [`RmsProp`], [`Adagrad`], [`Adafactor`], [`Lion`], [`Muon`]) implement the [`Optimizer`]
+//! trait (twelve required methods: the variables, the step, the step count, hyperparameters and
+//! state; seven documented provided ones); their
 //! hyperparameters are [`Schedule`]s; variables carry [`VarInfo`] metadata, and [`PathExt`]
 //! marks tch variables as 1-bit or n-bit.
 
@@ -47,6 +47,7 @@ pub use optim::{
     Lion, LionConfig, NAdam, NAdamConfig, Optimizer, RAdam, RAdamConfig, RmsProp, RmsPropConfig,
     Sgd, SgdConfig, Sqrt,
 };
+pub use optim::{Muon, MuonAdjustLr, MuonConfig};
 pub use schedule::{Plateau, PlateauConfig, PlateauMode, PlateauState, Schedule, ThresholdMode};
 pub use tch;
 

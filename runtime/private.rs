@@ -4,6 +4,7 @@
 //! only this module, `::core` and `::std`, so it works whatever the user has in scope.
 
 pub use crate::error::{Error, Result};
+pub use crate::optim::Muon;
 pub use crate::optim::{
     Adafactor, Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, Lion, NAdam, Optimizer, RAdam,
     RmsProp, Sgd,

@@ -15,6 +15,7 @@ use caseopt::{
     Lion, NAdam, Optimizer, Predicate, RAdam, RmsProp, RoutingTable, RuleInfo, RuleSpec, Sgd,
     VarInfo,
 };
+use caseopt::{Muon, MuonConfig};
 use caseopt_rules::logic::Relation;
 use caseopt_rules::{ast, check, Field, OptimizerKind};
 use proptest::prelude::*;
@@ -302,6 +303,7 @@ fn the_macros_builtin_table_matches_the_runtime() {
             "Adagrad" => Box::new(Adagrad::from_config(Default::default()).unwrap()),
             "Lion" => Box::new(Lion::from_config(Default::default()).unwrap()),
             "Adafactor" => Box::new(Adafactor::from_config(Default::default()).unwrap()),
+            "Muon" => Box::new(Muon::from_config(Default::default()).unwrap()),
             other => panic!("the macro knows `{other}`, the runtime does not"),
         }
     }
@@ -332,5 +334,12 @@ fn the_macros_builtin_table_matches_the_runtime() {
     for v in probes {
         let config = AdagradConfig { initial_accumulator_value: v, ..Default::default() };
         assert_eq!(Adagrad::from_config(config).is_ok(), range.contains(v), "{v}");
+    }
+    let Some(Field::Float(range)) = OptimizerKind::Muon.field("eps") else {
+        panic!("Muon's eps is a plain float")
+    };
+    for v in probes {
+        let config = MuonConfig { eps: v, ..Default::default() };
+        assert_eq!(Muon::from_config(config).is_ok(), range.contains(v), "{v}");
     }
 }

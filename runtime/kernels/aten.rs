@@ -58,6 +58,29 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> i32;
+    fn caseopt_aten_addmm(
+        s: *const c_void,
+        mat1: *const c_void,
+        mat2: *const c_void,
+        beta: f64,
+        alpha: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_vector_norm(
+        s: *const c_void,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_clamp_min(
+        s: *const c_void,
+        min: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
     fn caseopt_aten_cpu_capability() -> i32;
     fn caseopt_aten_vml_sqrt(dtype: i32) -> *const c_void;
 }
@@ -128,6 +151,37 @@ pub(crate) fn addcdiv_(a: &mut Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> 
     let a = a.as_mut_ptr().cast();
     // SAFETY: as in `add_`.
     call(|e, n| unsafe { caseopt_aten_addcdiv_(a, ptr(t1), ptr(t2), value, e, n) })
+}
+
+/// `beta * a + alpha * (m1 @ m2)` (torch.addmm with `beta` and `alpha`).
+pub(crate) fn addmm(a: &Tensor, m1: &Tensor, m2: &Tensor, beta: f64, alpha: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in `add`.
+    call(|e, n| unsafe {
+        caseopt_aten_addmm(ptr(a), ptr(m1), ptr(m2), beta, alpha, &mut out, e, n)
+    })?;
+    // SAFETY: `call` succeeded, so the shim stored a fresh handle.
+    Ok(unsafe { owned(out) })
+}
+
+/// The 2-norm of all of `a`'s elements in its dtype, as Python's `Tensor.norm()` computes it
+/// (`torch.linalg.vector_norm(a, 2)`; tch has no `linalg_vector_norm`).
+pub(crate) fn vector_norm(a: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in `add`.
+    call(|e, n| unsafe { caseopt_aten_vector_norm(ptr(a), &mut out, e, n) })?;
+    // SAFETY: `call` succeeded, so the shim stored a fresh handle.
+    Ok(unsafe { owned(out) })
+}
+
+/// `a.clamp(min=min)`: aten::clamp with no upper bound, the op Python issues (tch's
+/// `clamp_min` is another op).
+pub(crate) fn clamp_min(a: &Tensor, min: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in `add`.
+    call(|e, n| unsafe { caseopt_aten_clamp_min(ptr(a), min, &mut out, e, n) })?;
+    // SAFETY: `call` succeeded, so the shim stored a fresh handle.
+    Ok(unsafe { owned(out) })
 }
 
 /// The CPU kernels ATen dispatches to, as `torch.backends.cpu.get_cpu_capability()` names them.

@@ -378,6 +378,18 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
 
     fn add_param(&mut self, param: Param) -> Result<()> {
+        if let Some(ndim) = A::KIND.required_ndim() {
+            if param.info.ndim() as u64 != ndim {
+                return Err(Error::UnsupportedVariable {
+                    optimizer: A::NAME,
+                    variable: param.info.name.clone(),
+                    shape: param.info.shape.clone(),
+                    reason: format!(
+                        "it trains {ndim}-D variables only; route the others to another optimizer (a rule `ndim({ndim}) & ...`)"
+                    ),
+                });
+            }
+        }
         A::forget_staged(self);
         self.params.push(param);
         self.states.push(None);

@@ -1,6 +1,6 @@
 //! The optimizer traits and the optimizers: [`Bop`] and [`Bop2ndOrder`] (larq), and [`Sgd`],
-//! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`] (torch.optim 2.13
-//! semantics), [`Adafactor`] (torch.optim 2.13's) and [`Lion`] (optax's).
+//! [`Adam`], [`AdamW`], [`RAdam`], [`NAdam`], [`RmsProp`], [`Adagrad`], [`Muon`] (torch.optim
+//! 2.13 semantics), [`Adafactor`] (torch.optim 2.13's) and [`Lion`] (optax's).
 //!
 //! Each optimizer's file holds its config and its algorithm; the bookkeeping they share
 //! (variables, states, step counts, hyperparameters, checkpoint import and export, backend) is
@@ -24,6 +24,7 @@ pub(crate) mod grad;
 pub(crate) mod hyper;
 mod lion;
 mod multi;
+mod muon;
 mod nadam;
 mod radam;
 mod rmsprop;
@@ -40,6 +41,7 @@ pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
 pub use core::Optim;
 pub use flips::FlipRatios;
 pub use lion::{Lion, LionAlgorithm, LionConfig};
+pub use muon::{Muon, MuonAdjustLr, MuonAlgorithm, MuonConfig};
 pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
 pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};

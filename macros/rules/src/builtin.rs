@@ -55,6 +55,8 @@ pub enum Field {
     Float(Range),
     /// A `bool`.
     Bool,
+    /// A value of the field's own type (a tuple, an integer, an enum), checked by rustc.
+    Value,
 }
 
 /// One of the runtime's optimizers: the one name a rule's single-segment optimizer path, the
@@ -86,9 +88,11 @@ pub enum OptimizerKind {
     Lion,
     /// `caseopt::Adafactor`: torch's Adafactor.
     Adafactor,
+    /// `caseopt::Muon`: torch's Muon (2-D variables only).
+    Muon,
 }
 
-use Field::{Bool, Float, Schedule};
+use Field::{Bool, Float, Schedule, Value};
 use Range::{AtLeastOne, NonNegative, NonPositive, Positive, UnitClosedOpen, UnitOpenClosed};
 
 const ADAM_FIELDS: &[(&str, Field)] = &[
@@ -115,6 +119,7 @@ impl OptimizerKind {
         OptimizerKind::Adagrad,
         OptimizerKind::Lion,
         OptimizerKind::Adafactor,
+        OptimizerKind::Muon,
     ];
 
     /// The Rust type's name in `caseopt` (`Sgd`), which a rule names it by.
@@ -131,6 +136,7 @@ impl OptimizerKind {
             OptimizerKind::Adagrad => "Adagrad",
             OptimizerKind::Lion => "Lion",
             OptimizerKind::Adafactor => "Adafactor",
+            OptimizerKind::Muon => "Muon",
         }
     }
 
@@ -149,6 +155,17 @@ impl OptimizerKind {
             OptimizerKind::Adagrad => "Adagrad",
             OptimizerKind::Lion => "Lion",
             OptimizerKind::Adafactor => "Adafactor",
+            OptimizerKind::Muon => "Muon",
+        }
+    }
+
+    /// The number of dimensions every variable it trains must have (Muon: 2, as
+    /// torch.optim.Muon), or `None` for any. The macro rejects a rule routing to it whose
+    /// predicate does not imply `ndim(n)`; the runtime refuses any other variable.
+    pub const fn required_ndim(self) -> Option<u64> {
+        match self {
+            OptimizerKind::Muon => Some(2),
+            _ => None,
         }
     }
 
@@ -234,6 +251,16 @@ impl OptimizerKind {
                 ("weight_decay", Schedule(NonNegative)),
                 ("maximize", Bool),
             ],
+            OptimizerKind::Muon => &[
+                ("lr", Schedule(NonNegative)),
+                ("weight_decay", Schedule(NonNegative)),
+                ("momentum", Schedule(NonNegative)),
+                ("nesterov", Bool),
+                ("ns_coefficients", Value),
+                ("eps", Float(Positive)),
+                ("ns_steps", Value),
+                ("adjust_lr_fn", Value),
+            ],
         }
     }
 
@@ -277,5 +304,14 @@ mod tests {
         }
         assert_eq!(OptimizerKind::from_display_name("RMSprop"), Some(OptimizerKind::RmsProp));
         assert_eq!(OptimizerKind::Sgd.display_name(), "SGD");
+    }
+
+    #[test]
+    fn only_muon_requires_a_number_of_dimensions() {
+        for &kind in OptimizerKind::ALL {
+            let expected = if kind == OptimizerKind::Muon { Some(2) } else { None };
+            assert_eq!(kind.required_ndim(), expected, "{kind}");
+        }
+        assert_eq!(OptimizerKind::Muon.field("ns_steps"), Some(Value));
     }
 }

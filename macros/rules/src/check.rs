@@ -303,9 +303,101 @@ fn check_exclusivity_within(
             }
         }
     }
+    check_required_ndim(rules, &live, errors, &mut budget);
     analysis.work = budget.used();
     analysis.budget_ran_out = budget.ran_out();
     analysis
+}
+
+/// `f` with negations pushed to the atoms and every `where(...)` literal, of either sign,
+/// replaced by false: a variable that satisfies the result satisfies `f` whatever the user
+/// functions answer (by induction over the negation normal form).
+fn without_user_atoms(f: &Formula, positive: bool) -> Formula {
+    match f {
+        Formula::Proposition(Proposition::User(_)) => Formula::Or(Vec::new()),
+        Formula::Proposition(p) => {
+            let atom = Formula::Proposition(p.clone());
+            if positive {
+                atom
+            } else {
+                !atom
+            }
+        }
+        Formula::Not(g) => without_user_atoms(g, !positive),
+        Formula::And(gs) | Formula::Or(gs) => {
+            let parts = gs.iter().map(|g| without_user_atoms(g, positive)).collect();
+            match (f, positive) {
+                (Formula::And(_), true) | (Formula::Or(_), false) => Formula::And(parts),
+                _ => Formula::Or(parts),
+            }
+        }
+    }
+}
+
+/// Rules routing to an optimizer that trains variables of one number of dimensions only
+/// (Muon: 2-D) must say so: a rule whose predicate is proven to admit a variable of another
+/// number of dimensions, whatever its `where(...)` functions answer, is an error. What depends
+/// on user functions (or on a spent budget) is left to the build, which refuses the variable by
+/// name. The default rule's predicate is the negation of every other rule's.
+fn check_required_ndim(
+    rules: &[Rule],
+    live: &[(&Rule, &Pred, Formula)],
+    errors: &mut Vec<syn::Error>,
+    budget: &mut Budget,
+) {
+    for rule in rules {
+        let Some(builtin) = rule.optimizer.builtin else { continue };
+        let Some(n) = builtin.required_ndim() else { continue };
+        let ndim = Formula::Proposition(Proposition::Ndim(n));
+        match &rule.predicate {
+            RulePredicate::Formula(pred) => {
+                let Some((_, _, f)) = live.iter().find(|(r, _, _)| r.index == rule.index) else {
+                    continue; // unsatisfiable or malformed: reported already
+                };
+                let stray = Formula::And(vec![without_user_atoms(f, true), !ndim.clone()]);
+                if logic::satisfiable(&stray, budget).0 != Answer::Sat {
+                    continue;
+                }
+                let never = Formula::And(vec![f.clone(), ndim]);
+                let message = if logic::satisfiable(&never, budget).0 == Answer::Unsat {
+                    format!(
+                        "rule `{pred}` routes variables to `{builtin}`, which trains {n}-D variables only, but no {n}-D variable can match it; route these variables to another optimizer"
+                    )
+                } else {
+                    let inner = match pred {
+                        Pred::Or(_) => format!("({pred})"),
+                        _ => pred.to_string(),
+                    };
+                    format!(
+                        "rule `{pred}` routes variables to `{builtin}`, which trains {n}-D variables only, but its predicate does not imply `ndim({n})`; write `ndim({n}) & {inner}`"
+                    )
+                };
+                errors.push(syn::Error::new_spanned(&rule.predicate_tokens, message));
+            }
+            RulePredicate::Default(underscore) => {
+                let others: Vec<&Rule> =
+                    rules.iter().filter(|r| !r.predicate.is_default()).collect();
+                let mut claimed = Vec::new();
+                for other in others {
+                    let RulePredicate::Formula(pred) = &other.predicate else { continue };
+                    match formula(pred) {
+                        Some(f) => claimed.push(f),
+                        None => return, // a malformed rule, reported already
+                    }
+                }
+                let default = Formula::And(claimed.into_iter().map(|f| !f).collect());
+                let stray = Formula::And(vec![without_user_atoms(&default, true), !ndim]);
+                if logic::satisfiable(&stray, budget).0 == Answer::Sat {
+                    errors.push(syn::Error::new_spanned(
+                        underscore,
+                        format!(
+                            "the default rule `_` routes to `{builtin}`, which trains {n}-D variables only, but it claims every variable the other rules leave, which need not be {n}-D; give `{builtin}` a rule `ndim({n}) & ...` and make another optimizer the default, e.g. `ndim({n}) => {builtin}<..>, _ => AdamW<..>`"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// The error for a rule `narrow` whose every variable the rule with predicate `wide` also
@@ -474,6 +566,39 @@ mod tests {
         let (analysis, _) = run("binary => Bop, bits(2) => Sgd, bits(3) => Adam, _ => Adam");
         assert!(!analysis.budget_ran_out);
         assert_eq!(analysis.disjoint, vec![(0, 1), (0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn muon_rules_must_imply_two_dimensions() {
+        let (_, e) = run("_ => Muon");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("the default rule `_` routes to `Muon`"), "{e:?}");
+        let (_, e) = run("binary => Muon, _ => AdamW");
+        assert_eq!(
+            e,
+            vec!["rule `binary` routes variables to `Muon`, which trains 2-D variables only, but its predicate does not imply `ndim(2)`; write `ndim(2) & binary`"]
+        );
+        let (_, e) = run(r#"name("*.w") | ndim(2) => Muon, _ => AdamW"#);
+        assert!(e[0].ends_with(r#"write `ndim(2) & (name("*.w") | ndim(2))`"#), "{e:?}");
+        let (_, e) = run("ndim(4) => Muon, _ => AdamW");
+        assert!(e[0].contains("no 2-D variable can match it"), "{e:?}");
+        // Implied: accepted.
+        for ok in [
+            "ndim(2) & !binary => Muon<lr: 0.02>, _ => AdamW",
+            "ndim(2) => Muon, _ => AdamW",
+            "!ndim(2) => AdamW, _ => Muon",
+            "binary => Bop, !binary & !ndim(2) => AdamW, _ => Muon",
+            // Decided by the user function: refused at build if a variable is not 2-D.
+            "where(is_matrix) => Muon, _ => AdamW",
+            "ndim(2) | where(f) => Muon, _ => AdamW",
+            "!where(f) => AdamW, _ => Muon",
+        ] {
+            let (_, e) = run(ok);
+            assert!(e.is_empty(), "{ok}: {e:?}");
+        }
+        // A user function does not excuse the part of the predicate that does not use it.
+        let (_, e) = run("where(f) | binary => Muon, _ => AdamW");
+        assert_eq!(e.len(), 1, "{e:?}");
     }
 
     #[test]

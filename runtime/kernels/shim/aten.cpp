@@ -9,11 +9,15 @@
 #include <ATen/Config.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/linalg_vector_norm.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <string>
 
 #if AT_MKL_ENABLED() && !defined(__APPLE__)
@@ -79,6 +83,31 @@ int32_t caseopt_aten_addcmul_(at::Tensor* self, const at::Tensor* t1, const at::
 int32_t caseopt_aten_addcdiv_(at::Tensor* self, const at::Tensor* t1, const at::Tensor* t2,
                               double value, char* err, size_t len) {
   return guarded(err, len, [&] { self->addcdiv_(*t1, *t2, value); });
+}
+
+// `*out = beta * self + alpha * (mat1 @ mat2)` (torch.addmm with `beta` and `alpha`, as
+// torch.optim.Muon's Newton-Schulz iteration calls it), a new handle the caller owns.
+int32_t caseopt_aten_addmm(const at::Tensor* self, const at::Tensor* mat1, const at::Tensor* mat2,
+                           double beta, double alpha, at::Tensor** out, char* err, size_t len) {
+  return guarded(err, len,
+                 [&] { *out = new at::Tensor(at::addmm(*self, *mat1, *mat2, beta, alpha)); });
+}
+
+// `*out = self.norm()` as Python's `Tensor.norm()` computes it: `torch.linalg.vector_norm(self,
+// 2)` over every element, in the tensor's dtype (torch.functional.norm's route for p="fro").
+int32_t caseopt_aten_vector_norm(const at::Tensor* self, at::Tensor** out, char* err,
+                                 size_t len) {
+  return guarded(err, len, [&] {
+    *out = new at::Tensor(at::linalg_vector_norm(*self, 2, std::nullopt, false, std::nullopt));
+  });
+}
+
+// `*out = self.clamp(min=min)` (aten::clamp with no upper bound), a new handle the caller owns.
+int32_t caseopt_aten_clamp_min(const at::Tensor* self, double min, at::Tensor** out, char* err,
+                               size_t len) {
+  return guarded(err, len, [&] {
+    *out = new at::Tensor(at::clamp(*self, at::Scalar(min), std::nullopt));
+  });
 }
 
 // The function ATen's CPU `sqrt` computes a contiguous f32 (`dtype` 0) or f64 (1) run with: MKL's
