@@ -240,16 +240,18 @@ unsafe fn stage_range(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Baseline {
-        // SAFETY: SSE is part of x86-64. Streaming stores are weakly ordered: the fence makes
-        // them visible before this task reports done (and so before the commit reads them).
-        unsafe { std::arch::x86_64::_mm_sfence() };
-    }
+    // SAFETY: SSE is part of x86-64. Streaming stores (every set's, the baseline's SSE2 ones
+    // included) are weakly ordered: the fence makes them visible before this task reports done
+    // (and so before the commit reads them).
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
     bad
 }
 
-/// [`math::bop_stage`] compiled for `isa`: the baseline's is that loop; AVX2's and AVX-512's
-/// are [`stage_lines`] over their vectors.
+/// [`math::bop_stage`] compiled for `isa`: [`stage_lines`] over the set's vectors on x86-64
+/// (the baseline's SSE2, which every x86-64 processor has, AVX2's or AVX-512's); elsewhere the
+/// baseline's is that loop.
 ///
 /// # Safety
 /// The CPU must support `isa` (it came from [`Isa::current`]).
@@ -264,6 +266,10 @@ unsafe fn stage_slices(
     flip: &mut impl FnMut(FlipLine),
 ) -> bool {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE2 is part of x86-64.
+        Isa::Baseline => unsafe { lanes::stage_sse2(w, g, m, m_out, s, flip) },
+        #[cfg(not(target_arch = "x86_64"))]
         Isa::Baseline => math::bop_stage(w, g, m, m_out, s, flip),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract.
@@ -277,7 +283,8 @@ unsafe fn stage_slices(
 /// [`math::bop_stage`] over vectors of `V`: sixteen elements (one output cache line) per
 /// iteration, the new state written with streaming stores once the output is aligned to a
 /// cache line; the same operations as [`math::bop`] (no fused multiply-add), so the same bits.
-/// The one definition of the vector loop: [`lanes`] instantiates it for AVX2 and AVX-512.
+/// The one definition of the vector loop: [`lanes`] instantiates it for SSE2 (the x86-64
+/// baseline), AVX2 and AVX-512.
 ///
 /// # Safety
 /// The CPU must support `V`'s instructions, and this must be inlined into a function compiled
@@ -382,6 +389,72 @@ mod lanes {
         unsafe fn non_finite(v: Self) -> u32;
         /// -1 in the lanes whose bit of `bits` is set, else +1.
         unsafe fn signs(bits: u32) -> Self;
+    }
+
+    /// SSE2, part of every x86-64 processor: the baseline's vectors, four f32 lanes. SSE2 has
+    /// no fused multiply-add, and the loop asks for none: the same bits as the scalar loop.
+    impl Lanes for __m128 {
+        const LANES: usize = 4;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn stream(p: *mut f32, v: Self) {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_stream_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn lt(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_movemask_ps(_mm_cmplt_ps(a, b)) as u32 }
+        }
+        #[inline(always)]
+        unsafe fn eq(a: Self, b: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe { _mm_movemask_ps(_mm_cmpeq_ps(a, b)) as u32 }
+        }
+        #[inline(always)]
+        unsafe fn non_finite(v: Self) -> u32 {
+            // SAFETY: the trait's contract.
+            unsafe {
+                let exponent = _mm_set1_epi32(0x7f80_0000);
+                let e = _mm_and_si128(_mm_castps_si128(v), exponent);
+                _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(e, exponent))) as u32
+            }
+        }
+        #[inline(always)]
+        unsafe fn signs(bits: u32) -> Self {
+            // SAFETY: the trait's contract.
+            unsafe {
+                // No blend before SSE4.1: +1 with the sign bit set where the lane's bit is.
+                let lane = _mm_setr_epi32(1, 2, 4, 8);
+                let set = _mm_cmpeq_epi32(_mm_and_si128(_mm_set1_epi32(bits as i32), lane), lane);
+                let sign = _mm_and_ps(_mm_castsi128_ps(set), _mm_set1_ps(-0.0));
+                _mm_or_ps(_mm_set1_ps(1.0), sign)
+            }
+        }
     }
 
     impl Lanes for __m256 {
@@ -550,6 +623,7 @@ mod lanes {
     }
 
     instantiate! {
+        stage_sse2, write_line_sse2: __m128 = "sse2";
         stage_avx2, write_line_avx2: __m256 = "avx2,fma";
         stage_avx512, write_line_avx512: __m512 = "avx512f,avx512vl,avx512bw,avx512dq,fma";
     }
@@ -596,10 +670,10 @@ pub(crate) fn commit<'p>(
             unsafe { write_flip(*f, isa) };
         }
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Baseline {
-            // SAFETY: SSE is part of x86-64; orders the streaming stores before the task ends.
-            unsafe { std::arch::x86_64::_mm_sfence() };
-        }
+        // SAFETY: SSE is part of x86-64; orders the streaming stores before the task ends.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
     };
     let lines: usize = lists.iter().map(Vec::len).sum();
     // A few lines are written faster than a thread is woken.
@@ -639,7 +713,8 @@ unsafe fn write_flip(f: Flip, isa: Isa) {
             Isa::Avx512 => return unsafe { lanes::write_line_avx512(p, f.negative) },
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { lanes::write_line_avx2(p, f.negative) },
-            Isa::Baseline => {}
+            // SAFETY: as above; SSE2 is part of x86-64.
+            Isa::Baseline => return unsafe { lanes::write_line_sse2(p, f.negative) },
         }
     }
     let _ = isa;
@@ -690,9 +765,11 @@ mod tests {
         (v, to_boundary + skip)
     }
 
-    /// Stages with `isa` and applies the result, returning (new weights, new state, bad).
+    /// Stages with `isa` (`None`: the portable loop, [`math::bop_stage`], which x86-64 runs
+    /// only for a line's head and tail) and applies the result, returning (new weights, new
+    /// state, bad, flips).
     fn staged(
-        isa: Isa,
+        isa: Option<Isa>,
         w: &[f32],
         g: &[f32],
         m: &[f32],
@@ -703,8 +780,11 @@ mod tests {
         let (mut buffer, start) = out_buffer(n, skip);
         let out = &mut buffer[start..start + n];
         let mut lines = Vec::new();
-        // SAFETY: `isa` comes from `Isa::available`, the processor's own sets.
-        let bad = unsafe { stage_slices(isa, w, g, m, out, s, &mut |l| lines.push(l)) };
+        let bad = match isa {
+            // SAFETY: `isa` comes from `Isa::available`, the processor's own sets.
+            Some(isa) => unsafe { stage_slices(isa, w, g, m, out, s, &mut |l| lines.push(l)) },
+            None => math::bop_stage(w, g, m, out, s, |l| lines.push(l)),
+        };
         #[cfg(target_arch = "x86_64")]
         // SAFETY: SSE is part of x86-64; the streaming stores are read below.
         unsafe {
@@ -740,7 +820,8 @@ mod tests {
                     let changed =
                         signs(&w0).iter().zip(signs(&w)).filter(|(a, b)| **a != *b).count();
                     assert_eq!(flips, changed, "in place, n {n}");
-                    for &isa in &sets {
+                    let loops = sets.iter().map(|&isa| Some(isa)).chain([None]);
+                    for isa in loops {
                         let (sw, sm, bad, staged_flips) = staged(isa, &w0, &g, &m0, skip);
                         assert_eq!(staged_flips, flips, "{isa:?} n {n} skip {skip}");
                         let case = format!("{isa:?} n {n} skip {skip} poison {poison:?}");
