@@ -664,26 +664,26 @@ fn a_constant_and_a_schedule_never_replace_each_other_in_either_direction() {
 fn a_file_of_a_newer_version_is_refused_naming_both_versions() {
     let dir = scratch_dir("newer");
     let path = saved_checkpoint(&dir);
-    // A version 2 file as a later build might write it: a field version 1 does not have, and
+    // A version 3 file as a later build might write it: a field version 2 does not have, and
     // every checksum right.
     craft(&path, |meta, _| {
-        meta["version"] = 2.into();
-        meta["scaler"] = serde_json::json!({ "scale": 65536.0 });
+        meta["version"] = 3.into();
+        meta["plateau"] = serde_json::json!({ "best": 0.5 });
     });
     let vs = model(&ModelSpec::default());
     let mut r = trained(bop_adam(&vs), &vs);
     let problem = assert_refused(&mut r, &path);
-    assert_eq!(problem, CheckpointError::UnsupportedVersion { found: 2, supported: 1 });
+    assert_eq!(problem, CheckpointError::UnsupportedVersion { found: 3, supported: 2 });
     let text = problem.to_string();
-    assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
+    assert!(text.contains("version 3") && text.contains("versions 1 to 2"), "{text}");
     let err = checkpoint_info(&path).unwrap_err();
     assert!(matches!(
         err,
-        Error::BadCheckpoint { problem: CheckpointError::UnsupportedVersion { found: 2, .. }, .. }
+        Error::BadCheckpoint { problem: CheckpointError::UnsupportedVersion { found: 3, .. }, .. }
     ));
-    // A field that version 1 does not define, in a file that says version 1, is not skipped.
+    // A field that version 2 does not define, in a file that says version 2, is not skipped.
     let path = saved_checkpoint(&dir);
-    craft(&path, |meta, _| meta["scaler"] = serde_json::json!({ "scale": 65536.0 }));
+    craft(&path, |meta, _| meta["plateau"] = serde_json::json!({ "best": 0.5 }));
     assert!(matches!(assert_refused(&mut r, &path), CheckpointError::Malformed(_)));
     fs::remove_dir_all(dir).unwrap();
 }

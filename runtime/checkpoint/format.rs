@@ -15,9 +15,9 @@ pub const FORMAT: &str = "caseopt-checkpoint";
 /// [`CheckpointError::UnsupportedVersion`]. docs/checkpoints.md states which changes bump it.
 ///
 /// ```
-/// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 1);
+/// assert_eq!(caseopt::checkpoint::FORMAT_VERSION, 2);
 /// ```
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The largest step count a checkpoint may hold, an optimizer's or a variable's: 2^53, the
 /// last count every f64 (schedules, bias corrections) holds exactly and far beyond any run, so
@@ -34,12 +34,13 @@ pub(super) const OPT_PREFIX: &str = "opt/";
 /// Prefix of the model-variable tensors.
 pub(super) const MODEL_PREFIX: &str = "model/";
 
-// The records of the version this build writes. A new version adds its own module (`v2`) whose
-// records take these names here, and a reader that migrates version 1's records into them
-// (`versions.rs`); `v1` itself is never edited, so that files written today keep loading.
-pub(super) use super::v1::{
-    Meta, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedRoute, SavedTensor,
-    SavedVariable,
+// The records of the version this build writes (2). A new version adds its own module (`v3`)
+// whose records take these names here, and a reader that migrates the older records into them
+// (`versions.rs`); `v1` and `v2` themselves are never edited, so that files written today keep
+// loading.
+pub(super) use super::v2::{
+    Meta, SavedFloat, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedRoute, SavedScaler,
+    SavedTensor, SavedVariable,
 };
 
 /// The key of a state tensor: `opt/<rule>/<variable>/<state>`.
