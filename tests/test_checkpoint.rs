@@ -668,14 +668,14 @@ fn a_file_of_a_newer_version_is_refused_naming_both_versions() {
     // every checksum right.
     craft(&path, |meta, _| {
         meta["version"] = 3.into();
-        meta["scaler"] = serde_json::json!({ "scale": 65536.0 });
+        meta["a_later_field"] = serde_json::json!({ "best": 0.5 });
     });
     let vs = model(&ModelSpec::default());
     let mut r = trained(bop_adam(&vs), &vs);
     let problem = assert_refused(&mut r, &path);
     assert_eq!(problem, CheckpointError::UnsupportedVersion { found: 3, supported: 2 });
     let text = problem.to_string();
-    assert!(text.contains("version 3") && text.contains("version 2"), "{text}");
+    assert!(text.contains("version 3") && text.contains("versions 1 to 2"), "{text}");
     let err = checkpoint_info(&path).unwrap_err();
     assert!(matches!(
         err,
@@ -683,7 +683,7 @@ fn a_file_of_a_newer_version_is_refused_naming_both_versions() {
     ));
     // A field that version 2 does not define, in a file that says version 2, is not skipped.
     let path = saved_checkpoint(&dir);
-    craft(&path, |meta, _| meta["scaler"] = serde_json::json!({ "scale": 65536.0 }));
+    craft(&path, |meta, _| meta["plateau"] = serde_json::json!({ "best": 0.5 }));
     assert!(matches!(assert_refused(&mut r, &path), CheckpointError::Malformed(_)));
     fs::remove_dir_all(dir).unwrap();
 }

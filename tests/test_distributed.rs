@@ -579,6 +579,57 @@ fn a_non_finite_gradient_on_one_rank_refuses_the_step_on_every_rank() {
 }
 
 #[test]
+fn a_grad_scaler_reaches_the_same_verdict_on_every_rank() {
+    // docs/mixed-precision.md, "Data-parallel training": average the gradients, then step
+    // through the scaler. A NaN in one rank's loss skips the step on every rank; the next,
+    // clean step is taken on every rank; the scales agree.
+    const TEST: &str = "a_grad_scaler_reaches_the_same_verdict_on_every_rank";
+    if let Some(w) = worker(TEST) {
+        tch::set_num_threads(1);
+        let model = Model::new(1, 8);
+        let run = || -> Result<String> {
+            let group = w.connect()?;
+            let mut dp = DataParallel::new(group, &model.vs)?;
+            let mut opt = case_optimizer! { binary => Bop<threshold: 1e-4>, _ => Adam<lr: 0.01> }
+                .build(&model.vs)?;
+            let mut scaler = caseopt::GradScaler::default();
+            let mut verdicts = Vec::new();
+            for step in 0..2 {
+                let (x, y) = global_batch(step);
+                let (x, y) = share(&x, &y, w.rank, w.world);
+                if step == 0 && w.rank == 1 {
+                    let _ = x.get(0).get(0).fill_(f64::NAN);
+                }
+                opt.zero_grad();
+                scaler.scale(&model.loss(&x, &y))?.backward();
+                dp.average_gradients()?;
+                verdicts.push(format!("{:?}", scaler.step(&mut opt)?));
+                scaler.update()?;
+            }
+            let w2: Vec<f64> = Vec::<f64>::try_from(&model.w2.flatten(0, -1))?;
+            let digest: f64 = w2.iter().enumerate().map(|(i, v)| v * (i as f64 + 1.0)).sum();
+            Ok(format!(
+                "{},{},{:?},{digest:e}",
+                verdicts.join("+"),
+                scaler.scale_factor()?,
+                opt.step_counts()
+            ))
+        };
+        match run() {
+            Ok(v) => report("verdict", v),
+            Err(e) => report("verdict", e),
+        }
+        return;
+    }
+    let dir = temp_dir(TEST);
+    let results = launch(TEST, 2, &dir, &[]);
+    let zero = result(&results[0], "verdict").to_string();
+    assert!(zero.starts_with("Skipped+Stepped,32768,[1, 1],"), "rank 0: {zero}");
+    assert_eq!(result(&results[1], "verdict"), zero, "rank 1");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_rendezvous_nobody_joins_times_out() {
     // Rank 1 of 2, with no rank 0 serving the store: the rendezvous must give up in time.
     let started = Instant::now();

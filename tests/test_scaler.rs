@@ -324,7 +324,9 @@ fn one_router_per_step() {
 fn half_gradients_are_refused() {
     let w = Tensor::from_slice(&[1.0f32, 2.0]).to_kind(Kind::Half).set_requires_grad(true);
     let vars = vec![Param::new(VarInfo::of("w", &w), w.shallow_clone())];
-    let mut opt = case_optimizer! { _ => Sgd<lr: 0.1> }.build_from(vars).unwrap();
+    // An f16 variable trains only with f32 state (`master_weights`); its gradient is still f16.
+    let mut opt =
+        case_optimizer! { _ => Sgd<lr: 0.1, master_weights: true> }.build_from(vars).unwrap();
     let mut scaler =
         GradScaler::new(GradScalerConfig { init_scale: 4.0, ..Default::default() }).unwrap();
     scaler.scale(&w.sum(Kind::Float)).unwrap().backward();

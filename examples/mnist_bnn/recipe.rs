@@ -12,9 +12,10 @@
 //!   variable is a latent weight, so the router does not warn that it holds values other than
 //!   -1 and +1.
 
+use caseopt::amp::Autocast;
 use caseopt::{case_optimizer, Constraint, KernelInit, Router};
 use clap::ValueEnum;
-use tch::nn;
+use tch::{nn, Device, Kind};
 
 /// How the binary kernels are trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -97,5 +98,48 @@ mod tests {
             assert_eq!(Recipe::from_str(r.name(), false), Ok(r));
         }
         assert_eq!(Recipe::from_code(7), None);
+    }
+}
+
+/// The precision of the forward and backward passes (`--precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// Every op in f32.
+    F32,
+    /// Under autocast in bfloat16 (CPU's or CUDA's): convolutions and matrix products in
+    /// bfloat16, losses and the other ops of autocast's f32 list in f32; the variables, their
+    /// gradients and the optimizers' state stay f32. No loss scaling: bfloat16 has f32's
+    /// exponent range, so no gradient underflows that would not in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// How the precision is stored in a checkpoint's run state.
+    pub fn code(self) -> i64 {
+        match self {
+            Precision::F32 => 0,
+            Precision::Bf16 => 1,
+        }
+    }
+
+    /// The precision stored as `code`.
+    pub fn from_code(code: i64) -> Option<Precision> {
+        [Precision::F32, Precision::Bf16].into_iter().find(|p| p.code() == code)
+    }
+
+    /// The autocast region for one forward pass on `device` (`None` in f32).
+    pub fn autocast(self, device: Device) -> caseopt::Result<Option<Autocast>> {
+        match self {
+            Precision::F32 => Ok(None),
+            Precision::Bf16 => Autocast::enter(device, Kind::BFloat16).map(Some),
+        }
     }
 }

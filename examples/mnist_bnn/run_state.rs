@@ -11,22 +11,23 @@
 //! That needs the seed, the data (which fixes the model's shapes: image size and classes), the
 //! number of training images (the length of each permutation) and the finished epochs, all
 //! stored here, so a resumed run continues with the very numbers an uninterrupted one would
-//! have used. The recipe is stored too: a run is never continued with another optimizer.
+//! have used. The recipe is stored too: a run is never continued with another optimizer; and
+//! the precision: a run is never continued in another.
 
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 use tch::{nn, Kind, Tensor};
 
-use crate::recipe::Recipe;
+use crate::recipe::{Precision, Recipe};
 
 /// The variable's name in the `VarStore` (and `model/run.state` in the checkpoint file).
 pub const VARIABLE: &str = "run.state";
 /// Bumped whenever the layout of the stored integers changes (2: the recipe was added; 3: the
-/// world size).
-const LAYOUT_VERSION: i64 = 3;
-/// Number of stored integers: the layout version and the nine fields of [`RunState`].
-const LEN: usize = 10;
+/// world size; 4: the precision).
+const LAYOUT_VERSION: i64 = 4;
+/// Number of stored integers: the layout version and the ten fields of [`RunState`].
+const LEN: usize = 11;
 
 /// The settings a run's results depend on, and how far it got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct RunState {
     /// Processes the global batches are split over (`--world-size`): each rank's batch norms
     /// see its own slice, so another split trains differently.
     pub world_size: u32,
+    /// The forward and backward passes' precision (`--precision`).
+    pub precision: Precision,
 }
 
 /// Why a run cannot resume from a checkpoint.
@@ -111,11 +114,12 @@ impl RunState {
             self.data as i64,
             self.recipe.code(),
             i64::from(self.world_size),
+            self.precision.code(),
         ]
     }
 
     fn from_values(v: &[i64]) -> Result<RunState, String> {
-        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data, recipe, world] =
+        let &[version, epochs_done, batch_size, train_images, classes, precise, seed, data, recipe, world, precision] =
             v
         else {
             return Err(format!("{} integers, expected {LEN}", v.len()));
@@ -128,6 +132,8 @@ impl RunState {
         let classes = u32::try_from(classes).map_err(|_| format!("class count {classes}"))?;
         let recipe = Recipe::from_code(recipe).ok_or_else(|| format!("recipe code {recipe}"))?;
         let world_size = u32::try_from(world).map_err(|_| format!("world size {world}"))?;
+        let precision =
+            Precision::from_code(precision).ok_or_else(|| format!("precision code {precision}"))?;
         Ok(RunState {
             epochs_done,
             batch_size,
@@ -138,6 +144,7 @@ impl RunState {
             data: data as u64,
             recipe,
             world_size,
+            precision,
         })
     }
 
@@ -157,6 +164,8 @@ impl RunState {
         };
         let (a, b) = (self.recipe, now.recipe);
         differ("--recipe", a == b, a.name().to_string(), b.name().to_string());
+        let (a, b) = (self.precision, now.precision);
+        differ("--precision", a == b, a.name().to_string(), b.name().to_string());
         let (a, b) = (self.world_size, now.world_size);
         differ("--world-size", a == b, a.to_string(), b.to_string());
         let hash = |h: u64| format!("data with FNV-1a {h:#018x}");
@@ -271,6 +280,7 @@ mod tests {
             data: 0xfedc_ba98_7654_3210,
             recipe: Recipe::LatentAdam,
             world_size: 2,
+            precision: Precision::Bf16,
         }
     }
 
@@ -293,6 +303,7 @@ mod tests {
             epochs_done: 0,
             recipe: Recipe::Bop,
             world_size: 1,
+            precision: Precision::F32,
             ..saved
         };
         let e = saved.check_resumable(Path::new("ck"), &now, 3).unwrap_err();
@@ -308,6 +319,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("`--world-size` differs: the checkpoint's run had 2, this run has 1"));
+        assert!(
+            text.contains("`--precision` differs: the checkpoint's run had bf16, this run has f32")
+        );
         assert!(!text.contains("--data"), "{text}");
         let e = saved.check_resumable(Path::new("ck"), &RunState { epochs_done: 0, ..saved }, 1);
         assert!(matches!(e, Err(ResumeError::EpochsBelow { done: 2, epochs: 1, .. })));

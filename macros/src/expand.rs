@@ -102,10 +102,25 @@ pub fn expand(input: &Input, analysis: &Analysis) -> TokenStream {
     // would drop every other rule's config or optimizer by name, O(N^2) code (200 rules took
     // minutes in LLVM).
     let positions: Vec<syn::Index> = (0..rules.len()).map(syn::Index::from).collect();
-    let builds = indices.iter().zip(&fields).zip(&spans).zip(&types).zip(&positions).map(
-        |((((i, f), &span), ty), at)| {
+    // `master_weights: true` (checked to be a literal) builds the rule's optimizer with f32
+    // state for half-precision variables.
+    let masters: Vec<bool> = rules
+        .iter()
+        .map(|r| {
+            r.optimizer.hyperparameters.iter().any(|p| {
+                p.key == caseopt_rules::builtin::MASTER_WEIGHTS
+                    && p.value.literal == Some(caseopt_rules::ast::Literal::Bool(true))
+            })
+        })
+        .collect();
+    let builds = indices.iter().zip(&fields).zip(&spans).zip(&types).zip(&positions).zip(&masters).map(
+        |(((((i, f), &span), ty), at), &master)| {
             let (i, _) = at_user(span, i, f);
-            let call = quote_spanned!(span=> ::caseopt::__private::build_rule::<#ty>);
+            let call = if master {
+                quote_spanned!(span=> ::caseopt::__private::build_rule_master::<#ty>)
+            } else {
+                quote_spanned!(span=> ::caseopt::__private::build_rule::<#ty>)
+            };
             quote! {
                 built.#at = ::core::option::Option::Some(#call(&mut assembly, #i, &mut configs.#at)?);
             }

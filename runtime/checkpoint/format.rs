@@ -39,8 +39,8 @@ pub(super) const MODEL_PREFIX: &str = "model/";
 // into them (`versions.rs`); `v1` and `v2` themselves are never edited, so that files written
 // with them keep loading.
 pub(super) use super::v2::{
-    Meta, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedPlateauState, SavedRoute,
-    SavedTensor, SavedVariable,
+    Meta, SavedFloat, SavedHyperparameter, SavedModelVar, SavedOptimizer, SavedPlateauState,
+    SavedRoute, SavedScaler, SavedTensor, SavedVariable,
 };
 
 /// The key of a state tensor: `opt/<rule>/<variable>/<state>`.

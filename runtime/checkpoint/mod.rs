@@ -16,6 +16,9 @@
 //!   description and state), and a CRC-32 of every tensor's bytes;
 //! - `__metadata__["caseopt.crc32"]`: the CRC-32 of that JSON text.
 //!
+//! Version 2 adds one field to version 1's JSON, `scaler`: a [`GradScaler`]'s state when the
+//! file was written by [`save_scaled`], `null` otherwise. Version-1 files load as before.
+//!
 //! Every change to what is written is a new format version ([`FORMAT_VERSION`]); each version
 //! ever written keeps a reader that migrates its records to the current ones, an unknown field
 //! in a known version is refused rather than skipped, and a newer version is
@@ -108,6 +111,7 @@ use std::path::Path;
 
 use tch::nn;
 
+use crate::amp::GradScaler;
 pub use crate::error::CheckpointError;
 use crate::error::Result;
 use crate::router::Router;
@@ -155,11 +159,11 @@ pub trait Checkpoint {
 
 impl<R: Router + ?Sized> Checkpoint for R {
     fn save_checkpoint<P: AsRef<Path>>(&self, path: P) -> Result<()> {
-        save(path.as_ref(), self, None)
+        save(path.as_ref(), self, None, None)
     }
 
     fn load_checkpoint<P: AsRef<Path>>(&mut self, path: P) -> Result<()> {
-        load(path.as_ref(), self, None)
+        load(path.as_ref(), self, None, None)
     }
 }
 
@@ -189,7 +193,7 @@ pub fn save_training<P: AsRef<Path>, R: Router + ?Sized>(
     vs: &nn::VarStore,
     router: &R,
 ) -> Result<()> {
-    save(path.as_ref(), router, Some(vs))
+    save(path.as_ref(), router, Some(vs), None)
 }
 
 /// Restores the model's variables and the router's state from a checkpoint written by
@@ -231,7 +235,71 @@ pub fn load_training<P: AsRef<Path>, R: Router + ?Sized>(
     vs: &nn::VarStore,
     router: &mut R,
 ) -> Result<()> {
-    load(path.as_ref(), router, Some(vs))
+    load(path.as_ref(), router, Some(vs), None)
+}
+
+/// Writes the router's whole state, the model's variables when `vs` is given (as
+/// [`save_training`] does), and the gradient scaler's state (torch.amp.GradScaler's
+/// `state_dict()`: the scale, the growth tracker and the three factors, each exactly) to one
+/// checkpoint, atomically; [`load_scaled`] resumes all of them bit for bit. Refused as
+/// [`Checkpoint::save_checkpoint`] is, and with
+/// [`ScalerError::MidStep`](crate::ScalerError::MidStep) between the scaler's `unscale`/`step`
+/// and its `update` (save after `update`, as torch advises).
+///
+/// ```
+/// use caseopt::{case_optimizer, load_scaled, save_scaled, GradScaler, GradScalerConfig};
+/// use tch::{nn, Device, Kind};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let w = vs.root().ones("w", &[3]);
+/// let mut opt = case_optimizer! { _ => Adam<lr: 0.1> }.build(&vs)?;
+/// let mut scaler = GradScaler::new(GradScalerConfig { growth_interval: 1, ..Default::default() })?;
+/// opt.zero_grad();
+/// scaler.scale(&w.sum(Kind::Float))?.backward();
+/// scaler.step(&mut opt)?;
+/// scaler.update()?; // a clean step: the scale doubles
+/// # let dir = std::env::temp_dir().join(format!("caseopt-doc-scaled-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("training.safetensors");
+/// save_scaled(&path, Some(&vs), &opt, &scaler)?;
+///
+/// drop(opt);
+/// let mut opt = case_optimizer! { _ => Adam<lr: 0.1> }.build(&vs)?;
+/// let mut resumed = GradScaler::default();
+/// load_scaled(&path, Some(&vs), &mut opt, &mut resumed)?;
+/// assert_eq!(resumed.state()?, scaler.state()?);
+/// assert_eq!(resumed.scale_factor()?, 131072.0);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn save_scaled<P: AsRef<Path>, R: Router + ?Sized>(
+    path: P,
+    vs: Option<&nn::VarStore>,
+    router: &R,
+    scaler: &GradScaler,
+) -> Result<()> {
+    save(path.as_ref(), router, vs, Some(scaler))
+}
+
+/// Restores a checkpoint written by [`save_scaled`]: the router's state, the model's variables
+/// when `vs` is given (as [`load_training`] does) and the scaler's state
+/// ([`GradScaler::load_state`]: scale, growth tracker, factors). Everything is checked before
+/// anything changes, the scaler's values included; on any error router, model and scaler are
+/// as they were. A file without a scaler's state (written by `save_checkpoint`,
+/// `save_training`, or a version-1 file) is [`CheckpointError::NoScaler`]; a file with one
+/// loaded by `load_checkpoint` or `load_training` is [`CheckpointError::ScalerNotLoaded`],
+/// so that no run resumes with another scale unnoticed. A disabled scaler loads nothing into
+/// itself (as torch); an enabled one refuses a disabled scaler's file
+/// ([`CheckpointError::BadScaler`]). Refused with
+/// [`ScalerError::MidStep`](crate::ScalerError::MidStep) between the scaler's
+/// `unscale`/`step` and its `update`. See [`save_scaled`] for an example.
+pub fn load_scaled<P: AsRef<Path>, R: Router + ?Sized>(
+    path: P,
+    vs: Option<&nn::VarStore>,
+    router: &mut R,
+    scaler: &mut GradScaler,
+) -> Result<()> {
+    load(path.as_ref(), router, vs, Some(scaler))
 }
 
 /// What a checkpoint says about itself, read without a router.

@@ -149,11 +149,11 @@ mod tests {
                 (METADATA_CRC_KEY, crc.to_string()),
             ]))
         };
-        let json = r#"{"format":"caseopt-checkpoint","version":2}"#;
+        let json = r#"{"format":"caseopt-checkpoint","version":3}"#;
         let file = write(json, crc32fast::hash(json.as_bytes()));
         assert_eq!(
             parse(&file).err(),
-            Some(CheckpointError::UnsupportedVersion { found: 2, supported: 1 })
+            Some(CheckpointError::UnsupportedVersion { found: 3, supported: 2 })
         );
         let file = write(json, crc32fast::hash(json.as_bytes()) ^ 1);
         assert!(matches!(parse(&file), Err(CheckpointError::ChecksumMismatch { .. })));

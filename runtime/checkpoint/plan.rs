@@ -200,7 +200,7 @@ fn plan_optimizer<'a>(
             ))
             .into());
         }
-        states[index] = Some(plan_states(parsed, rule, var, &params[index], opt, claimed)?);
+        states[index] = Some(plan_states(parsed, rule, var, index, &params[index], opt, claimed)?);
     }
     Ok(OptimizerPlan {
         rule,
@@ -374,10 +374,12 @@ fn check_variable_count(
 /// One variable's state tensors: names the optimizer keeps, each listed once, present in the
 /// file, and (for the built-in optimizers) of the shape and dtype the optimizer will accept;
 /// built on the variable's device.
+#[allow(clippy::too_many_arguments)]
 fn plan_states<'a>(
     parsed: &'a Parsed<'_>,
     rule: usize,
     var: &SavedVariable,
+    index: usize,
     param: &Param,
     opt: &dyn Optimizer,
     claimed: &mut BTreeSet<&'a str>,
@@ -404,7 +406,9 @@ fn plan_states<'a>(
             return Err(bad_state(state, format!("tensor `{key}` is missing")));
         };
         if built_in {
-            let (kind, shape) = (param.tensor.kind(), param.tensor.size());
+            // A half-precision variable under `master_weights` keeps f32 state.
+            let kind = opt.state_kind(index).unwrap_or(param.tensor.kind());
+            let shape = param.tensor.size();
             let layout = saved_state_layout(state);
             let want_kind = if let StateLayout::Scalar(k) = layout { k } else { kind };
             let want_shape = layout.shape(&shape);

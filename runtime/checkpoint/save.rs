@@ -11,9 +11,11 @@ use tch::{nn, Tensor};
 use super::atomic::write_atomically;
 use super::container::{write_safetensors, Blob};
 use super::format::{
-    save_schedule, state_key, Meta, SavedModelVar, SavedOptimizer, SavedRoute, SavedTensor,
-    SavedVariable, FORMAT, FORMAT_VERSION, METADATA_CRC_KEY, METADATA_KEY, MODEL_PREFIX,
+    save_schedule, state_key, Meta, SavedFloat, SavedModelVar, SavedOptimizer, SavedRoute,
+    SavedScaler, SavedTensor, SavedVariable, FORMAT, FORMAT_VERSION, METADATA_CRC_KEY,
+    METADATA_KEY, MODEL_PREFIX,
 };
+use crate::amp::GradScaler;
 use crate::error::{CheckpointError, Error, Result};
 use crate::optim::Optimizer;
 use crate::predicate::dtype_name;
@@ -70,11 +72,37 @@ fn check_unchanged<R: Router + ?Sized>(router: &R) -> Result<()> {
     Ok(())
 }
 
+/// An f32 as the metadata stores it: its text and its 8 hex digits.
+pub(super) fn save_f32(v: f32) -> SavedFloat {
+    SavedFloat { value: format!("{v:?}"), bits: format!("{:08x}", v.to_bits()) }
+}
+
+/// An f64 as the metadata stores it: its text and its 16 hex digits.
+pub(super) fn save_f64(v: f64) -> SavedFloat {
+    SavedFloat { value: format!("{v:?}"), bits: format!("{:016x}", v.to_bits()) }
+}
+
+/// The scaler's state as the metadata stores it; refused in the middle of a step.
+fn save_scaler(scaler: &GradScaler) -> Result<SavedScaler> {
+    scaler.check_between_steps("save_scaled")?;
+    let state = scaler.state()?;
+    Ok(SavedScaler {
+        enabled: scaler.is_enabled(),
+        scale: save_f32(state.scale),
+        growth_tracker: i64::from(state.growth_tracker),
+        growth_factor: save_f64(state.growth_factor),
+        backoff_factor: save_f64(state.backoff_factor),
+        growth_interval: u64::from(state.growth_interval),
+    })
+}
+
 pub(super) fn save<R: Router + ?Sized>(
     path: &Path,
     router: &R,
     vs: Option<&nn::VarStore>,
+    scaler: Option<&GradScaler>,
 ) -> Result<()> {
+    let scaler = scaler.map(save_scaler).transpose()?;
     check_unchanged(router)?;
     let rules: Vec<String> = router.rules().iter().map(ToString::to_string).collect();
     // Variables added to the VarStore since the router last routed are recorded as the next
@@ -167,6 +195,7 @@ pub(super) fn save<R: Router + ?Sized>(
         optimizers,
         model,
         tensors,
+        scaler,
     };
     let json =
         serde_json::to_string(&meta).map_err(|e| unencodable(format!("the metadata: {e}")))?;

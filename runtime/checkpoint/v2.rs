@@ -1,10 +1,17 @@
 //! Version 2 of the checkpoint metadata, frozen once shipped like version 1: version 1's
-//! records, and a hyperparameter kind more, a plateau schedule ([`Schedule::Plateau`]) stored by
-//! its description *and its state* (its value and its memory of the reports), which a plateau's
-//! run needs to resume. Records version 2 did not change are version 1's own.
+//! records, and two additions (issues 23 and 24):
 //!
-//! The migration from version 1 ([`From<v1::Meta>`]) changes nothing: a version-1 file has no
-//! plateau (there was none), and every record it has reads the same.
+//! - a hyperparameter kind more, a plateau schedule ([`Schedule::Plateau`]) stored by its
+//!   description *and its state* (its value and its memory of the reports), which a plateau's
+//!   run needs to resume;
+//! - one field, `scaler`, the [`GradScaler`](crate::GradScaler)'s state when the file was
+//!   written by [`save_scaled`](super::save_scaled), `null` otherwise.
+//!
+//! Records version 2 did not change are version 1's own. The migration from version 1
+//! ([`From<v1::Meta>`]) adds nothing: a version-1 file has no plateau and no scaler (there were
+//! none), and every record it has reads the same. As for every version: never edit these
+//! records; a change to what is written is a new version (docs/checkpoints.md,
+//! "Compatibility").
 //!
 //! [`Schedule::Plateau`]: crate::schedule::Schedule::Plateau
 
@@ -32,6 +39,9 @@ pub(super) struct Meta {
     pub(super) model: Option<Vec<SavedModelVar>>,
     /// Every tensor of the file, by key.
     pub(super) tensors: BTreeMap<String, SavedTensor>,
+    /// The gradient scaler's state (written by [`save_scaled`](super::save_scaled)); `null`
+    /// for a file written without one. Always present in a version-2 file.
+    pub(super) scaler: Option<SavedScaler>,
 }
 
 /// One rule's optimizer.
@@ -98,8 +108,36 @@ impl From<v1::SavedOptimizer> for SavedOptimizer {
     }
 }
 
+/// A number written for people (`value`, Rust's shortest round-trip text) and for exactness
+/// (`bits`: the IEEE bit pattern in hex, 8 digits for an f32, 16 for an f64).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SavedFloat {
+    pub(super) value: String,
+    pub(super) bits: String,
+}
+
+/// A [`GradScaler`](crate::GradScaler)'s state: what torch.amp.GradScaler's `state_dict()`
+/// holds (`scale`, `growth_factor`, `backoff_factor`, `growth_interval`, `_growth_tracker`),
+/// and whether the scaler was enabled (a disabled torch scaler's `state_dict()` is empty; here
+/// its values are written all the same, and a disabled file does not load into an enabled
+/// scaler, as torch's `load_state_dict` refuses an empty dict).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SavedScaler {
+    pub(super) enabled: bool,
+    /// The f32 scale (8 hex digits).
+    pub(super) scale: SavedFloat,
+    pub(super) growth_tracker: i64,
+    /// f64 (16 hex digits).
+    pub(super) growth_factor: SavedFloat,
+    /// f64 (16 hex digits).
+    pub(super) backoff_factor: SavedFloat,
+    pub(super) growth_interval: u64,
+}
+
 /// The migration: version 1's records as version 2's (nothing to add: version 1 had no
-/// plateau).
+/// plateau and no scaler).
 impl From<v1::Meta> for Meta {
     fn from(m: v1::Meta) -> Self {
         Meta {
@@ -111,6 +149,7 @@ impl From<v1::Meta> for Meta {
             optimizers: m.optimizers.into_iter().map(SavedOptimizer::from).collect(),
             model: m.model,
             tensors: m.tensors,
+            scaler: None,
         }
     }
 }

@@ -3,10 +3,14 @@
 //! as burn's versioned records and torch.optim's `__setstate__` do; the planner, the loader
 //! and `checkpoint_info` see only current records.
 //!
-//! Version 2 added a module with its records (`v2`: plateau schedules' states),
-//! `impl From<v1::Meta> for v2::Meta` (the migration), a line in [`READERS`], and moved
-//! `format`'s re-export and [`FORMAT_VERSION`] to it; version 1's records and parser stayed as
-//! they were, and its reader applies the migration. Version 3 would do the same from `v2`.
+//! Each new version adds a module with its records, `impl From<previous::Meta> for
+//! new::Meta` (the migration: defaults for what the older version did not store, renamed
+//! states renamed), a line in [`READERS`], and moves `format`'s re-export and
+//! [`FORMAT_VERSION`] to it. Older versions' records and parsers stay as they are; their
+//! readers apply the migrations.
+//!
+//! Version 2 (issues 23 and 24) added plateau schedules' states and the gradient scaler's state
+//! (`v2.rs`); version 1 migrates to it with neither.
 
 use super::format::{Meta, FORMAT_VERSION};
 use super::{v1, v2};
@@ -18,12 +22,12 @@ type Reader = fn(&str) -> Result<Meta, CheckpointError>;
 /// Every version this build reads, oldest first, with its reader.
 const READERS: &[(u32, Reader)] = &[(1, read_v1), (2, read_v2)];
 
-/// Version 1's reader: its records, migrated to version 2's (`v2`'s `From<v1::Meta>`).
+/// Version 1's reader: its records, migrated to version 2's (no plateau, no scaler).
 fn read_v1(json: &str) -> Result<Meta, CheckpointError> {
     v1::parse(json).map(v2::Meta::from)
 }
 
-/// Version 2's reader (plateau schedules' states).
+/// Version 2's reader: its records are the current ones.
 fn read_v2(json: &str) -> Result<Meta, CheckpointError> {
     v2::parse(json)
 }
@@ -59,5 +63,17 @@ mod tests {
                 Some(CheckpointError::UnsupportedVersion { found, supported: FORMAT_VERSION })
             );
         }
+    }
+
+    #[test]
+    fn version_1_migrates_with_no_scaler_and_version_2_fields_are_not_version_1s() {
+        let v1 = r#"{"format":"caseopt-checkpoint","version":1,"fingerprint":"0000000000000001",
+            "rules":[],"routes":[],"optimizers":[],"model":null,"tensors":{}}"#;
+        let meta = read(1, v1).unwrap();
+        assert!(meta.scaler.is_none());
+        // A version-1 file that carries version 2's field is damaged or forged.
+        let forged = v1.replace(r#""tensors":{}"#, r#""tensors":{},"scaler":null"#);
+        assert!(matches!(read(1, &forged), Err(CheckpointError::Malformed(_))));
+        assert!(read(2, &forged).unwrap().scaler.is_none());
     }
 }

@@ -2,6 +2,8 @@
 //! [`GradScaler`](crate::GradScaler): tch has `_amp_update_scale_` but not
 //! `_amp_foreach_non_finite_check_and_unscale_`, whose tensor list is updated in place.
 //! Both go through the shim so that the scaler issues exactly torch.amp.GradScaler's ops.
+//! Also `at::autocast`'s switches for any device ([`Autocast`](crate::amp::Autocast)): tch's
+//! `autocast` turns CUDA's on only.
 
 use std::ffi::{c_char, c_void};
 
@@ -25,6 +27,27 @@ extern "C" {
         growth_factor: f64,
         backoff_factor: f64,
         growth_interval: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_autocast_enter(
+        device_type: i32,
+        dtype: i32,
+        prev_enabled: *mut i32,
+        prev_dtype: *mut i32,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_autocast_exit(
+        device_type: i32,
+        prev_enabled: i32,
+        prev_dtype: i32,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_autocast_is_enabled(
+        device_type: i32,
+        enabled: *mut i32,
         err: *mut c_char,
         len: usize,
     ) -> i32;
@@ -92,4 +115,38 @@ pub(crate) fn update_scale_(
             n,
         )
     })
+}
+
+/// `c10::DeviceType::CPU`.
+pub(crate) const DEVICE_CPU: i32 = 0;
+/// `c10::DeviceType::CUDA`.
+pub(crate) const DEVICE_CUDA: i32 = 1;
+/// `c10::ScalarType::Half`.
+pub(crate) const SCALAR_HALF: i32 = 5;
+/// `c10::ScalarType::BFloat16`.
+pub(crate) const SCALAR_BFLOAT16: i32 = 15;
+
+/// Turns autocast on for `device_type` in `dtype` (torch.autocast's `__enter__`), returning
+/// the previous flag and dtype for [`autocast_exit`].
+pub(crate) fn autocast_enter(device_type: i32, dtype: i32) -> Result<(i32, i32)> {
+    let (mut enabled, mut previous) = (0i32, 0i32);
+    // SAFETY: the two out-pointers are live locals; the shim catches every exception.
+    call(|e, n| unsafe {
+        caseopt_autocast_enter(device_type, dtype, &mut enabled, &mut previous, e, n)
+    })?;
+    Ok((enabled, previous))
+}
+
+/// Leaves the region [`autocast_enter`] entered, restoring what it returned.
+pub(crate) fn autocast_exit(device_type: i32, enabled: i32, dtype: i32) -> Result<()> {
+    // SAFETY: plain values; the shim catches every exception.
+    call(|e, n| unsafe { caseopt_autocast_exit(device_type, enabled, dtype, e, n) })
+}
+
+/// Whether autocast is on for `device_type` on this thread.
+pub(crate) fn autocast_is_enabled(device_type: i32) -> Result<bool> {
+    let mut enabled = 0i32;
+    // SAFETY: the out-pointer is a live local; the shim catches every exception.
+    call(|e, n| unsafe { caseopt_autocast_is_enabled(device_type, &mut enabled, e, n) })?;
+    Ok(enabled != 0)
 }

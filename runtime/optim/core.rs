@@ -8,8 +8,10 @@
 //! [`Optimizer`], [`FromConfig`] and [`Execution`] once for all of them; the compiler checks
 //! the contract, where a macro over field names could not.
 
+use std::sync::{Mutex, OnceLock};
+
 use caseopt_rules::OptimizerKind;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::exec::Exec;
 use super::flips::{FlipCounts, FlipRatios, PendingFlips};
@@ -20,6 +22,7 @@ use super::{Backend, Execution, FromConfig, Optimizer, Sqrt};
 use crate::constraint::Constraint;
 use crate::error::{CheckpointError, Error, Result};
 use crate::kernels::{Kernel, StateOperand, MAX_STATES};
+use crate::predicate::dtype_name;
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -196,6 +199,41 @@ pub struct Optim<A: Algorithm> {
     pub(crate) constraints: Vec<Option<Constraint>>,
     /// The weights the last step flipped (binary algorithms only).
     pub(crate) flips: FlipCounts,
+    /// Half-precision variables train with f32 state (and master copies): see
+    /// [`Optimizer::set_master_weights`].
+    pub(crate) master_weights: bool,
+    /// Per variable: whether it is f16/bf16 and trained through f32 (`master_weights` on).
+    pub(crate) half: Vec<bool>,
+    /// Per variable: its f32 master copy (half-precision variables of non-binary algorithms
+    /// under `master_weights`, from their first update).
+    pub(crate) masters: Vec<Option<Tensor>>,
+}
+
+/// The state name of a half-precision variable's f32 master copy.
+pub(crate) const MASTER: &str = "master";
+
+/// Whether `kind` is one `master_weights` trains through f32.
+fn is_half(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::BFloat16)
+}
+
+/// `names` and [`MASTER`], made once per list for the process (a handful of lists, each
+/// leaked once).
+fn with_master(names: &'static [&'static str]) -> &'static [&'static str] {
+    type Lists = Vec<(&'static [&'static str], &'static [&'static str])>;
+    static LISTS: OnceLock<Mutex<Lists>> = OnceLock::new();
+    let mut lists = LISTS
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, out)) = lists.iter().find(|(k, _)| *k == names) {
+        return out;
+    }
+    let mut all = names.to_vec();
+    all.push(MASTER);
+    let out: &'static [&'static str] = Box::leak(all.into_boxed_slice());
+    lists.push((names, out));
+    out
 }
 
 /// The algorithms whose updates write -1 or +1 (Bop, Bop2ndOrder), which count their flips.
@@ -224,7 +262,100 @@ impl<A: Algorithm> Optim<A> {
             extra: A::Extra::default(),
             constraints: Vec::new(),
             flips: FlipCounts::default(),
+            master_weights: false,
+            half: Vec::new(),
+            masters: Vec::new(),
         })
+    }
+
+    /// The indices among `which` of variables trained through f32 (`master_weights`).
+    fn split_half(&self, which: &mut Vec<usize>) -> Vec<usize> {
+        if !self.half.iter().any(|&h| h) {
+            return Vec::new();
+        }
+        let halves: Vec<usize> = which.iter().copied().filter(|&i| self.half[i]).collect();
+        which.retain(|&i| !self.half[i]);
+        halves
+    }
+
+    /// One half-precision variable's update through f32 (`master_weights`): the algorithm
+    /// steps an f32 tensor with the f32 gradient and f32 state, and the variable receives
+    /// the result rounded to its dtype. Non-binary algorithms step the variable's f32 master
+    /// copy (made from the variable at its first update), so that updates below the half
+    /// precision's resolution accumulate; binary ones (Bop) step an f32 copy of the variable,
+    /// whose +-1 values are exact in any precision, and keep only their f32 state.
+    fn half_update(&mut self, i: usize, grad: &Tensor, hp: &Values<A>) -> Result<()> {
+        let mut p = self.params[i].tensor.shallow_clone();
+        let grad = grad.f_to_kind(Kind::Float)?;
+        let master = if A::BINARY { None } else { self.masters[i].as_ref() };
+        let mut work = match master {
+            Some(m) => m.shallow_clone(),
+            None => p.f_to_kind(Kind::Float)?,
+        };
+        let state = &mut self.states[i];
+        if A::BINARY {
+            let flips =
+                A::update_counting_flips(&self.config, &mut work, &grad, state, hp, self.steps)?;
+            if let Some(flips) = flips {
+                self.flips.pending(i, flips);
+            }
+        } else {
+            A::update(&self.config, &mut work, &grad, state, hp, self.steps)?;
+            if let Some(c) = &self.constraints[i] {
+                c.apply(&mut work)?;
+            }
+            self.masters[i] = Some(work.shallow_clone());
+        }
+        let _ = p.f_copy_(&work)?;
+        Ok(())
+    }
+
+    /// [`Optimizer::set_state`] for a variable trained through f32: the algorithm's state is
+    /// checked against an f32 variable of the same shape, and non-binary algorithms need the
+    /// master copy too.
+    fn set_half_state(&mut self, index: usize, mut state: Vec<(String, Tensor)>) -> Result<()> {
+        let param = &self.params[index];
+        if state.is_empty() {
+            self.states[index] = None;
+            self.masters[index] = None;
+            return Ok(());
+        }
+        let master = match state.iter().position(|(n, _)| n == MASTER) {
+            Some(at) => Some(state.remove(at).1),
+            None => None,
+        };
+        let shape = param.tensor.size();
+        let proxy = Param::new(
+            param.info.clone(),
+            Tensor::f_empty(shape.as_slice(), (Kind::Float, param.tensor.device()))?,
+        );
+        let new = A::import_state(&self.config, &state, &proxy)?;
+        let master = match (A::BINARY, master) {
+            (true, None) => None,
+            (true, Some(_)) | (false, None) => {
+                return Err(Error::Checkpoint(CheckpointError::StateMismatch {
+                    variable: param.info.name.clone(),
+                    state: MASTER.to_string(),
+                    expected: if A::BINARY { "absent (Bop keeps none)" } else { "present" }
+                        .to_string(),
+                    found: if A::BINARY { "present" } else { "absent" }.to_string(),
+                }))
+            }
+            (false, Some(m)) => {
+                if m.size() != shape || m.kind() != Kind::Float {
+                    return Err(Error::Checkpoint(CheckpointError::StateMismatch {
+                        variable: param.info.name.clone(),
+                        state: MASTER.to_string(),
+                        expected: format!("{:?} {shape:?}", Kind::Float),
+                        found: format!("{:?} {:?}", m.kind(), m.size()),
+                    }));
+                }
+                Some(m.f_to_device(param.tensor.device())?.f_contiguous()?)
+            }
+        };
+        self.states[index] = Some(new);
+        self.masters[index] = master;
+        Ok(())
     }
 
     /// This step's hyperparameter values, once the gradients' count is checked.
@@ -255,8 +386,10 @@ impl<A: Algorithm> Optim<A> {
     pub(crate) fn run_step(&mut self, grads: &[Option<Tensor>], hp: &Values<A>) -> Result<()> {
         if self.exec.backend == Backend::MultiTensor {
             check_grads(&self.params, grads)?;
-            let which: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
-            return self.multi_step(grads, hp, &which);
+            let mut which: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+            let halves = self.split_half(&mut which);
+            self.multi_step(grads, hp, &which)?;
+            return self.libtorch(grads, hp, halves.into_iter());
         }
         match A::kernel(&self.config, hp) {
             Some(kernel) => {
@@ -278,8 +411,12 @@ impl<A: Algorithm> Optim<A> {
         kernel: &A::Kernel,
     ) -> Result<()> {
         if self.exec.backend != Backend::Torch {
-            let states = &self.states;
-            let missing = |i: usize| grads[i].is_some() && states[i].is_none();
+            let (states, half) = (&self.states, &self.half);
+            // Half-precision variables under `master_weights` make their f32 state in their
+            // own update, never in a buffer of their dtype.
+            let missing = |i: usize| {
+                grads[i].is_some() && states[i].is_none() && !half.get(i).copied().unwrap_or(false)
+            };
             let made = self.exec.new_states(&self.params, missing, A::kernel_states(kernel))?;
             for (i, tensors, slot) in made {
                 self.states[i] = A::state_from_buffer(tensors, slot);
@@ -341,8 +478,9 @@ impl<A: Algorithm> Optim<A> {
         // GPUs): a handful of launches per step instead of one per term and tensor.
         let mut which: Vec<usize> = which.collect();
         if self.exec.backend == Backend::Auto {
-            let on_cuda =
-                |i: &usize| grads[*i].is_some() && self.params[*i].tensor.device().is_cuda();
+            let on_cuda = |i: &usize| {
+                grads[*i].is_some() && self.params[*i].tensor.device().is_cuda() && !self.half[*i]
+            };
             let cuda: Vec<usize> = which.iter().copied().filter(on_cuda).collect();
             if !cuda.is_empty() {
                 which.retain(|i| !on_cuda(i));
@@ -350,6 +488,10 @@ impl<A: Algorithm> Optim<A> {
             }
         }
         for i in which {
+            if let (true, Some(g)) = (self.half[i], &grads[i]) {
+                self.half_update(i, g, hp)?;
+                continue;
+            }
             if let Some(g) = &grads[i] {
                 let mut p = self.params[i].tensor.shallow_clone();
                 let state = &mut self.states[i];
@@ -391,6 +533,8 @@ impl<A: Algorithm> Optimizer for Optim<A> {
             }
         }
         A::forget_staged(self);
+        self.half.push(self.master_weights && is_half(param.tensor.kind()));
+        self.masters.push(None);
         self.params.push(param);
         self.states.push(None);
         self.constraints.push(None);
@@ -489,14 +633,67 @@ impl<A: Algorithm> Optimizer for Optim<A> {
     }
 
     fn state_names(&self) -> &'static [&'static str] {
-        A::STATE_NAMES
+        if self.master_weights && !A::BINARY {
+            with_master(A::STATE_NAMES)
+        } else {
+            A::STATE_NAMES
+        }
     }
 
     fn state(&self, index: usize) -> Vec<(&'static str, Tensor)> {
-        match self.states.get(index) {
+        let mut out = match self.states.get(index) {
             Some(Some(s)) => s.export(),
             _ => Vec::new(),
+        };
+        if let Some(Some(m)) = self.masters.get(index) {
+            out.push((MASTER, m.alias()));
         }
+        out
+    }
+
+    fn set_master_weights(&mut self, on: bool) -> Result<bool> {
+        if on != self.master_weights && self.states.iter().any(Option::is_some) {
+            return Err(Error::InvalidConfig {
+                optimizer: A::NAME,
+                reason: "`master_weights` changes the state's layout: set it before the first \
+                         step"
+                    .into(),
+            });
+        }
+        A::forget_staged(self);
+        self.master_weights = on;
+        self.half = self.params.iter().map(|p| on && is_half(p.tensor.kind())).collect();
+        self.masters = self.params.iter().map(|_| None).collect();
+        Ok(true)
+    }
+
+    fn master_weights(&self) -> bool {
+        self.master_weights
+    }
+
+    fn check_dtype(&self, param: &Param) -> Result<()> {
+        let kind = param.tensor.kind();
+        if !is_half(kind) || self.master_weights {
+            return Ok(());
+        }
+        let what = if A::BINARY {
+            "would keep its state in that precision and lose the small updates it accumulates; \
+             add `master_weights: true` to the rule (f32 state; the +-1 weights need no master \
+             copy)"
+        } else {
+            "would keep its state in that precision and lose updates below its resolution; add \
+             `master_weights: true` to the rule (f32 state and an f32 master copy)"
+        };
+        Err(Error::UntrainableDtype {
+            variable: param.info.name.clone(),
+            dtype: dtype_name(kind),
+            optimizer: A::NAME,
+            reason: what.to_string(),
+        })
+    }
+
+    fn state_kind(&self, index: usize) -> Option<Kind> {
+        self.half.get(index).copied().unwrap_or(false).then_some(Kind::Float)
     }
 
     fn set_state(&mut self, index: usize, state: Vec<(String, Tensor)>) -> Result<()> {
@@ -505,6 +702,9 @@ impl<A: Algorithm> Optimizer for Optim<A> {
             let optimizer = A::NAME.to_string();
             return Err(Error::Checkpoint(CheckpointError::NoSuchVariable { optimizer, index }));
         };
+        if self.half[index] {
+            return self.set_half_state(index, state);
+        }
         let new = if state.is_empty() {
             None
         } else {

@@ -47,7 +47,7 @@ pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
 pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};
 pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::constraint::Constraint;
 use crate::error::Result;
@@ -320,6 +320,54 @@ pub trait Optimizer: Send + 'static {
     /// # Ok::<(), caseopt::Error>(())
     /// ```
     fn execution(&self) -> Option<&dyn Execution> {
+        None
+    }
+
+    /// Asks the optimizer to train f16 and bf16 variables with f32 state and, where its
+    /// algorithm needs one, an f32 master copy (the rule key `master_weights: true`; see
+    /// docs/mixed-precision.md). Returns whether it does: the built-in optimizers accept before
+    /// their first step (and fail after it: the state's layout would change); the default
+    /// declines (`Ok(false)`).
+    fn set_master_weights(&mut self, on: bool) -> Result<bool> {
+        let _ = on;
+        Ok(false)
+    }
+
+    /// Whether [`set_master_weights`](Self::set_master_weights) is on; the default says no.
+    fn master_weights(&self) -> bool {
+        false
+    }
+
+    /// Checks, before a router hands `param` to [`add_param`](Self::add_param), that this
+    /// optimizer can train the variable's dtype as configured; a refusal names the variable
+    /// ([`Error::UntrainableDtype`](crate::Error::UntrainableDtype)). The built-in optimizers
+    /// refuse f16 and bf16 variables unless [`master_weights`](Self::master_weights) is on:
+    /// state kept in half precision loses the small updates (an Adam moment, Bop's momentum)
+    /// that training is made of. The default accepts everything.
+    ///
+    /// ```
+    /// use caseopt::{Adam, Optimizer, Param, VarInfo};
+    /// use tch::{Kind, Tensor};
+    ///
+    /// let w = Tensor::ones([3], (Kind::BFloat16, tch::Device::Cpu));
+    /// let param = Param::new(VarInfo::of("w", &w), w.shallow_clone());
+    /// let mut adam = Adam::new(Default::default())?;
+    /// assert!(adam.check_dtype(&param).is_err());
+    /// adam.set_master_weights(true)?;
+    /// adam.check_dtype(&param)?;
+    /// # Ok::<(), caseopt::Error>(())
+    /// ```
+    fn check_dtype(&self, param: &Param) -> Result<()> {
+        let _ = param;
+        Ok(())
+    }
+
+    /// The dtype of variable `index`'s state tensors shaped like it, where it is not the
+    /// variable's own (f32 for a half-precision variable under
+    /// [`master_weights`](Self::master_weights)); checkpoints check saved states against it.
+    /// The default: `None`, the variable's dtype.
+    fn state_kind(&self, index: usize) -> Option<Kind> {
+        let _ = index;
         None
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tch::nn;
 
-use super::parts::{Assembly, OptimizerVisitor, RouterCore, RouterParts};
+use super::parts::{Assembly, OptimizerInspector, OptimizerVisitor, RouterCore, RouterParts};
 use super::rules::{fingerprint, RuleInfo};
 use super::table::{Route, RoutingTable};
 use crate::error::Result;
@@ -158,12 +158,26 @@ pub(super) fn route_new_variables<R: RouterParts>(router: &mut R) -> Result<()> 
     for w in table.warnings().iter().skip(core.table.warnings().len()) {
         eprintln!("caseopt: warning: {w}");
     }
+    // Every new variable's dtype first, so that a refusal adds none of them.
+    router.for_each_optimizer(&mut CheckDtypes(&groups))?;
     router.for_each_optimizer_mut(&mut AddParams(groups))?;
     let core = router.core_mut();
     core.table = table;
     core.known_trainable = count;
     core.binary_unchecked = true;
     super::constraints::after_routing(router)
+}
+
+/// Checks that each rule's optimizer can train its new variables' dtypes.
+struct CheckDtypes<'a>(&'a [Vec<Param>]);
+
+impl OptimizerInspector for CheckDtypes<'_> {
+    fn inspect<O: Optimizer>(&mut self, rule: usize, optimizer: &O) -> Result<()> {
+        for p in self.0.get(rule).into_iter().flatten() {
+            optimizer.check_dtype(p)?;
+        }
+        Ok(())
+    }
 }
 
 /// Hands each rule's new variables to its optimizer.

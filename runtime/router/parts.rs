@@ -160,14 +160,35 @@ impl Assembly {
 
     /// Builds rule `rule`'s optimizer from `config` and hands it the variables the rule claimed.
     pub fn optimizer<O: FromConfig>(&mut self, rule: usize, config: O::Config) -> Result<O> {
+        self.optimizer_with(rule, config, false)
+    }
+
+    /// [`optimizer`](Self::optimizer), with `master_weights: true` when `master_weights` (see
+    /// [`Optimizer::set_master_weights`]); every variable's dtype is checked
+    /// ([`Optimizer::check_dtype`]) before it is added.
+    pub fn optimizer_with<O: FromConfig>(
+        &mut self,
+        rule: usize,
+        config: O::Config,
+        master_weights: bool,
+    ) -> Result<O> {
         let info = self.core.rules().get(rule).copied();
         let in_rule = |e: Error| match info {
             Some(info) => Error::Rule { rule: info.to_string(), source: Box::new(e) },
             None => e,
         };
         let mut optimizer = O::from_config(config).map_err(in_rule)?;
+        if master_weights && !optimizer.set_master_weights(true).map_err(in_rule)? {
+            return Err(in_rule(Error::InvalidConfig {
+                optimizer: optimizer.name(),
+                reason: "this optimizer keeps no f32 state for half-precision variables \
+                         (`master_weights`)"
+                    .into(),
+            }));
+        }
         let params = self.groups.get_mut(rule).map(std::mem::take).unwrap_or_default();
         for p in params {
+            optimizer.check_dtype(&p).map_err(in_rule)?;
             optimizer.add_param(p).map_err(in_rule)?;
         }
         Ok(optimizer)

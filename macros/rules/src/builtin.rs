@@ -59,6 +59,12 @@ pub enum Field {
     Value,
 }
 
+/// The key every built-in optimizer takes besides its config's fields: `master_weights: true`
+/// trains f16 and bf16 variables with f32 state (and, where the algorithm needs one, an f32
+/// master copy). A literal `true` or `false`, since it fixes the state's layout when the router
+/// is built; it is not a config field (`Optimizer::set_master_weights` in the runtime).
+pub const MASTER_WEIGHTS: &str = "master_weights";
+
 /// One of the runtime's optimizers: the one name a rule's single-segment optimizer path, the
 /// runtime's type, its printed name and its checkpoints all derive from.
 ///

@@ -11,7 +11,7 @@ use proc_macro2::TokenStream;
 use quote::ToTokens;
 
 use crate::ast::{Atom, Input, Literal, Pred, Rule, RulePredicate};
-use crate::builtin::{Field, OptimizerKind};
+use crate::builtin::{Field, OptimizerKind, MASTER_WEIGHTS};
 use crate::logic::{self, Answer, Budget, Formula, Proposition, Relation};
 
 /// What the checks proved, for the expansion and for tests.
@@ -147,6 +147,26 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
             continue;
         }
         seen.push(key.clone());
+        if key == MASTER_WEIGHTS {
+            // Not a config field: always left out of the config's struct literal, and a
+            // literal, since the expansion decides how the optimizer is built from it.
+            skipped.push(position);
+            let message = match (spec.builtin, param.value.literal) {
+                (None, _) => format!(
+                    "`{MASTER_WEIGHTS}` is a key of caseopt's built-in optimizers; `{}` is not one \
+                     (implement `Optimizer::set_master_weights` and call it yourself)",
+                    compact(&spec.path.to_token_stream())
+                ),
+                (Some(_), Some(Literal::Bool(_))) => continue,
+                (Some(builtin), _) => format!(
+                    "`{MASTER_WEIGHTS}` of `{}` is the literal `true` or `false`, got `{}`",
+                    builtin.type_name(),
+                    compact(&param.value.tokens)
+                ),
+            };
+            errors.push(syn::Error::new_spanned(&param.value.tokens, message));
+            continue;
+        }
         let Some(builtin) = spec.builtin else { continue };
         // Reported here rather than by rustc, whose "no field" error for a struct literal
         // with `..Default::default()` adds a misleading "all struct fields are already
@@ -191,7 +211,13 @@ fn check_hyperparameters(rule: &Rule, errors: &mut Vec<syn::Error>) -> Vec<usize
 /// "unknown hyperparameter `key` for `Opt`; expected one of: ...", the valid keys in the
 /// config's order.
 fn unknown_hyperparameter(builtin: OptimizerKind, key: &str) -> String {
-    let expected: Vec<String> = builtin.fields().iter().map(|(k, _)| format!("`{k}`")).collect();
+    let expected: Vec<String> = builtin
+        .fields()
+        .iter()
+        .map(|(k, _)| *k)
+        .chain([MASTER_WEIGHTS])
+        .map(|k| format!("`{k}`"))
+        .collect();
     format!(
         "unknown hyperparameter `{key}` for `{builtin}`; expected one of: {}",
         expected.join(", ")
@@ -504,8 +530,8 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "unknown hyperparameter `treshold` for `Bop`; expected one of: `threshold`, `gamma`",
-                "unknown hyperparameter `learning_rate` for `Adam`; expected one of: `lr`, `beta1`, `beta2`, `eps`, `weight_decay`, `amsgrad`, `maximize`",
+                "unknown hyperparameter `treshold` for `Bop`; expected one of: `threshold`, `gamma`, `master_weights`",
+                "unknown hyperparameter `learning_rate` for `Adam`; expected one of: `lr`, `beta1`, `beta2`, `eps`, `weight_decay`, `amsgrad`, `maximize`, `master_weights`",
             ]
         );
         // User optimizers are checked for duplicates only (rustc reports their unknown keys).

@@ -3,6 +3,7 @@
 // torch.amp.GradScaler calls exactly these, so calling them gives its bits and its one pass per
 // (device, dtype) list. Compiled with or without the `fused` feature (see build.rs).
 #include <ATen/Functions.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
@@ -54,6 +55,44 @@ int32_t caseopt_amp_update_scale(at::Tensor* scale, at::Tensor* growth_tracker,
   return guarded(err, len, [&] {
     at::_amp_update_scale_(*scale, *growth_tracker, *found_inf, growth_factor, backoff_factor,
                            growth_interval);
+  });
+}
+
+// Enters an autocast region for `device_type` (c10::DeviceType) in `dtype` (c10::ScalarType),
+// as torch.autocast's __enter__ does: the previous flag and dtype are written to `prev_enabled`
+// and `prev_dtype` for `caseopt_autocast_exit`; the nesting count goes up. tch's own
+// `autocast` switches CUDA's flag only; this one switches any device's, CPU's included.
+int32_t caseopt_autocast_enter(int32_t device_type, int32_t dtype, int32_t* prev_enabled,
+                               int32_t* prev_dtype, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto device = static_cast<c10::DeviceType>(device_type);
+    *prev_enabled = at::autocast::is_autocast_enabled(device) ? 1 : 0;
+    *prev_dtype = static_cast<int32_t>(at::autocast::get_autocast_dtype(device));
+    at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(dtype));
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::increment_nesting();
+  });
+}
+
+// Leaves an autocast region, as torch.autocast's __exit__: the cast cache is cleared when the
+// outermost region ends (cached casts of the weights would be stale after the optimizer's
+// step), and the previous flag and dtype are restored.
+int32_t caseopt_autocast_exit(int32_t device_type, int32_t prev_enabled, int32_t prev_dtype,
+                              char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto device = static_cast<c10::DeviceType>(device_type);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(device, prev_enabled != 0);
+    at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(prev_dtype));
+  });
+}
+
+// Whether autocast is on for `device_type`, written to `enabled`.
+int32_t caseopt_autocast_is_enabled(int32_t device_type, int32_t* enabled, char* err,
+                                    size_t len) {
+  return guarded(err, len, [&] {
+    *enabled = at::autocast::is_autocast_enabled(static_cast<c10::DeviceType>(device_type)) ? 1
+                                                                                           : 0;
   });
 }
 
