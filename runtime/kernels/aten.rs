@@ -171,8 +171,8 @@ unsafe fn masks(was_negative: *mut c_void, negative: *mut c_void) -> FlipMasks {
     unsafe { FlipMasks { was_negative: owned(was_negative), negative: owned(negative) } }
 }
 
-/// Bop's flip (as `optim::bop::libtorch_step` flips) in `signal`'s memory: `w` becomes -1 exactly where
-/// `signal - threshold` and `w` are both positive or both negative, +1 elsewhere.
+/// Bop's flip (as `optim::bop::libtorch_step` flips) in `signal`'s memory: `w` becomes -1
+/// exactly where `signal - threshold` and `w` are both positive or both negative, +1 elsewhere.
 pub(crate) fn bop_flip(w: &mut Tensor, signal: &mut Tensor, threshold: f64) -> Result<FlipMasks> {
     let (mut was, mut neg) = (std::ptr::null_mut(), std::ptr::null_mut());
     let (wp, sp) = (w.as_mut_ptr().cast(), signal.as_mut_ptr().cast());

@@ -41,9 +41,9 @@ hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: Unit
 
 /// One variable's Bop or Bop2ndOrder step on libtorch ops, larq's rounding:
 /// `m <- m + gamma * (g - m)` as written in the reference (the subtraction, the product and the
-/// sum each rounded: a `lerp` rounds once, and differs), Bop2ndOrder's `v` likewise with `g * g`
-/// and `sigma`, then `w <- sign(-sign(signal - threshold) * w)` with `signal = w * m` (Bop2ndOrder's
-/// divided by `sqrt(v) + eps`), the outer sign mapping 0 to +1: -1 exactly where
+/// sum each rounded: a `lerp` rounds once, and differs), Bop2ndOrder's `v` likewise with
+/// `g * g` and `sigma`, then `w <- sign(-sign(signal - threshold) * w)` with `signal = w * m`
+/// (Bop2ndOrder's divided by `sqrt(v) + eps`), the outer sign mapping 0 to +1: -1 exactly where
 /// `x = signal - threshold` and `w` are both positive or both negative, +1 elsewhere (ATen's
 /// `sign` maps NaN to 0, so a NaN in `x` or `w` gives +1), which is what the fused kernels'
 /// `math::flip` computes too. `[gamma, sigma, threshold, eps]`; `v` for Bop2ndOrder.
@@ -223,10 +223,10 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    /// The flip of `libtorch_step` (`sign(x) * w > 0`, with masks) against larq's formula in ATen's ops,
-    /// `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros of both signs,
-    /// non-binary weights, NaN, infinities): the same bits, and its masks count exactly the
-    /// weights whose sign changed. Long enough for ATen's vector bodies and scalar tails.
+    /// The flip of `libtorch_step` (`sign(x) * w > 0`, with masks) against larq's formula in
+    /// ATen's ops, `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros
+    /// of both signs, non-binary weights, NaN, infinities): the same bits, and its masks count
+    /// exactly the weights whose sign changed. Long enough for ATen's vector bodies and scalar tails.
     #[test]
     fn flip_is_larqs_formula_and_its_masks_count_its_sign_changes() {
         let ws = [1.0f32, -1.0, 0.3, -0.2, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
