@@ -226,7 +226,8 @@ mod tests {
     /// The flip of `libtorch_step` (`sign(x) * w > 0`, with masks) against larq's formula in
     /// ATen's ops, `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros
     /// of both signs, non-binary weights, NaN, infinities): the same bits, and its masks count
-    /// exactly the weights whose sign changed. Long enough for ATen's vector bodies and scalar tails.
+    /// exactly the weights whose sign changed. Long enough for ATen's vector bodies and scalar
+    /// tails.
     #[test]
     fn flip_is_larqs_formula_and_its_masks_count_its_sign_changes() {
         let ws = [1.0f32, -1.0, 0.3, -0.2, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];

@@ -86,8 +86,8 @@ int32_t caseopt_aten_addcdiv_(at::Tensor* self, const at::Tensor* t1, const at::
 // Bop's flip of one variable (runtime/optim/bop.rs's `libtorch_step`), in `signal`'s memory:
 // `w` becomes -1 exactly where `x = signal - threshold` and `w` are both positive or both
 // negative, +1 elsewhere (larq's `sign(sign(-sign(x) * w) + 0.1)`, 0 and NaN included).
-// `sign(x) * w` is exact (a product by -1, 0 or 1), and positive exactly there. Returns the masks that count the
-// flips: `w < 0` before and after.
+// `sign(x) * w` is exact (a product by -1, 0 or 1), and positive exactly there. Returns the
+// masks that count the flips: `w < 0` before and after.
 static void bop_flip(at::Tensor& w, at::Tensor& signal, double threshold,
                      at::Tensor** was_negative, at::Tensor** negative) {
   signal.sub_(threshold);
