@@ -999,12 +999,12 @@ fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str
         gbps(bw.round_max)
     );
     println!(
-        "  {:<40} {:<12} {:>10} {:>10} {:>8} {:>8}",
+        "  {:<48} {:<12} {:>10} {:>10} {:>8} {:>8}",
         "implementation", "isa", "ms", "bound ms", "x bound", "GB/s"
     );
     for r in rows {
         println!(
-            "  {:<40} {:<12} {:>10.3} {:>10.3} {:>8.2} {:>8.1}",
+            "  {:<48} {:<12} {:>10.3} {:>10.3} {:>8.2} {:>8.1}",
             r.imp,
             r.isa,
             r.ms,
