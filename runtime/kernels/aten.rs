@@ -58,6 +58,7 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> i32;
+    #[cfg(test)]
     fn caseopt_aten_bop_flip(
         w: *mut c_void,
         signal: *mut c_void,
@@ -173,6 +174,7 @@ unsafe fn masks(was_negative: *mut c_void, negative: *mut c_void) -> FlipMasks {
 
 /// Bop's flip (as `optim::bop::libtorch_step` flips) in `signal`'s memory: `w` becomes -1
 /// exactly where `signal - threshold` and `w` are both positive or both negative, +1 elsewhere.
+#[cfg(test)]
 pub(crate) fn bop_flip(w: &mut Tensor, signal: &mut Tensor, threshold: f64) -> Result<FlipMasks> {
     let (mut was, mut neg) = (std::ptr::null_mut(), std::ptr::null_mut());
     let (wp, sp) = (w.as_mut_ptr().cast(), signal.as_mut_ptr().cast());

@@ -289,7 +289,7 @@ mod tests {
                     let mut signal = &rw * &rm2;
                     let rv2 = &rv + (&g * &g - &rv) * sigma;
                     if second {
-                        signal = signal / (rv2.sqrt() + eps);
+                        signal /= rv2.sqrt() + eps;
                         assert_eq!(bits(&v), bits(&rv2));
                     }
                     let want = ((-(signal - threshold).sign() * &rw).sign() + 0.1).sign();
