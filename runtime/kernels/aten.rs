@@ -81,6 +81,30 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> i32;
+    #[cfg(test)]
+    fn caseopt_aten_bop_flip(
+        w: *mut c_void,
+        signal: *mut c_void,
+        threshold: f64,
+        was_negative: *mut *mut c_void,
+        negative: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn caseopt_aten_bop(
+        w: *mut c_void,
+        g: *const c_void,
+        m: *mut c_void,
+        v: *mut c_void,
+        gamma: f64,
+        sigma: f64,
+        threshold: f64,
+        eps: f64,
+        was_negative: *mut *mut c_void,
+        negative: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
     fn caseopt_aten_cpu_capability() -> i32;
     fn caseopt_aten_vml_sqrt(dtype: i32) -> *const c_void;
 }
@@ -182,6 +206,62 @@ pub(crate) fn clamp_min(a: &Tensor, min: f64) -> Result<Tensor> {
     call(|e, n| unsafe { caseopt_aten_clamp_min(ptr(a), min, &mut out, e, n) })?;
     // SAFETY: `call` succeeded, so the shim stored a fresh handle.
     Ok(unsafe { owned(out) })
+}
+
+/// The masks a Bop step leaves to count its flips with: `w < 0` before the step, and after it
+/// (bool tensors of `w`'s shape).
+pub(crate) struct FlipMasks {
+    /// `w < 0` before the step.
+    pub(crate) was_negative: Tensor,
+    /// `w < 0` after it.
+    pub(crate) negative: Tensor,
+}
+
+/// Takes the two mask handles a successful Bop shim call stored.
+///
+/// # Safety
+/// Both must be fresh handles the shim allocated, owned by no one else.
+unsafe fn masks(was_negative: *mut c_void, negative: *mut c_void) -> FlipMasks {
+    // SAFETY: per this function's contract.
+    unsafe { FlipMasks { was_negative: owned(was_negative), negative: owned(negative) } }
+}
+
+/// Bop's flip (as `optim::bop::libtorch_step` flips) in `signal`'s memory: `w` becomes -1
+/// exactly where `signal - threshold` and `w` are both positive or both negative, +1 elsewhere.
+#[cfg(test)]
+pub(crate) fn bop_flip(w: &mut Tensor, signal: &mut Tensor, threshold: f64) -> Result<FlipMasks> {
+    let (mut was, mut neg) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let (wp, sp) = (w.as_mut_ptr().cast(), signal.as_mut_ptr().cast());
+    // SAFETY: live tch tensors, borrowed mutably for the in-place ops; the shim catches every
+    // exception and on success stores a fresh handle in each mask.
+    call(|e, n| unsafe { caseopt_aten_bop_flip(wp, sp, threshold, &mut was, &mut neg, e, n) })?;
+    // SAFETY: `call` succeeded, so the shim stored two fresh handles.
+    Ok(unsafe { masks(was, neg) })
+}
+
+/// One variable's Bop step (`v` `None`) or Bop2ndOrder step on ATen's ops, in one call to the
+/// shim (`caseopt_aten_bop`): `m += gamma * (g - m)` (each operation rounded, as larq's),
+/// Bop2ndOrder's `v += sigma * (g * g - v)`, then the flip of `w` by `w * m - threshold`
+/// (Bop2ndOrder's divided by `sqrt(v) + eps` first). `[gamma, sigma, threshold, eps]`.
+pub(crate) fn bop(
+    w: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: Option<&mut Tensor>,
+    scalars: [f64; 4],
+) -> Result<FlipMasks> {
+    let [gamma, sigma, threshold, eps] = scalars;
+    let (mut was, mut neg) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let (wp, mp) = (w.as_mut_ptr().cast(), m.as_mut_ptr().cast());
+    let vp = v.map_or(std::ptr::null_mut(), |v| v.as_mut_ptr().cast());
+    // SAFETY: live tch tensors (`v` null or one), the state and the weight borrowed mutably for
+    // the in-place ops; the shim catches every exception and on success stores a fresh handle
+    // in each mask.
+    call(|e, n| unsafe {
+        caseopt_aten_bop(wp, ptr(g), mp, vp, gamma, sigma, threshold, eps, &mut was, &mut neg, e, n)
+    })?;
+    // SAFETY: `call` succeeded, so the shim stored two fresh handles.
+    Ok(unsafe { masks(was, neg) })
 }
 
 /// The CPU kernels ATen dispatches to, as `torch.backends.cpu.get_cpu_capability()` names them.

@@ -15,6 +15,7 @@ use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
+use crate::kernels::aten;
 use crate::kernels::multi::{self, List};
 use crate::kernels::ops::BopKernel;
 use crate::kernels::{StateOperand, MAX_STATES};
@@ -38,38 +39,34 @@ impl Default for BopConfig {
 
 hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
 
-/// `m <- m + rate * (x - m)`, as written in the reference (its difference scaled in place: one
-/// temporary, not two). Returns that temporary (of `m`'s shape and type, contiguous) for the
-/// caller's next result: a fresh tensor of a large variable costs its page faults again.
-pub(crate) fn moving_average(m: &mut Tensor, x: &Tensor, rate: f64) -> Result<Tensor> {
-    let mut d = x.f_sub(m)?;
-    let _ = d.f_mul_scalar_(rate)?;
-    let _ = m.f_add_(&d)?;
-    Ok(d)
-}
-
-/// `w <- sign(-sign(signal - threshold) * w)`, the outer sign mapping 0 to +1: -1 exactly where
+/// One variable's Bop or Bop2ndOrder step on libtorch ops, larq's rounding:
+/// `m <- m + gamma * (g - m)` as written in the reference (the subtraction, the product and the
+/// sum each rounded: a `lerp` rounds once, and differs), Bop2ndOrder's `v` likewise with
+/// `g * g` and `sigma`, then `w <- sign(-sign(signal - threshold) * w)` with `signal = w * m`
+/// (Bop2ndOrder's divided by `sqrt(v) + eps`), the outer sign mapping 0 to +1: -1 exactly where
 /// `x = signal - threshold` and `w` are both positive or both negative, +1 elsewhere (ATen's
 /// `sign` maps NaN to 0, so a NaN in `x` or `w` gives +1), which is what the fused kernels'
-/// `math::flip` computes too. Written with masks rather than three `sign`s: fewer passes, most
-/// over 1-byte booleans, and no float temporary but `signal`, in whose memory `x` is computed;
-/// and the masks are what counting the flips needs ([`PendingFlips`]), so the count costs
-/// nothing until someone reads it.
-pub(crate) fn flip(w: &mut Tensor, mut signal: Tensor, threshold: f64) -> Result<PendingFlips> {
-    let x = signal.f_sub_scalar_(threshold)?;
-    let was_negative = w.f_lt(0.0)?;
-    let mut negative = x.f_gt(0.0)?;
-    let _ = negative.f_logical_and_(&w.f_gt(0.0)?)?;
-    let mut both_negative = x.f_lt(0.0)?;
-    let _ = both_negative.f_logical_and_(&was_negative)?;
-    let _ = negative.f_logical_or_(&both_negative)?;
-    let _ = w.f_fill_(1.0)?;
-    let _ = w.f_masked_fill_(&negative, -1.0)?;
-    Ok(PendingFlips::new(was_negative, negative))
+/// `math::flip` computes too. `[gamma, sigma, threshold, eps]`; `v` for Bop2ndOrder.
+///
+/// The ops are ATen's, issued from one call to the shim (`kernels::aten::bop`): on small tensors
+/// most of an op's cost is the way to it (tch's FFI, its boxed handles and error checks), which
+/// this pays once per variable, not 14 times. The flip is written as `sign(x) * w > 0` (exact: a
+/// product by -1, 0 or +1) rather than with three `sign`s, fewer passes and one float
+/// temporary, in whose memory `x` is computed; and its masks are what counting the flips needs
+/// ([`PendingFlips`]), so the count costs nothing until someone reads it.
+pub(crate) fn libtorch_step(
+    w: &mut Tensor,
+    grad: &Tensor,
+    m: &mut Tensor,
+    v: Option<&mut Tensor>,
+    scalars: [f64; 4],
+) -> Result<PendingFlips> {
+    let masks = aten::bop(w, grad, m, v, scalars)?;
+    Ok(PendingFlips::new(masks.was_negative, masks.negative))
 }
 
 /// Bop's or Bop2ndOrder's step of one group on ATen's `_foreach_*` ops, rounding as the
-/// libtorch path (`moving_average`, `flip`) does; returns each variable's flip count, left on
+/// libtorch path (`libtorch_step`) does; returns each variable's flip count, left on
 /// its device. `[gamma, sigma, threshold, eps]`; `vs` for Bop2ndOrder.
 pub(crate) fn multi_binary(
     params: &[Param],
@@ -170,9 +167,7 @@ impl Algorithm for BopAlgorithm {
             Some(st) => st,
             empty => empty.insert(BopState { m: w.f_zeros_like()?, slot: None }),
         };
-        let scratch = moving_average(&mut st.m, grad, hp.gamma)?;
-        let signal = w.f_mul_out(&scratch, &st.m)?;
-        flip(w, signal, hp.threshold).map(Some)
+        libtorch_step(w, grad, &mut st.m, None, [hp.gamma, 0.0, hp.threshold, 0.0]).map(Some)
     }
 
     fn kernel(_: &BopConfig, hp: &BopValues) -> Option<BopKernel> {
@@ -228,12 +223,13 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    /// The mask formulation of `flip` against larq's formula in ATen's ops,
-    /// `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros of both signs,
-    /// non-binary weights, NaN, infinities): the same bits, and its masks count exactly the
-    /// weights whose sign changed. Long enough for ATen's vector bodies and scalar tails.
+    /// The flip of `libtorch_step` (`sign(x) * w > 0`, with masks) against larq's formula in
+    /// ATen's ops, `sign(sign(-sign(x) * w) + 0.1)`, on every kind of weight and signal (zeros
+    /// of both signs, non-binary weights, NaN, infinities): the same bits, and its masks count
+    /// exactly the weights whose sign changed. Long enough for ATen's vector bodies and scalar
+    /// tails.
     #[test]
-    fn flip_by_masks_is_larqs_formula_and_counts_its_sign_changes() {
+    fn flip_is_larqs_formula_and_its_masks_count_its_sign_changes() {
         let ws = [1.0f32, -1.0, 0.3, -0.2, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
         let xs = [1e-3f32, -1e-3, 0.0, -0.0, 1e-8, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
         let (mut w, mut signal) = (Vec::new(), Vec::new());
@@ -251,7 +247,8 @@ mod tests {
         let inner = signal.f_sub_scalar(threshold).unwrap().sign();
         let want = ((-inner * &w0).sign() + 0.1).sign();
         let mut w1 = w0.copy();
-        let pending = flip(&mut w1, signal.copy(), threshold).unwrap();
+        let masks = aten::bop_flip(&mut w1, &mut signal.copy(), threshold).unwrap();
+        let pending = PendingFlips::new(masks.was_negative, masks.negative);
         let bits = |t: &Tensor| {
             Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         };
@@ -259,5 +256,63 @@ mod tests {
         let changed = w0.lt(0.0).logical_xor(&w1.lt(0.0)).sum(Kind::Int64).int64_value(&[]);
         assert!(changed > 0);
         assert_eq!(pending.count().unwrap(), changed as u64);
+    }
+
+    /// A whole `libtorch_step`, Bop's and Bop2ndOrder's, against the reference written op by op
+    /// with tch (larq's moving average, `sign(sign(-sign(x) * w) + 0.1)`), on weights of every
+    /// kind and gradients of every size, over a few steps: the same bits in `w`, `m` and `v`, in
+    /// f32 and f64, and the masks count the weights whose sign changed.
+    #[test]
+    fn one_shim_call_is_the_op_by_op_reference() {
+        for kind in [Kind::Float, Kind::Double] {
+            let n = 1000;
+            let i = Tensor::arange(n, (Kind::Double, tch::Device::Cpu));
+            let w0 = (&i * 0.37).sin().f_sign().unwrap().to_kind(kind);
+            // A few weights that are not +-1, zeros of both signs, a NaN.
+            let w0 = w0.index_put(
+                &[Some(Tensor::from_slice(&[3i64, 7, 11, 13]))],
+                &Tensor::from_slice(&[0.3, 0.0, -0.0, f64::NAN]).to_kind(kind),
+                false,
+            );
+            let (mut w, mut m, mut v) = (w0.copy(), w0.zeros_like(), w0.zeros_like());
+            let (mut rw, mut rm, mut rv) = (w0.copy(), w0.zeros_like(), w0.zeros_like());
+            for step in 0..4 {
+                let g = ((&i * (1.3 + step as f64)).cos() * (&i * 0.01 - 4.0).exp()).to_kind(kind);
+                let (gamma, sigma, threshold, eps) = (1e-1, 1e-2, 1e-8, 1e-10);
+                for second in [false, true] {
+                    let (mut w, mut m, mut v) = (w.copy(), m.copy(), v.copy());
+                    let vv = if second { Some(&mut v) } else { None };
+                    let pending =
+                        libtorch_step(&mut w, &g, &mut m, vv, [gamma, sigma, threshold, eps])
+                            .unwrap();
+                    let rm2 = &rm + (&g - &rm) * gamma;
+                    let mut signal = &rw * &rm2;
+                    let rv2 = &rv + (&g * &g - &rv) * sigma;
+                    if second {
+                        signal /= rv2.sqrt() + eps;
+                        assert_eq!(bits(&v), bits(&rv2));
+                    }
+                    let want = ((-(signal - threshold).sign() * &rw).sign() + 0.1).sign();
+                    assert_eq!(bits(&w), bits(&want), "{kind:?} step {step} second {second}");
+                    assert_eq!(bits(&m), bits(&rm2));
+                    let changed = rw.lt(0.0).logical_xor(&want.lt(0.0)).sum(Kind::Int64);
+                    assert_eq!(pending.count().unwrap(), changed.int64_value(&[]) as u64);
+                }
+                let pending =
+                    libtorch_step(&mut w, &g, &mut m, Some(&mut v), [gamma, sigma, threshold, eps])
+                        .unwrap();
+                drop(pending);
+                rm = &rm + (&g - &rm) * gamma;
+                rv = &rv + (&g * &g - &rv) * sigma;
+                let signal = &rw * &rm / (rv.sqrt() + eps);
+                rw = ((-(signal - threshold).sign() * &rw).sign() + 0.1).sign();
+                assert_eq!(bits(&w), bits(&rw));
+            }
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u64> {
+        let t = t.to_kind(Kind::Double);
+        Vec::<f64>::try_from(&t).unwrap().iter().map(|x| x.to_bits()).collect()
     }
 }

@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::bop::{flip, moving_average, multi_binary};
+use super::bop::{libtorch_step, multi_binary};
 use super::core::{Algorithm, BinaryAlgorithm, Optim, VarState};
 use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
@@ -137,12 +137,8 @@ impl Algorithm for Bop2ndOrderAlgorithm {
                 slot: None,
             }),
         };
-        let _ = moving_average(&mut st.m, grad, hp.gamma)?;
-        let _ = moving_average(&mut st.v, &grad.f_mul(grad)?, hp.sigma)?;
-        let mut denom = st.v.f_sqrt()?;
-        let _ = denom.f_add_scalar_(BOP2_EPSILON)?;
-        let signal = w.f_mul(&st.m)?.f_div(&denom)?;
-        flip(w, signal, hp.threshold).map(Some)
+        let scalars = [hp.gamma, hp.sigma, hp.threshold, BOP2_EPSILON];
+        libtorch_step(w, grad, &mut st.m, Some(&mut st.v), scalars).map(Some)
     }
 
     fn kernel(_: &Bop2ndOrderConfig, hp: &Bop2ndOrderValues) -> Option<Bop2Kernel> {

@@ -133,7 +133,7 @@ impl FlipCounts {
 
 /// What a Bop step on libtorch ops leaves behind to count its flips with, so that nothing is
 /// reduced or read back until [`FlipCounts::read`] asks: either the two masks its update
-/// computed anyway ([`bop::flip`](super::bop::flip)), kept (2 bytes per weight), or, on the
+/// computed anyway (`bop::libtorch_step`), kept (2 bytes per weight), or, on the
 /// multi-tensor backend, the count itself, left on the variable's device. Public only because
 /// the sealed `Algorithm` trait names it; not part of the API.
 #[derive(Debug)]

@@ -12,6 +12,8 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sqrt.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -107,6 +109,66 @@ int32_t caseopt_aten_clamp_min(const at::Tensor* self, double min, at::Tensor** 
                                size_t len) {
   return guarded(err, len, [&] {
     *out = new at::Tensor(at::clamp(*self, at::Scalar(min), std::nullopt));
+  });
+}
+
+// Bop's flip of one variable (runtime/optim/bop.rs's `libtorch_step`), in `signal`'s memory:
+// `w` becomes -1 exactly where `x = signal - threshold` and `w` are both positive or both
+// negative, +1 elsewhere (larq's `sign(sign(-sign(x) * w) + 0.1)`, 0 and NaN included).
+// `sign(x) * w` is exact (a product by -1, 0 or 1), and positive exactly there. Returns the
+// masks that count the flips: `w < 0` before and after.
+static void bop_flip(at::Tensor& w, at::Tensor& signal, double threshold,
+                     at::Tensor** was_negative, at::Tensor** negative) {
+  signal.sub_(threshold);
+  signal.sign_();
+  signal.mul_(w);
+  at::Tensor neg = signal.gt(0);
+  at::Tensor was = w.lt(0);
+  w.fill_(1);
+  w.masked_fill_(neg, -1);
+  *was_negative = new at::Tensor(std::move(was));
+  *negative = new at::Tensor(std::move(neg));
+}
+
+// `*m += rate * (x - m)` as larq writes it, the subtraction, the product and the sum each rounded
+// (a `lerp` or an `add(.., alpha)` rounds once where ATen contracts, and differs): the difference
+// is scaled in its own memory, returned for the caller's next temporary.
+static at::Tensor moving_average(at::Tensor& m, at::Tensor d, double rate) {
+  d.mul_(rate);
+  m.add_(d);
+  return d;
+}
+
+// `flip` alone, for the tests that try it on every kind of signal; new handles in the masks.
+int32_t caseopt_aten_bop_flip(at::Tensor* w, at::Tensor* signal, double threshold,
+                              at::Tensor** was_negative, at::Tensor** negative, char* err,
+                              size_t len) {
+  return guarded(err, len, [&] { bop_flip(*w, *signal, threshold, was_negative, negative); });
+}
+
+// One variable's Bop step (`v` null) or Bop2ndOrder step on libtorch ops (runtime/optim/bop.rs's
+// `libtorch_step`), in one call: on small tensors each op's cost is mostly the way to it (tch's
+// FFI, boxed handles, error checks), which this pays once. Bop:
+// `m += gamma * (g - m); w = flip(w, w * m - threshold)`; Bop2ndOrder also
+// `v += sigma * (g * g - v)` and divides `w * m` by `sqrt(v) + eps`. New handles in the masks.
+int32_t caseopt_aten_bop(at::Tensor* w, const at::Tensor* g, at::Tensor* m, at::Tensor* v,
+                         double gamma, double sigma, double threshold, double eps,
+                         at::Tensor** was_negative, at::Tensor** negative, char* err,
+                         size_t len) {
+  return guarded(err, len, [&] {
+    at::Tensor signal = moving_average(*m, g->sub(*m), gamma);
+    if (v == nullptr) {
+      at::mul_out(signal, *w, *m);
+    } else {
+      at::Tensor dv = g->mul(*g);
+      dv.sub_(*v);
+      at::Tensor denom = moving_average(*v, std::move(dv), sigma);
+      at::sqrt_out(denom, *v);
+      denom.add_(eps);
+      at::mul_out(signal, *w, *m);
+      signal.div_(denom);
+    }
+    bop_flip(*w, signal, threshold, was_negative, negative);
   });
 }
 
