@@ -92,6 +92,9 @@ struct Outcome {
     seconds_per_epoch: Vec<f64>,
 }
 
+/// One optimizer step from a loss, whichever router the run built.
+type StepFn = Box<dyn FnMut(&Tensor) -> caseopt::Result<()>>;
+
 fn accuracy(net: &impl Module, images: &Tensor, labels: &Tensor) -> f64 {
     tch::no_grad(|| {
         let mut correct = 0i64;
@@ -120,7 +123,7 @@ fn train(
     let vs = nn::VarStore::new(Device::Cpu);
     let net = mlp(&vs, train_x.size()[1], args.hidden, classes);
     // Two routers of different types: each run builds its own.
-    let mut step: Box<dyn FnMut(&Tensor) -> caseopt::Result<()>> = if muon {
+    let mut step: StepFn = if muon {
         let mut opt = case_optimizer! {
             ndim(2) & !name("out.*") => Muon<lr: 0.02, weight_decay: 0.01>,
             _ => AdamW<lr: 1e-3, weight_decay: 0.01>,

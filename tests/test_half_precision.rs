@@ -94,7 +94,6 @@ fn bop_on_a_bf16_kernel_keeps_only_f32_momentum_and_makes_f32_bops_signs() {
     let mut reference = <Bop as FromConfig>::from_config(caseopt::BopConfig {
         threshold: 1e-6.into(),
         gamma: 1e-2.into(),
-        ..Default::default()
     })
     .unwrap();
     reference

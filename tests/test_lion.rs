@@ -83,8 +83,7 @@ fn replay(backend: Backend, variant: &str) -> Vec<(String, u64)> {
         let params: Vec<Tensor> =
             (0..vars).map(|j| get(format!("{name}.p{j}.init")).copy()).collect();
         for (j, p) in params.iter().enumerate() {
-            lion.add_param(Param::new(VarInfo::of(&format!("p{j}"), p), p.shallow_clone()))
-                .unwrap();
+            lion.add_param(Param::new(VarInfo::of(format!("p{j}"), p), p.shallow_clone())).unwrap();
         }
         let mut worst = 0;
         for t in 0..steps {

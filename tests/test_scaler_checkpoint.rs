@@ -36,8 +36,8 @@ fn model() -> nn::VarStore {
     tch::no_grad(|| {
         let x = Tensor::arange(24, (Kind::Float, Device::Cpu)).sin();
         let signs = (x.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0).view([6, 4]);
-        let _ = w.shallow_clone().copy_(&signs);
-        let _ = a.shallow_clone().copy_(&(Tensor::arange(6, (Kind::Float, Device::Cpu)) * 0.1));
+        w.shallow_clone().copy_(&signs);
+        a.shallow_clone().copy_(&(Tensor::arange(6, (Kind::Float, Device::Cpu)) * 0.1));
         let _ = b;
     });
     vs

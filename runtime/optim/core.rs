@@ -306,7 +306,7 @@ impl<A: Algorithm> Optim<A> {
             }
             self.masters[i] = Some(work.shallow_clone());
         }
-        let _ = p.f_copy_(&work)?;
+        p.f_copy_(&work)?;
         Ok(())
     }
 
@@ -320,10 +320,7 @@ impl<A: Algorithm> Optim<A> {
             self.masters[index] = None;
             return Ok(());
         }
-        let master = match state.iter().position(|(n, _)| n == MASTER) {
-            Some(at) => Some(state.remove(at).1),
-            None => None,
-        };
+        let master = state.iter().position(|(n, _)| n == MASTER).map(|at| state.remove(at).1);
         let shape = param.tensor.size();
         let proxy = Param::new(
             param.info.clone(),
