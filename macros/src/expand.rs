@@ -478,6 +478,16 @@ fn config_values(
                 let value = value_tokens(spec, param);
                 let span =
                     param.value.tokens.clone().into_iter().next().map_or(key.span(), |t| t.span());
+                // A built-in's `Value` field (Muon's `ns_steps: usize`, ...) takes the value as
+                // its own type: an unsuffixed integer literal then infers the field's integer
+                // type, which `Into::into(5)` (an i32) would not.
+                let own_type = spec
+                    .builtin
+                    .and_then(|b| b.field(&key.to_string()))
+                    .is_some_and(|f| matches!(f, Field::Value));
+                if own_type {
+                    return quote!(#key: #value);
+                }
                 let into = quote_spanned!(span=> ::core::convert::Into::into);
                 quote!(#key: #into(#value))
             });

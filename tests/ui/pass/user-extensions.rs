@@ -26,7 +26,7 @@ fn main() -> caseopt::Result<()> {
     let opt = case_optimizer! {
         where(rules::is_embedding) => Adagrad<lr: (0.1 * scale), initial_accumulator_value: 0>,
         bits(4) & ndim(2) => opt::PlainSgd<lr: 1.0, momentum: 0.9, nesterov: true>,
-        dtype(f16) | dtype(bf16) => RmsProp<lr: { Schedule::cosine(0.01, 100) }, centered: true>,
+        dtype(f16) | dtype(bf16) => RmsProp<lr: { Schedule::cosine(0.01, 100) }, centered: true, master_weights: true>,
         binary & name("c.*") & !where(|v: &VarInfo| v.numel() > 100) => Bop2ndOrder<sigma: 1e-3>,
         _ => AdamW<lr: (Schedule::step(1e-3, 0.5, 10)), weight_decay: 0>,
     }
