@@ -134,8 +134,8 @@ fn differs(p: &Param, m: &TensorMeta) -> Option<String> {
 
 impl DataParallel {
     /// Joins the model in `vs` to the group: checks that every rank has the same variables
-    /// (else [`DistributedError::Mismatch`] naming the first difference, on every rank) and
-    /// copies rank 0's values of all of them to the others.
+    /// (else [`DistributedError::Mismatch`](crate::DistributedError::Mismatch) naming the first
+    /// difference, on every rank) and copies rank 0's values of all of them to the others.
     pub fn new(group: ProcessGroup, vs: &nn::VarStore) -> Result<Self> {
         let params = trainable_vars(vs);
         let mut buffers: Vec<(String, Tensor)> = vs
