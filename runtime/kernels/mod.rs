@@ -236,7 +236,14 @@ pub(crate) fn cap_isa(name: Option<&str>) -> Result<&'static str, String> {
     }
     #[cfg(not(feature = "fused"))]
     {
-        let _ = name;
-        Ok("baseline")
+        // No loops of their own to cap, but a name that is no instruction set is refused as
+        // the fused build refuses it.
+        match name.map(|n| n.trim().to_ascii_lowercase()) {
+            None => Ok("baseline"),
+            Some(n) if ["avx512", "avx2", "baseline"].contains(&n.as_str()) => Ok("baseline"),
+            Some(other) => Err(format!(
+                "unknown instruction set `{other}` (expected avx512, avx2 or baseline)"
+            )),
+        }
     }
 }
