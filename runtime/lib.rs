@@ -42,13 +42,11 @@ pub use checkpoint::{
 };
 pub use constraint::Constraint;
 pub use error::{DistributedError, Error, Result, ScalerError};
+pub use optim::builtin_items::*;
 pub use optim::{
-    Adafactor, AdafactorConfig, Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig,
-    Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig, Execution, FlipRatios, FromConfig,
-    Lion, LionConfig, NAdam, NAdamConfig, Optimizer, RAdam, RAdamConfig, RmsProp, RmsPropConfig,
-    Sgd, SgdConfig, Sqrt,
+    builtin, builtins, Backend, Builtin, BuiltinOptimizer, Execution, FlipRatios, FromConfig,
+    Optimizer, Sqrt,
 };
-pub use optim::{Muon, MuonAdjustLr, MuonConfig};
 pub use schedule::{Plateau, PlateauConfig, PlateauMode, PlateauState, Schedule, ThresholdMode};
 pub use tch;
 

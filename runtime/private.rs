@@ -4,11 +4,8 @@
 //! only this module, `::core` and `::std`, so it works whatever the user has in scope.
 
 pub use crate::error::{Error, Result};
-pub use crate::optim::Muon;
-pub use crate::optim::{
-    Adafactor, Adagrad, Adam, AdamW, Bop, Bop2ndOrder, FromConfig, Lion, NAdam, Optimizer, RAdam,
-    RmsProp, Sgd,
-};
+pub use crate::optim::builtin_items::*;
+pub use crate::optim::{FromConfig, Optimizer};
 pub use crate::predicate::{Glob, Predicate};
 pub use crate::router::{
     debug_router, Assembly, OptimizerInspector, OptimizerVisitor, Router, RouterBuilder,

@@ -595,6 +595,21 @@ impl From<f64> for Schedule {
     }
 }
 
+/// A schedule read from a config file (see [`Builtin::build`](crate::Builtin::build)) is a
+/// number, the constant schedule; other schedules are built in code.
+///
+/// ```
+/// let s: caseopt::Schedule = serde_json::from_str("0.01")?;
+/// assert_eq!(s.value(1000), 0.01);
+/// assert!(serde_json::from_str::<caseopt::Schedule>("\"cosine\"").is_err());
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+impl<'de> serde::Deserialize<'de> for Schedule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        f64::deserialize(d).map(Schedule::Constant)
+    }
+}
+
 impl From<f32> for Schedule {
     fn from(v: f32) -> Self {
         Schedule::Constant(v as f64)

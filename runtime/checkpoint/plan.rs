@@ -409,7 +409,7 @@ fn plan_states<'a>(
             // A half-precision variable under `master_weights` keeps f32 state.
             let kind = opt.state_kind(index).unwrap_or(param.tensor.kind());
             let shape = param.tensor.size();
-            let layout = saved_state_layout(state);
+            let layout = saved_state_layout(opt.name(), state).unwrap_or(StateLayout::LikeVariable);
             let want_kind = if let StateLayout::Scalar(k) = layout { k } else { kind };
             let want_shape = layout.shape(&shape);
             if saved_tensor.dtype != dtype_name(want_kind) || saved_tensor.shape != want_shape {

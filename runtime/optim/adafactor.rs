@@ -2,9 +2,9 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::hyper::{hyperparameters, Hyperparameters};
-use super::state::{reduced_shape, step_tensor, take_state, take_state_shaped, take_step};
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
@@ -15,7 +15,8 @@ use crate::var::Param;
 /// Configuration of [`Adafactor`]; `Default` is torch.optim.Adafactor's.
 ///
 /// torch's `eps=(eps1, eps2)` are the two fields `eps1` and `eps2` here.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdafactorConfig {
     /// Learning rate (>= 0); the relative step size is `min(lr, 1 / sqrt(step))`. Default 1e-2.
     pub lr: Schedule,
@@ -55,11 +56,11 @@ hyperparameters!(
     Adafactor,
     AdafactorConfig,
     AdafactorValues {
-        lr: NonNegative,
-        beta2_decay: NonPositive,
-        eps2: NonNegative,
-        d: AtLeastOne,
-        weight_decay: NonNegative,
+        lr,
+        beta2_decay,
+        eps2,
+        d,
+        weight_decay,
     },
     extra_checks = AdafactorConfig::check_eps1
 );
@@ -79,52 +80,23 @@ impl AdafactorConfig {
     }
 }
 
-/// Per-variable state of Adafactor: the step count and, for a variable of two or more
-/// dimensions, the row and column factors of its second moment (`row_var` reduced over the
-/// last dimension, `col_var` over the second-to-last), else its full second moment
-/// (`variance`).
-#[derive(Debug)]
-pub struct AdafactorState {
-    pub(crate) step: u64,
-    pub(crate) row_var: Option<Tensor>,
-    pub(crate) col_var: Option<Tensor>,
-    pub(crate) variance: Option<Tensor>,
-}
-
-impl AdafactorState {
-    fn zeros(p: &Tensor) -> Result<Self> {
-        let (kind, device) = (p.kind(), p.device());
-        let zeros = |dim: i64| Tensor::f_zeros(reduced_shape(&p.size(), dim), (kind, device));
-        Ok(if p.dim() > 1 {
-            AdafactorState {
-                step: 0,
-                row_var: Some(zeros(-1)?),
-                col_var: Some(zeros(-2)?),
-                variance: None,
-            }
-        } else {
-            AdafactorState {
-                step: 0,
-                row_var: None,
-                col_var: None,
-                variance: Some(p.f_zeros_like()?),
-            }
-        })
+var_state! {
+    /// Per-variable state of Adafactor: the step count and, for a variable of two or more
+    /// dimensions, the row and column factors of its second moment (`row_var` reduced over the
+    /// last dimension, `col_var` over the second-to-last), else its full second moment
+    /// (`variance`).
+    pub struct AdafactorState {
+        step: Counter,
+        row_var: Option(Reduced(-1)),
+        col_var: Option(Reduced(-2)),
+        variance: Option(LikeVariable),
     }
 }
 
-impl VarState for AdafactorState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        let mut out = vec![("step", step_tensor(self.step))];
-        for (name, t) in
-            [("row_var", &self.row_var), ("col_var", &self.col_var), ("variance", &self.variance)]
-        {
-            if let Some(t) = t {
-                out.push((name, t.alias()));
-            }
-        }
-        out
-    }
+/// Whether a variable of `ndim` dimensions keeps Adafactor's state `name`: the factored
+/// `row_var` and `col_var` from two dimensions on, `variance` below.
+fn keeps(ndim: usize) -> impl Fn(&str) -> bool {
+    move |name| (name == "variance") == (ndim < 2)
 }
 
 /// Adafactor ([Shazeer & Stern 2018](https://arxiv.org/abs/1804.04235)), as
@@ -188,7 +160,6 @@ fn item(t: &Tensor) -> Result<f64> {
 
 impl Algorithm for AdafactorAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Adafactor;
-    const STATE_NAMES: &'static [&'static str] = &["step", "row_var", "col_var", "variance"];
     type Config = AdafactorConfig;
     type State = AdafactorState;
     type Kernel = NoKernel;
@@ -199,30 +170,7 @@ impl Algorithm for AdafactorAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<AdafactorState> {
-        let step = take_step(state, param)?;
-        let p = &param.tensor;
-        Ok(if p.dim() > 1 {
-            let shape = p.size();
-            AdafactorState {
-                step,
-                row_var: Some(take_state_shaped(
-                    state,
-                    "row_var",
-                    param,
-                    &reduced_shape(&shape, -1),
-                )?),
-                col_var: Some(take_state_shaped(
-                    state,
-                    "col_var",
-                    param,
-                    &reduced_shape(&shape, -2),
-                )?),
-                variance: None,
-            }
-        } else {
-            let variance = Some(take_state(state, "variance", param)?);
-            AdafactorState { step, row_var: None, col_var: None, variance }
-        })
+        AdafactorState::import(state, param, keeps(param.tensor.dim()))
     }
 
     /// torch.optim's `_single_tensor_adafactor`, op for op: the scalars in f64 as Python
@@ -238,7 +186,7 @@ impl Algorithm for AdafactorAlgorithm {
         let AdafactorValues { lr, beta2_decay, eps2, d, weight_decay } = *hp;
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(AdafactorState::zeros(p)?),
+            empty => empty.insert(AdafactorState::zeros(p, keeps(p.dim()))?),
         };
         let grad = if c.maximize { grad.f_neg()? } else { grad.shallow_clone() };
         let eps1 = c.eps1.unwrap_or_else(|| machine_eps(p.kind()));

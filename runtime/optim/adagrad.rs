@@ -2,20 +2,21 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::adjusted_grad;
-use super::hyper::{hyperparameters, Hyperparameters};
-use super::state::{step_tensor, take_state, take_step};
+use super::hyper::hyperparameters;
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::multi::{self, List};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`Adagrad`]; `Default` is torch.optim.Adagrad's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdagradConfig {
     /// Learning rate (>= 0). Default 1e-2.
     pub lr: Schedule,
@@ -48,40 +49,19 @@ hyperparameters!(
     Adagrad,
     AdagradConfig,
     AdagradValues {
-        lr: NonNegative,
-        lr_decay: NonNegative,
-        weight_decay: NonNegative,
-        eps: Positive,
+        lr,
+        lr_decay,
+        weight_decay,
+        eps,
     },
-    extra_checks = AdagradConfig::check_initial_accumulator
+    floats = [initial_accumulator_value]
 );
 
-impl AdagradConfig {
-    /// The initial accumulator is a plain number, checked here rather than by the table.
-    fn check_initial_accumulator(&self) -> Result<()> {
-        let v = self.initial_accumulator_value;
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(Error::InvalidHyperparameter {
-                optimizer: Self::OPTIMIZER,
-                name: "initial_accumulator_value",
-                value: v,
-                expected: ">= 0",
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Per-variable state of Adagrad.
-#[derive(Debug)]
-pub struct AdagradState {
-    step: u64,
-    sum: Tensor,
-}
-
-impl VarState for AdagradState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("step", step_tensor(self.step)), ("sum", self.sum.alias())]
+var_state! {
+    /// Per-variable state of Adagrad.
+    pub struct AdagradState {
+        step: Counter,
+        sum: Tensor(LikeVariable),
     }
 }
 
@@ -95,7 +75,6 @@ pub enum AdagradAlgorithm {}
 
 impl Algorithm for AdagradAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Adagrad;
-    const STATE_NAMES: &'static [&'static str] = &["step", "sum"];
     type Config = AdagradConfig;
     type State = AdagradState;
     type Kernel = NoKernel;
@@ -106,7 +85,7 @@ impl Algorithm for AdagradAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<AdagradState> {
-        Ok(AdagradState { step: take_step(state, param)?, sum: take_state(state, "sum", param)? })
+        AdagradState::import(state, param, |_| true)
     }
 
     fn update(
@@ -120,7 +99,7 @@ impl Algorithm for AdagradAlgorithm {
         let init = c.initial_accumulator_value;
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(AdagradState { step: 0, sum: p.f_full_like(init)? }),
+            empty => empty.insert(AdagradState { step: 0, sum: p.f_full_like(init)?, slot: None }),
         };
         st.step += 1;
         let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
@@ -143,7 +122,7 @@ impl Algorithm for AdagradAlgorithm {
         for &i in group {
             if this.states[i].is_none() {
                 let sum = this.params[i].tensor.f_full_like(init)?;
-                this.states[i] = Some(AdagradState { step: 0, sum });
+                this.states[i] = Some(AdagradState { step: 0, sum, slot: None });
             }
         }
         let result = {

@@ -3,18 +3,17 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Optim, Values, VarState};
+use super::core::{Algorithm, Optim, Values};
 use super::grad::decayed_grad;
 use super::hyper::hyperparameters;
+use super::state::var_state;
 use super::hyper::Hyperparameters;
-use super::state::{step_tensor, take_state, take_step, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::multi::{self, AdamArgs, List};
 use crate::kernels::ops::AdamKernel;
-use crate::kernels::{StateOperand, MAX_STATES};
 use crate::optim::Sqrt;
 use crate::schedule::Schedule;
 use crate::var::Param;
@@ -23,7 +22,8 @@ use crate::var::Param;
 ///
 /// torch's `betas=(b1, b2)` are the two fields `beta1` and `beta2` here, so that each can be a
 /// schedule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamConfig {
     /// Learning rate (>= 0). Default 1e-3.
     pub lr: Schedule,
@@ -59,82 +59,21 @@ hyperparameters!(
     Adam,
     AdamConfig,
     AdamValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        eps: Positive,
-        weight_decay: NonNegative,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
     }
 );
 
-/// Per-variable state of Adam and AdamW.
-#[derive(Debug)]
-pub struct AdamState {
-    pub(crate) step: u64,
-    pub(crate) exp_avg: Tensor,
-    pub(crate) exp_avg_sq: Tensor,
-    pub(crate) max_exp_avg_sq: Option<Tensor>,
-    /// Where the moments live when they were made in a state buffer.
-    pub(crate) slot: Option<StateSlot>,
-}
-
-impl AdamState {
-    pub(crate) fn zeros(p: &Tensor, amsgrad: bool) -> Result<Self> {
-        Ok(AdamState {
-            step: 0,
-            exp_avg: p.f_zeros_like()?,
-            exp_avg_sq: p.f_zeros_like()?,
-            max_exp_avg_sq: if amsgrad { Some(p.f_zeros_like()?) } else { None },
-            slot: None,
-        })
-    }
-
-    /// A fresh state from zero tensors made in a state buffer (two, or three with AMSGrad).
-    pub(crate) fn from_buffer(states: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self> {
-        let mut st = states.into_iter();
-        let (exp_avg, exp_avg_sq) = (st.next()?, st.next()?);
-        Some(AdamState { step: 0, exp_avg, exp_avg_sq, max_exp_avg_sq: st.next(), slot })
-    }
-
-    /// A saved state, checked against its variable.
-    pub(crate) fn import(state: &[(String, Tensor)], param: &Param, amsgrad: bool) -> Result<Self> {
-        Ok(AdamState {
-            step: take_step(state, param)?,
-            exp_avg: take_state(state, "exp_avg", param)?,
-            exp_avg_sq: take_state(state, "exp_avg_sq", param)?,
-            max_exp_avg_sq: if amsgrad {
-                Some(take_state(state, "max_exp_avg_sq", param)?)
-            } else {
-                None
-            },
-            slot: None,
-        })
-    }
-}
-
-impl VarState for AdamState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        let mut out = vec![
-            ("step", step_tensor(self.step)),
-            ("exp_avg", self.exp_avg.alias()),
-            ("exp_avg_sq", self.exp_avg_sq.alias()),
-        ];
-        if let Some(m) = &self.max_exp_avg_sq {
-            out.push(("max_exp_avg_sq", m.alias()));
-        }
-        out
-    }
-
-    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
-        [
-            Some(("exp_avg", &self.exp_avg)),
-            Some(("exp_avg_sq", &self.exp_avg_sq)),
-            self.max_exp_avg_sq.as_ref().map(|t| ("max_exp_avg_sq", t)),
-        ]
-    }
-
-    fn slot(&self) -> Option<StateSlot> {
-        self.slot
+var_state! {
+    /// Per-variable state of Adam and AdamW.
+    pub struct AdamState {
+        step: Counter,
+        exp_avg: Tensor(LikeVariable),
+        exp_avg_sq: Tensor(LikeVariable),
+        max_exp_avg_sq: Option(LikeVariable),
     }
 }
 
@@ -148,7 +87,7 @@ pub(crate) fn adam_update(
 ) -> Result<()> {
     let st = match state {
         Some(st) => st,
-        empty => empty.insert(AdamState::zeros(p, h.amsgrad)?),
+        empty => empty.insert(AdamState::zeros(p, |_| h.amsgrad)?),
     };
     st.step += 1;
     let grad = decayed_grad(p, grad, h.maximize, h.lr, h.weight_decay, h.decoupled)?;
@@ -229,15 +168,13 @@ impl AdamVariant for AdamAlgorithm {
 
 impl<V: AdamVariant> Algorithm for V {
     const KIND: OptimizerKind = V::KIND;
-    const STATE_NAMES: &'static [&'static str] =
-        &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
     type Config = V::Config;
     type State = AdamState;
     type Kernel = AdamKernel;
     type Extra = ();
 
     fn import_state(c: &V::Config, state: &[(String, Tensor)], param: &Param) -> Result<AdamState> {
-        AdamState::import(state, param, V::amsgrad(c))
+        AdamState::import(state, param, |_| V::amsgrad(c))
     }
 
     fn update(
@@ -257,10 +194,6 @@ impl<V: AdamVariant> Algorithm for V {
 
     fn kernel_states(kernel: &AdamKernel) -> usize {
         kernel.states()
-    }
-
-    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<AdamState> {
-        AdamState::from_buffer(tensors, slot)
     }
 
     fn scalars_key(state: &AdamState) -> u64 {
@@ -285,7 +218,7 @@ impl<V: AdamVariant> Algorithm for V {
         let k = V::step_kernel(&this.config, hp);
         for &i in group {
             if this.states[i].is_none() {
-                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, k.amsgrad)?);
+                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, |_| k.amsgrad)?);
             }
         }
         let result = {

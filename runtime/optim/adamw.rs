@@ -11,7 +11,8 @@ use crate::optim::Sqrt;
 use crate::schedule::Schedule;
 
 /// Configuration of [`AdamW`]; `Default` is torch.optim.AdamW's (weight decay 1e-2).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     /// Learning rate (>= 0). Default 1e-3.
     pub lr: Schedule,
@@ -48,11 +49,11 @@ hyperparameters!(
     AdamW,
     AdamWConfig,
     AdamWValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        eps: Positive,
-        weight_decay: NonNegative,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
     }
 );
 

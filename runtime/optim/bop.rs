@@ -7,23 +7,23 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, BinaryAlgorithm, Optim, Values, VarState};
+use super::core::{Algorithm, BinaryAlgorithm, Optim, Values};
 use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
+use super::state::var_state;
 use super::staging::Staging;
-use super::state::{take_state, StateSlot};
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::multi::{self, List};
 use crate::kernels::ops::BopKernel;
-use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`Bop`]; `Default` is larq's (threshold 1e-8, gamma 1e-4).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BopConfig {
     /// A weight flips when `w * m` exceeds it (>= 0). Default 1e-8.
     pub threshold: Schedule,
@@ -37,7 +37,7 @@ impl Default for BopConfig {
     }
 }
 
-hyperparameters!(Bop, BopConfig, BopValues { threshold: NonNegative, gamma: UnitOpenClosed });
+hyperparameters!(Bop, BopConfig, BopValues { threshold, gamma });
 
 /// One variable's Bop or Bop2ndOrder step on libtorch ops, larq's rounding:
 /// `m <- m + gamma * (g - m)` as written in the reference (the subtraction, the product and the
@@ -81,25 +81,10 @@ pub(crate) fn multi_binary(
     multi::bop([&w, &g, ms], vs, scalars)
 }
 
-/// Per-variable state of Bop: the gradient's moving average.
-#[derive(Debug)]
-pub struct BopState {
-    pub(crate) m: Tensor,
-    /// Where `m` lives when it was made in a state buffer.
-    pub(crate) slot: Option<StateSlot>,
-}
-
-impl VarState for BopState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("m", self.m.alias())]
-    }
-
-    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
-        [Some(("m", &self.m)), None, None]
-    }
-
-    fn slot(&self) -> Option<StateSlot> {
-        self.slot
+var_state! {
+    /// Per-variable state of Bop: the gradient's moving average.
+    pub struct BopState {
+        m: Tensor(LikeVariable),
     }
 }
 
@@ -133,7 +118,6 @@ impl BinaryAlgorithm for BopAlgorithm {}
 
 impl Algorithm for BopAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Bop;
-    const STATE_NAMES: &'static [&'static str] = &["m"];
     const BINARY: bool = true;
     type Config = BopConfig;
     type State = BopState;
@@ -141,7 +125,7 @@ impl Algorithm for BopAlgorithm {
     type Extra = Staging;
 
     fn import_state(_: &BopConfig, state: &[(String, Tensor)], param: &Param) -> Result<BopState> {
-        Ok(BopState { m: take_state(state, "m", param)?, slot: None })
+        BopState::import(state, param, |_| true)
     }
 
     fn update(
@@ -176,10 +160,6 @@ impl Algorithm for BopAlgorithm {
 
     fn kernel_states(_: &BopKernel) -> usize {
         1
-    }
-
-    fn state_from_buffer(mut tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<BopState> {
-        tensors.pop().map(|m| BopState { m, slot })
     }
 
     /// Commits the step staged for exactly these gradients and hyperparameters, if any, then

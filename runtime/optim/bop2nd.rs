@@ -3,16 +3,16 @@
 use tch::Tensor;
 
 use super::bop::{libtorch_step, multi_binary};
-use super::core::{Algorithm, BinaryAlgorithm, Optim, VarState};
+use super::core::{Algorithm, BinaryAlgorithm, Optim};
 use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
-use super::state::{take_state, StateSlot};
+use super::state::var_state;
+use super::state::take_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::multi::List;
 use crate::kernels::ops::Bop2Kernel;
-use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -21,7 +21,8 @@ pub const BOP2_EPSILON: f64 = 1e-10;
 
 /// Configuration of [`Bop2ndOrder`]; `Default` is the paper's code's (threshold 1e-8,
 /// gamma 1e-4, sigma 1e-2).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Bop2ndOrderConfig {
     /// A weight flips when `w * m / (sqrt(v) + 1e-10)` exceeds it (>= 0). Default 1e-8.
     pub threshold: Schedule,
@@ -40,29 +41,14 @@ impl Default for Bop2ndOrderConfig {
 hyperparameters!(
     Bop2ndOrder,
     Bop2ndOrderConfig,
-    Bop2ndOrderValues { threshold: NonNegative, gamma: UnitOpenClosed, sigma: UnitOpenClosed }
+    Bop2ndOrderValues { threshold, gamma, sigma }
 );
 
-/// Per-variable state of Bop2ndOrder: moving averages of the gradient and its square.
-#[derive(Debug)]
-pub struct Bop2ndOrderState {
-    pub(crate) m: Tensor,
-    pub(crate) v: Tensor,
-    /// Where `m` and `v` live when they were made in a state buffer.
-    pub(crate) slot: Option<StateSlot>,
-}
-
-impl VarState for Bop2ndOrderState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("m", self.m.alias()), ("v", self.v.alias())]
-    }
-
-    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
-        [Some(("m", &self.m)), Some(("v", &self.v)), None]
-    }
-
-    fn slot(&self) -> Option<StateSlot> {
-        self.slot
+var_state! {
+    /// Per-variable state of Bop2ndOrder: moving averages of the gradient and its square.
+    pub struct Bop2ndOrderState {
+        m: Tensor(LikeVariable),
+        v: Tensor(LikeVariable),
     }
 }
 
@@ -91,7 +77,6 @@ impl BinaryAlgorithm for Bop2ndOrderAlgorithm {}
 
 impl Algorithm for Bop2ndOrderAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Bop2ndOrder;
-    const STATE_NAMES: &'static [&'static str] = &["m", "v"];
     const BINARY: bool = true;
     type Config = Bop2ndOrderConfig;
     type State = Bop2ndOrderState;
@@ -152,12 +137,6 @@ impl Algorithm for Bop2ndOrderAlgorithm {
 
     fn kernel_states(_: &Bop2Kernel) -> usize {
         2
-    }
-
-    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self::State> {
-        let mut st = tensors.into_iter();
-        let (m, v) = (st.next()?, st.next()?);
-        Some(Bop2ndOrderState { m, v, slot })
     }
 
     /// larq's Bop2ndOrder on `_foreach_*` ops (see `bop::multi_binary`).

@@ -17,7 +17,7 @@ use super::exec::Exec;
 use super::flips::{FlipCounts, FlipRatios, PendingFlips};
 use super::grad::check_grads;
 use super::hyper::Hyperparameters;
-use super::state::StateSlot;
+use super::state::{StateLayout, StateSlot};
 use super::{Backend, Execution, FromConfig, Optimizer, Sqrt};
 use crate::constraint::Constraint;
 use crate::error::{CheckpointError, Error, Result};
@@ -31,6 +31,13 @@ pub type Values<A> = <<A as Algorithm>::Config as Hyperparameters>::Values;
 
 /// A variable's state in a built-in optimizer.
 pub trait VarState: std::fmt::Debug + Send + 'static {
+    /// The names of the tensors it may hold, in declaration order (`var_state!` declares them
+    /// once with the struct).
+    const NAMES: &'static [&'static str];
+
+    /// How the saved tensor `name` looks, or `None` for a name it does not hold.
+    fn layout(name: &str) -> Option<StateLayout>;
+
     /// The named tensors that describe it, as [`Optimizer::state`] returns them (aliases).
     fn export(&self) -> Vec<(&'static str, Tensor)>;
 
@@ -43,6 +50,12 @@ pub trait VarState: std::fmt::Debug + Send + 'static {
     fn slot(&self) -> Option<StateSlot> {
         None
     }
+
+    /// A fresh state from zero tensors made in a state buffer, in declaration order; `None`
+    /// when there are too few.
+    fn from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self>
+    where
+        Self: Sized;
 }
 
 /// A built-in optimizer's algorithm; see the module docs.
@@ -54,8 +67,9 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
     const KIND: OptimizerKind;
     /// The optimizer's name as torch.optim or larq spell it (`"SGD"`, `"Bop"`).
     const NAME: &'static str = Self::KIND.display_name();
-    /// Names of the per-variable state tensors it may keep.
-    const STATE_NAMES: &'static [&'static str];
+    /// Names of the per-variable state tensors it may keep: by default its state's (RAdam,
+    /// which shares Adam's state, keeps fewer).
+    const STATE_NAMES: &'static [&'static str] = <Self::State as VarState>::NAMES;
     /// Whether every update writes -1 or +1 (Bop, Bop2ndOrder): the optimizer then counts the
     /// weights each step flips, and applies a constraint only where it changes +-1.
     const BINARY: bool = false;
@@ -114,10 +128,10 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         0
     }
 
-    /// A fresh state from zero tensors made in a state buffer (`kernel_states` of them).
+    /// A fresh state from zero tensors made in a state buffer (`kernel_states` of them); by
+    /// default the state's own ([`VarState::from_buffer`]).
     fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<Self::State> {
-        let _ = (tensors, slot);
-        None
+        Self::State::from_buffer(tensors, slot)
     }
 
     /// The key of a variable's per-variable kernel scalars: variables with equal keys share

@@ -81,22 +81,17 @@ pub(crate) fn unknown(optimizer: &'static str, name: &str, known: &[&str]) -> Er
     }
 }
 
-/// Declares a config's scheduled hyperparameters once, as a table of names and ranges: it
-/// implements [`Hyperparameters`] for the config and defines the struct of their values at one
-/// step. The contract is the trait's, checked by the compiler; the table only spares writing
-/// each name four times.
+/// Declares a config's scheduled hyperparameters by name: it implements [`Hyperparameters`]
+/// for the config and defines the struct of their values at one step. Every range comes from the
+/// optimizer's entry in the identity table (`caseopt_rules::OptimizerKind::fields`, which the
+/// macro checks rules against), read in const evaluation: a name that is no schedule there, or
+/// a list shorter or longer than the table's, stops the build. `floats = [...]` names the plain
+/// `f64` fields with a range (Adagrad's `initial_accumulator_value`), checked by `validate`;
+/// `extra_checks = path` adds checks beyond ranges.
 macro_rules! hyperparameters {
-    ($kind:ident, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? }) => {
-        hyperparameters!(@impl $kind, $config, $values, {}, { $($field: $range),* });
-    };
-    ($kind:ident, $config:ident, $values:ident { $($field:ident : $range:ident),* $(,)? },
-     extra_checks = $extra:path) => {
-        hyperparameters!(@impl $kind, $config, $values,
-            { fn extra_checks(&self) -> $crate::error::Result<()> { $extra(self) } },
-            { $($field: $range),* });
-    };
-    (@impl $kind:ident, $config:ident, $values:ident, { $($extra:tt)* },
-     { $($field:ident : $range:ident),* }) => {
+    ($kind:ident, $config:ident, $values:ident { $($field:ident),* $(,)? }
+     $(, floats = [$($float:ident),* $(,)?])?
+     $(, extra_checks = $extra:path)? $(,)?) => {
         /// Hyperparameter values at one step.
         #[derive(Debug, Clone, Copy)]
         pub struct $values {
@@ -110,30 +105,67 @@ macro_rules! hyperparameters {
             }
         }
 
+        // The table lists exactly the identity table's schedules and plain floats.
+        const _: () = {
+            use caseopt_rules::OptimizerKind;
+            assert!(
+                OptimizerKind::$kind.count(false) == {
+                    let fields: &[&str] = &[$(stringify!($field)),*];
+                    fields.len()
+                },
+                "the hyperparameters! table must list every schedule of the identity table"
+            );
+            assert!(
+                OptimizerKind::$kind.count(true) == {
+                    let floats: &[&str] = &[$($(stringify!($float)),*)?];
+                    floats.len()
+                },
+                "the hyperparameters! table must list every plain float of the identity table"
+            );
+        };
+
         impl $crate::optim::hyper::Hyperparameters for $config {
             type Values = $values;
             const OPTIMIZER: &'static str = caseopt_rules::OptimizerKind::$kind.display_name();
             const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
             const RANGES: &'static [$crate::optim::hyper::Range] =
-                &[$($crate::optim::hyper::Range::$range),*];
+                &[$(caseopt_rules::OptimizerKind::$kind.schedule_range(stringify!($field))),*];
 
             fn values_at(&self, t: u64) -> $crate::error::Result<$values> {
-                use $crate::optim::hyper::{check, Range};
+                use $crate::optim::hyper::check;
                 Ok($values {
-                    $($field: check(Range::$range, Self::OPTIMIZER, stringify!($field), self.$field.value(t))?,)*
+                    $($field: check(
+                        const { caseopt_rules::OptimizerKind::$kind.schedule_range(stringify!($field)) },
+                        Self::OPTIMIZER,
+                        stringify!($field),
+                        self.$field.value(t),
+                    )?,)*
                 })
             }
 
             fn validate_schedules(&self) -> $crate::error::Result<()> {
-                use $crate::optim::hyper::{check, Range};
+                use $crate::optim::hyper::check;
                 $(
                     self.$field.validate().map_err(|reason| $crate::error::Error::InvalidSchedule {
                         optimizer: Self::OPTIMIZER,
                         name: stringify!($field),
                         reason,
                     })?;
-                    check(Range::$range, Self::OPTIMIZER, stringify!($field), self.$field.value(0))?;
+                    check(
+                        const { caseopt_rules::OptimizerKind::$kind.schedule_range(stringify!($field)) },
+                        Self::OPTIMIZER,
+                        stringify!($field),
+                        self.$field.value(0),
+                    )?;
                 )*
+                $($(
+                    check(
+                        const { caseopt_rules::OptimizerKind::$kind.float_range(stringify!($float)) },
+                        Self::OPTIMIZER,
+                        stringify!($float),
+                        self.$float,
+                    )?;
+                )*)?
                 Ok(())
             }
 
@@ -154,7 +186,11 @@ macro_rules! hyperparameters {
                 }
             }
 
-            $($extra)*
+            $(
+                fn extra_checks(&self) -> $crate::error::Result<()> {
+                    $extra(self)
+                }
+            )?
         }
     };
 }

@@ -3,15 +3,14 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, Optim, VarState};
+use super::core::{Algorithm, Optim};
 use super::hyper::hyperparameters;
-use super::state::{take_state, StateSlot};
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::ops::LionKernel;
-use crate::kernels::{StateOperand, MAX_STATES};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
@@ -19,7 +18,8 @@ use crate::var::Param;
 /// 1e-3) with the paper's suggested learning rate, 1e-4 (optax has no default for it).
 ///
 /// optax's `b1` and `b2` are `beta1` and `beta2` here, as torch names its betas.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LionConfig {
     /// Learning rate (>= 0). Default 1e-4 (the paper: 3-10x smaller than AdamW's).
     pub lr: Schedule,
@@ -48,32 +48,17 @@ hyperparameters!(
     Lion,
     LionConfig,
     LionValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        weight_decay: NonNegative,
+        lr,
+        beta1,
+        beta2,
+        weight_decay,
     }
 );
 
-/// Per-variable state of Lion: the momentum (optax's `mu`), zeros at the start.
-#[derive(Debug)]
-pub struct LionState {
-    pub(crate) exp_avg: Tensor,
-    /// Where `exp_avg` lives when it was made in a state buffer.
-    pub(crate) slot: Option<StateSlot>,
-}
-
-impl VarState for LionState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("exp_avg", self.exp_avg.alias())]
-    }
-
-    fn operands(&self) -> [StateOperand<'_>; MAX_STATES] {
-        [Some(("exp_avg", &self.exp_avg)), None, None]
-    }
-
-    fn slot(&self) -> Option<StateSlot> {
-        self.slot
+var_state! {
+    /// Per-variable state of Lion: the momentum (optax's `mu`), zeros at the start.
+    pub struct LionState {
+        exp_avg: Tensor(LikeVariable),
     }
 }
 
@@ -117,7 +102,6 @@ fn lion_kernel(hp: &LionValues) -> LionKernel {
 
 impl Algorithm for LionAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Lion;
-    const STATE_NAMES: &'static [&'static str] = &["exp_avg"];
     type Config = LionConfig;
     type State = LionState;
     type Kernel = LionKernel;
@@ -128,7 +112,7 @@ impl Algorithm for LionAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<LionState> {
-        Ok(LionState { exp_avg: take_state(state, "exp_avg", param)?, slot: None })
+        LionState::import(state, param, |_| true)
     }
 
     /// optax's `scale_by_lion`, `add_decayed_weights`, `scale_by_learning_rate` and
@@ -146,7 +130,7 @@ impl Algorithm for LionAlgorithm {
         let LionValues { lr, beta1, beta2, weight_decay } = *hp;
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(LionState { exp_avg: p.f_zeros_like()?, slot: None }),
+            empty => empty.insert(LionState::zeros(p, |_| true)?),
         };
         let m = &mut st.exp_avg;
         let mut u = aten::add(&m.f_mul_scalar(beta1)?, grad, 1.0 - beta1)?.f_sign()?;
@@ -165,11 +149,6 @@ impl Algorithm for LionAlgorithm {
 
     fn kernel_states(_: &LionKernel) -> usize {
         1
-    }
-
-    fn state_from_buffer(tensors: Vec<Tensor>, slot: Option<StateSlot>) -> Option<LionState> {
-        let exp_avg = tensors.into_iter().next()?;
-        Some(LionState { exp_avg, slot })
     }
 
     /// torch.optim has no Lion, so no multi-tensor op set to follow: the multi-tensor backend

@@ -11,41 +11,61 @@
 //! (first step `t = 0`). Updates run in place, under `no_grad`, on the device and in the dtype
 //! of each variable.
 
-mod adafactor;
-mod adagrad;
-mod adam;
-mod adamw;
-mod bop;
-mod bop2nd;
 mod core;
 mod exec;
 mod flips;
 pub(crate) mod grad;
 pub(crate) mod hyper;
-mod lion;
 mod multi;
-mod muon;
-mod nadam;
-mod radam;
-mod rmsprop;
-mod sgd;
 pub(crate) mod staging;
 pub(crate) mod state;
 
-pub use adafactor::{Adafactor, AdafactorAlgorithm, AdafactorConfig};
-pub use adagrad::{Adagrad, AdagradAlgorithm, AdagradConfig};
-pub use adam::{Adam, AdamAlgorithm, AdamConfig};
-pub use adamw::{AdamW, AdamWAlgorithm, AdamWConfig};
-pub use bop::{Bop, BopAlgorithm, BopConfig};
-pub use bop2nd::{Bop2ndOrder, Bop2ndOrderAlgorithm, Bop2ndOrderConfig};
 pub use core::Optim;
 pub use flips::FlipRatios;
-pub use lion::{Lion, LionAlgorithm, LionConfig};
-pub use muon::{Muon, MuonAdjustLr, MuonAlgorithm, MuonConfig};
-pub use nadam::{NAdam, NAdamAlgorithm, NAdamConfig};
-pub use radam::{RAdam, RAdamAlgorithm, RAdamConfig};
-pub use rmsprop::{RmsProp, RmsPropAlgorithm, RmsPropConfig};
-pub use sgd::{Sgd, SgdAlgorithm, SgdConfig};
+pub use registry::{builtin, builtins, Builtin, BuiltinOptimizer};
+
+mod registry;
+
+/// Declares the built-in optimizers, one line each, in the identity table's order
+/// (`caseopt_rules::OptimizerKind::ALL`, checked at compile time): the line declares the
+/// optimizer's module, re-exports its public items here, at the crate root and for the code
+/// `case_optimizer!` generates (through [`builtin_items`]), and enters its algorithm in the
+/// registry ([`builtins`]).
+macro_rules! builtins {
+    ($($module:ident :: { $($public:ident),+ ; $algorithm:ident }),+ $(,)?) => {
+        $(mod $module;)+
+        $(pub use $module::{$($public,)+ $algorithm};)+
+
+        /// The built-in optimizers' public items, which the crate root and the macro's support
+        /// module re-export whole.
+        #[doc(hidden)]
+        pub mod builtin_items {
+            $(pub use super::$module::{$($public),+};)+
+        }
+
+        /// The registry, in the identity table's order.
+        const REGISTRY: &[Builtin] = &[$(Builtin::of::<$algorithm>()),+];
+        const _: () = assert!(
+            registry::matches_the_table(REGISTRY),
+            "builtins! must list every optimizer of caseopt_rules::OptimizerKind::ALL, in order"
+        );
+    };
+}
+
+builtins! {
+    bop::{Bop, BopConfig; BopAlgorithm},
+    bop2nd::{Bop2ndOrder, Bop2ndOrderConfig; Bop2ndOrderAlgorithm},
+    sgd::{Sgd, SgdConfig; SgdAlgorithm},
+    adam::{Adam, AdamConfig; AdamAlgorithm},
+    adamw::{AdamW, AdamWConfig; AdamWAlgorithm},
+    radam::{RAdam, RAdamConfig; RAdamAlgorithm},
+    nadam::{NAdam, NAdamConfig; NAdamAlgorithm},
+    rmsprop::{RmsProp, RmsPropConfig; RmsPropAlgorithm},
+    adagrad::{Adagrad, AdagradConfig; AdagradAlgorithm},
+    lion::{Lion, LionConfig; LionAlgorithm},
+    adafactor::{Adafactor, AdafactorConfig; AdafactorAlgorithm},
+    muon::{Muon, MuonConfig, MuonAdjustLr; MuonAlgorithm},
+}
 
 use tch::{Kind, Tensor};
 

@@ -4,9 +4,9 @@
 
 use tch::{Kind, Tensor};
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
-use super::hyper::{check, hyperparameters, Hyperparameters, Range};
-use super::state::take_state;
+use super::core::{Algorithm, NoKernel, Optim};
+use super::hyper::{hyperparameters, Hyperparameters};
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
@@ -16,13 +16,18 @@ use crate::var::Param;
 
 /// How [`Muon`] scales its learning rate by the variable's shape `[A, B]` (torch's
 /// `adjust_lr_fn`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In a config read as JSON ([`Builtin::build`](crate::Builtin::build)), torch's strings:
+/// `"original"` and `"match_rms_adamw"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 pub enum MuonAdjustLr {
     /// Keller Jordan's scaling, `lr * sqrt(max(1, A / B))` (torch's `None` or `"original"`).
     #[default]
+    #[serde(rename = "original")]
     Original,
     /// Moonshot's, `lr * 0.2 * sqrt(max(A, B))`, which matches the update's RMS to AdamW's so
     /// that AdamW's learning rate and weight decay carry over (torch's `"match_rms_adamw"`).
+    #[serde(rename = "match_rms_adamw")]
     MatchRmsAdamW,
 }
 
@@ -40,7 +45,8 @@ impl MuonAdjustLr {
 }
 
 /// Configuration of [`Muon`]; `Default` is torch.optim.Muon's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MuonConfig {
     /// Learning rate (>= 0), before the shape adjustment. Default 1e-3.
     pub lr: Schedule,
@@ -82,15 +88,15 @@ impl Default for MuonConfig {
 hyperparameters!(
     Muon,
     MuonConfig,
-    MuonValues { lr: NonNegative, weight_decay: NonNegative, momentum: NonNegative },
+    MuonValues { lr, weight_decay, momentum },
+    floats = [eps],
     extra_checks = MuonConfig::check_iteration
 );
 
 impl MuonConfig {
-    /// The Newton-Schulz settings: a positive `eps`, finite coefficients and fewer than 100
+    /// The Newton-Schulz settings beyond `eps`'s range: finite coefficients and fewer than 100
     /// steps (torch raises the last at the first step; here the config is refused).
     fn check_iteration(&self) -> Result<()> {
-        check(Range::Positive, Self::OPTIMIZER, "eps", self.eps)?;
         let (a, b, c) = self.ns_coefficients;
         if ![a, b, c].iter().all(|v| v.is_finite()) {
             return Err(Error::InvalidConfig {
@@ -111,15 +117,10 @@ impl MuonConfig {
     }
 }
 
-/// Per-variable state of Muon: the momentum buffer, zeros before the first step.
-#[derive(Debug)]
-pub struct MuonState {
-    momentum_buffer: Tensor,
-}
-
-impl VarState for MuonState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("momentum_buffer", self.momentum_buffer.alias())]
+var_state! {
+    /// Per-variable state of Muon: the momentum buffer, zeros before the first step.
+    pub struct MuonState {
+        momentum_buffer: Tensor(LikeVariable),
     }
 }
 
@@ -177,7 +178,6 @@ fn zeropower_via_newtonschulz(update: &Tensor, c: &MuonConfig) -> Result<Tensor>
 
 impl Algorithm for MuonAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Muon;
-    const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
     type Config = MuonConfig;
     type State = MuonState;
     type Kernel = NoKernel;
@@ -188,7 +188,7 @@ impl Algorithm for MuonAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<MuonState> {
-        Ok(MuonState { momentum_buffer: take_state(state, "momentum_buffer", param)? })
+        MuonState::import(state, param, |_| true)
     }
 
     /// torch.optim's `_single_tensor_muon`, op for op.
@@ -214,7 +214,7 @@ impl Algorithm for MuonAlgorithm {
         // torch makes the buffer in `_init_group`, before the update: zeros like the gradient.
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(MuonState { momentum_buffer: grad.f_zeros_like()? }),
+            empty => empty.insert(MuonState::zeros(grad, |_| true)?),
         };
         let _ = st.momentum_buffer.f_lerp_(grad, 1.0 - momentum)?;
         let update = if c.nesterov {

@@ -1,21 +1,22 @@
 //! NAdam, torch.optim 2.13 semantics (single-tensor path, same update order).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::decayed_grad;
 use super::hyper::hyperparameters;
-use super::state::{step_tensor, take_state, take_step};
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
-use crate::error::{CheckpointError, Error, Result};
+use crate::error::Result;
 use crate::kernels::aten;
 use crate::kernels::multi::{self, List, MomentArgs};
 use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`NAdam`]; `Default` is torch.optim.NAdam's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NAdamConfig {
     /// Learning rate (>= 0). Default 2e-3.
     pub lr: Schedule,
@@ -57,35 +58,34 @@ hyperparameters!(
     NAdam,
     NAdamConfig,
     NAdamValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        eps: Positive,
-        weight_decay: NonNegative,
-        momentum_decay: NonNegative,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        momentum_decay,
     }
 );
 
-/// Per-variable state of NAdam.
-#[derive(Debug)]
-pub struct NAdamState {
-    step: u64,
-    /// The product of the momentum coefficients so far, a 0-dim f32 tensor: torch keeps it in
-    /// its default dtype (float32) whatever the parameter's, and its rounding is part of the
-    /// result.
-    mu_product: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+var_state! {
+    /// Per-variable state of NAdam.
+    pub struct NAdamState {
+        step: Counter,
+        /// The product of the momentum coefficients so far, a 0-dim f32 tensor: torch keeps it
+        /// in its default dtype (float32) whatever the parameter's, and its rounding is part of
+        /// the result.
+        mu_product: Tensor(Scalar(Kind::Float)),
+        exp_avg: Tensor(LikeVariable),
+        exp_avg_sq: Tensor(LikeVariable),
+    }
 }
 
-impl VarState for NAdamState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![
-            ("step", step_tensor(self.step)),
-            ("mu_product", self.mu_product.alias()),
-            ("exp_avg", self.exp_avg.alias()),
-            ("exp_avg_sq", self.exp_avg_sq.alias()),
-        ]
+impl NAdamState {
+    /// A fresh state: zero moments, a `mu_product` of 1.
+    fn fresh(p: &Tensor) -> Result<Self> {
+        let mut st = NAdamState::zeros(p, |_| true)?;
+        let _ = st.mu_product.f_fill_(1.0)?;
+        Ok(st)
     }
 }
 
@@ -119,7 +119,6 @@ pub enum NAdamAlgorithm {}
 
 impl Algorithm for NAdamAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::NAdam;
-    const STATE_NAMES: &'static [&'static str] = &["step", "mu_product", "exp_avg", "exp_avg_sq"];
     type Config = NAdamConfig;
     type State = NAdamState;
     type Kernel = NoKernel;
@@ -130,30 +129,7 @@ impl Algorithm for NAdamAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<NAdamState> {
-        let name = || param.info.name.clone();
-        let mu_product = state.iter().find(|(n, _)| n == "mu_product").map(|(_, t)| t);
-        let mu_product = match mu_product {
-            None => {
-                let missing =
-                    CheckpointError::StateMissing { variable: name(), state: "mu_product".into() };
-                return Err(Error::Checkpoint(missing));
-            }
-            Some(t) if t.dim() != 0 || t.kind() != Kind::Float => {
-                return Err(Error::Checkpoint(CheckpointError::StateMismatch {
-                    variable: name(),
-                    state: "mu_product".into(),
-                    expected: "Float []".into(),
-                    found: format!("{:?} {:?}", t.kind(), t.size()),
-                }));
-            }
-            Some(t) => t,
-        };
-        Ok(NAdamState {
-            step: take_step(state, param)?,
-            mu_product: mu_product.f_to_device(Device::Cpu)?.f_detach_copy()?,
-            exp_avg: take_state(state, "exp_avg", param)?,
-            exp_avg_sq: take_state(state, "exp_avg_sq", param)?,
-        })
+        NAdamState::import(state, param, |_| true)
     }
 
     /// torch.optim's `_single_tensor_nadam`, op for op.
@@ -168,12 +144,7 @@ impl Algorithm for NAdamAlgorithm {
         let NAdamValues { lr, beta1, beta2, eps, weight_decay, momentum_decay } = *hp;
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(NAdamState {
-                step: 0,
-                mu_product: Tensor::f_ones([], (Kind::Float, Device::Cpu))?,
-                exp_avg: p.f_zeros_like()?,
-                exp_avg_sq: p.f_zeros_like()?,
-            }),
+            empty => empty.insert(NAdamState::fresh(p)?),
         };
         st.step += 1;
         let step = st.step as f64;
@@ -207,13 +178,7 @@ impl Algorithm for NAdamAlgorithm {
         let NAdamValues { lr, beta1, beta2, eps, weight_decay, momentum_decay } = *hp;
         for &i in group {
             if this.states[i].is_none() {
-                let p = &this.params[i].tensor;
-                this.states[i] = Some(NAdamState {
-                    step: 0,
-                    mu_product: Tensor::f_ones([], (Kind::Float, Device::Cpu))?,
-                    exp_avg: p.f_zeros_like()?,
-                    exp_avg_sq: p.f_zeros_like()?,
-                });
+                this.states[i] = Some(NAdamState::fresh(&this.params[i].tensor)?);
             }
         }
         let products = {

@@ -15,7 +15,8 @@ use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`RAdam`]; `Default` is torch.optim.RAdam's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RAdamConfig {
     /// Learning rate (>= 0). Default 1e-3.
     pub lr: Schedule,
@@ -53,11 +54,11 @@ hyperparameters!(
     RAdam,
     RAdamConfig,
     RAdamValues {
-        lr: NonNegative,
-        beta1: UnitClosedOpen,
-        beta2: UnitClosedOpen,
-        eps: Positive,
-        weight_decay: NonNegative,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
     }
 );
 
@@ -98,7 +99,7 @@ impl Algorithm for RAdamAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<AdamState> {
-        AdamState::import(state, param, false)
+        AdamState::import(state, param, |_| false)
     }
 
     /// torch.optim's `_single_tensor_radam`, op for op.
@@ -113,7 +114,7 @@ impl Algorithm for RAdamAlgorithm {
         let RAdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(AdamState::zeros(p, false)?),
+            empty => empty.insert(AdamState::zeros(p, |_| false)?),
         };
         st.step += 1;
         let step = st.step as f64;
@@ -156,7 +157,7 @@ impl Algorithm for RAdamAlgorithm {
         let RAdamValues { lr, beta1, beta2, eps, weight_decay } = *hp;
         for &i in group {
             if this.states[i].is_none() {
-                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, false)?);
+                this.states[i] = Some(AdamState::zeros(&this.params[i].tensor, |_| false)?);
             }
         }
         {

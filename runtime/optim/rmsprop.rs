@@ -2,10 +2,10 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::adjusted_grad;
 use super::hyper::hyperparameters;
-use super::state::{step_tensor, take_state, take_step};
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
@@ -15,7 +15,8 @@ use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`RmsProp`]; `Default` is torch.optim.RMSprop's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RmsPropConfig {
     /// Learning rate (>= 0). Default 1e-2.
     pub lr: Schedule,
@@ -52,34 +53,21 @@ hyperparameters!(
     RmsProp,
     RmsPropConfig,
     RmsPropValues {
-        lr: NonNegative,
-        alpha: NonNegative,
-        eps: Positive,
-        weight_decay: NonNegative,
-        momentum: NonNegative,
+        lr,
+        alpha,
+        eps,
+        weight_decay,
+        momentum,
     }
 );
 
-/// Per-variable state of RMSprop.
-#[derive(Debug)]
-pub struct RmsPropState {
-    step: u64,
-    square_avg: Tensor,
-    momentum_buffer: Tensor,
-    grad_avg: Option<Tensor>,
-}
-
-impl VarState for RmsPropState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        let mut out = vec![
-            ("step", step_tensor(self.step)),
-            ("square_avg", self.square_avg.alias()),
-            ("momentum_buffer", self.momentum_buffer.alias()),
-        ];
-        if let Some(g) = &self.grad_avg {
-            out.push(("grad_avg", g.alias()));
-        }
-        out
+var_state! {
+    /// Per-variable state of RMSprop (`grad_avg` only when centered).
+    pub struct RmsPropState {
+        step: Counter,
+        square_avg: Tensor(LikeVariable),
+        momentum_buffer: Tensor(LikeVariable),
+        grad_avg: Option(LikeVariable),
     }
 }
 
@@ -92,8 +80,6 @@ pub enum RmsPropAlgorithm {}
 
 impl Algorithm for RmsPropAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::RmsProp;
-    const STATE_NAMES: &'static [&'static str] =
-        &["step", "square_avg", "momentum_buffer", "grad_avg"];
     type Config = RmsPropConfig;
     type State = RmsPropState;
     type Kernel = NoKernel;
@@ -104,12 +90,7 @@ impl Algorithm for RmsPropAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<RmsPropState> {
-        Ok(RmsPropState {
-            step: take_step(state, param)?,
-            square_avg: take_state(state, "square_avg", param)?,
-            momentum_buffer: take_state(state, "momentum_buffer", param)?,
-            grad_avg: if c.centered { Some(take_state(state, "grad_avg", param)?) } else { None },
-        })
+        RmsPropState::import(state, param, |_| c.centered)
     }
 
     fn update(
@@ -122,12 +103,7 @@ impl Algorithm for RmsPropAlgorithm {
     ) -> Result<()> {
         let st = match state {
             Some(st) => st,
-            empty => empty.insert(RmsPropState {
-                step: 0,
-                square_avg: p.f_zeros_like()?,
-                momentum_buffer: p.f_zeros_like()?,
-                grad_avg: if c.centered { Some(p.f_zeros_like()?) } else { None },
-            }),
+            empty => empty.insert(RmsPropState::zeros(p, |_| c.centered)?),
         };
         let grad = adjusted_grad(p, grad, c.maximize, hp.weight_decay)?;
         st.step += 1;
@@ -164,12 +140,7 @@ impl Algorithm for RmsPropAlgorithm {
         for &i in group {
             if this.states[i].is_none() {
                 let p = &this.params[i].tensor;
-                this.states[i] = Some(RmsPropState {
-                    step: 0,
-                    square_avg: p.f_zeros_like()?,
-                    momentum_buffer: p.f_zeros_like()?,
-                    grad_avg: if c.centered { Some(p.f_zeros_like()?) } else { None },
-                });
+                this.states[i] = Some(RmsPropState::zeros(p, |_| c.centered)?);
             }
         }
         {

@@ -2,10 +2,10 @@
 
 use tch::Tensor;
 
-use super::core::{Algorithm, NoKernel, Optim, VarState};
+use super::core::{Algorithm, NoKernel, Optim};
 use super::grad::adjusted_grad;
 use super::hyper::{hyperparameters, Hyperparameters};
-use super::state::take_state;
+use super::state::var_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::{Error, Result};
@@ -15,7 +15,8 @@ use crate::schedule::Schedule;
 use crate::var::Param;
 
 /// Configuration of [`Sgd`]; `Default` is torch.optim.SGD's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SgdConfig {
     /// Learning rate (>= 0). Default 1e-3.
     pub lr: Schedule,
@@ -48,10 +49,10 @@ hyperparameters!(
     Sgd,
     SgdConfig,
     SgdValues {
-        lr: NonNegative,
-        momentum: NonNegative,
-        dampening: NonNegative,
-        weight_decay: NonNegative,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
     },
     extra_checks = SgdConfig::check_nesterov
 );
@@ -73,15 +74,10 @@ impl SgdConfig {
     }
 }
 
-/// Per-variable state: the momentum buffer, created from the first gradient.
-#[derive(Debug)]
-pub struct SgdState {
-    momentum_buffer: Tensor,
-}
-
-impl VarState for SgdState {
-    fn export(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("momentum_buffer", self.momentum_buffer.alias())]
+var_state! {
+    /// Per-variable state: the momentum buffer, created from the first gradient.
+    pub struct SgdState {
+        momentum_buffer: Tensor(LikeVariable),
     }
 }
 
@@ -109,14 +105,13 @@ pub enum SgdAlgorithm {}
 
 impl Algorithm for SgdAlgorithm {
     const KIND: OptimizerKind = OptimizerKind::Sgd;
-    const STATE_NAMES: &'static [&'static str] = &["momentum_buffer"];
     type Config = SgdConfig;
     type State = SgdState;
     type Kernel = NoKernel;
     type Extra = ();
 
     fn import_state(_: &SgdConfig, state: &[(String, Tensor)], param: &Param) -> Result<SgdState> {
-        Ok(SgdState { momentum_buffer: take_state(state, "momentum_buffer", param)? })
+        SgdState::import(state, param, |_| true)
     }
 
     fn update(
@@ -138,7 +133,7 @@ impl Algorithm for SgdAlgorithm {
                 }
                 empty => {
                     let buf = g.f_detach_copy()?;
-                    empty.insert(SgdState { momentum_buffer: buf }).momentum_buffer.shallow_clone()
+                    empty.insert(SgdState { momentum_buffer: buf, slot: None }).momentum_buffer.shallow_clone()
                 }
             };
             g = if c.nesterov { aten::add(&g, &buf, hp.momentum)? } else { buf };
@@ -188,7 +183,7 @@ impl Algorithm for SgdAlgorithm {
             multi::fused_sgd(&params(&new), &grads_of(&new), Some(&bufs), args, true)?;
             drop(bufs);
             for (&i, momentum_buffer) in new.iter().zip(fresh) {
-                this.states[i] = Some(SgdState { momentum_buffer });
+                this.states[i] = Some(SgdState { momentum_buffer, slot: None });
             }
         }
         Ok(())

@@ -9,11 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use caseopt::{
-    Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder,
-    Bop2ndOrderConfig, BopConfig, Execution, NAdam, NAdamConfig, Optimizer, Param, RAdam,
-    RAdamConfig, RmsProp, RmsPropConfig, Schedule, Sgd, SgdConfig, Sqrt, VarInfo,
-};
+use caseopt::{Backend, Optimizer, Param, Schedule, Sqrt, VarInfo};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -34,10 +30,6 @@ pub fn fixtures() -> (Value, BTreeMap<String, Tensor>) {
             .unwrap();
     let tensors = Tensor::read_safetensors(dir.join("parity.safetensors")).unwrap();
     (meta, tensors.into_iter().collect())
-}
-
-fn f(config: &Value, key: &str) -> Option<Schedule> {
-    config.get(key).and_then(Value::as_f64).map(Schedule::from)
 }
 
 /// The learning rate schedule a case sets in torch's param group before each step (see
@@ -132,12 +124,28 @@ pub fn running_capability() -> &'static str {
     capability
 }
 
-fn b(config: &Value, key: &str) -> Option<bool> {
-    config.get(key).and_then(Value::as_bool)
+/// Whether the built-in optimizer named `name` has a fused CPU kernel, as the registry says
+/// (the others take `Backend::Fused` as an error).
+pub fn has_fused_kernel(name: &str) -> bool {
+    caseopt::builtin(name).is_some_and(|b| b.has_fused_kernel())
 }
 
-/// The optimizers with fused CPU kernels; the others take `Backend::Fused` as an error.
-pub const FUSED: &[&str] = &["Bop", "Bop2ndOrder", "Adam", "AdamW"];
+/// The optimizers tests/fixtures/parity_cases.json has cases for, by torch's names; with
+/// `fused_only`, those of them with a fused CPU kernel.
+pub fn fixture_optimizers(fused_only: bool) -> Vec<String> {
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("parity_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let names: std::collections::BTreeSet<String> = meta["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["optimizer"].as_str().unwrap().to_string())
+        .filter(|name| !fused_only || has_fused_kernel(name))
+        .collect();
+    names.into_iter().collect()
+}
 
 /// The fused kernels whose update takes a square root that reaches the parameter: by default
 /// ([`Sqrt::Fast`]) they take the correctly rounded one, where ATen's `sqrt` is MKL's on a
@@ -158,172 +166,30 @@ impl From<Backend> for Setting {
     }
 }
 
-/// Boxes a built-in optimizer after choosing its backend and square root.
-fn boxed(path: Setting, mut optimizer: impl Execution + Optimizer) -> Box<dyn Optimizer> {
-    optimizer.set_backend(path.backend);
-    optimizer.set_sqrt(path.sqrt);
-    Box::new(optimizer)
-}
-
 /// Builds the optimizer a fixture case names, from its torch-style keyword arguments, on
 /// `path`.
 pub fn build(optimizer: &str, c: &Value, path: Setting) -> Box<dyn Optimizer> {
     build_with_lr(optimizer, c, path, None)
 }
 
-/// [`build`], the learning rate following `lr` when given.
+/// [`build`], the learning rate following `lr` when given. The optimizer comes from the
+/// registry of built-ins (`caseopt::builtin`), its config from the case's keyword arguments.
 pub fn build_with_lr(
     optimizer: &str,
     c: &Value,
     path: Setting,
     lr: Option<Schedule>,
 ) -> Box<dyn Optimizer> {
-    let f = |c: &Value, key: &str| match (key, &lr) {
-        ("lr", Some(s)) => Some(s.clone()),
-        _ => f(c, key),
+    let Some(entry) = caseopt::builtin(optimizer) else {
+        panic!("fixture names unknown optimizer {optimizer}")
     };
-    match optimizer {
-        "SGD" => {
-            let d = SgdConfig::default();
-            boxed(
-                path,
-                Sgd::new(SgdConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    momentum: f(c, "momentum").unwrap_or(d.momentum),
-                    dampening: f(c, "dampening").unwrap_or(d.dampening),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    nesterov: b(c, "nesterov").unwrap_or(d.nesterov),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "Adam" => {
-            let d = AdamConfig::default();
-            boxed(
-                path,
-                Adam::new(AdamConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    beta1: f(c, "beta1").unwrap_or(d.beta1),
-                    beta2: f(c, "beta2").unwrap_or(d.beta2),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    amsgrad: b(c, "amsgrad").unwrap_or(d.amsgrad),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "AdamW" => {
-            let d = AdamWConfig::default();
-            boxed(
-                path,
-                AdamW::new(AdamWConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    beta1: f(c, "beta1").unwrap_or(d.beta1),
-                    beta2: f(c, "beta2").unwrap_or(d.beta2),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    amsgrad: b(c, "amsgrad").unwrap_or(d.amsgrad),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "RMSprop" => {
-            let d = RmsPropConfig::default();
-            boxed(
-                path,
-                RmsProp::new(RmsPropConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    alpha: f(c, "alpha").unwrap_or(d.alpha),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    momentum: f(c, "momentum").unwrap_or(d.momentum),
-                    centered: b(c, "centered").unwrap_or(d.centered),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "RAdam" => {
-            let d = RAdamConfig::default();
-            boxed(
-                path,
-                RAdam::new(RAdamConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    beta1: f(c, "beta1").unwrap_or(d.beta1),
-                    beta2: f(c, "beta2").unwrap_or(d.beta2),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    decoupled_weight_decay: b(c, "decoupled_weight_decay")
-                        .unwrap_or(d.decoupled_weight_decay),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "NAdam" => {
-            let d = NAdamConfig::default();
-            boxed(
-                path,
-                NAdam::new(NAdamConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    beta1: f(c, "beta1").unwrap_or(d.beta1),
-                    beta2: f(c, "beta2").unwrap_or(d.beta2),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    momentum_decay: f(c, "momentum_decay").unwrap_or(d.momentum_decay),
-                    decoupled_weight_decay: b(c, "decoupled_weight_decay")
-                        .unwrap_or(d.decoupled_weight_decay),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "Adagrad" => {
-            let d = AdagradConfig::default();
-            boxed(
-                path,
-                Adagrad::new(AdagradConfig {
-                    lr: f(c, "lr").unwrap_or(d.lr),
-                    lr_decay: f(c, "lr_decay").unwrap_or(d.lr_decay),
-                    weight_decay: f(c, "weight_decay").unwrap_or(d.weight_decay),
-                    initial_accumulator_value: c
-                        .get("initial_accumulator_value")
-                        .and_then(Value::as_f64)
-                        .unwrap_or(d.initial_accumulator_value),
-                    eps: f(c, "eps").unwrap_or(d.eps),
-                    maximize: b(c, "maximize").unwrap_or(d.maximize),
-                })
-                .unwrap(),
-            )
-        }
-        "Bop" => {
-            let d = BopConfig::default();
-            boxed(
-                path,
-                Bop::new(BopConfig {
-                    threshold: f(c, "threshold").unwrap_or(d.threshold),
-                    gamma: f(c, "gamma").unwrap_or(d.gamma),
-                })
-                .unwrap(),
-            )
-        }
-        "Bop2ndOrder" => {
-            let d = Bop2ndOrderConfig::default();
-            boxed(
-                path,
-                Bop2ndOrder::new(Bop2ndOrderConfig {
-                    threshold: f(c, "threshold").unwrap_or(d.threshold),
-                    gamma: f(c, "gamma").unwrap_or(d.gamma),
-                    sigma: f(c, "sigma").unwrap_or(d.sigma),
-                })
-                .unwrap(),
-            )
-        }
-        other => panic!("fixture names unknown optimizer {other}"),
+    let mut opt = entry.build(c).unwrap_or_else(|e| panic!("{optimizer} {c}: {e}"));
+    if let Some(s) = lr {
+        opt.set_hyperparameter("lr", s).unwrap();
     }
+    opt.set_backend(path.backend);
+    opt.set_sqrt(path.sqrt);
+    opt
 }
 
 /// Max over elements of |a - e| / max(|e|, 1).
@@ -411,7 +277,7 @@ pub fn run_parity_values(
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let optimizer = case["optimizer"].as_str().unwrap();
-        if backend == Backend::Fused && !FUSED.contains(&optimizer) {
+        if backend == Backend::Fused && !has_fused_kernel(optimizer) {
             continue;
         }
         let mut config = case["config"].clone();

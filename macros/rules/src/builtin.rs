@@ -1,7 +1,8 @@
 //! The runtime's built-in optimizers as data: their names (the Rust type's and torch's), their
-//! config fields and the literal ranges of their hyperparameters, mirroring the
-//! `hyperparameters!` invocations in runtime/optim/*.rs (tests/test_macro_checker.rs compares
-//! the two). Needs no syntax crates, so the runtime can share this one table.
+//! config fields and the ranges of their hyperparameters. The one table: the macro checks a
+//! rule's literals against it, and the runtime's `hyperparameters!` tables (runtime/optim/*.rs)
+//! take every range from it at compile time, so the two cannot disagree. Needs no syntax crates,
+//! so the runtime can share it.
 
 /// A hyperparameter's accepted range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,10 +271,73 @@ impl OptimizerKind {
         }
     }
 
+    /// The range of the scheduled hyperparameter `name`, for the runtime's
+    /// `hyperparameters!` tables: evaluated at compile time there, so a name the table does not
+    /// hold as a schedule stops the build (a panic in const evaluation) instead of drifting.
+    pub const fn schedule_range(self, name: &str) -> Range {
+        match self.find(name) {
+            Some(Field::Schedule(range)) => range,
+            _ => panic!("not a scheduled hyperparameter in the optimizer's table"),
+        }
+    }
+
+    /// The range of the plain `f64` field `name` (Adagrad's `initial_accumulator_value`, Muon's
+    /// `eps`); like [`schedule_range`](Self::schedule_range), a compile error for any other name.
+    pub const fn float_range(self, name: &str) -> Range {
+        match self.find(name) {
+            Some(Field::Float(range)) => range,
+            _ => panic!("not a plain float in the optimizer's table"),
+        }
+    }
+
+    /// How many of its fields are schedules (`Field::Schedule`), or plain floats when
+    /// `floats`: what the runtime's tables list must be as many (checked at compile time).
+    pub const fn count(self, floats: bool) -> usize {
+        let fields = self.fields();
+        let (mut i, mut n) = (0, 0);
+        while i < fields.len() {
+            match fields[i].1 {
+                Field::Schedule(_) if !floats => n += 1,
+                Field::Float(_) if floats => n += 1,
+                _ => {}
+            }
+            i += 1;
+        }
+        n
+    }
+
+    const fn find(self, name: &str) -> Option<Field> {
+        let fields = self.fields();
+        let mut i = 0;
+        while i < fields.len() {
+            if str_eq(fields[i].0, name) {
+                return Some(fields[i].1);
+            }
+            i += 1;
+        }
+        None
+    }
+
     /// The field named `key`, if the config has it.
     pub fn field(self, key: &str) -> Option<Field> {
         self.fields().iter().find(|(k, _)| *k == key).map(|(_, f)| *f)
     }
+}
+
+/// `a == b`, in const evaluation.
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 impl std::fmt::Display for OptimizerKind {
@@ -310,6 +374,19 @@ mod tests {
         }
         assert_eq!(OptimizerKind::from_display_name("RMSprop"), Some(OptimizerKind::RmsProp));
         assert_eq!(OptimizerKind::Sgd.display_name(), "SGD");
+    }
+
+    #[test]
+    fn ranges_are_found_by_name_in_const_evaluation() {
+        const LR: Range = OptimizerKind::Adam.schedule_range("lr");
+        assert_eq!(LR, NonNegative);
+        assert_eq!(OptimizerKind::Adagrad.float_range("initial_accumulator_value"), NonNegative);
+        assert_eq!(OptimizerKind::Muon.float_range("eps"), Positive);
+        assert_eq!(OptimizerKind::Adam.count(false), 5);
+        assert_eq!(OptimizerKind::Muon.count(true), 1);
+        assert!(!str_eq("lr", "lr_decay") && str_eq("", ""));
+        let wrong = std::panic::catch_unwind(|| OptimizerKind::Adam.schedule_range("amsgrad"));
+        assert!(wrong.is_err(), "a bool is no schedule");
     }
 
     #[test]
