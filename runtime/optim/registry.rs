@@ -26,7 +26,7 @@ impl<T: Optimizer + Execution> BuiltinOptimizer for T {}
 /// ```
 /// let adam = caseopt::builtin("Adam").expect("a built-in");
 /// assert_eq!((adam.type_name(), adam.name()), ("Adam", "Adam"));
-/// assert!(adam.has_fused_kernel());
+/// assert_eq!(adam.has_fused_kernel(), cfg!(feature = "fused"));
 /// assert_eq!(caseopt::builtin("SGD").map(|b| b.type_name()), Some("Sgd"));
 /// ```
 #[derive(Clone, Copy)]
@@ -82,12 +82,14 @@ impl Builtin {
         self.kind.display_name()
     }
 
-    /// Whether it has a fused CPU kernel ([`Backend::Fused`](super::Backend::Fused) is an
-    /// error for the others).
+    /// Whether it has a fused CPU kernel in this build ([`Backend::Fused`](super::Backend::Fused)
+    /// is an error for the others, and for every optimizer in a build without the `fused`
+    /// feature).
     ///
     /// ```
-    /// assert!(caseopt::builtin("Bop").is_some_and(|b| b.has_fused_kernel()));
-    /// assert!(caseopt::builtin("Muon").is_some_and(|b| !b.has_fused_kernel()));
+    /// let fused = cfg!(feature = "fused"); // the default
+    /// assert_eq!(caseopt::builtin("Bop").map(|b| b.has_fused_kernel()), Some(fused));
+    /// assert_eq!(caseopt::builtin("Muon").map(|b| b.has_fused_kernel()), Some(false));
     /// ```
     pub fn has_fused_kernel(&self) -> bool {
         (self.fused)()
@@ -130,7 +132,8 @@ impl Builtin {
 }
 
 fn has_kernel<A: Algorithm>() -> bool {
-    std::any::TypeId::of::<A::Kernel>() != std::any::TypeId::of::<super::core::NoKernel>()
+    cfg!(feature = "fused")
+        && std::any::TypeId::of::<A::Kernel>() != std::any::TypeId::of::<super::core::NoKernel>()
 }
 
 fn build<A: Algorithm>(config: &serde_json::Value) -> Result<Box<dyn BuiltinOptimizer>>
