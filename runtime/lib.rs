@@ -42,6 +42,8 @@ pub use checkpoint::{
 };
 pub use constraint::Constraint;
 pub use error::{DistributedError, Error, Result, ScalerError};
+/// The built-in optimizers and their configs (declared by `builtins!` in runtime/optim/mod.rs).
+#[doc(inline)]
 pub use optim::builtin_items::*;
 pub use optim::{
     builtin, builtins, Backend, Builtin, BuiltinOptimizer, Execution, FlipRatios, FromConfig,
