@@ -7,7 +7,6 @@ use super::core::{Algorithm, BinaryAlgorithm, Optim};
 use super::flips::PendingFlips;
 use super::hyper::hyperparameters;
 use super::state::var_state;
-use super::state::take_state;
 use caseopt_rules::OptimizerKind;
 
 use crate::error::Result;
@@ -88,11 +87,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         state: &[(String, Tensor)],
         param: &Param,
     ) -> Result<Bop2ndOrderState> {
-        Ok(Bop2ndOrderState {
-            m: take_state(state, "m", param)?,
-            v: take_state(state, "v", param)?,
-            slot: None,
-        })
+        Bop2ndOrderState::import(state, param, |_| true)
     }
 
     fn update(

@@ -83,12 +83,16 @@ pub(crate) fn take_laid(
     }
 }
 
-/// A fresh state tensor as `layout` says it looks, all zeros: of the variable's dtype on its
-/// device, or a 0-dim host tensor of the layout's dtype.
+/// A fresh state tensor as `layout` says it looks, all zeros: like the variable (its dtype,
+/// device and memory format, as `zeros_like` makes torch.optim's states), of the variable's
+/// dtype and device in the reduced shape, or a 0-dim host tensor of the layout's dtype.
 pub(crate) fn zeros_laid(p: &Tensor, layout: StateLayout) -> Result<Tensor> {
     Ok(match layout {
+        StateLayout::LikeVariable => p.f_zeros_like()?,
         StateLayout::Scalar(kind) => Tensor::f_zeros([], (kind, tch::Device::Cpu))?,
-        _ => Tensor::f_zeros(layout.shape(&p.size()), (p.kind(), p.device()))?,
+        StateLayout::Reduced(_) => {
+            Tensor::f_zeros(layout.shape(&p.size()), (p.kind(), p.device()))?
+        }
     })
 }
 
@@ -255,11 +259,6 @@ macro_rules! var_state {
     (@buffer Option, $t:ident) => { $t.next() };
 }
 pub(crate) use var_state;
-
-/// Takes the named tensor out of a saved state, checking it against its variable.
-pub(crate) fn take_state(state: &[(String, Tensor)], name: &str, param: &Param) -> Result<Tensor> {
-    take_state_shaped(state, name, param, &param.tensor.size())
-}
 
 /// Takes the named tensor out of a saved state, checking that it has its variable's dtype and
 /// the shape `shape`; moved to the variable's device.
