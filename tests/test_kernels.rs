@@ -4,9 +4,11 @@
 //! optimizer with a kernel runs on tensors large enough to split across threads (about 900K
 //! elements, odd sizes, an empty one), in f32 and f64, and each path is forced through
 //! `set_backend`: `Backend::Fused` fails instead of falling back, so a passing fused run proves
-//! the kernels did the work. Bop, Bop2ndOrder and Lion must agree bit for bit (parameters and
-//! state); Adam and AdamW within the parity tolerances (f32 1e-6, f64 1e-12, scaled by
-//! max(|x|, 1)).
+//! the kernels did the work. The configurations are the reference fixtures' cases of every
+//! optimizer the registry says has a kernel (so a new kernel is covered without a line here).
+//! Kernels must agree with libtorch bit for bit (parameters and state), but for Adam and AdamW
+//! (their default square root, `FUSED_SQRT`): within the parity tolerances (f32 1e-6, f64 1e-12,
+//! scaled by max(|x|, 1)).
 //! Then: what Auto hands to libtorch (strided views, half precision, aliasing operands), what
 //! Fused refuses, gradient errors on every path, thread counts, and state moving between paths.
 
@@ -14,10 +16,11 @@
 // are unused.
 #![cfg_attr(not(feature = "fused"), allow(dead_code, unused_imports))]
 
-use caseopt::{
-    Adam, AdamConfig, AdamW, AdamWConfig, Backend, Bop, Bop2ndOrder, Bop2ndOrderConfig, BopConfig,
-    Error, Execution, Lion, LionConfig, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo,
-};
+mod parity_support;
+
+use caseopt::{Backend, Error, Execution, Optimizer, Param, Schedule, Sgd, SgdConfig, VarInfo};
+use parity_support::{fixtures_dir, lr_schedule, FUSED_SQRT};
+use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 /// Shapes of one test model: large enough for three threads (more than 3 x 2^18 elements in
@@ -25,81 +28,75 @@ use tch::{Device, Kind, Tensor};
 const SHAPES: &[&[i64]] = &[&[600, 1000], &[300_001], &[7], &[0], &[3, 4, 5]];
 const STEPS: i64 = 5;
 
-/// The optimizer configurations under test, by name.
-const CONFIGS: &[&str] = &[
-    "bop",
-    "bop2",
-    "adam",
-    "adam_everything",
-    "adam_schedule",
-    "adamw",
-    "adamw_amsgrad_maximize",
-    "lion",
-    "lion_decay_schedule",
-];
-
-fn make(config: &str, backend: Backend, threads: usize) -> Box<dyn Optimizer> {
-    macro_rules! boxed {
-        ($opt:expr) => {{
-            let mut o = $opt.unwrap();
-            o.set_backend(backend);
-            o.set_threads(threads);
-            Box::new(o) as Box<dyn Optimizer>
-        }};
-    }
-    match config {
-        "bop" => boxed!(Bop::new(BopConfig { threshold: 1e-6.into(), gamma: 1e-2.into() })),
-        "bop2" => boxed!(Bop2ndOrder::new(Bop2ndOrderConfig {
-            threshold: 1e-3.into(),
-            gamma: 1e-2.into(),
-            sigma: 1e-1.into(),
-        })),
-        "adam" => boxed!(Adam::new(AdamConfig { lr: 0.01.into(), ..Default::default() })),
-        "adam_everything" => boxed!(Adam::new(AdamConfig {
-            lr: 0.01.into(),
-            beta1: 0.8.into(),
-            beta2: 0.99.into(),
-            eps: 1e-6.into(),
-            weight_decay: 0.1.into(),
-            amsgrad: true,
-            maximize: true,
-        })),
-        // beta1 above 0.5 flips ATen's lerp to its other formula; the schedule changes the
-        // scalars every step.
-        "adam_schedule" => boxed!(Adam::new(AdamConfig {
-            lr: Schedule::cosine(0.05, 4),
-            beta1: 0.3.into(),
-            ..Default::default()
-        })),
-        "adamw" => boxed!(AdamW::new(AdamWConfig {
-            lr: 0.01.into(),
-            weight_decay: 0.3.into(),
-            ..Default::default()
-        })),
-        "adamw_amsgrad_maximize" => boxed!(AdamW::new(AdamWConfig {
-            lr: 0.01.into(),
-            amsgrad: true,
-            maximize: true,
-            ..Default::default()
-        })),
-        "lion" => boxed!(Lion::new(LionConfig {
-            lr: 0.01.into(),
-            weight_decay: 0.0.into(),
-            ..Default::default()
-        })),
-        // beta1 0.3, and a schedule that changes lr every step; the decay on.
-        "lion_decay_schedule" => boxed!(Lion::new(LionConfig {
-            lr: Schedule::cosine(0.05, 4),
-            beta1: 0.3.into(),
-            weight_decay: 0.2.into(),
-            ..Default::default()
-        })),
-        other => panic!("unknown config {other}"),
-    }
+/// One optimizer configuration under test: a case of the reference fixtures.
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    optimizer: String,
+    config: Value,
+    schedule: Option<Schedule>,
 }
 
-fn is_bop(config: &str) -> bool {
-    config.starts_with("bop")
+/// The configurations under test: every case of the reference fixtures (parity_cases.json and
+/// each fixture of the common trajectory format, see tests/test_references.rs) whose optimizer
+/// has a fused kernel, as the registry says. An optimizer given a kernel is tested here by its
+/// fixture cases, without a line of its own.
+fn cases() -> Vec<Case> {
+    let mut files = vec![fixtures_dir().join("parity_cases.json")];
+    for entry in std::fs::read_dir(fixtures_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if path.to_string_lossy().ends_with("_cases.json")
+            && text.contains("\"caseopt-trajectories/1\"")
+        {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for c in meta["cases"].as_array().unwrap() {
+            let optimizer = c["optimizer"].as_str().unwrap();
+            if !parity_support::has_fused_kernel(optimizer) {
+                continue;
+            }
+            let mut config = c["config"].clone();
+            let schedule = lr_schedule(c);
+            if schedule.is_some() {
+                config.as_object_mut().unwrap().remove("lr");
+            }
+            out.push(Case {
+                name: c["name"].as_str().unwrap().to_string(),
+                optimizer: optimizer.to_string(),
+                config,
+                schedule,
+            });
+        }
+    }
+    out
+}
+
+/// The fixture case `name` (the tests below that need one configuration name theirs).
+fn case(name: &str) -> Case {
+    cases().into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The case's optimizer, from the registry, on `backend` with `threads` kernel threads.
+fn make(case: &Case, backend: Backend, threads: usize) -> Box<dyn Optimizer> {
+    let entry = caseopt::builtin(&case.optimizer).unwrap();
+    let mut opt = entry.build(&case.config).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    if let Some(s) = &case.schedule {
+        opt.set_hyperparameter("lr", s.clone()).unwrap();
+    }
+    opt.set_backend(backend);
+    opt.set_threads(threads);
+    opt
+}
+
+/// Whether the case's optimizer trains binary variables (Bop and Bop2ndOrder).
+fn is_bop(case: &Case) -> bool {
+    case.optimizer.starts_with("Bop")
 }
 
 /// The initial values of the model (binary for Bop, with one non-binary element that the
@@ -199,26 +196,35 @@ fn assert_same_training(
     }
 }
 
-fn tolerance(config: &str, kind: Kind) -> f64 {
-    // Lion's kernel rounds each operation as ATen's ops do: the same bits.
-    match (is_bop(config) || config.starts_with("lion"), kind) {
-        (true, _) => 0.0,
-        (false, Kind::Float) => 1e-6,
+/// How far the fused kernel may be from the libtorch path: nowhere, but for the optimizers whose
+/// fused update takes the correctly rounded square root where ATen's is MKL's (`Sqrt::Fast`,
+/// the default), within the parity tolerances.
+fn tolerance(case: &Case, kind: Kind) -> f64 {
+    match (FUSED_SQRT.contains(&case.optimizer.as_str()), kind) {
+        (false, _) => 0.0,
+        (true, Kind::Float) => 1e-6,
         _ => 1e-12,
     }
 }
 
 fn fused_matches_libtorch(kind: Kind) {
-    for (c, config) in CONFIGS.iter().enumerate() {
+    let all = cases();
+    assert!(all.len() >= 10, "{all:?}");
+    for (c, config) in all.iter().enumerate() {
         let binary = is_bop(config);
         let m = model(kind, binary, 100 + c as i64);
         let reference = train(&mut *make(config, Backend::Torch, 0), &m, binary);
         let tol = tolerance(config, kind);
         // Three threads over ~900K elements; and one thread, through Auto.
         let fused = train(&mut *make(config, Backend::Fused, 3), &m, binary);
-        assert_same_training(&fused, &reference, tol, &format!("{config} {kind:?} fused x3"));
+        assert_same_training(
+            &fused,
+            &reference,
+            tol,
+            &format!("{} {kind:?} fused x3", config.name),
+        );
         let auto = train(&mut *make(config, Backend::Auto, 1), &m, binary);
-        assert_same_training(&auto, &reference, tol, &format!("{config} {kind:?} auto x1"));
+        assert_same_training(&auto, &reference, tol, &format!("{} {kind:?} auto x1", config.name));
     }
 }
 
@@ -245,7 +251,7 @@ fn every_instruction_set_trains_to_the_baseline_loops_bits() {
     eprintln!("instruction sets: {isas:?}");
     assert_eq!(isas[0], "baseline");
     for kind in [Kind::Float, Kind::Double] {
-        for (c, config) in CONFIGS.iter().enumerate() {
+        for (c, config) in cases().iter().enumerate() {
             let binary = is_bop(config);
             let m = model(kind, binary, 200 + c as i64);
             assert_eq!(set_kernel_isa(Some("baseline")).unwrap(), "baseline");
@@ -253,7 +259,7 @@ fn every_instruction_set_trains_to_the_baseline_loops_bits() {
             for isa in &isas[1..] {
                 assert_eq!(set_kernel_isa(Some(isa)).unwrap(), *isa);
                 let t = train(&mut *make(config, Backend::Fused, 3), &m, binary);
-                assert_same_training(&t, &base, 0.0, &format!("{config} {kind:?} {isa}"));
+                assert_same_training(&t, &base, 0.0, &format!("{} {kind:?} {isa}", config.name));
             }
         }
     }
@@ -263,12 +269,13 @@ fn every_instruction_set_trains_to_the_baseline_loops_bits() {
 #[cfg(feature = "fused")]
 #[test]
 fn thread_count_does_not_change_a_single_bit() {
-    for config in ["bop2", "adam_everything", "adamw"] {
+    for name in ["bop2_sigma", "x_adam_amsgrad_wd_maximize", "adamw_weight_decay"] {
+        let config = &case(name);
         let binary = is_bop(config);
         let m = model(Kind::Float, binary, 7);
         let one = train(&mut *make(config, Backend::Fused, 1), &m, binary);
         let four = train(&mut *make(config, Backend::Fused, 4), &m, binary);
-        assert_same_training(&four, &one, 0.0, config);
+        assert_same_training(&four, &one, 0.0, name);
     }
 }
 
@@ -282,7 +289,7 @@ fn f32_and_f64_variables_share_one_fused_step() {
     let grads: Vec<Option<Tensor>> = vars.iter().map(|v| Some(v.randn_like() * 0.1)).collect();
     let run = |backend| {
         let vs: Vec<Tensor> = vars.iter().map(Tensor::copy).collect();
-        let mut adam = make("adam_everything", backend, 0);
+        let mut adam = make(&case("x_adam_amsgrad_wd_maximize"), backend, 0);
         for (j, v) in vs.iter().enumerate() {
             adam.add_param(Param::new(VarInfo::of(format!("v{j}"), v), v.shallow_clone())).unwrap();
         }
@@ -298,7 +305,7 @@ fn f32_and_f64_variables_share_one_fused_step() {
 
 /// An optimizer over `vars`, named v0, v1, ...
 fn with_vars(config: &str, backend: Backend, vars: &[Tensor]) -> Box<dyn Optimizer> {
-    let mut opt = make(config, backend, 0);
+    let mut opt = make(&case(config), backend, 0);
     for (j, v) in vars.iter().enumerate() {
         opt.add_param(Param::new(VarInfo::of(format!("v{j}"), v), v.shallow_clone())).unwrap();
     }
@@ -377,7 +384,7 @@ fn awkward_cases() -> Vec<Awkward> {
 #[test]
 fn auto_updates_what_the_kernels_cannot_take_with_libtorch_ops() {
     for case in awkward_cases() {
-        for config in ["adam_everything", "bop"] {
+        for config in ["x_adam_amsgrad_wd_maximize", "bop_threshold_gamma"] {
             let run = |backend| {
                 let (vars, grads) = (case.make)();
                 let mut opt = with_vars(config, backend, &vars);
@@ -388,7 +395,8 @@ fn auto_updates_what_the_kernels_cannot_take_with_libtorch_ops() {
             };
             let (auto, torch) = (run(Backend::Auto), run(Backend::Torch));
             for (j, (a, t)) in auto.iter().zip(&torch).enumerate() {
-                let tol = if is_bop(config) || a.kind() == Kind::Half { 0.0 } else { 1e-6 };
+                let tol =
+                    if config.starts_with("bop") || a.kind() == Kind::Half { 0.0 } else { 1e-6 };
                 assert_close(a, t, tol, &format!("{} ({config}): v{j}", case.what));
             }
         }
@@ -401,7 +409,7 @@ fn forced_fused_refuses_them_and_changes_nothing() {
     for case in awkward_cases() {
         let (vars, grads) = (case.make)();
         let before: Vec<Tensor> = vars.iter().map(Tensor::copy).collect();
-        let mut opt = with_vars("adam", Backend::Fused, &vars);
+        let mut opt = with_vars("adam_lr", Backend::Fused, &vars);
         match opt.step_with_grads(&grads) {
             Err(Error::FusedUnavailable { optimizer, variable, reason }) => {
                 assert_eq!(optimizer, "Adam");
@@ -430,7 +438,7 @@ fn gradient_errors_are_the_same_on_every_path() {
         for (what, g) in &bad {
             let v = Tensor::ones([4], (Kind::Float, Device::Cpu));
             let ok = Tensor::ones([3], (Kind::Float, Device::Cpu));
-            let mut opt = with_vars("adam", backend, &[ok.shallow_clone(), v.shallow_clone()]);
+            let mut opt = with_vars("adam_lr", backend, &[ok.shallow_clone(), v.shallow_clone()]);
             let grads = [Some(ok.ones_like()), Some(g())];
             match opt.step_with_grads(&grads) {
                 Err(Error::GradientMismatch { variable, reason }) => {
@@ -472,11 +480,11 @@ fn state_moves_between_paths_mid_training() {
     let m = model(Kind::Double, false, 11);
     let (first, second) = m.grads.split_at(3);
     let vars: Vec<Tensor> = m.init.iter().map(Tensor::copy).collect();
-    let mut fused = with_vars("adam_everything", Backend::Fused, &vars);
+    let mut fused = with_vars("x_adam_amsgrad_wd_maximize", Backend::Fused, &vars);
     for g in first {
         fused.step_with_grads(g).unwrap();
     }
-    let mut torch = with_vars("adam_everything", Backend::Torch, &vars);
+    let mut torch = with_vars("x_adam_amsgrad_wd_maximize", Backend::Torch, &vars);
     torch.set_step_count(fused.step_count());
     for j in 0..vars.len() {
         let state = fused.state(j).into_iter().map(|(n, t)| (n.to_string(), t.copy())).collect();
@@ -488,6 +496,7 @@ fn state_moves_between_paths_mid_training() {
     let resumed: Vec<_> =
         vars.iter().enumerate().map(|(j, v)| (v.copy(), torch.state(j))).collect();
     // The same gradients, every step on libtorch ops.
-    let reference = train(&mut *make("adam_everything", Backend::Torch, 0), &m, false);
+    let reference =
+        train(&mut *make(&case("x_adam_amsgrad_wd_maximize"), Backend::Torch, 0), &m, false);
     assert_same_training(&resumed, &reference, 1e-12, "fused then libtorch");
 }

@@ -187,7 +187,7 @@ impl<T: Real> BlockSqrt<T> for CorrectSqrt {
 
 /// `if c { a } else { b }`, written so that it compiles to a select.
 #[inline(always)]
-fn select<T: Real>(c: bool, a: T, b: T) -> T {
+pub(crate) fn select<T: Real>(c: bool, a: T, b: T) -> T {
     if c {
         a
     } else {
@@ -507,7 +507,7 @@ impl<T: Real> Clip<T> {
 
     /// `x` clamped as `torch.clamp` does: NaN stays NaN.
     #[inline(always)]
-    fn apply(self, x: T) -> T {
+    pub(crate) fn apply(self, x: T) -> T {
         select(x < self.low, self.low, select(x > self.high, self.high, x))
     }
 }
@@ -708,71 +708,6 @@ fn adam_blocked<T: Real, C: Contraction, S: BlockSqrt<T>>(
         start = end;
     }
     T::keep_scratch(scratch);
-}
-
-/// Lion's scalars, already rounded to the element type as XLA rounds each Python float that
-/// optax multiplies an f32 array by.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LionScalars<T> {
-    pub(crate) one_minus_beta1: T,
-    pub(crate) beta1: T,
-    pub(crate) one_minus_beta2: T,
-    pub(crate) beta2: T,
-    pub(crate) weight_decay: T,
-    /// `-lr`, optax's `scale_by_learning_rate` factor.
-    pub(crate) neg_lr: T,
-}
-
-/// `torch.sign` as ATen computes it (vector body and scalar tail alike): `(x > 0) - (x < 0)`,
-/// so 0, -0 and NaN give +0.
-#[inline(always)]
-fn sign<T: Real>(x: T) -> T {
-    select(x > T::ZERO, T::ONE, T::ZERO) - select(x < T::ZERO, T::ONE, T::ZERO)
-}
-
-/// One Lion element, optax's `lion` with each `a * b + c` rounded as `C` says (jitted optax on
-/// a CPU with FMA contracts every one, as ATen's AVX2/AVX-512 `add` with `alpha` does; optax
-/// op by op, and ATen's baseline, round twice): `u = sign((1 - b1) * g + b1 * m)`,
-/// `u = wd * p + u` when `DECAY`, `p = (-lr) * u + p` (clamped to the constraint),
-/// `m = (1 - b2) * g + b2 * m`. Returns the new parameter and moment.
-#[inline(always)]
-fn lion_element<T: Real, C: Contraction, const DECAY: bool>(
-    p: T,
-    g: T,
-    m: T,
-    s: LionScalars<T>,
-    clip: Clip<T>,
-) -> (T, T) {
-    let mut u = sign(C::madd(s.one_minus_beta1, g, s.beta1 * m));
-    if DECAY {
-        u = C::madd(s.weight_decay, p, u);
-    }
-    let p = clip.apply(C::madd(s.neg_lr, u, p));
-    (p, C::madd(s.one_minus_beta2, g, s.beta2 * m))
-}
-
-/// One Lion step over a run of elements ([`lion_element`] each); `decay` is false when the
-/// weight decay is zero, which optax's `add_decayed_weights` then skips.
-#[inline(always)]
-pub(crate) fn lion<T: Real, C: Contraction>(
-    p: &mut [T],
-    g: &[T],
-    m: &mut [T],
-    s: LionScalars<T>,
-    decay: bool,
-    clip: Clip<T>,
-) {
-    let n = p.len();
-    let (g, m) = (&g[..n], &mut m[..n]);
-    if decay {
-        for i in 0..n {
-            (p[i], m[i]) = lion_element::<T, C, true>(p[i], g[i], m[i], s, clip);
-        }
-    } else {
-        for i in 0..n {
-            (p[i], m[i]) = lion_element::<T, C, false>(p[i], g[i], m[i], s, clip);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1009,32 +944,5 @@ mod tests {
             differ += usize::from(run(false) != (m, v));
         }
         assert!(differ > n / 10, "the two roundings should differ often: {differ} of {n}");
-    }
-
-    #[test]
-    fn lion_takes_the_sign_of_the_interpolation() {
-        let s = LionScalars::<f64> {
-            one_minus_beta1: 0.1,
-            beta1: 0.9,
-            one_minus_beta2: 0.01,
-            beta2: 0.99,
-            weight_decay: 0.5,
-            neg_lr: -0.1,
-        };
-        // c = 0.1 * g + 0.9 * m: positive, negative, zero (g = m = 0) and NaN.
-        let mut p = [1.0f64, 1.0, 1.0, 1.0];
-        let mut m = [0.0, 1.0, 0.0, 0.0];
-        let inf = Clip::new(f64::INFINITY);
-        lion::<_, Separate>(&mut p, &[1.0, -20.0, 0.0, f64::NAN], &mut m, s, false, inf);
-        assert_eq!(p, [0.9, 1.1, 1.0, 1.0], "sign 0 (torch.sign) for a zero or NaN interpolation");
-        assert_eq!(m[..3], [0.01 * 1.0, 0.01 * -20.0 + 0.99 * 1.0, 0.0]);
-        assert!(m[3].is_nan());
-        // Decoupled decay: p - lr * (sign + wd * p); and the clamp before the store.
-        let (mut p, mut m) = ([2.0f64, 2.0], [0.0, 0.0]);
-        lion::<_, Separate>(&mut p, &[1.0, 1.0], &mut m, s, true, Clip::new(1.5));
-        assert_eq!(p, [1.5, 1.5]);
-        let (mut p, mut m) = ([2.0f64], [0.0]);
-        lion::<_, Fused>(&mut p, &[-1.0], &mut m, s, true, inf);
-        assert_eq!(p, [2.0], "-lr * (sign + wd * p) = -0.1 * (-1 + 0.5 * 2) = 0");
     }
 }

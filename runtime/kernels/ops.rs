@@ -5,7 +5,7 @@
 use super::aten::{self, CpuCapability};
 use super::math::{
     self, AdamScalars, AdamSlices, Bop2Scalars, BopScalars, Clip, Contraction, CorrectSqrt, Decay,
-    Fused, LionScalars, Real, Separate,
+    Fused, Real, Separate,
 };
 use super::{Kernel, MAX_STATES};
 use crate::optim::Sqrt;
@@ -167,46 +167,6 @@ impl Kernel for AdamKernel {
 
     fn with_sqrt(self, sqrt: Sqrt) -> Self {
         AdamKernel { sqrt, ..self }
-    }
-}
-
-/// Lion with one step's hyperparameters. State: `exp_avg`. Each `a * b + c` of optax's update
-/// rounds once where ATen's kernels contract (as jitted optax does on a CPU with FMA) and twice
-/// elsewhere (as optax op by op does), like the libtorch path's `add` with `alpha`.
-#[derive(Debug, Clone, Copy)]
-pub struct LionKernel {
-    pub(crate) lr: f64,
-    pub(crate) beta1: f64,
-    pub(crate) beta2: f64,
-    pub(crate) weight_decay: f64,
-}
-
-impl Kernel for LionKernel {
-    #[inline(always)]
-    fn apply<T: Real>(
-        &self,
-        _: [f64; 2],
-        clip: f64,
-        p: &mut [T],
-        g: &[T],
-        states: [&mut [T]; MAX_STATES],
-    ) -> usize {
-        let [m, _, _] = states;
-        let s = LionScalars {
-            one_minus_beta1: T::from_f64(1.0 - self.beta1),
-            beta1: T::from_f64(self.beta1),
-            one_minus_beta2: T::from_f64(1.0 - self.beta2),
-            beta2: T::from_f64(self.beta2),
-            weight_decay: T::from_f64(self.weight_decay),
-            neg_lr: T::from_f64(-self.lr),
-        };
-        let (decay, clip) = (self.weight_decay != 0.0, Clip::new(clip));
-        if CpuCapability::get().contracts() {
-            math::lion::<T, Fused>(p, g, m, s, decay, clip);
-        } else {
-            math::lion::<T, Separate>(p, g, m, s, decay, clip);
-        }
-        0
     }
 }
 
