@@ -4,12 +4,14 @@
 //! A pass sees its variables as one concatenation of runs of elements; each thread takes a
 //! contiguous share of it, which may start and end inside a variable.
 
-/// Below this many elements per thread, a second thread does not pay: on 2000 variables of 256
-/// elements (2^19 in all) the per-variable work before the kernel dominates the step (reading
-/// metadata: about a fifth of it, the kernels another fifth, in a `perf` profile), and a router
-/// step with 2^17 here took 1.00-1.01x the time it takes with 2^18 (medians of 40 paired
-/// in-process rounds of 50 steps).
-pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 18;
+/// Below this many elements per thread, a second thread does not pay. On 2000 variables of 256
+/// elements (2^19 in all; half of them Bop's, half Adam's, so each kernel pass has 2^18 and the
+/// router's gradient check 2^19) the per-variable work before the kernels dominates the step,
+/// but splitting the passes still pays: with 2^16 here a router step took 0.85x, 0.85x and
+/// 0.86x the time it took with 2^18 and 2^17 (medians of 40 paired in-process rounds of 50
+/// steps, 2 threads, AMD EPYC Zen 3, AVX2, 2026-12-07), and 2^15 gave the same as 2^16
+/// (1.01x).
+pub(crate) const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
 /// The pieces of elements `[lo, hi)` of the concatenation of runs of lengths `lens`, in order:
 /// (run index, first element of the piece within its run, element count), empty pieces left out.

@@ -440,7 +440,7 @@ pub trait Execution {
 
     /// Sets how many threads the fused kernels may use; 0 (the default) follows
     /// `tch::get_num_threads()`, libtorch's own setting. A step uses fewer when there is too
-    /// little work to pay for a thread (under 2^18 elements each). The libtorch path always
+    /// little work to pay for a thread (under 2^16 elements each). The libtorch path always
     /// follows libtorch's setting.
     fn set_threads(&mut self, threads: usize);
 
