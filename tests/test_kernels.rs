@@ -37,11 +37,16 @@ struct Case {
     schedule: Option<Schedule>,
 }
 
-/// The configurations under test: every case of the reference fixtures (parity_cases.json and
-/// each fixture of the common trajectory format, see tests/test_references.rs) whose optimizer
-/// has a fused kernel, as the registry says. An optimizer given a kernel is tested here by its
-/// fixture cases, without a line of its own.
+/// The configurations under test: every case of the reference fixtures whose optimizer has a
+/// fused kernel, as the registry says (none in a build without the `fused` feature). An
+/// optimizer given a kernel is tested here by its fixture cases, without a line of its own.
 fn cases() -> Vec<Case> {
+    all_cases().into_iter().filter(|c| parity_support::has_fused_kernel(&c.optimizer)).collect()
+}
+
+/// Every case of the reference fixtures (parity_cases.json and each fixture of the common
+/// trajectory format, see tests/test_references.rs).
+fn all_cases() -> Vec<Case> {
     let mut files = vec![fixtures_dir().join("parity_cases.json")];
     for entry in std::fs::read_dir(fixtures_dir()).unwrap() {
         let path = entry.unwrap().path();
@@ -58,9 +63,6 @@ fn cases() -> Vec<Case> {
         let meta: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         for c in meta["cases"].as_array().unwrap() {
             let optimizer = c["optimizer"].as_str().unwrap();
-            if !parity_support::has_fused_kernel(optimizer) {
-                continue;
-            }
             let mut config = c["config"].clone();
             let schedule = lr_schedule(c);
             if schedule.is_some() {
@@ -79,7 +81,7 @@ fn cases() -> Vec<Case> {
 
 /// The fixture case `name` (the tests below that need one configuration name theirs).
 fn case(name: &str) -> Case {
-    cases().into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"))
+    all_cases().into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"))
 }
 
 /// The case's optimizer, from the registry, on `backend` with `threads` kernel threads.
