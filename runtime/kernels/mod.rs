@@ -154,7 +154,7 @@ impl std::fmt::Display for Unfit {
 }
 
 /// A kernel: the update of one variable's elements, in either element type (implemented in
-/// [`ops`]).
+/// [`ops`], and by an optimizer's own file where it has the kernel to itself, as Lion's).
 pub trait Kernel: Sync {
     /// Updates one contiguous run of one variable: `p` and `g` are the same length, and so is
     /// each of the first [`states`](Kernel::states) slices of `states` (the rest are empty).

@@ -218,14 +218,14 @@ impl Kernel for LionKernel {
 /// Lion's scalars, already rounded to the element type as XLA rounds each Python float that
 /// optax multiplies an f32 array by.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LionScalars<T> {
-    pub(crate) one_minus_beta1: T,
-    pub(crate) beta1: T,
-    pub(crate) one_minus_beta2: T,
-    pub(crate) beta2: T,
-    pub(crate) weight_decay: T,
+struct LionScalars<T> {
+    one_minus_beta1: T,
+    beta1: T,
+    one_minus_beta2: T,
+    beta2: T,
+    weight_decay: T,
     /// `-lr`, optax's `scale_by_learning_rate` factor.
-    pub(crate) neg_lr: T,
+    neg_lr: T,
 }
 
 /// `torch.sign` as ATen computes it (vector body and scalar tail alike): `(x > 0) - (x < 0)`,
