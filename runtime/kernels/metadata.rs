@@ -58,9 +58,13 @@ extern "C" {
         out: *mut RawMeta,
         grads: *mut RawMeta,
         grad_handles: *mut *mut c_void,
+        recycled: *mut *mut c_void,
     );
+    fn caseopt_release_handles(handles: *mut *mut c_void, n: usize);
     #[cfg(test)]
     fn caseopt_meta_size() -> usize;
+    #[cfg(test)]
+    fn caseopt_use_count(t: *const c_void) -> usize;
 }
 
 /// ATen's scalar type codes of the two element types the kernels take.
@@ -231,6 +235,8 @@ pub(crate) struct Grads {
     pub(crate) handles: Vec<Option<Tensor>>,
     /// Where each gradient's elements are, for the NaN scan (`None`: not readable there).
     extents: Vec<Option<Extent>>,
+    /// The handles of earlier steps, released, for the next read to reuse.
+    pool: HandlePool,
 }
 
 impl Grads {
@@ -243,9 +249,11 @@ impl Grads {
             .filter_map(|(i, (h, e))| h.as_ref().map(|_| (i, *e)))
     }
 
-    /// Empties the lists, keeping their buffers (the handles are dropped).
+    /// Empties the lists, keeping their buffers: the handles let go of their gradients (so
+    /// that autograd, which accumulates in place only into a gradient nobody else holds, keeps
+    /// doing so) and are kept for the next read.
     pub(crate) fn clear(&mut self) {
-        self.handles.clear();
+        self.pool.take_back(&mut self.handles);
         self.extents.clear();
     }
 
@@ -253,6 +261,90 @@ impl Grads {
     pub(crate) fn mark_checked(&mut self, i: usize) {
         if let Some(e) = self.extents.get_mut(i) {
             *e = Some(Extent::CHECKED);
+        }
+    }
+}
+
+/// Gradient handles kept from one step to the next: with the shim, each a `new at::Tensor`
+/// that holds no tensor between steps ([`take_back`](Self::take_back) releases it) and that
+/// the next read assigns a gradient to instead of allocating a handle.
+#[derive(Debug, Default)]
+struct HandlePool {
+    /// Aligned with the variables: null, or an owned, undefined `at::Tensor`.
+    #[cfg(feature = "fused")]
+    spare: Vec<*mut c_void>,
+}
+
+// SAFETY: every non-null entry is an `at::Tensor` this pool owns alone (no tch handle refers to
+// it) and that holds no tensor; it is only touched through `&mut self`.
+#[cfg(feature = "fused")]
+unsafe impl Send for HandlePool {}
+// SAFETY: as above: `&HandlePool` gives access to nothing.
+#[cfg(feature = "fused")]
+unsafe impl Sync for HandlePool {}
+
+impl HandlePool {
+    /// Takes back `handles` (emptied), which the reader made: each releases its gradient and
+    /// keeps its place for the next read.
+    #[cfg(feature = "fused")]
+    fn take_back(&mut self, handles: &mut Vec<Option<Tensor>>) {
+        if handles.len() > self.spare.len() {
+            self.spare.resize(handles.len(), std::ptr::null_mut());
+        }
+        for (slot, h) in self.spare.iter_mut().zip(handles.drain(..)) {
+            if let Some(t) = h {
+                if slot.is_null() {
+                    *slot = std::mem::ManuallyDrop::new(t).as_mut_ptr().cast();
+                }
+                // Else (never, the reader took the slot's handle) `t` is dropped as usual.
+            }
+        }
+        if !self.spare.is_empty() {
+            // SAFETY: every non-null entry is an owned `at::Tensor` (a tch handle given up just
+            // above, or one released earlier); the C++ side only assigns an undefined tensor
+            // to each and never throws.
+            unsafe { caseopt_release_handles(self.spare.as_mut_ptr(), self.spare.len()) };
+        }
+    }
+
+    /// Without the shim the handles are tch's own: they are dropped.
+    #[cfg(not(feature = "fused"))]
+    fn take_back(&mut self, handles: &mut Vec<Option<Tensor>>) {
+        handles.clear();
+    }
+
+    /// Keeps handle `t` of variable `i`, which the step does not use, in the pool (it lets go
+    /// of its tensor with the others at the next [`take_back`](Self::take_back)).
+    #[cfg(feature = "fused")]
+    fn keep(&mut self, i: usize, t: Tensor) {
+        if let Some(slot) = self.spare.get_mut(i).filter(|slot| slot.is_null()) {
+            *slot = std::mem::ManuallyDrop::new(t).as_mut_ptr().cast();
+        }
+    }
+
+    /// Without the shim the handle is dropped.
+    #[cfg(not(feature = "fused"))]
+    fn keep(&mut self, _: usize, t: Tensor) {
+        drop(t);
+    }
+
+    /// `n` entries for a read (null past what earlier steps left).
+    #[cfg(feature = "fused")]
+    fn entries(&mut self, n: usize) -> *mut *mut c_void {
+        if self.spare.len() < n {
+            self.spare.resize(n, std::ptr::null_mut());
+        }
+        self.spare.as_mut_ptr()
+    }
+}
+
+#[cfg(feature = "fused")]
+impl Drop for HandlePool {
+    fn drop(&mut self) {
+        for &h in self.spare.iter().filter(|h| !h.is_null()) {
+            // SAFETY: an owned `at::Tensor` allocated with `new` (by the C++ reader), which
+            // tch frees as its own handles, with `delete`.
+            drop(unsafe { Tensor::from_ptr(h.cast()) });
         }
     }
 }
@@ -290,7 +382,7 @@ impl MetaReader {
         tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
         writable: bool,
     ) -> &'r [TensorMeta] {
-        self.read_all(tensors, writable, false);
+        self.read_all(tensors, writable, None);
         as_metas(&self.out)
     }
 
@@ -304,18 +396,25 @@ impl MetaReader {
         params: impl IntoIterator<Item = &'t Tensor>,
         reuse: Grads,
     ) -> (&'r [TensorMeta], Grads) {
-        self.read_all(params.into_iter().map(Some), false, true);
-        let metas = as_metas(&self.out);
-        let n = metas.len();
         let mut grads = reuse;
         grads.clear();
+        self.read_all(params.into_iter().map(Some), false, Some(&mut grads.pool));
+        let metas = as_metas(&self.out);
+        let n = metas.len();
         grads.handles.reserve(n);
         grads.extents.reserve(n);
-        for ((h, p), g) in self.grad_handles.drain(..).zip(metas).zip(as_metas(&self.grads)) {
-            let handle = into_tensor(h);
-            // A frozen variable keeps a stale gradient (zero_grad zeroes rather than drops):
-            // it is skipped rather than moved by momentum.
-            grads.handles.push(handle.filter(|_| p.requires_grad()));
+        let read = self.grad_handles.drain(..).zip(metas).zip(as_metas(&self.grads));
+        for (i, ((h, p), g)) in read.enumerate() {
+            let handle = match into_tensor(h) {
+                // A frozen variable keeps a stale gradient (zero_grad zeroes rather than
+                // drops): it is skipped rather than moved by momentum.
+                Some(t) if !p.requires_grad() => {
+                    grads.pool.keep(i, t);
+                    None
+                }
+                handle => handle,
+            };
+            grads.handles.push(handle);
             grads.extents.push(extent(g));
         }
         (metas, grads)
@@ -327,15 +426,17 @@ impl MetaReader {
         as_metas(&self.grads)
     }
 
-    /// Reads `tensors` into `out`; with `grads`, also their gradients' metadata into `grads`
-    /// and a handle to each defined gradient into `grad_handles`.
+    /// Reads `tensors` into `out`; with a `pool` (`grads`), also their gradients' metadata
+    /// into `grads` and a handle to each defined gradient into `grad_handles`, taken from the
+    /// pool where it has one.
     #[cfg(feature = "fused")]
     fn read_all<'t>(
         &mut self,
         tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
         writable: bool,
-        grads: bool,
+        mut pool: Option<&mut HandlePool>,
     ) {
+        let grads = pool.is_some();
         self.handles.clear();
         self.handles.extend(
             tensors.into_iter().map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const _)),
@@ -354,12 +455,15 @@ impl MetaReader {
                 if grads { self.grads.as_mut_ptr() } else { std::ptr::null_mut::<RawMeta>() };
             let handles_ptr =
                 if grads { self.grad_handles.as_mut_ptr() } else { std::ptr::null_mut() };
+            let recycled = pool.as_mut().map_or(std::ptr::null_mut(), |p| p.entries(n));
             // SAFETY: every non-null handle is the `at::Tensor*` of a live tch tensor borrowed by
             // the caller for this call (taken just above from `&Tensor`s that outlive it); `out`
-            // (and `grads`, `grad_handles` when asked) hold `n` writable elements of the C++
-            // layout (a pointer for each handle); the C++ function catches every exception and
-            // only reads the tensors (a writable read may un-share a copy-on-write storage, as
-            // any in-place tch op would).
+            // (and `grads`, `grad_handles` and `recycled` when asked) hold `n` writable
+            // elements of the C++ layout (a pointer for each handle; `recycled`'s non-null
+            // entries are undefined `at::Tensor`s the pool owns, which the C++ side moves to
+            // `grad_handles` when it assigns a gradient to them); the C++ function catches
+            // every exception and only reads the tensors (a writable read may un-share a
+            // copy-on-write storage, as any in-place tch op would).
             unsafe {
                 caseopt_read_meta(
                     self.handles.as_ptr(),
@@ -368,6 +472,7 @@ impl MetaReader {
                     self.out.as_mut_ptr(),
                     grads_ptr,
                     handles_ptr,
+                    recycled,
                 );
             }
         }
@@ -381,8 +486,9 @@ impl MetaReader {
         &mut self,
         tensors: impl IntoIterator<Item = Option<&'t Tensor>>,
         writable: bool,
-        grads: bool,
+        pool: Option<&mut HandlePool>,
     ) {
+        let grads = pool.is_some();
         self.out.clear();
         self.grads.clear();
         self.grad_handles.clear();
@@ -400,9 +506,9 @@ impl MetaReader {
 /// Takes over a gradient handle made by the C++ reader.
 #[cfg(feature = "fused")]
 fn into_tensor(h: GradHandle) -> Option<Tensor> {
-    // SAFETY: a non-null entry is a fresh `new at::Tensor` made by `caseopt_read_meta` for this
-    // call and owned by nobody else; tch's `Tensor` takes it over and frees it with `at_free`
-    // (`delete`), as it does the handles libtch makes.
+    // SAFETY: a non-null entry is an `at::Tensor` made (or taken from the pool, which gave it
+    // up) by `caseopt_read_meta` for this call and owned by nobody else; tch's `Tensor` takes it
+    // over and frees it with `at_free` (`delete`), as it does the handles libtch makes.
     (!h.is_null()).then(|| unsafe { Tensor::from_ptr(h.cast()) })
 }
 
@@ -515,6 +621,66 @@ mod tests {
         }
         let written = r.read(params.iter().map(Some), true);
         assert!(written.iter().zip(&params).all(|(m, p)| m.data() == p.data_ptr() as usize));
+    }
+
+    /// The references to `t`'s tensor (its own handle included).
+    #[cfg(feature = "fused")]
+    fn use_count(t: &Tensor) -> usize {
+        // SAFETY: the `at::Tensor*` of a live tch tensor; the C++ side only reads its count.
+        unsafe { caseopt_use_count(t.as_ptr().cast()) }
+    }
+
+    #[cfg(feature = "fused")]
+    #[test]
+    fn handles_let_go_of_their_gradients_at_clear_and_serve_the_next_read() {
+        // Long enough for the threaded read and release.
+        let params: Vec<Tensor> = (0..1500)
+            .map(|i| Tensor::zeros([1 + i % 5], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        for (i, p) in params.iter().enumerate() {
+            if i % 3 != 0 {
+                (p * 2.0).sum(Kind::Float).backward();
+            }
+        }
+        // Frozen after its backward: it keeps a stale gradient, which the step skips.
+        let _ = params[2].set_requires_grad(false);
+        let watched: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let counts = |watched: &[Tensor]| watched.iter().map(use_count).collect::<Vec<_>>();
+        let alone = counts(&watched);
+        assert_eq!(alone[1], 2, "autograd's reference and the watching handle");
+        assert_eq!(alone[0], 0, "no gradient");
+
+        let mut r = MetaReader::default();
+        let (_, mut grads) = r.grads(params.iter(), Grads::default());
+        let held = counts(&watched);
+        for i in 0..params.len() {
+            let handle = grads.handles[i].as_ref();
+            assert_eq!(handle.is_some(), i % 3 != 0 && i != 2, "{i}");
+            assert_eq!(held[i], alone[i] + usize::from(i % 3 != 0), "{i}: one handle each");
+            if let Some(h) = handle {
+                assert_eq!(h.data_ptr(), watched[i].data_ptr(), "{i}");
+            }
+        }
+        let made: Vec<usize> =
+            grads.handles.iter().flatten().map(|h| h.as_ptr() as usize).collect();
+
+        grads.clear();
+        assert!(grads.handles.is_empty());
+        assert_eq!(counts(&watched), alone, "every gradient let go of, the frozen one too");
+
+        let (_, grads) = r.grads(params.iter(), grads);
+        let reused: Vec<usize> =
+            grads.handles.iter().flatten().map(|h| h.as_ptr() as usize).collect();
+        assert_eq!(reused, made, "the same handles, not new ones");
+        assert_eq!(counts(&watched), held);
+        for (h, w) in grads.handles.iter().zip(&watched) {
+            if let Some(h) = h {
+                assert_eq!(Vec::<f32>::try_from(h).unwrap(), Vec::<f32>::try_from(w).unwrap());
+            }
+        }
+        // Dropped without a clear, handles and pool free what they hold.
+        drop(grads);
+        assert_eq!(counts(&watched), alone);
     }
 
     #[test]

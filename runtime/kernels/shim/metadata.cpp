@@ -99,7 +99,7 @@ static inline void caseopt_prefetch_objects(const at::Tensor* t) {
 // Reads tensors [begin, end) for `caseopt_read_meta`.
 static void caseopt_read_range(const at::Tensor* const* tensors, size_t begin, size_t end,
                                int32_t writable, caseopt_meta* out, caseopt_meta* grads,
-                               at::Tensor** grad_handles) {
+                               at::Tensor** grad_handles, at::Tensor** recycled) {
   for (size_t i = begin; i < end; i++) {
     try {
       if (i + 12 < end && tensors[i + 12] != nullptr) {
@@ -142,7 +142,14 @@ static void caseopt_read_range(const at::Tensor* const* tensors, size_t begin, s
           const at::Tensor& g = t->unsafeGetTensorImpl()->grad();
           caseopt_read_one(g, false, grads[i]);
           if (grad_handles != nullptr && g.defined()) {
-            grad_handles[i] = new at::Tensor(g);
+            at::Tensor* h = recycled != nullptr ? recycled[i] : nullptr;
+            if (h != nullptr) {
+              *h = g;
+              recycled[i] = nullptr;
+            } else {
+              h = new at::Tensor(g);
+            }
+            grad_handles[i] = h;
           }
         } else {
           grads[i] = caseopt_meta{};
@@ -164,38 +171,85 @@ static void caseopt_read_range(const at::Tensor* const* tensors, size_t begin, s
 
 // Reads `n` tensors (libtch handles, that is `at::Tensor*`) into `out`. With `grads` not null,
 // also reads each tensor's `.grad()` into `grads[i]` (undefined when it has none); with
-// `grad_handles` not null too, stores in `grad_handles[i]` a new handle (`new at::Tensor`, for
-// the caller to free as libtch's `at_free` does) to each defined gradient, else null: the same
-// handle `at_grad` makes, without its dispatch through the autograd hooks. `writable` picks the
-// mutable data address for the tensors (never for their gradients). Never throws.
+// `grad_handles` not null too, stores in `grad_handles[i]` a handle to each defined gradient,
+// else null: the same handle `at_grad` makes, without its dispatch through the autograd hooks,
+// for the caller to free as libtch's `at_free` does (`delete`). `recycled`, when not null, holds
+// `n` handles the caller owns, each null or an undefined `at::Tensor` from an earlier step
+// (`caseopt_release_handles`): a gradient's handle is then made by assigning into
+// `recycled[i]`, which moves to `grad_handles[i]` (and `recycled[i]` becomes null), instead of
+// allocating one; on 2000 variables, allocating and freeing a handle per gradient per step was
+// a tenth of a router step. `writable` picks the mutable data address for the tensors (never
+// for their gradients). Never throws.
 //
 // The objects behind a handle are chained (handle -> TensorImpl -> StorageImpl, AutogradMeta),
 // so they are prefetched in stages: the handle 12 tensors ahead, its TensorImpl 8 ahead, the
 // rest 4 ahead, the gradient's TensorImpl 2 ahead.
 void caseopt_read_meta(const at::Tensor* const* tensors, size_t n, int32_t writable,
-                       caseopt_meta* out, caseopt_meta* grads, at::Tensor** grad_handles) {
+                       caseopt_meta* out, caseopt_meta* grads, at::Tensor** grad_handles,
+                       at::Tensor** recycled) {
   if (n >= CASEOPT_PARALLEL_READ) {
     try {
       at::parallel_for(0, static_cast<int64_t>(n), CASEOPT_PARALLEL_READ / 2,
                        [&](int64_t begin, int64_t end) {
                          caseopt_read_range(tensors, static_cast<size_t>(begin),
                                             static_cast<size_t>(end), writable, out, grads,
-                                            grad_handles);
+                                            grad_handles, recycled);
                        });
       return;
     } catch (...) {
-      // libtorch could not run the tasks (the ranges themselves never throw): free any handle
-      // made so far and read everything here.
+      // libtorch could not run the tasks (the ranges themselves never throw): give back any
+      // handle made so far (to `recycled`, emptied, or freed) and read everything here.
       if (grad_handles != nullptr) {
         for (size_t i = 0; i < n; i++) {
-          delete grad_handles[i];
+          at::Tensor* h = grad_handles[i];
           grad_handles[i] = nullptr;
+          if (h == nullptr) continue;
+          if (recycled != nullptr && recycled[i] == nullptr) {
+            *h = at::Tensor();
+            recycled[i] = h;
+          } else {
+            delete h;
+          }
         }
       }
     }
   }
-  caseopt_read_range(tensors, 0, n, writable, out, grads, grad_handles);
+  caseopt_read_range(tensors, 0, n, writable, out, grads, grad_handles, recycled);
 }
+
+// Drops the tensor each non-null handle of `handles` holds (its reference count goes down, the
+// handle becomes an undefined tensor), keeping the handles for `caseopt_read_meta` to reuse.
+// Split between threads as the read that made them was, so that each thread mostly releases
+// the gradients whose counts it raised (a count's line stays in the cache of the core that
+// last changed it; on one thread, the other core's lines came across one by one). Never throws.
+static void caseopt_release_range(at::Tensor** handles, size_t begin, size_t end) {
+  for (size_t i = begin; i < end; i++) {
+    if (handles[i] != nullptr) {
+      *handles[i] = at::Tensor();
+    }
+  }
+}
+
+void caseopt_release_handles(at::Tensor** handles, size_t n) {
+  if (n >= CASEOPT_PARALLEL_READ) {
+    try {
+      at::parallel_for(0, static_cast<int64_t>(n), CASEOPT_PARALLEL_READ / 2,
+                       [&](int64_t begin, int64_t end) {
+                         caseopt_release_range(handles, static_cast<size_t>(begin),
+                                               static_cast<size_t>(end));
+                       });
+      return;
+    } catch (...) {
+      // libtorch could not run the tasks: release what is left here (a released handle is
+      // undefined, releasing it again changes nothing).
+    }
+  }
+  caseopt_release_range(handles, 0, n);
+}
+
+// How many references `t`'s tensor has (0 for an undefined one), for the Rust side's tests of
+// the handle pool.
+size_t caseopt_use_count(const at::Tensor* t) { return t->use_count(); }
 
 // The size of `caseopt_meta`, checked by the Rust side once.
 size_t caseopt_meta_size(void) { return sizeof(caseopt_meta); }
