@@ -167,7 +167,7 @@ impl Param {
         m.is_ok()
             && m.device() == Some(self.info.device)
             && m.kind() == Some(self.info.kind)
-            && m.shape() == self.info.shape.as_slice()
+            && crate::kernels::metadata::same_shape(m.shape(), &self.info.shape)
     }
 
     /// Checks that the tensor still has the device, dtype and shape it was routed with.

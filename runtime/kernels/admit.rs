@@ -4,7 +4,7 @@
 
 use std::mem::{align_of, size_of};
 
-use super::metadata::{Status, TensorMeta, CPU, DOUBLE, FLOAT};
+use super::metadata::{same_shape, Status, TensorMeta, CPU, DOUBLE, FLOAT};
 use super::{Unfit, MAX_STATES};
 
 /// One variable's update, as validated addresses (plain integers, so that a job list can be
@@ -40,7 +40,7 @@ pub(crate) fn admit(
 ) -> Result<(KernelJob, bool), Unfit> {
     usable(p)?;
     usable(g)?;
-    if g.shape() != p.shape() {
+    if !same_shape(g.shape(), p.shape()) {
         return Err(Unfit::Grad(format!("shape {:?} != {:?}", g.shape(), p.shape())));
     }
     if g.dtype() != p.dtype() {

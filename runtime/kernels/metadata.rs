@@ -164,6 +164,14 @@ impl TensorMeta {
     }
 }
 
+/// `a == b` for two shapes, as an inlined loop: the slice comparison calls `memcmp`, and the
+/// router and the kernels compare every variable's and gradient's shape each step, shapes of
+/// one to four dimensions.
+#[inline]
+pub(crate) fn same_shape(a: &[i64], b: &[i64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
 /// tch's `Kind` for ATen's scalar type code (tch's own conversion is private).
 pub(crate) fn kind_of(code: i32) -> Option<Kind> {
     Some(match code {
