@@ -299,12 +299,9 @@ impl HandlePool {
         if handles.len() > self.spare.len() {
             self.spare.resize(handles.len(), std::ptr::null_mut());
         }
-        for (slot, h) in self.spare.iter_mut().zip(handles.drain(..)) {
+        for (i, h) in handles.drain(..).enumerate() {
             if let Some(t) = h {
-                if slot.is_null() {
-                    *slot = std::mem::ManuallyDrop::new(t).as_mut_ptr().cast();
-                }
-                // Else (never, the reader took the slot's handle) `t` is dropped as usual.
+                self.keep(i, t);
             }
         }
         if !self.spare.is_empty() {
@@ -321,8 +318,9 @@ impl HandlePool {
         handles.clear();
     }
 
-    /// Keeps handle `t` of variable `i`, which the step does not use, in the pool (it lets go
-    /// of its tensor with the others at the next [`take_back`](Self::take_back)).
+    /// Keeps handle `t` of variable `i` in the pool (it lets go of its tensor at the next
+    /// [`take_back`](Self::take_back)); should the slot hold one already (never: the reader
+    /// took the slot's handle to make `t`), `t` is dropped as usual.
     #[cfg(feature = "fused")]
     fn keep(&mut self, i: usize, t: Tensor) {
         if let Some(slot) = self.spare.get_mut(i).filter(|slot| slot.is_null()) {
@@ -604,10 +602,10 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&x.grad()).unwrap(), vec![3.0; 4]);
     }
 
-    #[test]
-    fn long_lists_are_read_on_several_threads_in_order() {
-        // Past shim/metadata.cpp's CASEOPT_PARALLEL_READ (512), the list is split between
-        // threads: every entry must still land at its own index, gradients and handles included.
+    /// 1500 variables of 1 to 7 elements, past shim/metadata.cpp's CASEOPT_PARALLEL_READ (512)
+    /// so that reads and releases are split between threads; variable `i` has a gradient of
+    /// `i`s when `i % 3 != 0`, none otherwise.
+    fn long_list() -> Vec<Tensor> {
         let params: Vec<Tensor> = (0..1500)
             .map(|i| Tensor::zeros([1 + i % 7], (Kind::Float, Device::Cpu)).set_requires_grad(true))
             .collect();
@@ -616,6 +614,13 @@ mod tests {
                 (p * (i as f64)).sum(Kind::Float).backward();
             }
         }
+        params
+    }
+
+    #[test]
+    fn long_lists_are_read_on_several_threads_in_order() {
+        // Every entry must land at its own index, gradients and handles included.
+        let params = long_list();
         let mut r = MetaReader::default();
         let (metas, grads) = r.grads(params.iter(), Grads::default());
         assert_eq!(metas.len(), 1500);
@@ -641,15 +646,7 @@ mod tests {
     #[cfg(feature = "fused")]
     #[test]
     fn handles_let_go_of_their_gradients_at_clear_and_serve_the_next_read() {
-        // Long enough for the threaded read and release.
-        let params: Vec<Tensor> = (0..1500)
-            .map(|i| Tensor::zeros([1 + i % 5], (Kind::Float, Device::Cpu)).set_requires_grad(true))
-            .collect();
-        for (i, p) in params.iter().enumerate() {
-            if i % 3 != 0 {
-                (p * 2.0).sum(Kind::Float).backward();
-            }
-        }
+        let params = long_list();
         // Frozen after its backward: it keeps a stale gradient, which the step skips.
         let _ = params[2].set_requires_grad(false);
         let watched: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
