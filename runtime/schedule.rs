@@ -235,6 +235,11 @@ impl Schedule {
         }
     }
 
+    /// Whether evaluating it calls user code (a [`custom`](Self::custom) closure).
+    pub(crate) fn calls_user_code(&self) -> bool {
+        matches!(self, Schedule::Custom(_))
+    }
+
     /// Checks the schedule's own parameters (not the range of the hyperparameter it feeds;
     /// optimizers check each value when they use it).
     ///

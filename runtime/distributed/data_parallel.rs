@@ -257,7 +257,7 @@ impl DataParallel {
         // Every variable's and gradient's metadata in one foreign call (tch's accessors cost
         // a call each, which on thousands of variables was most of the step's agreement).
         let (metas, gradients) =
-            self.reader.grads(all.iter().map(|p| &p.tensor), Default::default());
+            self.reader.grads(all.iter().map(|p| &p.tensor), Default::default(), false);
         let mut changed: Vec<Option<String>> = Vec::with_capacity(all.len());
         for (k, (p, m)) in all.iter().zip(metas).enumerate() {
             let now = differs(p, m);

@@ -14,7 +14,7 @@ use super::admit::{admit, KernelJob, StateMetas};
 use super::alias::AliasProof;
 use super::isa::{Isa, IsaLoop};
 use super::math::Real;
-use super::metadata::MetaReader;
+use super::metadata::{MetaReader, TensorMeta};
 use super::split::{pieces, share, threads_for, MIN_ELEMENTS_PER_THREAD};
 use super::version::Written;
 use super::{pool, stage, Kernel, Operands, Unfit, MAX_STATES};
@@ -33,6 +33,10 @@ pub(crate) struct Workspace {
     read: MetaReader,
     /// Reads the state buffers' metadata.
     pub(super) state_buffers: MetaReader,
+    /// The router's read of this step's variables and gradients, lent for the length of one
+    /// optimizer step ([`MetaReader::lent`]): a queue whose operands it covers takes their
+    /// metadata from it instead of reading them again.
+    pub(crate) lent: Option<MetaReader>,
     /// A staged step's address of each f32 job's state in the second copy of its state buffer
     /// ([`stage`]).
     pub(super) copy_addrs: Vec<usize>,
@@ -78,6 +82,19 @@ impl Workspace {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many queues on this thread took their operands' metadata from a lent read.
+    static LENT_QUEUES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many [`Batch::queue`] calls on this thread took their operands' metadata from a read the
+/// router lent ([`Workspace::lent`]), for tests.
+#[cfg(test)]
+pub(crate) fn lent_queues() -> usize {
+    LENT_QUEUES.with(std::cell::Cell::get)
+}
+
 /// The tensors of one step, queued variable by variable and then updated in one pass.
 ///
 /// Holding shared borrows of every queued tensor for `'t` keeps their handles (and so their
@@ -93,7 +110,8 @@ impl<'t> Batch<'_, 't> {
     /// Queues the update of every variable of `vars`, checking all their tensors (CPU, f32 or
     /// f64, contiguous, aligned, of the parameter's length; the gradient against the parameter
     /// as `optim::check_grad` does, [`Unfit::Grad`]) with two metadata reads for the whole
-    /// list. Variables that cannot take the fused path are appended to `refused` with the
+    /// list, or none when the workspace holds a lent read that covers every variable and
+    /// gradient (and every variable's states live in a state buffer). Variables that cannot take the fused path are appended to `refused` with the
     /// reason, in order. Nothing is written until [`run`](Self::run); the kernel's per-variable
     /// scalars are zero until [`set_scalars`](Self::set_scalars).
     pub(crate) fn queue<I>(
@@ -108,23 +126,49 @@ impl<'t> Batch<'_, 't> {
         let ws = &mut *self.ws;
         // Variables whose states live in a state buffer contribute only their parameter here.
         let own = |v: &Operands<'t>| if v.state_buffer.is_some() { 0 } else { states };
-        let written = ws.written.read(
-            vars.clone().flat_map(|v| {
-                std::iter::once(Some(v.param))
-                    .chain(v.states.into_iter().take(own(&v)).map(|s| s.map(|(_, t)| t)))
-            }),
-            true,
-        );
-        let read = ws.read.read(vars.clone().map(|v| Some(v.grad)), false);
+        // The router's read of this step serves when it covers every operand read here.
+        let lent = ws.lent.as_ref().filter(|r| {
+            vars.clone().all(|v| own(&v) == 0 && r.lent(v.index, v.param, v.grad).is_some())
+        });
+        let (written, read): (&[TensorMeta], &[TensorMeta]) = match lent {
+            Some(_) => (&[], &[]),
+            None => (
+                ws.written.read(
+                    vars.clone().flat_map(|v| {
+                        std::iter::once(Some(v.param))
+                            .chain(v.states.into_iter().take(own(&v)).map(|s| s.map(|(_, t)| t)))
+                    }),
+                    true,
+                ),
+                ws.read.read(vars.clone().map(|v| Some(v.grad)), false),
+            ),
+        };
+        #[cfg(test)]
+        if lent.is_some() {
+            LENT_QUEUES.with(|n| n.set(n.get() + 1));
+        }
         let buffers = ws.state_buffers.read(state_buffers.iter().map(Some), true);
         let mut at = 0;
         for (k, v) in vars.enumerate() {
-            let n = 1 + own(&v);
-            let ops = &written[at..at + n];
-            at += n;
+            let (param, grad, own_states) = match lent {
+                Some(r) => match r.lent(v.index, v.param, v.grad) {
+                    Some((param, grad)) => (param, grad, &[][..]),
+                    None => {
+                        // Never: the filter above found every operand in it.
+                        refused.push((v.index, Unfit::Unsupported("an operand not read")));
+                        continue;
+                    }
+                },
+                None => {
+                    let n = 1 + own(&v);
+                    let ops = &written[at..at + n];
+                    at += n;
+                    (&ops[0], &read[k], &ops[1..])
+                }
+            };
             let names = v.states.map(|s| s.map_or("state", |(name, _)| name));
             let state_metas = match v.state_buffer {
-                None => StateMetas::Own(&ops[1..]),
+                None => StateMetas::Own(own_states),
                 Some((buffer, offsets)) => match buffers.get(buffer) {
                     Some(buffer) => StateMetas::InStateBuffer { buffer, offsets, count: states },
                     None => {
@@ -133,7 +177,7 @@ impl<'t> Batch<'_, 't> {
                     }
                 },
             };
-            let (job, f64) = match admit(v.index, &ops[0], &read[k], state_metas, &names) {
+            let (job, f64) = match admit(v.index, param, grad, state_metas, &names) {
                 Ok(admitted) => admitted,
                 Err(unfit) => {
                     refused.push((v.index, unfit));

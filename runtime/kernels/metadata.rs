@@ -371,6 +371,12 @@ pub(crate) struct MetaReader {
     out: Vec<RawMeta>,
     grads: Vec<RawMeta>,
     grad_handles: Vec<GradHandle>,
+    /// After [`grads`](Self::grads): the address of each parameter's handle and of the
+    /// gradient handle made for it (0: none), which identify what was read (never
+    /// dereferenced); empty after [`read`](Self::read).
+    ids: Vec<(usize, usize)>,
+    /// Whether the last read asked for writable addresses.
+    writable: bool,
 }
 
 // SAFETY: the handle pointers are only scratch between the start and the end of a `read` or
@@ -397,14 +403,18 @@ impl MetaReader {
     /// pass; `None` for the others). Returns the parameters' metadata and the gradients.
     ///
     /// The lists are built in `reuse`'s buffers (emptied first).
+    /// `writable` reads the parameters' addresses as [`read`](Self::read) does (the
+    /// gradients' are only read), so that the reader can then be lent to the fused pass of
+    /// their optimizer's step ([`lent`](Self::lent)).
     pub(crate) fn grads<'r, 't>(
         &'r mut self,
         params: impl IntoIterator<Item = &'t Tensor>,
         reuse: Grads,
+        writable: bool,
     ) -> (&'r [TensorMeta], Grads) {
         let mut grads = reuse;
         grads.clear();
-        self.read_all(params.into_iter().map(Some), false, Some(&mut grads.pool));
+        self.read_all(params.into_iter().map(Some), writable, Some(&mut grads.pool));
         let metas = as_metas(&self.out);
         let n = metas.len();
         grads.handles.reserve(n);
@@ -420,10 +430,34 @@ impl MetaReader {
                 }
                 handle => handle,
             };
+            if let Some(id) = self.ids.get_mut(i) {
+                id.1 = handle.as_ref().map_or(0, |t| t.as_ptr() as usize);
+            }
             grads.handles.push(handle);
             grads.extents.push(extent(g));
         }
         (metas, grads)
+    }
+
+    /// The metadata of variable `index` and of its gradient as the last
+    /// [`grads`](Self::grads) read them, for the fused pass of the same step: `None` unless
+    /// that read was writable and `param` and `grad` are the very handles it read and made.
+    ///
+    /// The caller vouches that nothing changed those tensors' metadata since the read: only
+    /// caseopt's own code ran in between (the router checks that no user code can: see
+    /// `router::step`), and none of it resizes, moves or re-points a variable or a gradient.
+    pub(crate) fn lent(
+        &self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+    ) -> Option<(&TensorMeta, &TensorMeta)> {
+        let &(p, g) = self.ids.get(index)?;
+        let same = p == param.as_ptr() as usize && g == grad.as_ptr() as usize && g != 0;
+        if !(self.writable && same) {
+            return None;
+        }
+        Some((as_metas(&self.out).get(index)?, as_metas(&self.grads).get(index)?))
     }
 
     /// The gradients' metadata read by the last [`grads`](Self::grads), aligned with its
@@ -443,10 +477,15 @@ impl MetaReader {
         mut pool: Option<&mut HandlePool>,
     ) {
         let grads = pool.is_some();
+        self.writable = writable;
         self.handles.clear();
         self.handles.extend(
             tensors.into_iter().map(|t| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const _)),
         );
+        self.ids.clear();
+        if grads {
+            self.ids.extend(self.handles.iter().map(|&h| (h as usize, 0)));
+        }
         let n = self.handles.len();
         self.out.clear();
         self.out.resize(n, EMPTY);
@@ -495,10 +534,15 @@ impl MetaReader {
         pool: Option<&mut HandlePool>,
     ) {
         let grads = pool.is_some();
+        self.writable = writable;
         self.out.clear();
         self.grads.clear();
         self.grad_handles.clear();
+        self.ids.clear();
         for t in tensors {
+            if grads {
+                self.ids.push((t.map_or(0, |t| t.as_ptr() as usize), 0));
+            }
             self.out.push(super::unfused::read_meta(t, writable));
             if grads {
                 let g = t.filter(|t| t.defined()).map(Tensor::grad).filter(Tensor::defined);
@@ -579,7 +623,7 @@ mod tests {
         let frozen = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         (&frozen * 2.0).sum(Kind::Float).backward();
         let frozen = frozen.set_requires_grad(false);
-        let (ps, grads) = r.grads([&x, &y, &frozen], Grads::default());
+        let (ps, grads) = r.grads([&x, &y, &frozen], Grads::default(), false);
         assert_eq!(ps.len(), 3);
         assert!(ps.iter().all(TensorMeta::is_ok));
         assert_eq!(grads.handles.len(), 3);
@@ -593,13 +637,41 @@ mod tests {
         assert_eq!(present, vec![0]);
         assert!(grads.present().next().unwrap().1.is_some(), "a readable f32 gradient");
         // Reading again into the same lists replaces what they held.
-        let (_, again) = r.grads([&y, &x], grads);
+        let (_, again) = r.grads([&y, &x], grads, false);
         assert_eq!(again.handles.len(), 2);
         assert!(again.handles[0].is_none() && again.handles[1].is_some());
         assert_eq!(again.present().map(|(i, _)| i).collect::<Vec<_>>(), vec![1]);
         // The handle is a tensor of its own: dropping it leaves x's gradient alone.
         drop(again);
         assert_eq!(Vec::<f32>::try_from(&x.grad()).unwrap(), vec![3.0; 4]);
+    }
+
+    #[test]
+    fn a_read_is_lent_only_for_the_handles_it_read_and_made_and_only_when_writable() {
+        let x = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let y = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (&x * 3.0 + 1.0).sum(Kind::Float).backward();
+        let mut r = MetaReader::default();
+        let (_, grads) = r.grads([&x, &y], Grads::default(), true);
+        let g = grads.handles[0].as_ref().expect("x has a gradient");
+        let (p, gm) = r.lent(0, &x, g).expect("the handles read and made");
+        assert_eq!((p.data(), p.numel()), (x.data_ptr() as usize, 4));
+        assert_eq!((gm.data(), gm.numel()), (x.grad().data_ptr() as usize, 4));
+        // Another handle to the same tensor, another gradient handle, another index, a
+        // variable without a gradient: not what was read.
+        assert!(r.lent(0, &x.shallow_clone(), g).is_none());
+        assert!(r.lent(0, &x, &x.grad()).is_none());
+        assert!(r.lent(1, &x, g).is_none() && r.lent(2, &x, g).is_none());
+        assert!(r.lent(1, &y, g).is_none());
+        // A read of addresses not to be written through is never lent.
+        let (_, grads) = r.grads([&x, &y], grads, false);
+        let g = grads.handles[0].as_ref().expect("x has a gradient");
+        assert!(r.lent(0, &x, g).is_none());
+        // Nor is a plain read.
+        let (_, grads) = r.grads([&x, &y], grads, true);
+        assert!(r.lent(0, &x, grads.handles[0].as_ref().unwrap()).is_some());
+        r.read([Some(&x)], true);
+        assert!(r.lent(0, &x, grads.handles[0].as_ref().unwrap()).is_none());
     }
 
     /// 1500 variables of 1 to 7 elements, past shim/metadata.cpp's CASEOPT_PARALLEL_READ (512)
@@ -622,7 +694,7 @@ mod tests {
         // Every entry must land at its own index, gradients and handles included.
         let params = long_list();
         let mut r = MetaReader::default();
-        let (metas, grads) = r.grads(params.iter(), Grads::default());
+        let (metas, grads) = r.grads(params.iter(), Grads::default(), false);
         assert_eq!(metas.len(), 1500);
         for (i, (m, h)) in metas.iter().zip(&grads.handles).enumerate() {
             assert_eq!(m.numel(), 1 + i % 7, "{i}");
@@ -656,7 +728,7 @@ mod tests {
         assert_eq!(alone[0], 0, "no gradient");
 
         let mut r = MetaReader::default();
-        let (_, mut grads) = r.grads(params.iter(), Grads::default());
+        let (_, mut grads) = r.grads(params.iter(), Grads::default(), false);
         let held = counts(&watched);
         for i in 0..params.len() {
             let handle = grads.handles[i].as_ref();
@@ -673,7 +745,7 @@ mod tests {
         assert!(grads.handles.is_empty());
         assert_eq!(counts(&watched), alone, "every gradient let go of, the frozen one too");
 
-        let (_, grads) = r.grads(params.iter(), grads);
+        let (_, grads) = r.grads(params.iter(), grads, false);
         let reused: Vec<usize> =
             grads.handles.iter().flatten().map(|h| h.as_ptr() as usize).collect();
         assert_eq!(reused, made, "the same handles, not new ones");

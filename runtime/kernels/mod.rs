@@ -75,6 +75,8 @@ pub(crate) mod stage;
 mod storage;
 #[cfg(feature = "fused")]
 mod version;
+#[cfg(all(test, feature = "fused"))]
+pub(crate) use batch::lent_queues;
 #[cfg(feature = "fused")]
 pub(crate) use batch::Workspace;
 

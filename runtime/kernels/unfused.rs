@@ -15,7 +15,10 @@ use super::{Kernel, Operands, Unfit};
 
 /// Scratch an optimizer keeps between steps; nothing to keep here.
 #[derive(Debug, Default)]
-pub(crate) struct Workspace;
+pub(crate) struct Workspace {
+    /// Where the router would lend its read; it never does without the shim.
+    pub(crate) lent: Option<super::metadata::MetaReader>,
+}
 
 impl Workspace {
     /// Starts an empty batch.

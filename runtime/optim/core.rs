@@ -21,6 +21,7 @@ use super::state::{StateLayout, StateSlot};
 use super::{Backend, Execution, FromConfig, Optimizer, Sqrt};
 use crate::constraint::Constraint;
 use crate::error::{CheckpointError, Error, Result};
+use crate::kernels::metadata::MetaReader;
 use crate::kernels::{Kernel, StateOperand, MAX_STATES};
 use crate::predicate::dtype_name;
 use crate::schedule::Schedule;
@@ -191,6 +192,38 @@ impl Kernel for NoKernel {
         _: [&mut [T]; MAX_STATES],
     ) -> usize {
         match *self {}
+    }
+}
+
+/// What the router asks of a built-in optimizer, which it finds behind any optimizer type by
+/// the type's identity ([`builtin_mut`](super::builtin_mut)), so that no other type can answer
+/// for one.
+pub(crate) trait BuiltinStep {
+    /// Whether a step runs only caseopt's own code: none of its hyperparameters is a
+    /// [`Schedule::custom`](crate::Schedule::custom) closure.
+    fn runs_only_own_code(&self) -> bool;
+
+    /// [`Optimizer::step_with_grads`] with `read`, the router's writable read of this step's
+    /// variables and gradients ([`MetaReader::grads`]), lent to the fused pass, which takes the
+    /// metadata of the operands it covers from it instead of reading them again
+    /// ([`MetaReader::lent`]). `read` is given back as it was lent.
+    fn step_with_read(&mut self, grads: &[Option<Tensor>], read: &mut MetaReader) -> Result<()>;
+}
+
+impl<A: Algorithm> BuiltinStep for Optim<A> {
+    fn runs_only_own_code(&self) -> bool {
+        <A::Config as Hyperparameters>::NAMES
+            .iter()
+            .all(|name| self.config.schedule(name).is_ok_and(|s| !s.calls_user_code()))
+    }
+
+    fn step_with_read(&mut self, grads: &[Option<Tensor>], read: &mut MetaReader) -> Result<()> {
+        self.exec.workspace.lent = Some(std::mem::take(read));
+        let stepped = self.step_with_grads(grads);
+        if let Some(back) = self.exec.workspace.lent.take() {
+            *read = back;
+        }
+        stepped
     }
 }
 

@@ -20,6 +20,7 @@ mod multi;
 pub(crate) mod staging;
 pub(crate) mod state;
 
+pub(crate) use core::BuiltinStep;
 pub use core::Optim;
 pub use flips::FlipRatios;
 pub use registry::{builtin, builtins, Builtin, BuiltinOptimizer};
@@ -41,6 +42,16 @@ macro_rules! builtins {
         #[doc(hidden)]
         pub mod builtin_items {
             $(pub use super::$module::{$($public),+};)+
+        }
+
+        /// `optimizer` as the built-in optimizer it is, or `None`: found by its type identity,
+        /// which no other type can claim.
+        pub(crate) fn builtin_mut<O: Optimizer>(optimizer: &mut O) -> Option<&mut dyn BuiltinStep> {
+            let any = optimizer as &mut dyn std::any::Any;
+            $(if any.is::<Optim<$algorithm>>() {
+                return any.downcast_mut::<Optim<$algorithm>>().map(|o| o as &mut dyn BuiltinStep);
+            })+
+            None
         }
 
         /// The registry, in the identity table's order.

@@ -37,8 +37,9 @@ pub struct RouterCore {
     pub(super) binary_unchecked: bool,
     pub(super) binary_checked: HashSet<String>,
     pub(super) binarised: Vec<String>,
-    /// Kept between steps so that reading every variable's metadata allocates nothing.
-    pub(super) reader: MetaReader,
+    /// One per rule, kept between steps so that reading every variable's metadata allocates
+    /// nothing; a rule's read serves its optimizer's fused pass too (`step.rs`).
+    pub(super) readers: Vec<MetaReader>,
     /// Kept between steps for the NaN scan, likewise.
     pub(super) scan: ScanScratch,
     /// The last step's per-rule gradient lists, emptied, whose buffers the next step reuses: on
@@ -71,7 +72,7 @@ impl RouterCore {
             binary_unchecked: true,
             binary_checked: HashSet::new(),
             binarised: Vec::new(),
-            reader: Default::default(),
+            readers: Vec::new(),
             scan: Default::default(),
             spare: Vec::new(),
             ownership: Ownership::default(),

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kernels::metadata::{Grads, MetaReader, Status, TensorMeta};
 use crate::optim::grad::check_grad;
 use crate::optim::staging;
-use crate::optim::{Backend, Optimizer};
+use crate::optim::{builtin_mut, Backend, Optimizer};
 use crate::var::Param;
 
 /// One step of every optimizer with its variables' gradients; see
@@ -21,15 +21,19 @@ use crate::var::Param;
 pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
     router.core_mut().host_reads = 0;
     route_new_variables(router)?;
+    let mut shared = shares_reads(router);
+    let rules = router.core().rules().len();
+    let mut readers = std::mem::take(&mut router.core_mut().readers);
+    readers.resize_with(rules, MetaReader::default);
     let mut grads = CollectGrads {
-        grads: Vec::with_capacity(router.core().rules().len()),
-        multi: Vec::with_capacity(router.core().rules().len()),
-        reader: std::mem::take(&mut router.core_mut().reader),
+        grads: Vec::with_capacity(rules),
+        multi: Vec::with_capacity(rules),
+        readers,
+        writable: shared,
         spare: std::mem::take(&mut router.core_mut().spare),
     };
     let collected = router.for_each_optimizer(&mut grads);
-    let CollectGrads { mut grads, reader, multi, .. } = grads;
-    router.core_mut().reader = reader;
+    let CollectGrads { mut grads, readers, multi, .. } = grads;
     let found = match (collected, router.core().non_finite) {
         (Err(e), _) => Err(e),
         (Ok(()), NonFinitePolicy::Proceed) => Ok(None),
@@ -37,13 +41,16 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
             // Optimizers that can compute the step while they check its gradients do so
             // first, keeping the result aside (not after new variables: their binary
             // values are checked, and possibly rewritten, only once the step is accepted).
-            let mut stage = StageAll { grads: &mut grads, first: None };
+            let mut stage = StageAll { grads: &mut grads, first: None, any: false };
             let staged = if router.core().binary_unchecked {
                 Ok(())
             } else {
                 router.for_each_optimizer_mut(&mut stage)
             };
             let staged_first = stage.first;
+            // A staged step is committed by exchanging state buffers' storages, which moves
+            // the memory of every view of them: the reads are not lent after one.
+            shared &= !stage.any;
             let found = staged.and_then(|()| {
                 let mut scratch = std::mem::take(&mut router.core_mut().scan);
                 let mut reads = 0;
@@ -61,31 +68,65 @@ pub(super) fn step<R: RouterParts>(router: &mut R) -> Result<()> {
             found
         }
     };
-    // `None` under `NonFinitePolicy::Proceed`, which does not look.
-    if let Some(variable) = found? {
-        if router.core().non_finite == NonFinitePolicy::SkipStep {
+    // `None` under `NonFinitePolicy::Proceed`, which does not look. Whether to step:
+    let proceed = found.and_then(|found| match found {
+        Some(_) if router.core().non_finite == NonFinitePolicy::SkipStep => {
             router.core_mut().skipped_steps += 1;
-            return Ok(());
+            Ok(false)
         }
-        return Err(Error::NonFiniteGradient { variable });
-    }
-    if router.core().binary_unchecked {
-        check_binary_values(router)?;
-    }
-    let mut step = StepWith(grads);
-    let mut stepped = router.for_each_optimizer_mut(&mut step);
-    if stepped.is_err() {
-        // Rules after the failing one keep no staged step for a later call to find.
-        let _ = router.for_each_optimizer_mut(&mut DropStaged);
-    } else {
-        // The constraints of optimizers that do not apply them in their own step.
-        stepped = constraints::apply_declined(router, &step.0);
-    }
-    // The handles are dropped here; their lists' buffers serve the next step.
-    let mut grads = step.0;
+        Some(variable) => Err(Error::NonFiniteGradient { variable }),
+        None => Ok(true),
+    });
+    let proceed = match proceed {
+        Ok(true) if router.core().binary_unchecked => check_binary_values(router).map(|()| true),
+        proceed => proceed,
+    };
+    let mut step = StepWith { grads, readers, shared };
+    let stepped = match proceed {
+        Ok(true) => {
+            let stepped = router.for_each_optimizer_mut(&mut step);
+            if stepped.is_err() {
+                // Rules after the failing one keep no staged step for a later call to find.
+                let _ = router.for_each_optimizer_mut(&mut DropStaged);
+                stepped
+            } else {
+                // The constraints of optimizers that do not apply them in their own step.
+                constraints::apply_declined(router, &step.grads)
+            }
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
+    // The handles let go of their gradients here; the lists' buffers and the readers serve the
+    // next step.
+    let StepWith { mut grads, readers, .. } = step;
     grads.iter_mut().for_each(Grads::clear);
-    router.core_mut().spare = grads;
+    let core = router.core_mut();
+    core.spare = grads;
+    core.readers = readers;
     stepped
+}
+
+/// Whether this step's reads of the variables and gradients can serve the optimizers' fused
+/// passes too, instead of a second read of each: only when nothing but caseopt's own code runs
+/// between the router's read and the last optimizer's pass, which then finds every tensor as it
+/// was read. User code could resize or re-point a variable or a gradient in between and leave
+/// the first read's addresses dangling; it runs there in a user optimizer's step (of an earlier
+/// rule, or any rule's `check_step`) and in a custom schedule (evaluated in the collect and in
+/// each step). So: every rule's optimizer is a built-in one without custom schedules. caseopt's
+/// own code in between moves no variable and no gradient, but for one thing: a staged step is
+/// committed by exchanging state buffers' storages, which would move a variable that is a view
+/// of one; [`step`] lends nothing in a step where something was staged.
+fn shares_reads<R: RouterParts>(router: &mut R) -> bool {
+    struct OwnCodeOnly(bool);
+    impl OptimizerVisitor for OwnCodeOnly {
+        fn visit<O: Optimizer>(&mut self, _: usize, optimizer: &mut O) -> Result<()> {
+            self.0 &= builtin_mut(optimizer).is_some_and(|o| o.runs_only_own_code());
+            Ok(())
+        }
+    }
+    let mut own = OwnCodeOnly(cfg!(feature = "fused"));
+    router.for_each_optimizer_mut(&mut own).is_ok() && own.0
 }
 
 /// The name of variable `index` of rule `rule`, for an error.
@@ -108,17 +149,24 @@ struct CollectGrads {
     /// Per rule, whether its optimizer runs on `Backend::MultiTensor` (its gradients are then
     /// checked with ATen's multi-tensor reduction).
     multi: Vec<bool>,
-    /// Reads every variable's metadata and its gradient's in one call per rule.
-    reader: MetaReader,
+    /// Read every variable's metadata and its gradient's in one call per rule, one per rule.
+    readers: Vec<MetaReader>,
+    /// Whether to read the variables' writable addresses, for the optimizers' fused passes
+    /// ([`shares_reads`]).
+    writable: bool,
     /// Empty lists whose buffers to reuse, one per rule.
     spare: Vec<Grads>,
 }
 
 impl OptimizerInspector for CollectGrads {
-    fn inspect<O: Optimizer>(&mut self, _: usize, optimizer: &O) -> Result<()> {
+    fn inspect<O: Optimizer>(&mut self, rule: usize, optimizer: &O) -> Result<()> {
         let params = optimizer.params();
         let reuse = if self.spare.is_empty() { Grads::default() } else { self.spare.remove(0) };
-        let (metas, grads) = self.reader.grads(params.iter().map(|p| &p.tensor), reuse);
+        if self.readers.len() <= rule {
+            self.readers.resize_with(rule + 1, MetaReader::default);
+        }
+        let reader = &mut self.readers[rule];
+        let (metas, grads) = reader.grads(params.iter().map(|p| &p.tensor), reuse, self.writable);
         for (p, m) in params.iter().zip(metas) {
             if !p.matches(m) {
                 // tch's own accessors name what changed (or find nothing: carry on).
@@ -127,7 +175,7 @@ impl OptimizerInspector for CollectGrads {
         }
         // The gradients' metadata came with the variables' in the same read: a gradient that
         // matches its variable's route matches the variable, checked just above.
-        let grad_metas = self.reader.grad_metas();
+        let grad_metas = reader.grad_metas();
         for ((p, g), m) in params.iter().zip(&grads.handles).zip(grad_metas) {
             if let Some(g) = g {
                 if !p.matches(m) {
@@ -182,6 +230,8 @@ struct StageAll<'a> {
     grads: &'a mut [Grads],
     /// The first (rule, variable) whose gradient a staging found non-finite.
     first: Option<(usize, usize)>,
+    /// Whether some optimizer staged its step.
+    any: bool,
 }
 
 impl OptimizerVisitor for StageAll<'_> {
@@ -190,6 +240,7 @@ impl OptimizerVisitor for StageAll<'_> {
             return Ok(());
         };
         if let Some(report) = staging::stage(optimizer, &grads.handles)? {
+            self.any = true;
             for &i in &report.covered {
                 grads.mark_checked(i);
             }
@@ -212,15 +263,27 @@ impl OptimizerVisitor for DropStaged {
     }
 }
 
-/// Steps each optimizer with the collected gradients.
-struct StepWith(Vec<Grads>);
+/// Steps each optimizer with the collected gradients, lending it its rule's read when
+/// [`shares_reads`] allowed.
+struct StepWith {
+    grads: Vec<Grads>,
+    readers: Vec<MetaReader>,
+    shared: bool,
+}
 
 impl OptimizerVisitor for StepWith {
     fn visit<O: Optimizer>(&mut self, rule: usize, optimizer: &mut O) -> Result<()> {
-        match self.0.get(rule) {
-            Some(grads) => optimizer.step_with_grads(&grads.handles),
-            None => optimizer.step(),
+        let Some(grads) = self.grads.get(rule) else {
+            return optimizer.step();
+        };
+        if self.shared {
+            if let (Some(builtin), Some(read)) =
+                (builtin_mut(optimizer), self.readers.get_mut(rule))
+            {
+                return builtin.step_with_read(&grads.handles, read);
+            }
         }
+        optimizer.step_with_grads(&grads.handles)
     }
 }
 
@@ -282,4 +345,86 @@ fn check_binary_values<R: RouterParts>(router: &mut R) -> Result<()> {
     core.binarised.extend(found);
     core.binary_unchecked = false;
     Ok(())
+}
+
+#[cfg(all(test, feature = "fused"))]
+mod tests {
+    use tch::{nn, Device, Kind, Tensor};
+
+    use crate::kernels::lent_queues;
+    use crate::{case_optimizer, PathExt, Router, Schedule};
+
+    case_optimizer! {
+        struct BopAdam {
+            binary => Bop<threshold: 1e-7, gamma: 1e-1>,
+            _ => Adam<lr: 0.01>,
+        }
+    }
+
+    fn model() -> nn::VarStore {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        for i in 0..24 {
+            let _ = root.binary().var(&format!("w{i:02}"), &[64], nn::Init::Const(1.0));
+            let _ = root.var(&format!("b{i:02}"), &[33], nn::Init::Const(0.5));
+        }
+        vs
+    }
+
+    /// Deterministic gradients, different per variable and step, whose moving averages cross
+    /// Bop's threshold.
+    fn set_grads<R: Router>(r: &mut R, vs: &nn::VarStore, step: u64) {
+        r.zero_grad();
+        let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        for (k, (_, t)) in sorted(vs).iter().enumerate() {
+            let phase = k as f64 + 0.37 * step as f64;
+            let g =
+                (Tensor::arange(t.numel() as i64, (Kind::Float, Device::Cpu)) + phase).sin() * 1e-3;
+            loss += (t * g.view(t.size().as_slice())).sum(Kind::Float);
+        }
+        loss.backward();
+    }
+
+    fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|x, y| x.0.cmp(&y.0));
+        vars
+    }
+
+    fn values(vs: &nn::VarStore) -> Vec<(String, Vec<f32>)> {
+        let flat = |t: &Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+        sorted(vs).iter().map(|(name, t)| (name.clone(), flat(t))).collect()
+    }
+
+    #[test]
+    fn the_router_read_serves_the_fused_passes_only_where_no_user_code_runs() {
+        let (vs_lent, vs_read) = (model(), model());
+        let mut lent = BopAdam::build(&vs_lent).unwrap();
+        let mut read = BopAdam::build(&vs_read).unwrap();
+        // The same learning rate as a closure: user code runs in the step, so every pass
+        // reads its operands itself.
+        let adam = read.optimizer_mut(1).unwrap();
+        adam.set_hyperparameter("lr", Schedule::custom(|_| 0.01)).unwrap();
+        for step in 0..4 {
+            set_grads(&mut lent, &vs_lent, step);
+            set_grads(&mut read, &vs_read, step);
+            let before = lent_queues();
+            lent.step().unwrap();
+            assert_eq!(lent_queues() - before, 2, "Bop's and Adam's passes, step {step}");
+            let before = lent_queues();
+            read.step().unwrap();
+            assert_eq!(lent_queues(), before, "a custom schedule, step {step}");
+            for ((name, a), (_, b)) in values(&vs_lent).iter().zip(values(&vs_read)) {
+                assert!(a == &b, "{name} differs after step {step}");
+            }
+        }
+        assert_eq!(lent.step_counts(), vec![4, 4]);
+        // Back to a built-in schedule: lent again.
+        let adam = read.optimizer_mut(1).unwrap();
+        adam.set_hyperparameter("lr", Schedule::constant(0.01)).unwrap();
+        set_grads(&mut read, &vs_read, 4);
+        let before = lent_queues();
+        read.step().unwrap();
+        assert_eq!(lent_queues() - before, 2);
+    }
 }
