@@ -54,14 +54,25 @@ fn scan_extents(
 ) -> FiniteScan {
     spans.clear();
     let mut out = FiniteScan::default();
+    // Steps from one gradient to the next that go down in memory.
+    let mut downward = 0;
     for (index, e) in extents.enumerate() {
         match e {
-            Some(extent) if extent.len > 0 => spans.push(Span { index, extent }),
+            Some(extent) if extent.len > 0 => {
+                downward += usize::from(spans.last().is_some_and(|s| s.extent.addr > extent.addr));
+                spans.push(Span { index, extent });
+            }
             Some(_) => {}
             None => out.unscanned.push(index),
         }
     }
     let spans: &[Span] = spans;
+    // Autograd allocates the gradients as the backward pass reaches their variables, from the
+    // last layer to the first: in variable order they mostly lie downward in memory, which the
+    // hardware prefetcher follows poorly (2000 such gradients of 1 KiB, out of the cache, read
+    // in 45-95 us in variable order and in 28 us upward). So each share is read upward in
+    // memory: backward through the list when most steps go down.
+    let upward = 2 * downward > spans.len();
     let total: usize = spans.iter().map(|s| s.extent.len).sum();
     // A scan reads 4 bytes per f32 element where an update moves 20 to 28: a thread pays off
     // only over proportionally more elements.
@@ -69,7 +80,11 @@ fn scan_extents(
     let isa = Isa::current();
     let work = |t: usize| -> Option<usize> {
         let (lo, hi) = share(total, threads, t);
-        first_in_range(spans, lo, hi, isa)
+        if upward {
+            first_in_range_backward(spans, lo, hi, isa)
+        } else {
+            first_in_range(spans, lo, hi, isa)
+        }
     };
     // Each task keeps the first bad span of its share; the earliest of those is the answer.
     let firsts: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(usize::MAX)).collect();
@@ -87,25 +102,63 @@ fn scan_extents(
 /// The first span holding a non-finite value within elements `[lo, hi)` of the concatenation.
 fn first_in_range(spans: &[Span], lo: usize, hi: usize, isa: Isa) -> Option<usize> {
     for (k, a, n) in pieces(spans.iter().map(|s| s.extent.len), lo, hi) {
-        let Span { index, extent: Extent { addr, f64, .. } } = spans[k];
-        let bad = if f64 {
-            // SAFETY: `metadata::extent` took `addr` from the data address of a contiguous f64
-            // CPU tensor of `len` elements, aligned, which `scan_extents`'s caller keeps alive
-            // for the scan (`scan_grads`: the `Grads` hold a handle to each gradient); `a + n <=
-            // len`. The memory is only read (other handles must not write it meanwhile: the
-            // contract of any tch read).
-            let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
-            non_finite(isa, xs)
-        } else {
-            // SAFETY: as above, for an f32 tensor.
-            let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
-            non_finite(isa, xs)
-        };
-        if bad {
-            return Some(index);
+        if piece_non_finite(&spans[k], a, n, isa) {
+            return Some(spans[k].index);
         }
     }
     None
+}
+
+/// [`first_in_range`], reading the pieces from the last to the first (so the whole range: the
+/// first span found bad is the last one read).
+fn first_in_range_backward(spans: &[Span], lo: usize, hi: usize, isa: Isa) -> Option<usize> {
+    // The spans the range touches, `first..=last`, and where `last` starts.
+    let (mut first, mut last, mut offset) = (None, None, 0);
+    for (k, s) in spans.iter().enumerate() {
+        if offset >= hi {
+            break;
+        }
+        if offset + s.extent.len > lo {
+            first.get_or_insert(k);
+            last = Some((k, offset));
+        }
+        offset += s.extent.len;
+    }
+    let (Some(first), Some((mut k, mut start))) = (first, last) else {
+        return None;
+    };
+    let mut found = None;
+    loop {
+        let (a, b) = (lo.max(start), hi.min(start + spans[k].extent.len));
+        if a < b && piece_non_finite(&spans[k], a - start, b - a, isa) {
+            found = Some(spans[k].index);
+        }
+        if k == first {
+            return found;
+        }
+        k -= 1;
+        start -= spans[k].extent.len;
+    }
+}
+
+/// Whether elements `[a, a + n)` of `span` hold a NaN or an infinity (`a + n` within its
+/// length).
+fn piece_non_finite(span: &Span, a: usize, n: usize, isa: Isa) -> bool {
+    let Extent { addr, len, f64 } = span.extent;
+    debug_assert!(a + n <= len);
+    if f64 {
+        // SAFETY: `metadata::extent` took `addr` from the data address of a contiguous f64
+        // CPU tensor of `len` elements, aligned, which `scan_extents`'s caller keeps alive
+        // for the scan (`scan_grads`: the `Grads` hold a handle to each gradient); `a + n <=
+        // len` (the callers take pieces of the spans' lengths). The memory is only read
+        // (other handles must not write it meanwhile: the contract of any tch read).
+        let xs = unsafe { std::slice::from_raw_parts((addr as *const f64).add(a), n) };
+        non_finite(isa, xs)
+    } else {
+        // SAFETY: as above, for an f32 tensor.
+        let xs = unsafe { std::slice::from_raw_parts((addr as *const f32).add(a), n) };
+        non_finite(isa, xs)
+    }
 }
 
 /// Elements per block between early exits.
@@ -223,6 +276,45 @@ mod tests {
         // Not read: a NaN in the half-precision tensor is the caller's to find.
         let _ = ts[3].get(0).fill_(f64::NAN);
         assert_eq!(scan_finite(&ts, 1, &mut MetaReader::default()).first_non_finite, Some(5));
+    }
+
+    #[test]
+    fn gradients_lying_downward_are_read_backward_and_the_first_bad_one_is_found() {
+        // Spans in list order are the tensors from the last allocated to the first, as autograd
+        // leaves a network's gradients: most steps go down in memory (where the allocator
+        // places later tensors higher) or the list order is read as it is; the answer must be
+        // the same either way. Two bad tensors, so that a backward read must not stop at the
+        // first it meets.
+        let ts: Vec<Tensor> = (0..40).map(|k| cpu(Kind::Float, 37 + 5 * k)).collect();
+        let listed: Vec<&Tensor> = ts.iter().rev().collect();
+        let _ = listed[31].get(3).fill_(f64::NAN);
+        let _ = listed[9].get(36).fill_(f64::INFINITY);
+        let mut reader = MetaReader::default();
+        for threads in [1, 2, 3] {
+            let scan = scan_finite(listed.iter().copied(), threads, &mut reader);
+            assert_eq!(scan.first_non_finite, Some(9), "{threads} threads");
+        }
+        // Both walks over every range of the concatenation, under every set: the same answer.
+        let metas = reader.read(listed.iter().copied().map(Some), false);
+        let spans: Vec<Span> = metas
+            .iter()
+            .map(extent)
+            .enumerate()
+            .map(|(index, e)| Span { index, extent: e.unwrap() })
+            .collect();
+        let total: usize = spans.iter().map(|s| s.extent.len).sum();
+        let cuts = [0, 1, 36, 37, 300, 301, 1000, total - 1, total];
+        for isa in Isa::available() {
+            for &lo in &cuts {
+                for &hi in cuts.iter().filter(|&&hi| hi >= lo) {
+                    assert_eq!(
+                        first_in_range_backward(&spans, lo, hi, isa),
+                        first_in_range(&spans, lo, hi, isa),
+                        "{isa:?} [{lo}, {hi})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
