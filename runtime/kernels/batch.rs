@@ -111,9 +111,10 @@ impl<'t> Batch<'_, 't> {
     /// f64, contiguous, aligned, of the parameter's length; the gradient against the parameter
     /// as `optim::check_grad` does, [`Unfit::Grad`]) with two metadata reads for the whole
     /// list, or none when the workspace holds a lent read that covers every variable and
-    /// gradient (and every variable's states live in a state buffer). Variables that cannot take the fused path are appended to `refused` with the
-    /// reason, in order. Nothing is written until [`run`](Self::run); the kernel's per-variable
-    /// scalars are zero until [`set_scalars`](Self::set_scalars).
+    /// gradient (and every variable's states live in a state buffer). Variables that cannot
+    /// take the fused path are appended to `refused` with the reason, in order. Nothing is
+    /// written until [`run`](Self::run); the kernel's per-variable scalars are zero until
+    /// [`set_scalars`](Self::set_scalars).
     pub(crate) fn queue<I>(
         &mut self,
         vars: I,
