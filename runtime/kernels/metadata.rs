@@ -201,7 +201,7 @@ pub(crate) fn kind_of(code: i32) -> Option<Kind> {
 
 /// Where a readable gradient's elements are: what the NaN scan ([`finite`](super::finite))
 /// needs of its metadata, kept by [`Grads`] between reading it and scanning.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Extent {
     pub(crate) addr: usize,
     pub(crate) len: usize,
