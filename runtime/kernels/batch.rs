@@ -23,8 +23,8 @@ use super::{pool, stage, Kernel, Operands, Unfit, MAX_STATES};
 /// job lists have grown to size, and re-proves disjointness only when an address changed.
 #[derive(Debug, Default)]
 pub(crate) struct Workspace {
-    pub(super) f32_jobs: Vec<KernelJob>,
-    pub(super) f64_jobs: Vec<KernelJob>,
+    pub(super) f32_jobs: Jobs,
+    pub(super) f64_jobs: Jobs,
     /// The proof that the queued operands overlap nothing written.
     pub(super) alias: AliasProof,
     /// Reads the parameters' and states' metadata (writable addresses).
@@ -61,12 +61,18 @@ impl Workspace {
         // A batch dropped without running (refused) leaves its list behind: nothing was written.
         self.to_bump.clear();
         self.bumped_buffers.clear();
-        Batch { ws: self, states: states.min(MAX_STATES), tensors: PhantomData }
+        Batch {
+            ws: self,
+            states: states.min(MAX_STATES),
+            scalars_set: false,
+            clips_set: false,
+            tensors: PhantomData,
+        }
     }
 
     /// Indices of the variables the last successful [`Batch::run`] updated.
     pub(crate) fn updated(&self) -> impl Iterator<Item = usize> + '_ {
-        self.f32_jobs.iter().chain(&self.f64_jobs).map(|j| j.index)
+        self.f32_jobs.iter().chain(self.f64_jobs.iter()).map(|j| j.index)
     }
 
     /// Each variable the last successful [`Batch::run`] updated, with the weights whose sign
@@ -103,6 +109,11 @@ pub(crate) struct Batch<'w, 't> {
     pub(super) ws: &'w mut Workspace,
     /// State tensors per variable.
     states: usize,
+    /// Whether [`set_scalars`](Self::set_scalars) and [`set_clips`](Self::set_clips) ran: a
+    /// job kept from an earlier batch holds that batch's values until they do, and `run`
+    /// resets those not set.
+    scalars_set: bool,
+    clips_set: bool,
     tensors: PhantomData<&'t Tensor>,
 }
 
@@ -113,8 +124,9 @@ impl<'t> Batch<'_, 't> {
     /// list, or none when the workspace holds a lent read that covers every variable and
     /// gradient (and every variable's states live in a state buffer). Variables that cannot
     /// take the fused path are appended to `refused` with the reason, in order. Nothing is
-    /// written until [`run`](Self::run); the kernel's per-variable scalars are zero until
-    /// [`set_scalars`](Self::set_scalars).
+    /// written until [`run`](Self::run), which runs the kernel with per-variable scalars of
+    /// zero and no clip unless [`set_scalars`](Self::set_scalars) and
+    /// [`set_clips`](Self::set_clips) set them.
     pub(crate) fn queue<I>(
         &mut self,
         vars: I,
@@ -212,15 +224,24 @@ impl<'t> Batch<'_, 't> {
     /// Sets each queued variable's kernel scalars, from its index.
     pub(crate) fn set_scalars(&mut self, mut scalars: impl FnMut(usize) -> [f64; 2]) {
         for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
-            j.scalars = scalars(j.index);
+            let s = scalars(j.index);
+            // Written only when changed (see `Jobs`); compared by bits, so a NaN is written.
+            if s.map(f64::to_bits) != j.scalars.map(f64::to_bits) {
+                j.scalars = s;
+            }
         }
+        self.scalars_set = true;
     }
 
     /// Sets each queued variable's constraint (its clip, infinity for none), from its index.
     pub(crate) fn set_clips(&mut self, mut clip: impl FnMut(usize) -> f64) {
         for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
-            j.clip = clip(j.index);
+            let c = clip(j.index);
+            if c.to_bits() != j.clip.to_bits() {
+                j.clip = c;
+            }
         }
+        self.clips_set = true;
     }
 
     /// Runs `kernel` over every queued variable on up to `threads` threads (fewer when there
@@ -231,7 +252,13 @@ impl<'t> Batch<'_, 't> {
     ///
     /// Fails, before writing or bumping anything, when two operands share memory that one of
     /// them writes.
-    pub(crate) fn run<K: Kernel>(self, kernel: &K, threads: usize) -> Result<(), Unfit> {
+    pub(crate) fn run<K: Kernel>(mut self, kernel: &K, threads: usize) -> Result<(), Unfit> {
+        if !self.scalars_set {
+            self.set_scalars(|_| [0.0; 2]);
+        }
+        if !self.clips_set {
+            self.set_clips(|_| f64::INFINITY);
+        }
         let (ws, states) = (self.ws, self.states);
         if let Err(index) = ws.prove_disjoint(states) {
             // Forget the jobs so that `updated` reports nothing, and bump nothing.
@@ -240,12 +267,17 @@ impl<'t> Batch<'_, 't> {
             ws.to_bump.clear();
             return Err(Unfit::Overlap(index));
         }
-        let total = ws.f32_jobs.iter().chain(&ws.f64_jobs).map(|j| j.len).sum::<usize>();
+        let total = ws.f32_jobs.iter().chain(ws.f64_jobs.iter()).map(|j| j.len).sum::<usize>();
         let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
         let isa = Isa::current();
         let (f32_jobs, f64_jobs) = (&ws.f32_jobs[..], &ws.f64_jobs[..]);
         let jobs = f32_jobs.len() + f64_jobs.len();
-        ws.flipped.iter_mut().take(jobs).for_each(|n| *n.get_mut() = 0);
+        // Reset only where the last run counted flips: the worker threads add to these lines.
+        for n in ws.flipped.iter_mut().take(jobs).map(AtomicUsize::get_mut) {
+            if *n != 0 {
+                *n = 0;
+            }
+        }
         ws.flipped.resize_with(jobs.max(ws.flipped.len()), AtomicUsize::default);
         let (f32_flipped, f64_flipped) = ws.flipped[..jobs].split_at(f32_jobs.len());
         let work = |t: usize| {
@@ -265,6 +297,53 @@ impl<'t> Batch<'_, 't> {
         // been written all the same.)
         unsafe { ws.to_bump.bump() };
         Ok(())
+    }
+}
+
+/// A batch's job list, kept between steps: the worker threads read the jobs, so a job
+/// rewritten with the same values costs the writing core a fetch of its line from theirs. A
+/// [`push`](Self::push) writes only what differs from the job that held that place in the
+/// previous batch (on 2000 variables whose addresses do not move, nothing), [`clear`](Self::clear)
+/// only forgets the length. Seen as a slice, it holds the jobs pushed since the last clear.
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    jobs: Vec<KernelJob>,
+    len: usize,
+}
+
+impl Jobs {
+    /// Empties the list, keeping its jobs for the next pushes to compare with.
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends the addresses, length and index of `job`; its scalars and clip are those of the
+    /// job that was in this place, until [`Batch::set_scalars`] and [`Batch::set_clips`].
+    pub(crate) fn push(&mut self, job: KernelJob) {
+        match self.jobs.get_mut(self.len) {
+            Some(j) => {
+                if (j.index, j.len, j.p, j.g, j.states)
+                    != (job.index, job.len, job.p, job.g, job.states)
+                {
+                    *j = KernelJob { scalars: j.scalars, clip: j.clip, ..job };
+                }
+            }
+            None => self.jobs.push(job),
+        }
+        self.len += 1;
+    }
+}
+
+impl std::ops::Deref for Jobs {
+    type Target = [KernelJob];
+    fn deref(&self) -> &[KernelJob] {
+        &self.jobs[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Jobs {
+    fn deref_mut(&mut self) -> &mut [KernelJob] {
+        &mut self.jobs[..self.len]
     }
 }
 
@@ -478,6 +557,53 @@ mod tests {
         ws.batch(1).queue([own(0, &p0, &g0, &m0)].into_iter(), &[], &mut refused);
         let _ = ws.batch(1);
         assert_eq!(versions(), after);
+    }
+
+    #[test]
+    fn kept_jobs_take_the_new_addresses_and_unset_scalars_are_zero() {
+        // The job list is rewritten only where it changed (`Jobs`): a batch that reuses the
+        // previous one's places must see its own tensors, and the scalars and clips it did
+        // not set at their defaults, not the previous batch's.
+        let bop = BopKernel { gamma: 1e-1, threshold: 1e-7 };
+        let (p0, g0, m0) = (full(8, 1.0), full(8, 1e-3), full(8, 0.0));
+        let (p1, g1, m1) = (full(4, 1.0), full(4, 1e-3), full(4, 0.0));
+        let (p2, g2, m2) = (full(6, 1.0), full(6, 1e-3), full(6, 0.0));
+        let own = |index, param, grad, m| Operands {
+            index,
+            param,
+            grad,
+            states: [Some(("m", m)), None, None],
+            state_buffer: None,
+        };
+        let mut ws = Workspace::default();
+        let mut refused = Vec::new();
+        let mut batch = ws.batch(1);
+        batch.queue([own(0, &p0, &g0, &m0), own(1, &p1, &g1, &m1)].into_iter(), &[], &mut refused);
+        batch.set_scalars(|i| [i as f64 + 1.0, 2.0]);
+        batch.set_clips(|_| 0.5);
+        batch.run(&bop, 1).unwrap();
+        let seen = |ws: &Workspace| {
+            ws.f32_jobs.iter().map(|j| (j.index, j.len, j.p, j.scalars, j.clip)).collect::<Vec<_>>()
+        };
+        let addr = |t: &Tensor| t.data_ptr() as usize;
+        assert_eq!(
+            seen(&ws),
+            [(0, 8, addr(&p0), [1.0, 2.0], 0.5), (1, 4, addr(&p1), [2.0, 2.0], 0.5)]
+        );
+        // The same first variable, another second one, and no scalars or clips set.
+        let mut batch = ws.batch(1);
+        batch.queue([own(0, &p0, &g0, &m0), own(2, &p2, &g2, &m2)].into_iter(), &[], &mut refused);
+        batch.run(&bop, 1).unwrap();
+        let inf = f64::INFINITY;
+        assert_eq!(seen(&ws), [(0, 8, addr(&p0), [0.0; 2], inf), (2, 6, addr(&p2), [0.0; 2], inf)]);
+        assert_eq!(ws.updated().collect::<Vec<_>>(), [0, 2]);
+        // A shorter batch: only its own job is seen.
+        let mut batch = ws.batch(1);
+        batch.queue([own(1, &p1, &g1, &m1)].into_iter(), &[], &mut refused);
+        batch.set_scalars(|_| [3.0, 4.0]);
+        batch.run(&bop, 1).unwrap();
+        assert_eq!(seen(&ws), [(1, 4, addr(&p1), [3.0, 4.0], inf)]);
+        assert!(refused.is_empty(), "{refused:?}");
     }
 
     #[test]

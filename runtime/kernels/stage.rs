@@ -111,7 +111,7 @@ impl<'t> Batch<'_, 't> {
         }
         ws.copy_addrs.clear();
         let mut buffers: Vec<usize> = Vec::new();
-        for j in &ws.f32_jobs {
+        for j in ws.f32_jobs.iter() {
             if j.len == 0 {
                 ws.copy_addrs.push(0);
                 continue;
