@@ -89,6 +89,13 @@ impl Staging {
         {
             return Ok(None);
         }
+        // The eligible variables' states lie in the state buffers without overlapping: their
+        // sizes bound the eligible elements, so a small optimizer is passed over without a
+        // look at each of its variables (on 1000 variables, 5 us of a router step).
+        let capacity: i64 = exec.state_buffers.iter().map(Tensor::numel).map(|n| n as i64).sum();
+        if capacity < STAGE_MIN_ELEMENTS {
+            return Ok(None);
+        }
         let eligible =
             |i: usize| grads[i].is_some() && states[i].as_ref().is_some_and(|s| s.slot.is_some());
         let elements: i64 =
