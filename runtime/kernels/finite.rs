@@ -35,23 +35,29 @@ struct Span {
 /// too little to read): positions count the gradients present (with a handle), in order,
 /// across `grads`.
 pub(crate) fn scan_grads(grads: &[Grads], threads: usize, scratch: &mut ScanScratch) -> FiniteScan {
-    let extents = grads.iter().flat_map(|g| g.present().map(|(_, e)| e));
-    scan_extents(extents, threads, &mut scratch.0)
+    let extents = grads.iter().enumerate().flat_map(|(r, g)| g.present().map(move |(_, e)| (r, e)));
+    scan_extents(extents, threads, scratch)
 }
 
-/// The scan's list of spans, kept between steps by its caller: built afresh each step, it was a
+/// The scan's lists, kept between steps by its caller: built afresh each step, the spans were a
 /// 64 KB allocation on 2000 gradients, whose free makes glibc consolidate its heap every step.
 #[derive(Debug, Default)]
-pub(crate) struct ScanScratch(Vec<Span>);
+pub(crate) struct ScanScratch {
+    spans: Vec<Span>,
+    /// Each group's spans (`start..end`) and elements.
+    groups: Vec<(usize, usize, usize)>,
+}
 
 /// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
 /// the call: only [`scan_grads`] (and the tests' `scan_finite`) call it, whose arguments
 /// guarantee that.
 fn scan_extents(
-    extents: impl Iterator<Item = Option<Extent>>,
+    extents: impl Iterator<Item = (usize, Option<Extent>)>,
     threads: usize,
-    spans: &mut Vec<Span>,
+    scratch: &mut ScanScratch,
 ) -> FiniteScan {
+    let ScanScratch { spans, groups } = scratch;
+    groups.clear();
     let mut out = FiniteScan::default();
     // Steps from one gradient to the next that go down in memory.
     let mut downward = 0;
@@ -60,9 +66,14 @@ fn scan_extents(
     // (2000 spans: 21-22 us rewritten, 8 us compared, Zen 4). A gradient accumulated in place
     // keeps its address from one step to the next.
     let (mut n, mut last, mut total) = (0usize, None::<usize>, 0usize);
-    for (index, e) in extents.enumerate() {
+    for (index, (group, e)) in extents.enumerate() {
+        if groups.len() <= group {
+            groups.resize(group + 1, (n, n, 0));
+        }
         match e {
             Some(extent) if extent.len > 0 => {
+                groups[group].1 = n + 1;
+                groups[group].2 += extent.len;
                 downward += usize::from(last.is_some_and(|a| a > extent.addr));
                 last = Some(extent.addr);
                 total += extent.len;
@@ -79,7 +90,6 @@ fn scan_extents(
         }
     }
     spans.truncate(n);
-    let spans: &[Span] = spans;
     // Autograd allocates the gradients as the backward pass reaches their variables, from the
     // last layer to the first: in variable order they mostly lie downward in memory, which the
     // hardware prefetcher follows poorly (2000 such gradients of 1 KiB, out of the cache, read
@@ -92,14 +102,37 @@ fn scan_extents(
     // to one thread: its scan took 62-66 us there against 33-47 us on two, AMD EPYC Zen 4,
     // 2026-12-07; 153,600 elements, 12.7 us against 9.8.)
     let threads = threads_for(total, threads, MIN_ELEMENTS_PER_THREAD);
+    // Each group (an optimizer's gradients) is split as its fused pass will split it, so that
+    // each thread reads the gradients it is about to update and no gradient goes from one core
+    // to the other between the two. A group too small for a second thread is the calling
+    // thread's, as its update is; when those add up to more than a thread's share of the
+    // whole, the whole is split evenly instead.
+    let group_threads = |elements: usize| threads_for(elements, threads, MIN_ELEMENTS_PER_THREAD);
+    let unsplit: usize = groups.iter().filter(|g| group_threads(g.2) == 1).map(|g| g.2).sum();
+    let by_group = threads > 1 && unsplit <= total / threads;
+    let spans: &[Span] = spans;
+    let groups: &[(usize, usize, usize)] = groups;
     let isa = Isa::current();
-    let work = |t: usize| -> Option<usize> {
-        let (lo, hi) = share(total, threads, t);
+    let read = |spans: &[Span], lo: usize, hi: usize| {
         if upward {
             first_in_range_backward(spans, lo, hi, isa)
         } else {
             first_in_range(spans, lo, hi, isa)
         }
+    };
+    let work = |t: usize| -> Option<usize> {
+        if !by_group {
+            let (lo, hi) = share(total, threads, t);
+            return read(spans, lo, hi);
+        }
+        groups.iter().find_map(|&(start, end, elements)| {
+            let k = group_threads(elements);
+            if t >= k {
+                return None;
+            }
+            let (lo, hi) = share(elements, k, t);
+            read(&spans[start..end.max(start)], lo, hi)
+        })
     };
     // Each task keeps the first bad span of its share; the earliest of those is the answer.
     let firsts: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(usize::MAX)).collect();
@@ -243,7 +276,7 @@ mod tests {
         reader: &mut MetaReader,
     ) -> FiniteScan {
         let metas = reader.read(tensors.into_iter().map(Some), false);
-        scan_extents(metas.iter().map(extent), threads, &mut Vec::new())
+        scan_extents(metas.iter().map(|m| (0, extent(m))), threads, &mut ScanScratch::default())
     }
 
     #[test]
@@ -344,10 +377,10 @@ mod tests {
             cpu(Kind::Float, 3),
         );
         let mut reader = MetaReader::default();
-        let mut spans = Vec::new();
+        let mut scratch = ScanScratch::default();
         let mut scan = |ts: &[&Tensor]| {
             let metas = reader.read(ts.iter().copied().map(Some), false);
-            scan_extents(metas.iter().map(extent), 1, &mut spans)
+            scan_extents(metas.iter().map(|m| (0, extent(m))), 1, &mut scratch)
         };
         assert_eq!(scan(&[&a, &b, &c]).first_non_finite, None);
         let _ = d.get(6).fill_(f64::NAN);
@@ -361,6 +394,42 @@ mod tests {
         let _ = c.get(0).fill_(f64::NAN);
         assert_eq!(scan(&[&c]).first_non_finite, Some(0));
         assert_eq!(scan(&[&a, &b]).first_non_finite, None);
+    }
+
+    #[test]
+    fn groups_split_as_their_updates_and_the_first_bad_one_in_order_is_found() {
+        // Two optimizers' gradients, each large enough for two threads, then a third too
+        // small for a second one: scanned group by group (each split in two, the small one on
+        // the calling thread), or evenly when the small groups outweigh a thread's share.
+        let big = || cpu(Kind::Float, 200_000);
+        let ts = [big(), big(), big(), big(), cpu(Kind::Float, 1000)];
+        let mut reader = MetaReader::default();
+        let mut scan = |groups: &[usize], threads| {
+            let metas = reader.read(ts.iter().map(Some), false);
+            let extents = groups.iter().zip(metas).map(|(&g, m)| (g, extent(m)));
+            scan_extents(extents, threads, &mut ScanScratch::default()).first_non_finite
+        };
+        let layouts: [&[usize]; 3] = [&[0, 0, 1, 1, 2], &[0, 1, 1, 1, 1], &[0, 0, 0, 0, 0]];
+        for (threads, groups) in [1, 2, 4].into_iter().flat_map(|t| layouts.map(|g| (t, g))) {
+            assert_eq!(scan(groups, threads), None, "{threads} {groups:?}");
+        }
+        let _ = ts[4].get(999).fill_(f64::NAN);
+        let _ = ts[2].get(0).fill_(f64::INFINITY);
+        let _ = ts[1].get(199_999).fill_(f64::NAN);
+        for (threads, groups) in [1, 2, 4].into_iter().flat_map(|t| layouts.map(|g| (t, g))) {
+            assert_eq!(scan(groups, threads), Some(1), "{threads} {groups:?}");
+        }
+        let _ = ts[1].get(199_999).fill_(0.0);
+        for (threads, groups) in [1, 2, 4].into_iter().flat_map(|t| layouts.map(|g| (t, g))) {
+            assert_eq!(scan(groups, threads), Some(2), "{threads} {groups:?}");
+        }
+        // Five groups too small for a second thread each: split evenly as one list.
+        let small: Vec<Tensor> = (0..5).map(|_| cpu(Kind::Float, 100_000)).collect();
+        let _ = small[3].get(5).fill_(f64::NAN);
+        let metas = reader.read(small.iter().map(Some), false);
+        let extents = metas.iter().enumerate().map(|(g, m)| (g, extent(m)));
+        let found = scan_extents(extents, 2, &mut ScanScratch::default()).first_non_finite;
+        assert_eq!(found, Some(3));
     }
 
     #[test]
