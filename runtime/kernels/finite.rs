@@ -50,7 +50,8 @@ pub(crate) struct ScanScratch {
 
 /// The scan over metadata read from tensors that the caller keeps alive (and unwritten) for
 /// the call: only [`scan_grads`] (and the tests' `scan_finite`) call it, whose arguments
-/// guarantee that.
+/// guarantee that. Each extent comes with its group, the optimizer (rule) whose gradient it
+/// is, in non-decreasing order; positions in the result count the extents.
 fn scan_extents(
     extents: impl Iterator<Item = (usize, Option<Extent>)>,
     threads: usize,
