@@ -501,6 +501,11 @@ mod tests {
         Tensor::full([n], value, (tch::Kind::Float, tch::Device::Cpu))
     }
 
+    /// A variable with one state tensor of its own, `m`.
+    fn own<'t>(index: usize, param: &'t Tensor, grad: &'t Tensor, m: &'t Tensor) -> Operands<'t> {
+        Operands { index, param, grad, states: [Some(("m", m)), None, None], state_buffer: None }
+    }
+
     #[test]
     fn a_run_bumps_what_it_wrote_once_and_a_failed_run_nothing() {
         let bop = BopKernel { gamma: 1e-1, threshold: 1e-7 };
@@ -510,13 +515,6 @@ mod tests {
         let buffers = [full(64, 0.0)];
         let (p1, g1, p2, g2) = (full(8, 1.0), full(8, -1e-3), full(4, -1.0), full(4, 1e-3));
         let (p3, g3, m3) = (full(4, 1.0), full(8, 1e-3).slice(0, 0, 8, 2), full(4, 0.0));
-        let own = |index, param, grad, m| Operands {
-            index,
-            param,
-            grad,
-            states: [Some(("m", m)), None, None],
-            state_buffer: None,
-        };
         let in_buffer = |index, param, grad, offset| Operands {
             index,
             param,
@@ -568,13 +566,6 @@ mod tests {
         let (p0, g0, m0) = (full(8, 1.0), full(8, 1e-3), full(8, 0.0));
         let (p1, g1, m1) = (full(4, 1.0), full(4, 1e-3), full(4, 0.0));
         let (p2, g2, m2) = (full(6, 1.0), full(6, 1e-3), full(6, 0.0));
-        let own = |index, param, grad, m| Operands {
-            index,
-            param,
-            grad,
-            states: [Some(("m", m)), None, None],
-            state_buffer: None,
-        };
         let mut ws = Workspace::default();
         let mut refused = Vec::new();
         let mut batch = ws.batch(1);
