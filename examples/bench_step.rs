@@ -4,14 +4,16 @@
 //! ```sh
 //! scripts/env.sh cargo run --release --example bench_step -- [--set binarynet|many-small|all]
 //!     [--json] [--device cpu|cuda] [--threads 2] [--rounds 8] [--reps 24] [--warmup 3]
-//!     [--block-warmup 2]
+//!     [--block-warmup 2] [--min-block-ms 8]
 //!     [--no-torch] [--python PYTHON] [--only SUBSTRING] [--isa avx512|avx2|baseline]
 //! ```
 //!
 //! `--isa` caps the instruction set of caseopt's fused kernels and of ATen's CPU kernels (in this
 //! process and in Python's, through `ATEN_CPU_CAPABILITY`) at the one named, so that an AVX-512
-//! machine times what an AVX2-only or a baseline processor runs; the bound's bandwidth probes
-//! stay uncapped (the memory is the same). Every row names the set it ran with.
+//! machine times what an AVX2-only or a baseline processor runs. The bound's Rust probe loops
+//! stay uncapped (the memory is the same), but libtorch's `add_` probe runs on the capped ATen
+//! (ATen reads its capability once per process), so a capped run's bound can be looser than an
+//! uncapped run's on the same machine (docs/performance.md). Every row names the set it ran with.
 //!
 //! Rows, per set: the caseopt router (`binary => Bop<threshold: 1e-8, gamma: 1e-4>,
 //! _ => Adam<lr: 0.01>`) and caseopt Adam on every variable, each on its default backend
@@ -31,7 +33,10 @@
 //! over tens of seconds, so nothing is timed in one block: every implementation of a set is
 //! built once and warmed up (`--warmup` steps), then `--rounds` rounds each run a few bandwidth
 //! passes and then, for every implementation in turn, Rust and Python alike, `--block-warmup`
-//! untimed steps followed by `--reps / --rounds` timed steps (at least 3). The untimed steps
+//! untimed steps followed by `--reps / --rounds` timed steps (at least 3), or, for an
+//! implementation whose warm-up steps took less, as many as fill `--min-block-ms` (at most 16
+//! times as many): three sub-millisecond many-small steps per round left its per-round ratios
+//! spread over 0.68-1.84x, twelve over 1.05-1.06x. The untimed steps
 //! keep what the issue asks for, steps timed back to back after warm-up: without them the first
 //! step of each block pays for caches the bandwidth passes and the other implementations
 //! evicted (on many small tensors, about half again as long). A row's time is the median (and
@@ -85,6 +90,9 @@ struct Args {
     warmup: usize,
     /// Untimed steps before each implementation's timed steps in every round.
     block_warmup: usize,
+    /// Each implementation's timed steps per round fill at least this long (by its warm-up
+    /// steps' median), within 16 times [`steps_per_round`](Self::steps_per_round).
+    min_block_ms: f64,
     torch_rows: bool,
     python: String,
     /// Only the rows whose name contains this.
@@ -112,29 +120,52 @@ impl Args {
     fn steps_per_round(&self) -> usize {
         (self.reps / self.rounds).max(3)
     }
+
+    /// Timed steps per round for an implementation whose warm-up steps took `warm_ms` (their
+    /// median; `None` without warm-up): enough to fill `--min-block-ms`, within 16 times
+    /// [`steps_per_round`](Self::steps_per_round) and never fewer.
+    fn steps_for(&self, warm_ms: Option<f64>) -> usize {
+        let k = self.steps_per_round();
+        match warm_ms {
+            Some(ms) if ms > 0.0 && ms.is_finite() => {
+                let fill = (self.min_block_ms / ms).ceil();
+                // Saturating float-to-int conversion; the clamp keeps it in [k, 16k].
+                (fill as usize).clamp(k, 16 * k)
+            }
+            _ => k,
+        }
+    }
 }
 
 const USAGE: &str = "usage: bench_step [--set binarynet|many-small|all] [--json] \
 [--device cpu|cuda] [--threads N] [--rounds N] [--reps N] [--warmup N] [--block-warmup N] \
+[--min-block-ms MS] \
 [--no-torch] [--python PYTHON] [--only SUBSTRING] [--isa avx512|avx2|baseline]";
 
+impl Default for Args {
+    // Sized so that a full run (both sets, every row) takes about a minute and a half on the
+    // 2-core VM, most of it in the libtorch-ops rows.
+    fn default() -> Self {
+        Args {
+            sets: vec!["binarynet".into(), "many-small".into()],
+            json: false,
+            device: Device::Cpu,
+            threads: 2,
+            reps: 24,
+            rounds: 8,
+            warmup: 3,
+            block_warmup: 2,
+            min_block_ms: 8.0,
+            torch_rows: true,
+            python: "python".into(),
+            only: None,
+            isa: None,
+        }
+    }
+}
+
 fn parse_args() -> Result<Args, String> {
-    // Defaults sized so that a full run (both sets, every row) takes about a minute and a half
-    // on the 2-core VM, most of it in the libtorch-ops rows.
-    let mut args = Args {
-        sets: vec!["binarynet".into(), "many-small".into()],
-        json: false,
-        device: Device::Cpu,
-        threads: 2,
-        reps: 24,
-        rounds: 8,
-        warmup: 3,
-        block_warmup: 2,
-        torch_rows: true,
-        python: "python".into(),
-        only: None,
-        isa: None,
-    };
+    let mut args = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value\n{USAGE}"));
@@ -164,6 +195,15 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => args.warmup = number(value("--warmup")?, "--warmup")?,
             "--block-warmup" => {
                 args.block_warmup = number(value("--block-warmup")?, "--block-warmup")?
+            }
+            "--min-block-ms" => {
+                let v = value("--min-block-ms")?;
+                args.min_block_ms = match v.parse::<f64>() {
+                    Ok(ms) if ms >= 0.0 && ms.is_finite() => ms,
+                    _ => {
+                        return Err(format!("--min-block-ms takes a number of ms >= 0, got `{v}`"))
+                    }
+                }
             }
             "--no-torch" => args.torch_rows = false,
             "--python" => args.python = value("--python")?,
@@ -570,6 +610,8 @@ struct Bench {
     times: Vec<f64>,
     /// The median of each round's timed steps, in ms.
     round_ms: Vec<f64>,
+    /// Timed steps per round ([`Args::steps_for`]), set after the warm-up.
+    per_round: usize,
 }
 
 /// Bytes a Bop + Adam step moves (each variable at its own optimizer's rate), and an Adam step.
@@ -592,6 +634,7 @@ fn rust_benches(specs: &[Spec], args: &Args) -> Result<Vec<Bench>, Box<dyn std::
             runner: Runner::Rust { step, _store: store },
             times: Vec::new(),
             round_ms: Vec::new(),
+            per_round: 0,
         });
     };
 
@@ -876,6 +919,7 @@ fn run_set(
                             runner: Runner::Python(imp),
                             times: Vec::new(),
                             round_ms: Vec::new(),
+                            per_round: 0,
                         });
                     }
                 }
@@ -887,13 +931,14 @@ fn run_set(
         }
     }
 
-    if args.warmup > 0 {
-        for b in &mut benches {
+    for b in &mut benches {
+        let mut warm_ms = None;
+        if args.warmup > 0 {
             settle();
-            run_steps(set, b, &mut server, d, args.warmup)?;
+            warm_ms = run_steps(set, b, &mut server, d, args.warmup)?.map(median);
         }
+        b.per_round = args.steps_for(warm_ms);
     }
-    let k = args.steps_per_round();
     let mut bandwidth = BandwidthSamples::default();
     for _ in 0..args.rounds {
         settle();
@@ -901,7 +946,7 @@ fn run_set(
         for b in &mut benches {
             settle();
             let warm = args.block_warmup;
-            if let Some(times) = run_steps(set, b, &mut server, d, warm + k)? {
+            if let Some(times) = run_steps(set, b, &mut server, d, warm + b.per_round)? {
                 let timed: Vec<f64> = times.into_iter().skip(warm).collect();
                 b.round_ms.push(median(timed.clone()));
                 b.times.extend(timed);
@@ -956,8 +1001,13 @@ fn main() {
         println!(
             "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
              each bandwidth probe, then for every implementation in turn {} untimed and {k} \
-             timed steps",
-            args.threads, args.rounds, args.block_warmup
+             timed steps (more, up to {}, for one whose warm-up steps took less than {} ms in \
+             all)",
+            args.threads,
+            args.rounds,
+            args.block_warmup,
+            16 * k,
+            args.min_block_ms
         );
         println!(
             "instruction sets: caseopt's kernels {} (this CPU: {}), ATen {}",
@@ -966,9 +1016,8 @@ fn main() {
             isas.aten
         );
         println!(
-            "times: median of {} steps per implementation ({k} in each round) after {} warm-up \
-             steps; bound: bytes moved / the highest bandwidth probe\n",
-            k * args.rounds,
+            "times: median of every timed step of an implementation (steps: how many) after {} \
+             warm-up steps; bound: bytes moved / the highest bandwidth probe\n",
             args.warmup
         );
     }
@@ -1015,7 +1064,7 @@ fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str
                 serde_json::json!({"set": r.set, "impl": r.imp, "isa": r.isa, "ms": r.ms, "min_ms": r.min_ms,
                     "bound_ms": r.bound_ms, "ratio": r.ms / r.bound_ms,
                     "gbps": r.bytes / (r.ms * 1e-3) / 1e9, "bytes": r.bytes, "device": device,
-                    "threads": args.threads, "reps": r.steps, "rounds": args.rounds, "block_warmup": args.block_warmup, "round_ms": r.round_ms, "round_bound_ms": r.round_bound_ms})
+                    "threads": args.threads, "reps": r.steps, "rounds": args.rounds, "block_warmup": args.block_warmup, "min_block_ms": args.min_block_ms, "round_ms": r.round_ms, "round_bound_ms": r.round_bound_ms})
             );
         }
         return;
@@ -1033,18 +1082,19 @@ fn print_rows(set: &str, rows: &[Row], bw: &Bandwidth, args: &Args, device: &str
         gbps(bw.round_max)
     );
     println!(
-        "  {:<48} {:<12} {:>10} {:>10} {:>8} {:>8}",
-        "implementation", "isa", "ms", "bound ms", "x bound", "GB/s"
+        "  {:<48} {:<12} {:>10} {:>10} {:>8} {:>8} {:>6}",
+        "implementation", "isa", "ms", "bound ms", "x bound", "GB/s", "steps"
     );
     for r in rows {
         println!(
-            "  {:<48} {:<12} {:>10.3} {:>10.3} {:>8.2} {:>8.1}",
+            "  {:<48} {:<12} {:>10.3} {:>10.3} {:>8.2} {:>8.1} {:>6}",
             r.imp,
             r.isa,
             r.ms,
             r.bound_ms,
             r.ms / r.bound_ms,
-            r.bytes / (r.ms * 1e-3) / 1e9
+            r.bytes / (r.ms * 1e-3) / 1e9,
+            r.steps
         );
     }
     println!();
@@ -1143,5 +1193,27 @@ fn print_targets(rows: &[Row], cuda: bool) {
     {
         let p = paired(&t.round_ms, &r.round_ms);
         line("router >= 5x faster than torch fused Adam (many-small)", t.ms / r.ms, p, p.0 >= 5.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+
+    #[test]
+    fn fast_implementations_get_enough_timed_steps_to_fill_a_block() {
+        let args = Args { reps: 24, rounds: 8, min_block_ms: 8.0, ..Args::default() };
+        assert_eq!(args.steps_per_round(), 3);
+        // Slow steps keep the floor; a 0.65 ms step gets ceil(8 / 0.65) = 13.
+        assert_eq!(args.steps_for(Some(40.0)), 3);
+        assert_eq!(args.steps_for(Some(0.65)), 13);
+        // Never more than 16 times the floor, and the floor without a warm-up time.
+        assert_eq!(args.steps_for(Some(0.001)), 48);
+        assert_eq!(args.steps_for(Some(0.0)), 3);
+        assert_eq!(args.steps_for(Some(f64::NAN)), 3);
+        assert_eq!(args.steps_for(None), 3);
+        // --min-block-ms 0 times the floor only.
+        let off = Args { min_block_ms: 0.0, ..args };
+        assert_eq!(off.steps_for(Some(0.65)), 3);
     }
 }
