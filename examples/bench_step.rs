@@ -10,10 +10,11 @@
 //!
 //! `--isa` caps the instruction set of caseopt's fused kernels and of ATen's CPU kernels (in this
 //! process and in Python's, through `ATEN_CPU_CAPABILITY`) at the one named, so that an AVX-512
-//! machine times what an AVX2-only or a baseline processor runs. The bound's Rust probe loops
-//! stay uncapped (the memory is the same), but libtorch's `add_` probe runs on the capped ATen
-//! (ATen reads its capability once per process), so a capped run's bound can be looser than an
-//! uncapped run's on the same machine (docs/performance.md). Every row names the set it ran with.
+//! machine times what an AVX2-only or a baseline processor runs. The bound stays the machine's
+//! (the memory is the same): the Rust probe loops are not capped, and since ATen reads its
+//! capability once per process, a capped run also times libtorch's `add_` in a second process
+//! of this binary started without the cap (`--aten-probe-server`, not for use by hand), beside
+//! the capped `add_` of this one. Every row names the set it ran with.
 //!
 //! Rows, per set: the caseopt router (`binary => Bop<threshold: 1e-8, gamma: 1e-4>,
 //! _ => Adam<lr: 0.01>`) and caseopt Adam on every variable, each on its default backend
@@ -392,17 +393,26 @@ struct Probe {
     loops: Vec<Isa>,
     host: (Aligned, Aligned),
     tensors: (Tensor, Tensor),
+    /// libtorch's `add_` without the `--isa` cap, in a process of its own (capped CPU runs).
+    uncapped: Option<AtenProbe>,
 }
 
 impl Probe {
-    fn new(device: Device, threads: usize) -> Probe {
+    fn new(device: Device, threads: usize, capped: bool) -> Probe {
         let cpu = !device.is_cuda();
         let loops = if cpu { Isa::available() } else { Vec::new() };
         let len = if cpu { PROBE_LEN } else { 0 };
         let host = (Aligned::new(len, 1.0), Aligned::new(len, 1e-9));
         let a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, device));
         let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, device));
-        let mut probe = Probe { device, threads, loops, host, tensors: (a, b) };
+        let uncapped = if cpu && capped {
+            AtenProbe::spawn(threads)
+                .map_err(|e| eprintln!("bench_step: no uncapped libtorch add_ probe: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let mut probe = Probe { device, threads, loops, host, tensors: (a, b), uncapped };
         // Untimed passes: page faults, thread start-up.
         for i in 0..probe.len() {
             probe.pass(i);
@@ -411,18 +421,35 @@ impl Probe {
     }
 
     fn len(&self) -> usize {
-        self.loops.len() + 1
+        self.loops.len() + 1 + usize::from(self.uncapped.is_some())
     }
 
     fn name(&self, i: usize) -> String {
         match self.loops.get(i) {
             Some(isa) => format!("Rust loop [{}]", isa.name()),
-            None => "libtorch add_".into(),
+            None if i == self.loops.len() => "libtorch add_".into(),
+            None => match &self.uncapped {
+                Some(p) => format!("libtorch add_ [{}, own process]", p.capability),
+                None => "libtorch add_ [own process]".into(),
+            },
         }
     }
 
     /// One pass of probe `i`, in bytes/s.
     fn pass(&mut self, i: usize) -> f64 {
+        if i > self.loops.len() {
+            // Timed in the other process, with no OpenMP worker of either process spinning
+            // beside the other's. A probe process that failed gives 0 from then on: never the
+            // highest.
+            settle();
+            let bps = self.uncapped.as_mut().map(AtenProbe::pass).unwrap_or(Ok(0.0));
+            settle();
+            return bps.unwrap_or_else(|e| {
+                eprintln!("bench_step: dropping the uncapped libtorch add_ probe: {e}");
+                self.uncapped = None;
+                0.0
+            });
+        }
         let t0 = Instant::now();
         if let Some(&isa) = self.loops.get(i) {
             let (a, b) = (self.host.0.slice_mut(), self.host.1.slice());
@@ -439,6 +466,95 @@ impl Probe {
         }
         PROBE_BYTES / t0.elapsed().as_secs_f64()
     }
+}
+
+/// libtorch's `add_` probe in a process of its own, this binary run as `--aten-probe-server
+/// THREADS` without `ATEN_CPU_CAPABILITY`: ATen picks its capability once per process, so an
+/// `--isa`-capped run cannot time its uncapped `add_` itself.
+struct AtenProbe {
+    child: Child,
+    /// Taken (closed) on drop: the server exits at the end of its stdin.
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// The capability the server's ATen runs with, as it reported it.
+    capability: String,
+}
+
+impl AtenProbe {
+    fn spawn(threads: usize) -> Result<AtenProbe, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("no path to this binary: {e}"))?;
+        let mut child = Command::new(exe)
+            .args(["--aten-probe-server", &threads.to_string()])
+            .env_remove("ATEN_CPU_CAPABILITY")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start it: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("no pipes to it".into());
+        };
+        let mut probe = AtenProbe {
+            child,
+            stdin: Some(stdin),
+            stdout: BufReader::new(stdout),
+            capability: "?".into(),
+        };
+        // The first line names the capability, once the buffers are allocated and touched.
+        probe.capability = probe.line()?;
+        Ok(probe)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) => Err("it exited".into()),
+            Ok(_) => Ok(line.trim().to_string()),
+            Err(e) => Err(format!("reading from it: {e}")),
+        }
+    }
+
+    /// One pass of `a += b` in the server, in bytes/s.
+    fn pass(&mut self) -> Result<f64, String> {
+        let stdin = self.stdin.as_mut().ok_or("its stdin is closed")?;
+        writeln!(stdin, "pass")
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("writing: {e}"))?;
+        let line = self.line()?;
+        line.parse::<f64>().map_err(|_| format!("it answered `{line}`"))
+    }
+}
+
+impl Drop for AtenProbe {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The other side of [`AtenProbe`]: allocates the two buffers, prints ATen's capability, then
+/// answers every `pass` line on stdin with the bytes/s of one `a += b`, until stdin ends.
+fn aten_probe_server(threads: usize) -> Result<(), Box<dyn std::error::Error>> {
+    tch::set_num_threads(threads.max(1) as i32);
+    let mut a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, Device::Cpu));
+    let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, Device::Cpu));
+    // Untimed: page faults, thread start-up.
+    let _ = a.f_add_(&b)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", caseopt::__private::aten_cpu_capability())?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        if line?.trim() != "pass" {
+            return Err("expected `pass`".into());
+        }
+        let t0 = Instant::now();
+        let _ = a.f_add_(&b)?;
+        writeln!(out, "{}", PROBE_BYTES / t0.elapsed().as_secs_f64())?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// `len` f32 starting on a 64-byte boundary, as libtorch allocates tensors: a `Vec<f32>` of
@@ -979,6 +1095,15 @@ fn run_set(
 }
 
 fn main() {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some("--aten-probe-server") {
+        let threads = raw.next().and_then(|t| t.parse().ok()).unwrap_or(1);
+        if let Err(e) = aten_probe_server(threads) {
+            eprintln!("bench_step --aten-probe-server: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(msg) => {
@@ -995,7 +1120,7 @@ fn main() {
     };
     tch::set_num_threads(args.threads as i32);
     let device = if args.device.is_cuda() { "cuda" } else { "cpu" };
-    let mut probe = Probe::new(args.device, args.threads);
+    let mut probe = Probe::new(args.device, args.threads, args.isa.is_some());
     let k = args.steps_per_round();
     if !args.json {
         println!(
