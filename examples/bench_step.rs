@@ -92,7 +92,7 @@ struct Args {
     /// Untimed steps before each implementation's timed steps in every round.
     block_warmup: usize,
     /// Each implementation's timed steps per round fill at least this long (by its warm-up
-    /// steps' median), within 16 times [`steps_per_round`](Self::steps_per_round).
+    /// steps' median), within [`max_steps_per_round`](Self::max_steps_per_round).
     min_block_ms: f64,
     torch_rows: bool,
     python: String,
@@ -122,16 +122,23 @@ impl Args {
         (self.reps / self.rounds).max(3)
     }
 
+    /// The most timed steps per round `--min-block-ms` may ask for: 16 times
+    /// [`steps_per_round`](Self::steps_per_round).
+    fn max_steps_per_round(&self) -> usize {
+        16 * self.steps_per_round()
+    }
+
     /// Timed steps per round for an implementation whose warm-up steps took `warm_ms` (their
-    /// median; `None` without warm-up): enough to fill `--min-block-ms`, within 16 times
-    /// [`steps_per_round`](Self::steps_per_round) and never fewer.
+    /// median; `None` without warm-up): enough to fill `--min-block-ms`, within
+    /// [`max_steps_per_round`](Self::max_steps_per_round) and never fewer than
+    /// [`steps_per_round`](Self::steps_per_round).
     fn steps_for(&self, warm_ms: Option<f64>) -> usize {
         let k = self.steps_per_round();
         match warm_ms {
             Some(ms) if ms > 0.0 && ms.is_finite() => {
                 let fill = (self.min_block_ms / ms).ceil();
-                // Saturating float-to-int conversion; the clamp keeps it in [k, 16k].
-                (fill as usize).clamp(k, 16 * k)
+                // Saturating float-to-int conversion; the clamp keeps it in range.
+                (fill as usize).clamp(k, self.max_steps_per_round())
             }
             _ => k,
         }
@@ -1126,12 +1133,11 @@ fn main() {
         println!(
             "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
              each bandwidth probe, then for every implementation in turn {} untimed and {k} \
-             timed steps (more, up to {}, for one whose warm-up steps took less than {} ms in \
-             all)",
+             timed steps (more, up to {}, for one whose {k} steps take less than {} ms)",
             args.threads,
             args.rounds,
             args.block_warmup,
-            16 * k,
+            args.max_steps_per_round(),
             args.min_block_ms
         );
         println!(
