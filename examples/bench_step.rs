@@ -33,14 +33,19 @@
 //! The machine this is developed on is a shared VM whose memory bandwidth drifts by up to 2x
 //! over tens of seconds, so nothing is timed in one block: every implementation of a set is
 //! built once and warmed up (`--warmup` steps), then `--rounds` rounds each run a few bandwidth
-//! passes and then, for every implementation in turn, Rust and Python alike, `--block-warmup`
-//! untimed steps followed by `--reps / --rounds` timed steps (at least 3), or, for an
+//! passes and then, for every implementation in turn (in reverse order every other round),
+//! Rust and Python alike, `--block-warmup` untimed steps followed by `--reps / --rounds` timed steps (at least 3), or, for an
 //! implementation whose warm-up steps took less, as many as fill `--min-block-ms` (at most 16
 //! times as many): three sub-millisecond many-small steps per round left its per-round ratios
 //! spread over 0.68-1.84x, twelve over 1.05-1.06x. The untimed steps
 //! keep what the issue asks for, steps timed back to back after warm-up: without them the first
 //! step of each block pays for caches the bandwidth passes and the other implementations
-//! evicted (on many small tensors, about half again as long). A row's time is the median (and
+//! evicted (on many small tensors, about half again as long). The order alternates so that a
+//! place in it cannot favour one implementation of a pair: the one timed first after the
+//! bandwidth passes may pay more for them (on many-small, the router's check ratio against
+//! `Proceed`, timed second, was 1.09-1.16x per round in three runs in that order and
+//! 0.95-1.14x in three reversed, AMD EPYC Zen 5, 2026-12-08: within the host's noise, but a
+//! fixed order can only add a bias). A row's time is the median (and
 //! min) of all its timed steps across the rounds; the bandwidth is the median of all passes
 //! across the rounds, and its spread over the rounds is printed to show how noisy the run was.
 //!
@@ -1063,10 +1068,14 @@ fn run_set(
         b.per_round = args.steps_for(warm_ms);
     }
     let mut bandwidth = BandwidthSamples::default();
-    for _ in 0..args.rounds {
+    for round in 0..args.rounds {
         settle();
         bandwidth.round(probe);
-        for b in &mut benches {
+        let rows = benches.len();
+        for k in 0..rows {
+            // Every other round in reverse: each implementation of a pair is timed first (right
+            // after the bandwidth passes) as often as the other.
+            let b = &mut benches[if round % 2 == 0 { k } else { rows - 1 - k }];
             settle();
             let warm = args.block_warmup;
             if let Some(times) = run_steps(set, b, &mut server, d, warm + b.per_round)? {
@@ -1132,8 +1141,8 @@ fn main() {
     if !args.json {
         println!(
             "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
-             each bandwidth probe, then for every implementation in turn {} untimed and {k} \
-             timed steps (more, up to {}, for one whose {k} steps take less than {} ms)",
+             each bandwidth probe, then for every implementation in turn (in reverse order every \
+             other round) {} untimed and {k} timed steps (more, up to {}, for one whose {k} steps take less than {} ms)",
             args.threads,
             args.rounds,
             args.block_warmup,
