@@ -34,20 +34,20 @@
 //! over tens of seconds, so nothing is timed in one block: every implementation of a set is
 //! built once and warmed up (`--warmup` steps), then `--rounds` rounds each run a few bandwidth
 //! passes and then, for every implementation in turn (in reverse order every other round),
-//! Rust and Python alike, `--block-warmup` untimed steps followed by `--reps / --rounds` timed steps (at least 3), or, for an
-//! implementation whose warm-up steps took less, as many as fill `--min-block-ms` (at most 16
-//! times as many): three sub-millisecond many-small steps per round left its per-round ratios
-//! spread over 0.68-1.84x, twelve over 1.05-1.06x. The untimed steps
-//! keep what the issue asks for, steps timed back to back after warm-up: without them the first
-//! step of each block pays for caches the bandwidth passes and the other implementations
+//! Rust and Python alike, `--block-warmup` untimed steps followed by `--reps / --rounds` timed
+//! steps (at least 3), or, for an implementation whose warm-up steps took less, as many as fill
+//! `--min-block-ms` (at most 16 times as many): three sub-millisecond many-small steps per
+//! round left its per-round ratios spread over 0.68-1.84x, twelve over 1.05-1.06x. The untimed
+//! steps keep what the issue asks for, steps timed back to back after warm-up: without them the
+//! first step of each block pays for caches the bandwidth passes and the other implementations
 //! evicted (on many small tensors, about half again as long). The order alternates so that a
 //! place in it cannot favour one implementation of a pair: the one timed first after the
 //! bandwidth passes may pay more for them (on many-small, the router's check ratio against
 //! `Proceed`, timed second, was 1.09-1.16x per round in three runs in that order and
 //! 0.95-1.14x in three reversed, AMD EPYC Zen 5, 2026-12-08: within the host's noise, but a
-//! fixed order can only add a bias). A row's time is the median (and
-//! min) of all its timed steps across the rounds; the bandwidth is the median of all passes
-//! across the rounds, and its spread over the rounds is printed to show how noisy the run was.
+//! fixed order can only add a bias). A row's time is the median (and min) of all its timed
+//! steps across the rounds; the bandwidth is the median of all passes across the rounds, and
+//! its spread over the rounds is printed to show how noisy the run was.
 //!
 //! The bound is bytes moved / streaming bandwidth. The bandwidth is that of `a += b` over two
 //! 256 MiB `f32` buffers on `--threads` threads (3 transfers of 4 bytes per element), measured
@@ -1142,7 +1142,8 @@ fn main() {
         println!(
             "device {device}, {} threads; {} rounds per set, each: {BANDWIDTH_PASSES} passes of \
              each bandwidth probe, then for every implementation in turn (in reverse order every \
-             other round) {} untimed and {k} timed steps (more, up to {}, for one whose {k} steps take less than {} ms)",
+             other round) {} untimed and {k} timed steps (more, up to {}, for one whose {k} \
+             steps take less than {} ms)",
             args.threads,
             args.rounds,
             args.block_warmup,
