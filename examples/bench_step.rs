@@ -415,8 +415,7 @@ impl Probe {
         let loops = if cpu { Isa::available() } else { Vec::new() };
         let len = if cpu { PROBE_LEN } else { 0 };
         let host = (Aligned::new(len, 1.0), Aligned::new(len, 1e-9));
-        let a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, device));
-        let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, device));
+        let (a, b) = aten_probe_tensors(device);
         let uncapped = if cpu && capped {
             AtenProbe::spawn(threads)
                 .map_err(|e| eprintln!("bench_step: no uncapped libtorch add_ probe: {e}"))
@@ -462,22 +461,35 @@ impl Probe {
                 0.0
             });
         }
-        let t0 = Instant::now();
-        if let Some(&isa) = self.loops.get(i) {
-            let (a, b) = (self.host.0.slice_mut(), self.host.1.slice());
-            let chunk = PROBE_LEN.div_ceil(self.threads);
-            std::thread::scope(|s| {
-                for (a, b) in a.chunks_mut(chunk).zip(b.chunks(chunk)) {
-                    s.spawn(move || isa.add_assign(a, b));
-                }
-            });
-        } else {
+        let Some(&isa) = self.loops.get(i) else {
             let (a, b) = &mut self.tensors;
-            let _ = a.g_add_(b);
-            sync(self.device);
-        }
+            return aten_add_pass(a, b, self.device).expect("libtorch add_ on the probe's buffers");
+        };
+        let t0 = Instant::now();
+        let (a, b) = (self.host.0.slice_mut(), self.host.1.slice());
+        let chunk = PROBE_LEN.div_ceil(self.threads);
+        std::thread::scope(|s| {
+            for (a, b) in a.chunks_mut(chunk).zip(b.chunks(chunk)) {
+                s.spawn(move || isa.add_assign(a, b));
+            }
+        });
         PROBE_BYTES / t0.elapsed().as_secs_f64()
     }
+}
+
+/// The libtorch `add_` probe's two buffers on `device`.
+fn aten_probe_tensors(device: Device) -> (Tensor, Tensor) {
+    let a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, device));
+    let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, device));
+    (a, b)
+}
+
+/// One pass of libtorch's `a += b`, in bytes/s (this process's probe and the uncapped server's).
+fn aten_add_pass(a: &mut Tensor, b: &Tensor, device: Device) -> Result<f64, tch::TchError> {
+    let t0 = Instant::now();
+    let _ = a.f_add_(b)?;
+    sync(device);
+    Ok(PROBE_BYTES / t0.elapsed().as_secs_f64())
 }
 
 /// libtorch's `add_` probe in a process of its own, this binary run as `--aten-probe-server
@@ -550,10 +562,9 @@ impl Drop for AtenProbe {
 /// answers every `pass` line on stdin with the bytes/s of one `a += b`, until stdin ends.
 fn aten_probe_server(threads: usize) -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(threads.max(1) as i32);
-    let mut a = Tensor::ones([PROBE_LEN as i64], (Kind::Float, Device::Cpu));
-    let b = Tensor::full([PROBE_LEN as i64], 1e-9, (Kind::Float, Device::Cpu));
+    let (mut a, b) = aten_probe_tensors(Device::Cpu);
     // Untimed: page faults, thread start-up.
-    let _ = a.f_add_(&b)?;
+    aten_add_pass(&mut a, &b, Device::Cpu)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", caseopt::__private::aten_cpu_capability())?;
     out.flush()?;
@@ -561,9 +572,7 @@ fn aten_probe_server(threads: usize) -> Result<(), Box<dyn std::error::Error>> {
         if line?.trim() != "pass" {
             return Err("expected `pass`".into());
         }
-        let t0 = Instant::now();
-        let _ = a.f_add_(&b)?;
-        writeln!(out, "{}", PROBE_BYTES / t0.elapsed().as_secs_f64())?;
+        writeln!(out, "{}", aten_add_pass(&mut a, &b, Device::Cpu)?)?;
         out.flush()?;
     }
     Ok(())
