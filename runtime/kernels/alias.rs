@@ -29,6 +29,9 @@ pub(crate) struct AliasProof {
     verified: Vec<Region>,
     /// Sorting scratch.
     sorted: Vec<Region>,
+    /// How many times [`prove`](Self::prove) ran, for tests.
+    #[cfg(test)]
+    pub(crate) runs: usize,
 }
 
 impl AliasProof {
@@ -42,6 +45,10 @@ impl AliasProof {
         f64_jobs: &[KernelJob],
         states: usize,
     ) -> Result<(), usize> {
+        #[cfg(test)]
+        {
+            self.runs += 1;
+        }
         self.regions.clear();
         for (jobs, size) in [(f32_jobs, size_of::<f32>()), (f64_jobs, size_of::<f64>())] {
             for j in jobs.iter().filter(|j| j.len > 0) {

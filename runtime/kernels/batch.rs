@@ -27,6 +27,9 @@ pub(crate) struct Workspace {
     pub(super) f64_jobs: Jobs,
     /// The proof that the queued operands overlap nothing written.
     pub(super) alias: AliasProof,
+    /// What the last successful proof covered: each job list's generation and length, and
+    /// the states per job ([`prove_disjoint`](Self::prove_disjoint)).
+    proven: Option<ProofKey>,
     /// Reads the parameters' and states' metadata (writable addresses).
     pub(super) written: MetaReader,
     /// Reads the gradients' metadata.
@@ -82,10 +85,37 @@ impl Workspace {
         self.updated().zip(counts)
     }
 
-    /// Proves the queued jobs' operands disjoint ([`AliasProof::prove`]).
+    /// Proves the queued jobs' operands disjoint ([`AliasProof::prove`]), or finds that the
+    /// last proof covered them: no job of either list was rewritten since (their
+    /// [generations](Jobs::generation) are the same), the lists have the same lengths and the
+    /// kernel the same states per job. A job's operands are its addresses and lengths, which
+    /// only [`Jobs::push`] writes, so the regions are then those proven; on 2000 variables
+    /// whose tensors do not move, this skips building and comparing 8000 regions per pass.
     pub(super) fn prove_disjoint(&mut self, states: usize) -> Result<(), usize> {
-        self.alias.prove(&self.f32_jobs, &self.f64_jobs, states)
+        let key = ProofKey {
+            f32_jobs: (self.f32_jobs.generation(), self.f32_jobs.len()),
+            f64_jobs: (self.f64_jobs.generation(), self.f64_jobs.len()),
+            states,
+        };
+        if self.proven == Some(key) {
+            return Ok(());
+        }
+        self.proven = None;
+        self.alias.prove(&self.f32_jobs, &self.f64_jobs, states)?;
+        self.proven = Some(key);
+        Ok(())
     }
+}
+
+/// What one aliasing proof covered ([`Workspace::prove_disjoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProofKey {
+    /// The f32 list's generation and length.
+    f32_jobs: (u64, usize),
+    /// The f64 list's generation and length.
+    f64_jobs: (u64, usize),
+    /// State operands per job.
+    states: usize,
 }
 
 #[cfg(test)]
@@ -223,11 +253,12 @@ impl<'t> Batch<'_, 't> {
 
     /// Sets each queued variable's kernel scalars, from its index.
     pub(crate) fn set_scalars(&mut self, mut scalars: impl FnMut(usize) -> [f64; 2]) {
-        for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
-            let s = scalars(j.index);
+        let ws = &mut *self.ws;
+        for (index, old, _) in ws.f32_jobs.settings_mut().chain(ws.f64_jobs.settings_mut()) {
+            let s = scalars(index);
             // Written only when changed (see `Jobs`); compared by bits, so a NaN is written.
-            if s.map(f64::to_bits) != j.scalars.map(f64::to_bits) {
-                j.scalars = s;
+            if s.map(f64::to_bits) != old.map(f64::to_bits) {
+                *old = s;
             }
         }
         self.scalars_set = true;
@@ -235,10 +266,11 @@ impl<'t> Batch<'_, 't> {
 
     /// Sets each queued variable's constraint (its clip, infinity for none), from its index.
     pub(crate) fn set_clips(&mut self, mut clip: impl FnMut(usize) -> f64) {
-        for j in self.ws.f32_jobs.iter_mut().chain(self.ws.f64_jobs.iter_mut()) {
-            let c = clip(j.index);
-            if c.to_bits() != j.clip.to_bits() {
-                j.clip = c;
+        let ws = &mut *self.ws;
+        for (index, _, old) in ws.f32_jobs.settings_mut().chain(ws.f64_jobs.settings_mut()) {
+            let c = clip(index);
+            if c.to_bits() != old.to_bits() {
+                *old = c;
             }
         }
         self.clips_set = true;
@@ -305,10 +337,16 @@ impl<'t> Batch<'_, 't> {
 /// [`push`](Self::push) writes only what differs from the job that held that place in the
 /// previous batch (on 2000 variables whose addresses do not move, nothing), [`clear`](Self::clear)
 /// only forgets the length. Seen as a slice, it holds the jobs pushed since the last clear.
+///
+/// Only `push` writes a job's addresses and length (the slice is read-only; the scalars and
+/// clips are set through [`settings_mut`](Self::settings_mut)), and each push that writes them
+/// moves the list to a new [`generation`](Self::generation): a list cleared and pushed again
+/// with the same operands keeps its generation, which lets the aliasing proof be skipped.
 #[derive(Debug, Default)]
 pub(crate) struct Jobs {
     jobs: Vec<KernelJob>,
     len: usize,
+    generation: u64,
 }
 
 impl Jobs {
@@ -326,11 +364,28 @@ impl Jobs {
                     != (job.index, job.len, job.p, job.g, job.states)
                 {
                     *j = KernelJob { scalars: j.scalars, clip: j.clip, ..job };
+                    self.generation += 1;
                 }
             }
-            None => self.jobs.push(job),
+            None => {
+                self.jobs.push(job);
+                self.generation += 1;
+            }
         }
         self.len += 1;
+    }
+
+    /// Changes whenever a [`push`](Self::push) writes a job's index, length or addresses:
+    /// two equal generations (with equal lengths) hold the same operands.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Each job's variable index, with its scalars and clip to set.
+    pub(crate) fn settings_mut(
+        &mut self,
+    ) -> impl Iterator<Item = (usize, &mut [f64; 2], &mut f64)> {
+        self.jobs[..self.len].iter_mut().map(|j| (j.index, &mut j.scalars, &mut j.clip))
     }
 }
 
@@ -338,12 +393,6 @@ impl std::ops::Deref for Jobs {
     type Target = [KernelJob];
     fn deref(&self) -> &[KernelJob] {
         &self.jobs[..self.len]
-    }
-}
-
-impl std::ops::DerefMut for Jobs {
-    fn deref_mut(&mut self) -> &mut [KernelJob] {
-        &mut self.jobs[..self.len]
     }
 }
 
@@ -594,6 +643,35 @@ mod tests {
         batch.set_scalars(|_| [3.0, 4.0]);
         batch.run(&bop, 1).unwrap();
         assert_eq!(seen(&ws), [(1, 4, addr(&p1), [3.0, 4.0], inf)]);
+        assert!(refused.is_empty(), "{refused:?}");
+    }
+
+    #[test]
+    fn an_unchanged_batch_keeps_its_proof_and_a_changed_one_is_proven_again() {
+        let bop = BopKernel { gamma: 1e-1, threshold: 1e-7 };
+        let (p0, g0, m0) = (full(8, 1.0), full(8, 1e-3), full(8, 0.0));
+        let (p1, g1, m1) = (full(8, 1.0), full(8, 1e-3), full(8, 0.0));
+        let mut ws = Workspace::default();
+        let mut refused = Vec::new();
+        let mut run = |ws: &mut Workspace, vars: &[Operands<'_>]| {
+            let mut batch = ws.batch(1);
+            batch.queue(vars.iter().copied(), &[], &mut refused);
+            let result = batch.run(&bop, 1);
+            (result.map_err(|e| matches!(e, Unfit::Overlap(_))), ws.alias.runs)
+        };
+        let both = [own(0, &p0, &g0, &m0), own(1, &p1, &g1, &m1)];
+        assert_eq!(run(&mut ws, &both), (Ok(()), 1));
+        // The same operands: the proof stands.
+        assert_eq!(run(&mut ws, &both), (Ok(()), 1));
+        // Variable 1's state is variable 0's parameter: proven again, refused.
+        let clash = [own(0, &p0, &g0, &m0), own(1, &p1, &g1, &p0)];
+        assert_eq!(run(&mut ws, &clash), (Err(true), 2));
+        // And again, though its jobs are those of the refused batch: a refusal proves nothing.
+        assert_eq!(run(&mut ws, &clash).1, 3);
+        assert_eq!(run(&mut ws, &both), (Ok(()), 4));
+        // A shorter list, then the full one: each proven.
+        assert_eq!(run(&mut ws, &both[..1]), (Ok(()), 5));
+        assert_eq!(run(&mut ws, &both), (Ok(()), 6));
         assert!(refused.is_empty(), "{refused:?}");
     }
 

@@ -152,6 +152,15 @@ impl TensorMeta {
         self.0.requires_grad != 0
     }
 
+    /// Whether both tensors were read, with the same device, dtype and shape.
+    pub(crate) fn same_layout(&self, other: &TensorMeta) -> bool {
+        self.is_ok()
+            && other.is_ok()
+            && self.0.device == other.0.device
+            && self.0.dtype == other.0.dtype
+            && same_shape(self.shape(), other.shape())
+    }
+
     /// The data address; 0 for a tensor without storage or without elements.
     pub(crate) fn data(&self) -> usize {
         self.0.data
@@ -464,6 +473,11 @@ impl MetaReader {
     /// parameters (undefined for a variable without a gradient).
     pub(crate) fn grad_metas(&self) -> &[TensorMeta] {
         as_metas(&self.grads)
+    }
+
+    /// The tensors' metadata read by the last [`read`](Self::read) or [`grads`](Self::grads).
+    pub(crate) fn metas(&self) -> &[TensorMeta] {
+        as_metas(&self.out)
     }
 
     /// Reads `tensors` into `out`; with a `pool` (`grads`), also their gradients' metadata

@@ -167,18 +167,24 @@ impl OptimizerInspector for CollectGrads {
         }
         let reader = &mut self.readers[rule];
         let (metas, grads) = reader.grads(params.iter().map(|p| &p.tensor), reuse, self.writable);
+        let mut all_match = true;
         for (p, m) in params.iter().zip(metas) {
             if !p.matches(m) {
                 // tch's own accessors name what changed (or find nothing: carry on).
                 p.check_unchanged()?;
+                all_match = false;
             }
         }
         // The gradients' metadata came with the variables' in the same read: a gradient that
-        // matches its variable's route matches the variable, checked just above.
-        let grad_metas = reader.grad_metas();
-        for ((p, g), m) in params.iter().zip(&grads.handles).zip(grad_metas) {
+        // matches its variable's route matches the variable, checked just above. When every
+        // variable's read matched its route, a gradient read with its variable's device, dtype
+        // and shape matches that route too (without a second look at the route); otherwise
+        // the route itself is the judge.
+        let read = reader.metas().iter().zip(reader.grad_metas());
+        for ((p, g), (pm, m)) in params.iter().zip(&grads.handles).zip(read) {
             if let Some(g) = g {
-                if !p.matches(m) {
+                let matched = (all_match && m.same_layout(pm)) || p.matches(m);
+                if !matched {
                     check_gradient(p, g, m)?;
                 }
             }
