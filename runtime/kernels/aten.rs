@@ -100,6 +100,8 @@ extern "C" {
         sigma: f64,
         threshold: f64,
         eps: f64,
+        keep_was: *mut c_void,
+        keep_neg: *mut c_void,
         was_negative: *mut *mut c_void,
         negative: *mut *mut c_void,
         err: *mut c_char,
@@ -243,25 +245,54 @@ pub(crate) fn bop_flip(w: &mut Tensor, signal: &mut Tensor, threshold: f64) -> R
 /// shim (`caseopt_aten_bop`): `m += gamma * (g - m)` (each operation rounded, as larq's),
 /// Bop2ndOrder's `v += sigma * (g * g - v)`, then the flip of `w` by `w * m - threshold`
 /// (Bop2ndOrder's divided by `sqrt(v) + eps` first). `[gamma, sigma, threshold, eps]`.
+///
+/// `keep`, the masks of the variable's previous step (no longer needed), is where this step's
+/// go when they fit (the same shape, on the same device): two allocations fewer per variable
+/// and step. Otherwise they are new tensors, and `keep` is dropped.
 pub(crate) fn bop(
     w: &mut Tensor,
     g: &Tensor,
     m: &mut Tensor,
     v: Option<&mut Tensor>,
     scalars: [f64; 4],
+    mut keep: Option<FlipMasks>,
 ) -> Result<FlipMasks> {
     let [gamma, sigma, threshold, eps] = scalars;
     let (mut was, mut neg) = (std::ptr::null_mut(), std::ptr::null_mut());
     let (wp, mp) = (w.as_mut_ptr().cast(), m.as_mut_ptr().cast());
     let vp = v.map_or(std::ptr::null_mut(), |v| v.as_mut_ptr().cast());
-    // SAFETY: live tch tensors (`v` null or one), the state and the weight borrowed mutably for
-    // the in-place ops; the shim catches every exception and on success stores a fresh handle
-    // in each mask.
+    let (kw, kn) = match &mut keep {
+        Some(k) => (k.was_negative.as_mut_ptr().cast(), k.negative.as_mut_ptr().cast()),
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    // SAFETY: live tch tensors (`v` null or one), the state, the weight and the kept masks
+    // (owned here, null or both) borrowed mutably for the in-place ops; the shim catches every
+    // exception and on success either filled the kept masks (both handles left null) or stored
+    // a fresh handle in each mask.
     call(|e, n| unsafe {
-        caseopt_aten_bop(wp, ptr(g), mp, vp, gamma, sigma, threshold, eps, &mut was, &mut neg, e, n)
+        caseopt_aten_bop(
+            wp,
+            ptr(g),
+            mp,
+            vp,
+            gamma,
+            sigma,
+            threshold,
+            eps,
+            kw,
+            kn,
+            &mut was,
+            &mut neg,
+            e,
+            n,
+        )
     })?;
-    // SAFETY: `call` succeeded, so the shim stored two fresh handles.
-    Ok(unsafe { masks(was, neg) })
+    match keep {
+        Some(kept) if was.is_null() && neg.is_null() => Ok(kept),
+        // SAFETY: `call` succeeded without the kept masks, so the shim stored two fresh
+        // handles.
+        _ => Ok(unsafe { masks(was, neg) }),
+    }
 }
 
 /// The CPU kernels ATen dispatches to, as `torch.backends.cpu.get_cpu_capability()` names them.

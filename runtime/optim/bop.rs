@@ -53,15 +53,17 @@ hyperparameters!(Bop, BopConfig, BopValues { threshold, gamma });
 /// this pays once per variable, not 14 times. The flip is written as `sign(x) * w > 0` (exact: a
 /// product by -1, 0 or +1) rather than with three `sign`s, fewer passes and one float
 /// temporary, in whose memory `x` is computed; and its masks are what counting the flips needs
-/// ([`PendingFlips`]), so the count costs nothing until someone reads it.
+/// ([`PendingFlips`]), so the count costs nothing until someone reads it. `spare`, what the
+/// variable's previous step left to count with, lends its masks' memory to this step's.
 pub(crate) fn libtorch_step(
     w: &mut Tensor,
     grad: &Tensor,
     m: &mut Tensor,
     v: Option<&mut Tensor>,
     scalars: [f64; 4],
+    spare: Option<PendingFlips>,
 ) -> Result<PendingFlips> {
-    let masks = aten::bop(w, grad, m, v, scalars)?;
+    let masks = aten::bop(w, grad, m, v, scalars, spare.and_then(PendingFlips::into_masks))?;
     Ok(PendingFlips::new(masks.was_negative, masks.negative))
 }
 
@@ -136,7 +138,7 @@ impl Algorithm for BopAlgorithm {
         hp: &BopValues,
         step: u64,
     ) -> Result<()> {
-        Self::update_counting_flips(config, w, grad, state, hp, step).map(drop)
+        Self::update_counting_flips(config, w, grad, state, hp, step, None).map(drop)
     }
 
     fn update_counting_flips(
@@ -146,12 +148,14 @@ impl Algorithm for BopAlgorithm {
         state: &mut Option<BopState>,
         hp: &BopValues,
         _: u64,
+        spare: Option<PendingFlips>,
     ) -> Result<Option<PendingFlips>> {
         let st = match state {
             Some(st) => st,
             empty => empty.insert(BopState { m: w.f_zeros_like()?, slot: None }),
         };
-        libtorch_step(w, grad, &mut st.m, None, [hp.gamma, 0.0, hp.threshold, 0.0]).map(Some)
+        let scalars = [hp.gamma, 0.0, hp.threshold, 0.0];
+        libtorch_step(w, grad, &mut st.m, None, scalars, spare).map(Some)
     }
 
     fn kernel(_: &BopConfig, hp: &BopValues) -> Option<BopKernel> {
@@ -256,15 +260,15 @@ mod tests {
             );
             let (mut w, mut m, mut v) = (w0.copy(), w0.zeros_like(), w0.zeros_like());
             let (mut rw, mut rm, mut rv) = (w0.copy(), w0.zeros_like(), w0.zeros_like());
+            let mut spare: Option<PendingFlips> = None;
             for step in 0..4 {
                 let g = ((&i * (1.3 + step as f64)).cos() * (&i * 0.01 - 4.0).exp()).to_kind(kind);
                 let (gamma, sigma, threshold, eps) = (1e-1, 1e-2, 1e-8, 1e-10);
                 for second in [false, true] {
                     let (mut w, mut m, mut v) = (w.copy(), m.copy(), v.copy());
                     let vv = if second { Some(&mut v) } else { None };
-                    let pending =
-                        libtorch_step(&mut w, &g, &mut m, vv, [gamma, sigma, threshold, eps])
-                            .unwrap();
+                    let scalars = [gamma, sigma, threshold, eps];
+                    let pending = libtorch_step(&mut w, &g, &mut m, vv, scalars, None).unwrap();
                     let rm2 = &rm + (&g - &rm) * gamma;
                     let mut signal = &rw * &rm2;
                     let rv2 = &rv + (&g * &g - &rv) * sigma;
@@ -278,18 +282,62 @@ mod tests {
                     let changed = rw.lt(0.0).logical_xor(&want.lt(0.0)).sum(Kind::Int64);
                     assert_eq!(pending.count().unwrap(), changed.int64_value(&[]) as u64);
                 }
+                // The chain itself hands each step the previous one's masks, which it fills.
+                let reused = spare.as_ref().and_then(PendingFlips::mask_addresses);
+                let scalars = [gamma, sigma, threshold, eps];
                 let pending =
-                    libtorch_step(&mut w, &g, &mut m, Some(&mut v), [gamma, sigma, threshold, eps])
+                    libtorch_step(&mut w, &g, &mut m, Some(&mut v), scalars, spare.take())
                         .unwrap();
-                drop(pending);
                 rm = &rm + (&g - &rm) * gamma;
                 rv = &rv + (&g * &g - &rv) * sigma;
                 let signal = &rw * &rm / (rv.sqrt() + eps);
-                rw = ((-(signal - threshold).sign() * &rw).sign() + 0.1).sign();
-                assert_eq!(bits(&w), bits(&rw));
+                let rw2 = ((-(signal - threshold).sign() * &rw).sign() + 0.1).sign();
+                assert_eq!(bits(&w), bits(&rw2));
+                let changed = rw.lt(0.0).logical_xor(&rw2.lt(0.0)).sum(Kind::Int64);
+                assert_eq!(pending.count().unwrap(), changed.int64_value(&[]) as u64);
+                assert_eq!(reused.is_some(), step > 0);
+                if reused.is_some() {
+                    assert_eq!(pending.mask_addresses(), reused, "{kind:?} step {step}");
+                }
+                rw = rw2;
+                spare = Some(pending);
             }
         }
     }
+
+    /// Masks that cannot hold a step's (another shape; a count, not masks) are not used: the
+    /// step makes its own, and counts right.
+    #[test]
+    fn a_spare_that_does_not_fit_is_dropped() {
+        let w0 = Tensor::from_slice(&[1.0f32, -1.0, 1.0, -1.0, 1.0, -1.0]);
+        let g = Tensor::from_slice(&[1.0f32, -1.0, -1.0, 1.0, 0.0, 0.0]);
+        let scalars = [1.0, 0.0, 0.5, 0.0];
+        let step = |spare| {
+            let (mut w, mut m) = (w0.copy(), w0.zeros_like());
+            let pending = libtorch_step(&mut w, &g, &mut m, None, scalars, spare).unwrap();
+            (Vec::<f32>::try_from(&w).unwrap(), pending)
+        };
+        let (want, fresh) = step(None);
+        assert_eq!(want, [-1.0, 1.0, 1.0, -1.0, 1.0, -1.0]);
+        assert_eq!(fresh.count().unwrap(), 2);
+        let (mut other, mut m) = (Tensor::ones([3], FLOAT_CPU), Tensor::zeros([3], FLOAT_CPU));
+        let small = libtorch_step(&mut other, &Tensor::ones([3], FLOAT_CPU), &mut m, None, scalars, None);
+        let small = small.unwrap();
+        let addresses = small.mask_addresses();
+        for spare in [small, PendingFlips::counted(Tensor::from(5i64))] {
+            let (w, pending) = step(Some(spare));
+            assert_eq!(w, want);
+            assert_eq!(pending.count().unwrap(), 2);
+            assert_ne!(pending.mask_addresses(), addresses);
+        }
+        // One that fits is filled.
+        let addresses = fresh.mask_addresses();
+        let (w, pending) = step(Some(fresh));
+        assert_eq!((w, pending.count().unwrap()), (want, 2));
+        assert_eq!(pending.mask_addresses(), addresses);
+    }
+
+    const FLOAT_CPU: (Kind, tch::Device) = (Kind::Float, tch::Device::Cpu);
 
     fn bits(t: &Tensor) -> Vec<u64> {
         let t = t.to_kind(Kind::Double);

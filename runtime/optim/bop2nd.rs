@@ -98,7 +98,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         hp: &Bop2ndOrderValues,
         step: u64,
     ) -> Result<()> {
-        Self::update_counting_flips(config, w, grad, state, hp, step).map(drop)
+        Self::update_counting_flips(config, w, grad, state, hp, step, None).map(drop)
     }
 
     fn update_counting_flips(
@@ -108,6 +108,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
         state: &mut Option<Bop2ndOrderState>,
         hp: &Bop2ndOrderValues,
         _: u64,
+        spare: Option<PendingFlips>,
     ) -> Result<Option<PendingFlips>> {
         let st = match state {
             Some(st) => st,
@@ -118,7 +119,7 @@ impl Algorithm for Bop2ndOrderAlgorithm {
             }),
         };
         let scalars = [hp.gamma, hp.sigma, hp.threshold, BOP2_EPSILON];
-        libtorch_step(w, grad, &mut st.m, Some(&mut st.v), scalars).map(Some)
+        libtorch_step(w, grad, &mut st.m, Some(&mut st.v), scalars, spare).map(Some)
     }
 
     fn kernel(_: &Bop2ndOrderConfig, hp: &Bop2ndOrderValues) -> Option<Bop2Kernel> {

@@ -104,7 +104,9 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
     ) -> Result<()>;
 
     /// [`update`](Self::update), returning for a binary algorithm what counts the weights that
-    /// changed sign when asked ([`PendingFlips`]); the default counts nothing.
+    /// changed sign when asked ([`PendingFlips`]); the default counts nothing. `spare` is what
+    /// the variable's previous step returned, no longer needed: its memory may serve this
+    /// step's.
     fn update_counting_flips(
         config: &Self::Config,
         param: &mut Tensor,
@@ -112,6 +114,7 @@ pub trait Algorithm: Sized + Send + std::fmt::Debug + 'static {
         state: &mut Option<Self::State>,
         hp: &Values<Self>,
         step: u64,
+        _spare: Option<PendingFlips>,
     ) -> Result<Option<PendingFlips>> {
         Self::update(config, param, grad, state, hp, step).map(|()| None)
     }
@@ -341,8 +344,16 @@ impl<A: Algorithm> Optim<A> {
         };
         let state = &mut self.states[i];
         if A::BINARY {
-            let flips =
-                A::update_counting_flips(&self.config, &mut work, &grad, state, hp, self.steps)?;
+            let spare = self.flips.spare(i);
+            let flips = A::update_counting_flips(
+                &self.config,
+                &mut work,
+                &grad,
+                state,
+                hp,
+                self.steps,
+                spare,
+            )?;
             if let Some(flips) = flips {
                 self.flips.pending(i, flips);
             }
@@ -540,8 +551,16 @@ impl<A: Algorithm> Optim<A> {
                 let mut p = self.params[i].tensor.shallow_clone();
                 let state = &mut self.states[i];
                 if A::BINARY {
-                    let flips =
-                        A::update_counting_flips(&self.config, &mut p, g, state, hp, self.steps)?;
+                    let spare = self.flips.spare(i);
+                    let flips = A::update_counting_flips(
+                        &self.config,
+                        &mut p,
+                        g,
+                        state,
+                        hp,
+                        self.steps,
+                        spare,
+                    )?;
                     if let Some(flips) = flips {
                         self.flips.pending(i, flips);
                     }
@@ -611,6 +630,7 @@ impl<A: Algorithm> Optimizer for Optim<A> {
         }
         A::apply(self, grads, &hp)?;
         if A::BINARY {
+            self.flips.drop_spares();
             self.constrain_binary(grads)?;
         }
         self.steps += 1;

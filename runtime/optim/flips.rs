@@ -8,6 +8,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::kernels::aten::FlipMasks;
 
 /// The fraction of weights whose sign flipped in the last step, per variable of every Bop and
 /// Bop2ndOrder of a router and in total ([`Router::flip_ratios`](crate::Router::flip_ratios)),
@@ -88,16 +89,38 @@ enum Count {
 #[derive(Debug, Default)]
 pub(crate) struct FlipCounts {
     counts: Vec<Count>,
+    /// During a step, the previous step's counts, whose masks this step's may take over
+    /// ([`spare`](Self::spare)); empty between steps.
+    previous: Vec<Count>,
     /// Whether a step has been taken since the optimizer was built.
     stepped: bool,
 }
 
 impl FlipCounts {
-    /// Starts a step over `len` variables: nothing flipped yet.
+    /// Starts a step over `len` variables: nothing flipped yet. The last step's counts stay
+    /// aside until [`drop_spares`](Self::drop_spares), for their masks' memory.
     pub(crate) fn start(&mut self, len: usize) {
+        std::mem::swap(&mut self.counts, &mut self.previous);
         self.counts.clear();
         self.counts.resize_with(len, || Count::Counted(0));
         self.stepped = true;
+    }
+
+    /// What variable `index`'s previous step left to count its flips with, if that was masks
+    /// (the libtorch path's): the step no longer reports it, so this step may fill its memory.
+    pub(crate) fn spare(&mut self, index: usize) -> Option<PendingFlips> {
+        match self.previous.get_mut(index) {
+            Some(c @ Count::Pending(_)) => match std::mem::replace(c, Count::Counted(0)) {
+                Count::Pending(p) => Some(p),
+                Count::Counted(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Ends a step's use of the previous step's counts: the masks no variable took are freed.
+    pub(crate) fn drop_spares(&mut self) {
+        self.previous.clear();
     }
 
     /// Variable `index` flipped `n` weights (counted by a fused pass).
@@ -156,6 +179,25 @@ impl PendingFlips {
     /// A count already reduced on the device (the multi-tensor backend's).
     pub(crate) fn counted(count: Tensor) -> Self {
         PendingFlips(Pending::Count(count))
+    }
+
+    /// The data addresses of the two masks (none for a count), for tests.
+    #[cfg(test)]
+    pub(crate) fn mask_addresses(&self) -> Option<(usize, usize)> {
+        match &self.0 {
+            Pending::Masks { was_negative, negative } => {
+                Some((was_negative.data_ptr() as usize, negative.data_ptr() as usize))
+            }
+            Pending::Count(_) => None,
+        }
+    }
+
+    /// The masks, for a later step to compute its own in ([`FlipCounts::spare`]).
+    pub(crate) fn into_masks(self) -> Option<FlipMasks> {
+        match self.0 {
+            Pending::Masks { was_negative, negative } => Some(FlipMasks { was_negative, negative }),
+            Pending::Count(_) => None,
+        }
     }
 
     /// How many weights changed sign: `(w < 0) != (w' < 0)`.
