@@ -321,8 +321,8 @@ mod tests {
         assert_eq!(want, [-1.0, 1.0, 1.0, -1.0, 1.0, -1.0]);
         assert_eq!(fresh.count().unwrap(), 2);
         let (mut other, mut m) = (Tensor::ones([3], FLOAT_CPU), Tensor::zeros([3], FLOAT_CPU));
-        let small = libtorch_step(&mut other, &Tensor::ones([3], FLOAT_CPU), &mut m, None, scalars, None);
-        let small = small.unwrap();
+        let g3 = Tensor::ones([3], FLOAT_CPU);
+        let small = libtorch_step(&mut other, &g3, &mut m, None, scalars, None).unwrap();
         let addresses = small.mask_addresses();
         for spare in [small, PendingFlips::counted(Tensor::from(5i64))] {
             let (w, pending) = step(Some(spare));

@@ -131,8 +131,8 @@ static bool reusable(const at::Tensor* keep, const at::Tensor& w) {
 // `keep_was` and `keep_neg`, when not null, are the masks of this variable's previous step,
 // which the caller gives up: where both can hold this step's (`reusable`), the masks are
 // computed into them (`lt_out`, `gt_out`: the same kernels, the same values) and both out
-// handles are set to null; otherwise two new handles are stored there. On many small
-// variables, the two allocations saved per variable were about a seventh of the step.
+// handles are set to null; otherwise two new handles are stored there. On 1000 variables of
+// 256, the step without the two allocations took 0.68-0.77x the time (docs/performance.md).
 static void bop_flip(at::Tensor& w, at::Tensor& signal, double threshold, at::Tensor* keep_was,
                      at::Tensor* keep_neg, at::Tensor** was_negative, at::Tensor** negative) {
   signal.sub_(threshold);
