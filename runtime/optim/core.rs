@@ -328,6 +328,25 @@ impl<A: Algorithm> Optim<A> {
         halves
     }
 
+    /// A binary algorithm's update of variable `i` in `w` (the variable, or its f32 copy),
+    /// handing it the variable's previous flip masks to fill and keeping what counts this
+    /// step's flips.
+    fn update_binary(
+        &mut self,
+        i: usize,
+        w: &mut Tensor,
+        g: &Tensor,
+        hp: &Values<A>,
+    ) -> Result<()> {
+        let spare = self.flips.spare(i);
+        let state = &mut self.states[i];
+        let flips = A::update_counting_flips(&self.config, w, g, state, hp, self.steps, spare)?;
+        if let Some(flips) = flips {
+            self.flips.pending(i, flips);
+        }
+        Ok(())
+    }
+
     /// One half-precision variable's update through f32 (`master_weights`): the algorithm
     /// steps an f32 tensor with the f32 gradient and f32 state, and the variable receives
     /// the result rounded to its dtype. Non-binary algorithms step the variable's f32 master
@@ -342,23 +361,10 @@ impl<A: Algorithm> Optim<A> {
             Some(m) => m.shallow_clone(),
             None => p.f_to_kind(Kind::Float)?,
         };
-        let state = &mut self.states[i];
         if A::BINARY {
-            let spare = self.flips.spare(i);
-            let flips = A::update_counting_flips(
-                &self.config,
-                &mut work,
-                &grad,
-                state,
-                hp,
-                self.steps,
-                spare,
-            )?;
-            if let Some(flips) = flips {
-                self.flips.pending(i, flips);
-            }
+            self.update_binary(i, &mut work, &grad, hp)?;
         } else {
-            A::update(&self.config, &mut work, &grad, state, hp, self.steps)?;
+            A::update(&self.config, &mut work, &grad, &mut self.states[i], hp, self.steps)?;
             if let Some(c) = &self.constraints[i] {
                 c.apply(&mut work)?;
             }
@@ -549,23 +555,10 @@ impl<A: Algorithm> Optim<A> {
             }
             if let Some(g) = &grads[i] {
                 let mut p = self.params[i].tensor.shallow_clone();
-                let state = &mut self.states[i];
                 if A::BINARY {
-                    let spare = self.flips.spare(i);
-                    let flips = A::update_counting_flips(
-                        &self.config,
-                        &mut p,
-                        g,
-                        state,
-                        hp,
-                        self.steps,
-                        spare,
-                    )?;
-                    if let Some(flips) = flips {
-                        self.flips.pending(i, flips);
-                    }
+                    self.update_binary(i, &mut p, g, hp)?;
                 } else {
-                    A::update(&self.config, &mut p, g, state, hp, self.steps)?;
+                    A::update(&self.config, &mut p, g, &mut self.states[i], hp, self.steps)?;
                     // Right after the update, as the fused kernels clamp before they store.
                     if let Some(c) = &self.constraints[i] {
                         c.apply(&mut p)?;

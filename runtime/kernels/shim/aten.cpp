@@ -138,22 +138,14 @@ static void bop_flip(at::Tensor& w, at::Tensor& signal, double threshold, at::Te
   signal.sub_(threshold);
   signal.sign_();
   signal.mul_(w);
-  if (reusable(keep_was, w) && reusable(keep_neg, w) &&
-      !keep_was->storage().is_alias_of(keep_neg->storage())) {
-    at::gt_out(*keep_neg, signal, 0);
-    at::lt_out(*keep_was, w, 0);
-    w.fill_(1);
-    w.masked_fill_(*keep_neg, -1);
-    *was_negative = nullptr;
-    *negative = nullptr;
-    return;
-  }
-  at::Tensor neg = signal.gt(0);
-  at::Tensor was = w.lt(0);
+  const bool reuse = reusable(keep_was, w) && reusable(keep_neg, w) &&
+                     !keep_was->storage().is_alias_of(keep_neg->storage());
+  at::Tensor neg = reuse ? at::gt_out(*keep_neg, signal, 0) : signal.gt(0);
+  at::Tensor was = reuse ? at::lt_out(*keep_was, w, 0) : w.lt(0);
   w.fill_(1);
   w.masked_fill_(neg, -1);
-  *was_negative = new at::Tensor(std::move(was));
-  *negative = new at::Tensor(std::move(neg));
+  *was_negative = reuse ? nullptr : new at::Tensor(std::move(was));
+  *negative = reuse ? nullptr : new at::Tensor(std::move(neg));
 }
 
 // `*m += rate * (x - m)` as larq writes it, the subtraction, the product and the sum each rounded
